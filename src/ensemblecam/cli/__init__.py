@@ -1,0 +1,25 @@
+"""The ``ensemblecam`` command line: one subcommand per stage, a thin layer over the modules.
+
+Each stage's command lives in ``ensemblecam.cli.<stage>`` and registers itself on
+``app``; every command accepts ``--config FILE.yaml`` and flags that override it.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="ensemblecam",
+    help="Weakly supervised lesion segmentation from image-level labels (ensembles of CAMs).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Stage commands register themselves on ``app`` when imported.
+# (stage modules are imported below as they are added)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,47 @@
+"""Shared CLI plumbing: one-line errors and config handling."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from ensemblecam.errors import InputError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config; flags given here override it."),
+]
+ForceOption = Annotated[
+    bool, typer.Option("--force", help="Replace existing results in the output folder.")
+]
+
+
+def one_line_errors(fn: F) -> F:
+    """Turn an InputError into ``error: <message>`` on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def split_csv(value: str | None, cast: Callable[[str], Any] = str) -> list[Any] | None:
+    """``"a,b,c"`` -> ``["a", "b", "c"]`` (cast applied); None stays None."""
+    if value is None:
+        return None
+    try:
+        return [cast(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError as exc:
+        raise InputError(f"{value!r}: not a comma-separated list of {cast.__name__}") from exc

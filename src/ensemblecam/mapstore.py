@@ -1,0 +1,129 @@
+"""The map store: CAM maps of one (model, method) member, aligned with a slice store.
+
+Layout of one member folder ``<maps_root>/<member>/`` (written by ``ensemblecam cam``)::
+
+    meta.json   written last: its presence means the member is complete.
+                {"format": "ensemblecam-map-store", "version": 1, "member": name,
+                 "checkpoint": path, "model": name, "method": name, "layer": name,
+                 "target": "lesion" | "predicted" | int, "dtype": "float16" | "uint8",
+                 "normalised": true, "store": slice-store path, "n": N, "size": [H, W]}
+    index.npy   (N,) int64, ascending slice-store indices the maps belong to
+    maps.npy    (N, H, W) maps in [0, 1]: float16 (max rounding error 2**-11 ~ 4.9e-4),
+                or uint8 q = round(255 m) (max error 1/510 ~ 2.0e-3); raw (un-normalised)
+                maps are always float16/float32
+    probs.npy   (N,) float32 classifier probability of the lesion class (for gating)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ensemblecam import fsutil
+from ensemblecam.errors import InputError
+
+MAP_FORMAT = "ensemblecam-map-store"
+MAP_VERSION = 1
+MAP_META = "meta.json"
+
+
+def member_name(model_tag: str, method: str) -> str:
+    """Folder name of a member: ``<model_tag>__<method>``."""
+    return f"{model_tag}__{method}"
+
+
+def quantise(maps: np.ndarray, dtype: str) -> np.ndarray:
+    """Maps in [0, 1] to the stored dtype: float16, or uint8 ``round(255 m)``."""
+    if dtype == "uint8":
+        return np.rint(np.clip(maps, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if dtype in ("float16", "float32"):
+        return maps.astype(dtype)
+    raise InputError(f"map dtype {dtype!r}: expected float16, float32 or uint8")
+
+
+def dequantise(stored: np.ndarray) -> np.ndarray:
+    """Stored maps to float32 in [0, 1] (uint8 divided by 255)."""
+    if stored.dtype == np.uint8:
+        return stored.astype(np.float32) / 255.0
+    return stored.astype(np.float32)
+
+
+@dataclass
+class MapSet:
+    """One complete member of a map store, memory-mapped read-only."""
+
+    path: Path
+    meta: dict[str, Any]
+    index: np.ndarray
+    maps: np.ndarray
+    probs: np.ndarray
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> MapSet:
+        """Open the member folder at ``path``; incomplete or inconsistent is an InputError."""
+        path = Path(path)
+        if not (path / MAP_META).is_file():
+            raise InputError(f"{path}: not a complete map set (no {MAP_META}); run cam")
+        meta = fsutil.read_json(path / MAP_META, "map metadata")
+        if meta.get("format") != MAP_FORMAT:
+            raise InputError(f"{path / MAP_META}: not an ensemblecam map set")
+        try:
+            index = np.load(path / "index.npy")
+            maps = np.load(path / "maps.npy", mmap_mode="r")
+            probs = np.load(path / "probs.npy")
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: unreadable map set ({exc})") from exc
+        n = len(index)
+        if maps.shape[0] != n or probs.shape != (n,):
+            raise InputError(
+                f"{path}: inconsistent map set: index {n}, maps {maps.shape}, probs {probs.shape}"
+            )
+        return cls(path, meta, index.astype(np.int64), maps, probs.astype(np.float32))
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("member", self.path.name))
+
+    def rows_for(self, store_indices: np.ndarray) -> np.ndarray:
+        """Row of each slice-store index in this set; a missing slice is an InputError."""
+        pos = np.searchsorted(self.index, store_indices)
+        pos = np.clip(pos, 0, max(len(self.index) - 1, 0))
+        ok = len(self.index) > 0 and np.array_equal(self.index[pos], store_indices)
+        if not ok:
+            found = np.isin(store_indices, self.index)
+            missing = np.asarray(store_indices)[~found]
+            raise InputError(
+                f"{self.path}: no maps for {len(missing)} requested slices "
+                f"(first store indices: {missing[:5].tolist()})"
+            )
+        return pos
+
+
+def write_map_set(
+    path: str | os.PathLike[str],
+    meta: dict[str, Any],
+    index: np.ndarray,
+    maps: np.ndarray,
+    probs: np.ndarray,
+) -> None:
+    """Write a complete member in one go (small sets, tests); meta.json last."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    order = np.argsort(index, kind="stable")
+    fsutil.save_npy(path / "index.npy", np.asarray(index, dtype=np.int64)[order])
+    fsutil.save_npy(path / "maps.npy", np.asarray(maps)[order])
+    fsutil.save_npy(path / "probs.npy", np.asarray(probs, dtype=np.float32)[order])
+    full = {
+        "format": MAP_FORMAT,
+        "version": MAP_VERSION,
+        "member": path.name,
+        "n": int(len(index)),
+        "size": list(np.asarray(maps).shape[1:]),
+        "dtype": str(np.asarray(maps).dtype),
+        **meta,
+    }
+    fsutil.write_json(path / MAP_META, full)
