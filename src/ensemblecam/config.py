@@ -46,6 +46,9 @@ class PrepareConfig(Section):
         None, description="CSV of image-level labels (case,slice,label) for data without masks"
     )
     out: Path = Field(Path("store"), description="slice store folder to write")
+    masks: bool = Field(
+        True, description="read seg files; false: unlabelled scans (labels -1, for predict)"
+    )
     modalities: list[str] | None = Field(
         None, description="modalities in channel order (default per layout; paper: flair,t1ce,t2)"
     )
@@ -95,12 +98,197 @@ class SplitConfig(Section):
     seed: int = Field(0, description="shuffle seed")
 
 
+class TrainConfig(Section):
+    """``ensemblecam train``: a slice classifier on one fold; recipe fields left None come
+    from ``preset`` (paper: SGD 1e-3 momentum 0.9, batch 32, 10 epochs; thesis: Adam 1e-2,
+    batch 60, x0.1 step decay at epoch 40)."""
+
+    store: Path = Field(Path("store"), description="slice store to train on")
+    splits: Path | None = Field(None, description="split file (default <store>/splits.json)")
+    fold: int | str = Field(0, description="fold position or name in the split file")
+    val_part: Literal["val", "test"] = Field(
+        "val", description="split part used for validation/checkpoint selection"
+    )
+    out: Path = Field(Path("runs/train"), description="run output folder")
+    model: str = Field("resnet34", description="model name (resnet18/34/50/101, vgg19, ...)")
+    model_args: dict[str, Any] = Field(
+        default_factory=dict, description="extra model keyword arguments"
+    )
+    weights: Path | None = Field(None, description="local pretrained weights file (optional)")
+    preset: Literal["paper", "thesis"] = Field("paper", description="named training recipe")
+    epochs: int | None = Field(None, ge=1, description="epochs (preset)")
+    batch_size: int | None = Field(None, ge=1, description="batch size per device (preset)")
+    lr: float | None = Field(None, gt=0, description="learning rate (preset)")
+    optimizer: Literal["sgd", "adam", "adamw"] | None = Field(None, description="(preset)")
+    momentum: float | None = Field(None, ge=0, description="SGD momentum (preset)")
+    weight_decay: float | None = Field(None, ge=0, description="weight decay (preset)")
+    scheduler: Literal["none", "step", "cosine"] | None = Field(None, description="(preset)")
+    step_size: int | None = Field(None, ge=1, description="step decay every n epochs (preset)")
+    gamma: float | None = Field(None, gt=0, description="step decay factor (preset)")
+    augment: Literal["none", "blur"] | None = Field(None, description="augmentation (preset)")
+    blur_sigma: tuple[float, float] = Field((0.25, 1.0), description="Gaussian blur sigma range")
+    blur_prob: float = Field(0.5, ge=0, le=1, description="probability of blurring a slice")
+    imbalance: Literal["none", "weighted_loss", "weighted_sampler"] = Field(
+        "none", description="class imbalance handling"
+    )
+    monitor: Literal["auroc", "val_loss", "f1", "accuracy"] = Field(
+        "auroc", description="validation metric choosing best.pt"
+    )
+    threshold: float = Field(0.5, gt=0, lt=1, description="lesion probability threshold")
+    seed: int = Field(0, description="seed of initialisation and data order")
+    accelerator: str = Field("auto", description="cpu, gpu, cuda, mps or auto")
+    devices: int | str = Field(1, description="devices per node (int, list or 'auto')")
+    num_nodes: int = Field(1, ge=1, description="number of nodes")
+    strategy: str = Field("auto", description="auto, ddp, ddp_spawn, ...")
+    precision: str = Field("32-true", description="32-true, 16-mixed, bf16-mixed, ...")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    resume: bool = Field(False, description="continue an interrupted run from last.pt")
+    force: bool = Field(False, description="replace an existing run")
+
+
+class SearchConfig(Section):
+    """``ensemblecam search``: operator x thresholds x members on calibration data."""
+
+    store: Path = Field(Path("store"), description="slice store (with masks)")
+    splits: Path | None = Field(None, description="split file (default <store>/splits.json)")
+    fold: str = Field("0", description="fold position or name")
+    part: Literal["train", "val", "test"] = Field("train", description="calibration part")
+    maps: Path = Field(Path("maps"), description="map store root (one folder per member)")
+    members: list[str] = Field(default_factory=list, description="member folder names")
+    operators: list[str] = Field(
+        ["and", "or", "min", "max"], description="and, or, min, max, vote[:k], mean"
+    )
+    grid: str = Field("0:0.9:0.1", description="thresholds start:stop:step or a,b,c")
+    objective: str = Field("paper_miou", description="metric that ranks configurations")
+    gate: bool = Field(False, description="also search classifier gating")
+    gate_grid: str = Field("0.1:0.9:0.1", description="gate probability thresholds")
+    max_members: int | None = Field(None, ge=1, description="largest member subset searched")
+    calibration_cases: str = Field(
+        "all", description="annotated cases used: N, 'all', or a list N1,N2,all (table)"
+    )
+    seed: int = Field(0, description="seed for the choice of calibration cases")
+    min_lesion_fraction: float = Field(
+        0.02, ge=0.0, lt=1.0, description="slice_*_large: lesion > this share (thesis 2%)"
+    )
+    classifier_threshold: float = Field(0.5, description="prob >= this: slice called positive")
+    chunk: int = Field(128, ge=1, description="slices per chunk")
+    top_k: int = Field(
+        20, ge=0, description="slice/case metrics for the K best rows per operator (0: all)"
+    )
+    out: Path = Field(Path("search"), description="output folder")
+
+
+class EvaluateConfig(Section):
+    """``ensemblecam evaluate``: a chosen configuration on held-out data, every metric."""
+
+    config_file: Path = Field(Path("search/best.json"), description="chosen configuration")
+    store: Path = Field(Path("store"), description="slice store (masks read only to score)")
+    splits: Path | None = Field(None, description="split file (default <store>/splits.json)")
+    fold: str = Field("0", description="fold position or name")
+    part: Literal["train", "val", "test"] = Field("test", description="evaluated part")
+    maps: Path = Field(Path("maps"), description="map store root")
+    min_lesion_fraction: float = Field(0.02, ge=0.0, lt=1.0, description="see search")
+    classifier_threshold: float = Field(0.5, description="prob >= this: slice called positive")
+    hd95: bool = Field(False, description="also compute HD95 per case (voxels)")
+    chunk: int = Field(256, ge=1, description="slices per chunk")
+    out: Path = Field(Path("eval"), description="output folder")
+
+
+class CamConfig(Section):
+    """``ensemblecam cam``: CAM maps of every slice of a split for each (checkpoint, method)."""
+
+    store: Path = Field(Path("store"), description="slice store")
+    splits: Path | None = Field(None, description="split file (default <store>/splits.json)")
+    fold: int | str = Field(0, description="fold position or name in the split file")
+    parts: list[str] = Field(["train", "val", "test"], description="split parts, or ['all']")
+    checkpoints: list[Path] = Field(default_factory=list, description="classifier checkpoints")
+    tags: list[str] | None = Field(
+        None, description="model tag per checkpoint (default: the checkpoint's folder name)"
+    )
+    methods: list[str] = Field(
+        ["gradcam"],
+        description="cam, gradcam, gradcampp, smoothgradcampp, xgradcam, layercam, scorecam",
+    )
+    out: Path = Field(Path("maps"), description="map store root (one folder per member)")
+    layer: str | None = Field(None, description="target layer (dotted name; default automatic)")
+    target: str = Field("lesion", description="target class: lesion, predicted or an index")
+    dtype: Literal["float16", "uint8", "float32"] = Field("float16", description="map dtype")
+    raw: bool = Field(False, description="store un-normalised maps (float16/float32 only)")
+    batch_size: int = Field(32, ge=1, description="slices per batch")
+    smooth_n: int = Field(8, ge=1, description="Smooth Grad-CAM++: noisy inputs per slice")
+    smooth_sigma: float = Field(0.1, ge=0, description="Smooth Grad-CAM++: noise std (input units)")
+    top_k: int | None = Field(None, ge=1, description="Score-CAM approximation: top-k channels")
+    score_batch: int = Field(256, ge=1, description="Score-CAM masked inputs per forward pass")
+    seed: int = Field(0, description="seed of Smooth Grad-CAM++ noise")
+    accelerator: str = Field("auto", description="cpu, gpu, cuda, mps or auto")
+    devices: int | str = Field(1, description="devices per node")
+    num_nodes: int = Field(1, ge=1, description="number of nodes")
+    strategy: str = Field("auto", description="auto, ddp, ddp_spawn, ...")
+    force: bool = Field(False, description="replace existing members")
+
+
+class RunConfig(Section):
+    """``ensemblecam run``: the whole protocol per fold (sections above give each stage's
+    options; the run sets the paths)."""
+
+    out: Path = Field(Path("runs/run"), description="run folder")
+    models: list[str] = Field(
+        ["resnet34", "resnet50"], description="classifiers trained per fold (ensemble members)"
+    )
+    folds: list[int] | None = Field(None, description="fold positions to run (default: all)")
+    calibration_part: Literal["train", "val"] = Field(
+        "train", description="part the thresholds are searched on (paper: train; thesis: val)"
+    )
+    eval_part: Literal["val", "test"] = Field("test", description="held-out part reported")
+    unet: bool = Field(True, description="fully supervised U-Net baseline (upper bound)")
+    pseudo_unet: bool = Field(False, description="U-Net trained on the ensemble's masks")
+    export: bool = Field(True, description="write the evaluated masks as NIfTI")
+    export_maps: bool = Field(False, description="also export the first member's maps")
+    report: bool = Field(True, description="write the HTML report")
+
+
+class UNetConfig(Section):
+    """Supervised 2-D U-Net (MONAI) on a fold's training part: the fully supervised upper
+    bound (store masks) or the second stage on the ensemble's pseudo-labels (masks.npz)."""
+
+    channels: list[int] = Field([16, 32, 64, 128], description="feature maps per level")
+    strides: list[int] = Field([2, 2, 2], description="down-sampling per level (levels - 1)")
+    num_res_units: int = Field(2, ge=0, description="residual units per block")
+    norm: Literal["instance", "batch"] = Field("instance", description="normalisation layer")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability")
+    out_channels: Literal[1, 2] = Field(
+        2, description="2: softmax + argmax, 1: sigmoid > 0.5"
+    )
+    epochs: int = Field(30, ge=1, description="training epochs")
+    batch_size: int = Field(16, ge=1, description="batch size per device")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
+    lambda_dice: float = Field(1.0, ge=0, description="weight of the Dice loss")
+    lambda_ce: float = Field(1.0, ge=0, description="weight of the cross-entropy loss")
+    val_targets: Literal["same", "store", "none"] = Field(
+        "same", description="validation masks: same source as training, store ground truth, none"
+    )
+    seed: int = Field(0, description="seed of initialisation and data order")
+    accelerator: str = Field("auto", description="cpu, gpu, cuda, mps or auto")
+    devices: int | str = Field(1, description="devices per node (int or 'auto')")
+    num_nodes: int = Field(1, ge=1, description="number of nodes")
+    strategy: str = Field("auto", description="auto, ddp, ddp_spawn, ...")
+    precision: str = Field("32-true", description="32-true, 16-mixed, bf16-mixed, ...")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes")
+
+
 class Config(Section):
     """All stages' options; every section is optional in the YAML file."""
 
     synth: SynthConfig = SynthConfig()
     prepare: PrepareConfig = PrepareConfig()
     split: SplitConfig = SplitConfig()
+    train: TrainConfig = TrainConfig()
+    search: SearchConfig = SearchConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    cam: CamConfig = CamConfig()
+    run: RunConfig = RunConfig()
+    unet: UNetConfig = UNetConfig()
 
 
 def _format_error(exc: ValidationError, source: str) -> str:

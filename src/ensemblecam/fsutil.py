@@ -109,3 +109,18 @@ def commit_output_dir(partial: Path, path: str | os.PathLike[str]) -> None:
         shutil.rmtree(old)
     else:
         os.replace(partial, path)
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """Rows of dicts as CSV text (header = first row's keys; lists joined by '+', None blank)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("+".join(map(str, v)) if isinstance(v, list) else
+                                 ("" if v is None else v)) for k, v in r.items()})
+    return buf.getvalue()

@@ -121,7 +121,7 @@ def write_map_set(
         "format": MAP_FORMAT,
         "version": MAP_VERSION,
         "member": path.name,
-        "n": int(len(index)),
+        "n": len(index),
         "size": list(np.asarray(maps).shape[1:]),
         "dtype": str(np.asarray(maps).dtype),
         **meta,

@@ -39,6 +39,8 @@ from ensemblecam.errors import InputError
 STORE_FORMAT = "ensemblecam-slice-store"
 STORE_VERSION = 1
 MANIFEST = "store.json"
+#: slice label of unlabelled scans (no masks, no labels CSV: ``prepare`` with masks off)
+UNKNOWN_LABEL = -1
 
 #: slices.csv columns and their dtypes.
 SLICE_COLUMNS: dict[str, type] = {

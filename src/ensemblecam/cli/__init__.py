@@ -6,6 +6,8 @@ Each stage's command lives in ``ensemblecam.cli.<stage>`` and registers itself o
 
 from __future__ import annotations
 
+import importlib
+
 import typer
 
 app = typer.Typer(
@@ -16,10 +18,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# Stage commands register themselves on ``app`` when imported.
-# (stage modules are imported below as they are added)
-
 
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+# Stage commands register themselves on ``app`` when imported (this order = help order).
+STAGES = ("synth", "prepare", "train", "cam", "search", "export", "report", "run", "unet")
+for _stage in STAGES:
+    importlib.import_module(f"ensemblecam.cli.{_stage}")

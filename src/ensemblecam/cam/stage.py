@@ -1,0 +1,295 @@
+"""``ensemblecam cam``: maps of every slice of a split for each (checkpoint, method).
+
+For each checkpoint, every requested method is computed from the same batches (gradient
+methods share one forward/backward pass) on exactly the classifier's training input
+(``train.StoreDataset``: the store's images as float32, no augmentation), and written as
+one map-store member ``<out>/<model_tag>__<method>`` (format: :mod:`ensemblecam.mapstore`).
+
+Resume and sharding: a member is built in ``.<member>.partial``; ``maps.npy`` and
+``probs.npy`` are ``open_memmap`` files there, and each finished batch is recorded as
+``done/<batch>`` after its rows are flushed. Under Lightning Fabric, rank r takes batches
+r, r + world, ... and writes its rows into the shared memmaps (a shared filesystem is
+needed across nodes); rank 0 then writes index.npy, meta.json (last) and renames the
+folder. An interrupted run resumes with the finished batches skipped, as long as its
+settings (``plan.json``) are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.lib.format import open_memmap
+from tqdm.auto import tqdm
+
+from ensemblecam import fsutil, mapstore, models
+from ensemblecam.cam.engine import CamEngine, find_target_layer, spatial_layers
+from ensemblecam.cam.methods import METHODS
+from ensemblecam.config import CamConfig
+from ensemblecam.errors import InputError
+from ensemblecam.split import PARTS, get_fold
+from ensemblecam.store import SliceStore
+
+PLAN_FILE = "plan.json"
+
+
+@dataclass
+class CamPlan:
+    """Everything checked before any process starts (picklable for ddp_spawn)."""
+
+    cfg: CamConfig
+    indices: np.ndarray
+    tags: list[str]
+    layers: list[str]
+    members: list[list[Path]] = field(default_factory=list)  # per checkpoint, per method
+
+
+def model_tag(checkpoint: Path) -> str:
+    """Default model tag: the checkpoint's folder name (``runs/r34/best.pt`` -> ``r34``)."""
+    return checkpoint.resolve().parent.name
+
+
+def _target(value: str) -> str | int:
+    if value in ("lesion", "predicted"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(
+            f"--target {value!r}: expected lesion, predicted or a class index"
+        ) from None
+
+
+def check_fit(checkpoint: Path, info: dict[str, Any], store: SliceStore) -> None:
+    """A checkpoint whose channels or slice size differ from the store's is an InputError."""
+    chans = info.get("channels")
+    if chans is not None and list(chans) != store.channels:
+        raise InputError(
+            f"{checkpoint}: trained on channels {list(chans)}, the store {store.path} has "
+            f"{store.channels}"
+        )
+    size = info.get("size")
+    if size is not None and [int(s) for s in size] != list(store.size):
+        raise InputError(
+            f"{checkpoint}: trained on {list(size)} slices, the store {store.path} has "
+            f"{list(store.size)}"
+        )
+
+
+def choose_layer(
+    model: torch.nn.Module, info: dict[str, Any], shape: tuple, layer: str | None
+) -> str:
+    """``layer`` if given (checked); else the model's recorded ``cam_layer`` if it is spatial
+    (> 1 in every spatial dim) for this input; else the automatic choice."""
+    if layer is not None:
+        return find_target_layer(model, shape, layer)
+    preferred = info.get("cam_layer") or models.cam_layer(model)
+    if preferred and preferred in spatial_layers(model, shape):
+        return str(preferred)
+    return find_target_layer(model, shape)
+
+
+def split_indices(store: SliceStore, cfg: CamConfig) -> np.ndarray:
+    """Ascending store indices of the requested split parts (``all``: every slice)."""
+    parts = [p.strip() for p in cfg.parts if p.strip()]
+    if not parts:
+        raise InputError("--part: no split part given")
+    if parts == ["all"]:
+        return np.arange(store.n_slices, dtype=np.int64)
+    splits = cfg.splits if cfg.splits is not None else Path(cfg.store) / "splits.json"
+    fold = get_fold(splits, cfg.fold)
+    idx: list[np.ndarray] = []
+    for part in parts:
+        if part not in PARTS:
+            raise InputError(f"--part {part!r}: expected {', '.join(PARTS)} or all")
+        try:
+            idx.append(store.indices_for_cases(fold.part(part)))
+        except InputError as exc:
+            raise InputError(f"{splits}: {fold.name} {part}: {exc}") from exc
+    out = np.unique(np.concatenate(idx)).astype(np.int64)
+    if out.size == 0:
+        raise InputError(f"{splits}: {fold.name} parts {','.join(parts)} hold no slices")
+    return out
+
+
+def plan_cam(cfg: CamConfig) -> CamPlan:
+    """Check store, split, checkpoints, layers, methods and output folders; write nothing."""
+    store = SliceStore.open(cfg.store)
+    bad = [m for m in cfg.methods if m not in METHODS]
+    if bad or not cfg.methods:
+        raise InputError(
+            f"--methods {','.join(bad) or '(none)'}: expected any of {', '.join(METHODS)}"
+        )
+    if not cfg.checkpoints:
+        raise InputError("--checkpoint: give at least one classifier checkpoint")
+    if cfg.raw and cfg.dtype == "uint8":
+        raise InputError("--raw maps are not in [0, 1]: use --dtype float16 or float32")
+    _target(cfg.target)
+    indices = split_indices(store, cfg)
+    tags = list(cfg.tags) if cfg.tags else [model_tag(Path(c)) for c in cfg.checkpoints]
+    if len(tags) != len(cfg.checkpoints):
+        raise InputError(f"--tag: {len(tags)} tags for {len(cfg.checkpoints)} checkpoints")
+    if len(set(tags)) != len(tags):
+        raise InputError(f"model tags {tags} are not unique; pass --tag for each checkpoint")
+    shape = (len(store.channels), *store.size)
+    layers, members = [], []
+    for ck, tag in zip(cfg.checkpoints, tags, strict=True):
+        model, info = models.load_checkpoint(ck)
+        check_fit(Path(ck), info, store)
+        layers.append(choose_layer(model, info, shape, cfg.layer))
+        paths = []
+        for method in dict.fromkeys(cfg.methods):
+            path = Path(cfg.out) / mapstore.member_name(tag, method)
+            if path.exists() and not path.is_dir():
+                raise InputError(f"{path}: exists and is not a folder")
+            if (path / mapstore.MAP_META).exists() and not cfg.force:
+                raise InputError(f"{path}: already holds maps; use --force to replace them")
+            paths.append(path)
+        members.append(paths)
+    return CamPlan(cfg, indices, tags, layers, members)
+
+
+def run_cam(
+    cfg: CamConfig, progress: bool | None = None, stop_after_batches: int | None = None
+) -> dict[str, Any]:
+    """Write every member of ``cfg``; return ``{"members": [paths], "computed": n_batches}``.
+
+    ``stop_after_batches`` stops (per process) after that many computed batches as if
+    killed, leaving the partial folders for a resume (tests).
+    """
+    from lightning.fabric import Fabric
+
+    plan = plan_cam(cfg)
+    try:
+        fabric = Fabric(
+            accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+            strategy=cfg.strategy,
+        )  # fmt: skip
+    except (ValueError, RuntimeError, TypeError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"device options: {msg}") from exc
+    return fabric.launch(_run, plan, progress, stop_after_batches)
+
+
+def _plan_record(plan: CamPlan, k: int, method: str) -> dict[str, Any]:
+    cfg = plan.cfg
+    return {
+        "checkpoint": str(Path(cfg.checkpoints[k]).resolve()),
+        "method": method,
+        "layer": plan.layers[k],
+        "target": cfg.target,
+        "dtype": cfg.dtype,
+        "raw": cfg.raw,
+        "batch_size": cfg.batch_size,
+        "n": len(plan.indices),
+        "index_sum": int(plan.indices.sum()),
+        "smooth": [cfg.smooth_n, cfg.smooth_sigma, cfg.seed],
+        "top_k": cfg.top_k,
+        "store": str(Path(cfg.store).resolve()),
+    }
+
+
+def _open_partial(
+    path: Path, record: dict[str, Any], shape: tuple, dtype: str, force: bool
+) -> Path:
+    """Create or reuse ``.<member>.partial`` with memmaps; a stale partial is wiped."""
+    partial = fsutil.prepare_output_dir(path, force, mapstore.MAP_META)
+    plan_file = partial / PLAN_FILE
+    old = json.loads(plan_file.read_text()) if plan_file.is_file() else None
+    if old != record:
+        shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        open_memmap(partial / "maps.npy", mode="w+", dtype=dtype, shape=shape).flush()
+        open_memmap(partial / "probs.npy", mode="w+", dtype=np.float32, shape=shape[:1]).flush()
+        (partial / "done").mkdir()
+        fsutil.write_json(plan_file, record)
+    return partial
+
+
+def _run(fabric: Any, plan: CamPlan, progress: bool | None, stop_after: int | None) -> Any:
+    from ensemblecam.train import StoreDataset
+
+    cfg = plan.cfg
+    rank, world = fabric.global_rank, fabric.world_size
+    store = SliceStore.open(cfg.store)
+    n = len(plan.indices)
+    bs = cfg.batch_size
+    batches = [(s, min(s + bs, n)) for s in range(0, n, bs)]
+    mine = list(range(rank, len(batches), world))
+    map_dtype = "float32" if cfg.raw and cfg.dtype == "float32" else cfg.dtype
+    computed = 0
+    stopped = False
+    done_paths: list[Path] = []
+    for k, ck in enumerate(cfg.checkpoints):
+        methods = list(dict.fromkeys(cfg.methods))
+        partials = [p.with_name(f".{p.name}.partial") for p in plan.members[k]]
+        records = [_plan_record(plan, k, m) for m in methods]
+        if rank == 0:
+            for p, rec in zip(plan.members[k], records, strict=True):
+                _open_partial(p, rec, (n, *store.size), map_dtype, cfg.force)
+        fabric.barrier()
+        model, info = models.load_checkpoint(ck)
+        model = model.to(fabric.device)
+        engine = CamEngine(
+            model, methods, plan.layers[k], _target(cfg.target), cfg.smooth_n, cfg.smooth_sigma,
+            cfg.seed, cfg.score_batch, cfg.top_k,
+        )  # fmt: skip
+        maps = [np.load(p / "maps.npy", mmap_mode="r+") for p in partials]
+        probs = [np.load(p / "probs.npy", mmap_mode="r+") for p in partials]
+        bar = tqdm(mine, desc=f"cam {plan.tags[k]}", disable=None if progress else True)
+        for b in bar:
+            if stopped:
+                break
+            todo = [i for i, p in enumerate(partials) if not (p / "done" / str(b)).exists()]
+            if not todo:
+                continue
+            lo, hi = batches[b]
+            idx = plan.indices[lo:hi]
+            ds = StoreDataset(store, idx)
+            x = torch.stack([ds[i][0] for i in range(len(ds))])
+            engine.methods = [methods[i] for i in todo]
+            res = engine(x.to(fabric.device), keys=idx.tolist(), raw=cfg.raw)
+            for i in todo:
+                m = res.maps[methods[i]].cpu().numpy()
+                maps[i][lo:hi] = m if cfg.raw else mapstore.quantise(m, cfg.dtype)
+                probs[i][lo:hi] = res.probs.cpu().numpy()
+                maps[i].flush()
+                probs[i].flush()
+                fsutil.write_text(partials[i] / "done" / str(b), "")
+            computed += 1
+            if stop_after is not None and computed >= stop_after:
+                stopped = True
+        del maps, probs
+        fabric.barrier()
+        if rank == 0 and not stopped:
+            for p, partial, method, rec in zip(
+                plan.members[k], partials, methods, records, strict=True
+            ):
+                missing = [
+                    b for b in range(len(batches)) if not (partial / "done" / str(b)).exists()
+                ]
+                if missing:
+                    raise InputError(f"{partial}: batches {missing[:5]} were not written")
+                fsutil.save_npy(partial / "index.npy", plan.indices)
+                meta = {
+                    "format": mapstore.MAP_FORMAT, "version": mapstore.MAP_VERSION,
+                    "member": p.name, "checkpoint": rec["checkpoint"], "model": info.get("model"),
+                    "method": method, "layer": plan.layers[k], "target": _target(cfg.target),
+                    "dtype": map_dtype, "normalised": not cfg.raw, "store": rec["store"],
+                    "n": n, "size": list(store.size), "parts": list(cfg.parts),
+                    "fold": cfg.fold, "splits": None if cfg.splits is None else str(cfg.splits),
+                    "smooth_n": cfg.smooth_n, "smooth_sigma": cfg.smooth_sigma,
+                    "top_k": cfg.top_k, "score": "logit" if method == "scorecam" else None,
+                }  # fmt: skip
+                shutil.rmtree(partial / "done")
+                (partial / PLAN_FILE).unlink()
+                fsutil.write_json(partial / mapstore.MAP_META, meta)
+                fsutil.commit_output_dir(partial, p)
+                done_paths.append(p)
+        fabric.barrier()
+    return {"members": done_paths, "computed": computed, "stopped": stopped}

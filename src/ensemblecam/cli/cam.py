@@ -1,0 +1,131 @@
+"""``ensemblecam cam`` and ``ensemblecam sanity`` (see ensemblecam.cam.stage / .sanity)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ensemblecam.cli import app
+from ensemblecam.cli._common import ConfigOption, ForceOption, one_line_errors, split_csv
+from ensemblecam.config import section
+from ensemblecam.errors import InputError
+
+Opt = typer.Option
+
+
+def _devices(value: str | None) -> int | str | None:
+    if value is None:
+        return None
+    return int(value) if value.strip().isdigit() else value
+
+
+@app.command("cam")
+@one_line_errors
+def cam_command(
+    store: Annotated[Path | None, Opt("--store", help="Slice store folder.")] = None,
+    splits: Annotated[Path | None, Opt("--splits", help="Split file.")] = None,
+    fold: Annotated[str | None, Opt("--fold", help="Fold position or name.")] = None,
+    part: Annotated[str | None, Opt("--part", help="train,val,test or all.")] = None,
+    checkpoint: Annotated[
+        list[Path] | None, Opt("--checkpoint", help="Classifier checkpoint (repeatable).")
+    ] = None,
+    tag: Annotated[list[str] | None, Opt("--tag", help="Model tag per checkpoint.")] = None,
+    methods: Annotated[
+        str | None,
+        Opt("--methods", help="cam,gradcam,gradcampp,smoothgradcampp,xgradcam,layercam,scorecam"),
+    ] = None,
+    out: Annotated[Path | None, Opt("--out", help="Map store root.")] = None,
+    layer: Annotated[str | None, Opt("--layer", help="Target layer (dotted name).")] = None,
+    target: Annotated[str | None, Opt("--target", help="lesion, predicted or an int.")] = None,
+    dtype: Annotated[str | None, Opt("--dtype", help="float16 or uint8 (float32).")] = None,
+    raw: Annotated[bool | None, Opt("--raw/--normalised", help="Store un-normalised maps.")] = None,
+    batch_size: Annotated[int | None, Opt("--batch-size", help="Slices per batch.")] = None,
+    top_k: Annotated[int | None, Opt("--top-k", help="Score-CAM: keep top-k channels.")] = None,
+    smooth_n: Annotated[int | None, Opt("--smooth-n", help="Smooth Grad-CAM++ samples.")] = None,
+    smooth_sigma: Annotated[float | None, Opt("--smooth-sigma", help="Noise std.")] = None,
+    accelerator: Annotated[str | None, Opt("--accelerator", help="cpu, gpu, auto.")] = None,
+    devices: Annotated[str | None, Opt("--devices", help="Devices per node.")] = None,
+    num_nodes: Annotated[int | None, Opt("--num-nodes", help="Nodes.")] = None,
+    strategy: Annotated[str | None, Opt("--strategy", help="auto, ddp, ddp_spawn...")] = None,
+    config: ConfigOption = None,
+    force: ForceOption = False,
+) -> None:
+    """CAM maps of every slice of a split, one map-store member per (checkpoint, method)."""
+    from ensemblecam.cam.stage import run_cam
+
+    cfg = section(
+        config, "cam", store=store, splits=splits,
+        fold=None if fold is None else (int(fold) if fold.isdigit() else fold),
+        parts=split_csv(part), checkpoints=checkpoint or None, tags=tag or None,
+        methods=split_csv(methods), out=out, layer=layer, target=target, dtype=dtype, raw=raw,
+        batch_size=batch_size, top_k=top_k, smooth_n=smooth_n, smooth_sigma=smooth_sigma,
+        accelerator=accelerator, devices=_devices(devices), num_nodes=num_nodes,
+        strategy=strategy, force=force or None,
+    )  # fmt: skip
+    result = run_cam(cfg, progress=None)
+    if result is not None:
+        for path in result["members"]:
+            print(path)
+
+
+@app.command("sanity")
+@one_line_errors
+def sanity_command(
+    store: Annotated[Path, Opt("--store", help="Slice store folder (never modified).")],
+    splits: Annotated[Path | None, Opt("--splits", help="Split file.")] = None,
+    fold: Annotated[str, Opt("--fold", help="Fold position or name.")] = "0",
+    model: Annotated[str, Opt("--model", help="Classifier name.")] = "resnet18",
+    model_args: Annotated[str | None, Opt("--model-args", help="Model arguments (JSON).")] = None,
+    method: Annotated[str, Opt("--method", help="CAM method checked.")] = "gradcam",
+    epochs: Annotated[int, Opt("--epochs", help="Training epochs.")] = 5,
+    lr: Annotated[float | None, Opt("--lr", help="Learning rate.")] = None,
+    optimizer: Annotated[str | None, Opt("--optimizer", help="sgd, adam, adamw.")] = None,
+    batch_size: Annotated[int | None, Opt("--batch-size", help="Batch size.")] = None,
+    marker_size: Annotated[int | None, Opt("--marker-size", help="Square side (px).")] = None,
+    marker_value: Annotated[
+        str,
+        Opt(
+            "--marker-value",
+            help="Square intensity: a number, or 'auto' = per slice and channel the store's "
+            "max if the covered corner is darker than mid-range, else its min.",
+        ),
+    ] = "auto",
+    min_fraction: Annotated[float, Opt("--min-fraction", help="Pass threshold.")] = 0.9,
+    work: Annotated[
+        Path | None, Opt("--work", help="Folder for the marked copy and the run (default: temp).")
+    ] = None,
+) -> None:
+    """Plant a corner square in every lesion slice (on a copy), train, check CAM peaks.
+
+    The square contrasts with the corner by default (bright on dark background)."""
+    from ensemblecam.cam.sanity import parse_marker_value, run_sanity
+
+    marker = parse_marker_value(marker_value)
+    opts: dict = {"epochs": epochs}
+    for key, value in (("lr", lr), ("optimizer", optimizer), ("batch_size", batch_size)):
+        if value is not None:
+            opts[key] = value
+    if model_args is not None:
+        try:
+            opts["model_args"] = json.loads(model_args)
+        except ValueError as exc:
+            raise InputError(f"--model-args {model_args!r}: not JSON ({exc})") from exc
+    fold_v: int | str = int(fold) if fold.isdigit() else fold
+    with tempfile.TemporaryDirectory(prefix="ensemblecam-sanity-") as tmp:
+        res = run_sanity(
+            store, work or tmp, splits, fold_v, model, method, marker_size, marker,
+            min_fraction, opts,
+        )  # fmt: skip
+    verdict = "PASS" if res.passed else "FAIL"
+    planted = ", ".join(f"{v:g}" for v in res.marker_values)
+    print(
+        f"sanity {verdict}: CAM peak inside the marker for {100 * res.fraction:.1f}% of "
+        f"{res.n_slices} lesion slices (need >= {100 * min_fraction:.0f}%; marker {planted})"
+    )
+    if not res.passed:
+        sys.exit(1)

@@ -1,0 +1,140 @@
+"""``ensemblecam run``, ``predict`` and ``demo``: the whole pipeline from one config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ensemblecam.cli import app
+from ensemblecam.cli._common import ForceOption, one_line_errors
+from ensemblecam.config import load_config
+from ensemblecam.errors import InputError
+
+Opt = typer.Option
+
+
+def results_table(results: dict, title: str) -> Table:
+    """The results table (mean +- std over folds, in %) as a rich Table."""
+    shown = ("paper_miou", "paper_dsc", "lesion_dice", "slice_dice_mean", "case_dice_mean")
+    table = Table(title=title)
+    table.add_column("method")
+    for m in shown:
+        table.add_column(m, justify="right")
+    for row in results["rows"]:
+        cells = []
+        for m in shown:
+            mu, sd = row["mean"].get(m), row["std"].get(m)
+            cells.append("-" if mu is None else f"{100 * mu:.1f} ± {100 * sd:.1f}")
+        table.add_row(row["name"], *cells)
+    return table
+
+
+@app.command("run")
+@one_line_errors
+def run_cmd(
+    config: Annotated[Path, typer.Argument(help="YAML config (sections: prepare, split, train, "
+                                           "cam, search, evaluate, unet, run).")],
+    out: Annotated[Path | None, Opt("--out", help="Run folder (overrides run.out).")] = None,
+    data: Annotated[Path | None, Opt("--data", help="Data root (overrides prepare.data).")] = None,
+    force: Annotated[bool, Opt("--force", help="Accept a run folder made by another config; "
+                               "only the stages whose options changed are rerun.")] = False,
+) -> None:
+    """Every stage of the protocol for every fold: cached, resumable, one results table."""
+    from ensemblecam.pipeline import run_pipeline
+
+    cfg = load_config(config)
+    if out is not None:
+        cfg.run.out = out
+    if data is not None:
+        cfg.prepare.data = data
+    root = run_pipeline(cfg, force=force)
+    _summary(root)
+
+
+def _summary(root: Path) -> None:
+    from ensemblecam import fsutil
+
+    results = fsutil.read_json(root / "results.json", "results")
+    console = Console()
+    console.print(results_table(results, f"{root} ({len(results['folds'])} folds)"))
+    report = root / "report" / "report.html"
+    if report.is_file():
+        console.print(f"report: {report.resolve()}")
+
+
+@app.command("predict")
+@one_line_errors
+def predict_cmd(
+    run: Annotated[Path, Opt("--run", help="Finished run folder.")],
+    input: Annotated[Path, Opt("--input", help="Folder of new scans (the run's layout).")],
+    out: Annotated[Path, Opt("--out", help="Output folder for the NIfTI masks.")],
+    layout: Annotated[str | None, Opt("--layout", help="Layout of --input (default: the "
+                                      "run's).")] = None,
+    fold: Annotated[str | None, Opt("--fold", help="Fold whose models and configuration are "
+                                    "used (default: best on calibration).")] = None,
+    force: ForceOption = False,
+) -> None:
+    """Masks for new, unlabelled scans with a run's chosen configuration."""
+    from ensemblecam.pipeline import predict
+
+    path = predict(run, input, out, layout=layout, fold=fold, force=force)
+    typer.echo(f"masks written to {path}")
+
+
+@app.command("demo")
+@one_line_errors
+def demo_cmd(
+    out: Annotated[Path, Opt("--out", help="Demo folder (phantom data + run).")] = Path(
+        "ensemblecam-demo"),
+    config: Annotated[Path | None, Opt("--config", "-c", help="Run config (default: the "
+                                       "packaged configs/demo.yaml).")] = None,
+    force: ForceOption = False,
+) -> None:
+    """Phantom data -> full run (train, CAMs, search, evaluate, U-Net) -> HTML report."""
+    from importlib.resources import files
+
+    from ensemblecam import fsutil
+    from ensemblecam.pipeline import run_pipeline
+    from ensemblecam.synth import synth_dataset
+
+    path = config if config is not None else Path(str(files("ensemblecam") / "configs" /
+                                                       "demo.yaml"))
+    cfg = load_config(path)
+    phantom = out / "phantom"
+    cfg.synth.out = phantom
+    if not _same_phantom(phantom, cfg.synth.model_dump(mode="json")):
+        synth_dataset(cfg.synth, force=True)
+    cfg.prepare.data = phantom
+    cfg.run.out = out / "run"
+    root = run_pipeline(cfg, force=force)
+    _summary(root)
+    results = fsutil.read_json(root / "results.json", "results")
+    rows = {r["kind"]: r for r in results["rows"]}
+    best = rows["ensemble"]["mean"]["paper_miou"]
+    empty = rows["empty"]["mean"]["paper_miou"]
+    unet = rows.get("unet", {}).get("mean", {}).get("paper_miou")
+    verdict = "above" if best > empty else "NOT above"
+    msg = f"ensemble paper_miou {100 * best:.1f} is {verdict} the Empty baseline {100 * empty:.1f}"
+    if unet is not None:
+        msg += f"; supervised U-Net {100 * unet:.1f}"
+    typer.echo(msg)
+    if best <= empty:
+        raise InputError("demo: the ensemble did not beat the Empty baseline")
+
+
+def _same_phantom(root: Path, settings: dict) -> bool:
+    """True if ``root`` holds a complete phantom written with ``settings`` (phantom.json)."""
+    import json
+
+    from ensemblecam.synth import PHANTOM_FILE
+
+    try:
+        old = json.loads((root / PHANTOM_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    keys = ("layout", "n_cases", "shape", "seed", "tumour_free_fraction")
+    return all(old.get(k) == settings.get(k) for k in keys)

@@ -1,0 +1,106 @@
+"""``ensemblecam train``: a slice classifier on one fold of a store (see ensemblecam.train)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ensemblecam.cli import app
+from ensemblecam.cli._common import ConfigOption, ForceOption, one_line_errors
+from ensemblecam.config import section
+from ensemblecam.errors import InputError
+
+
+def _int_or_str(value: str | None) -> int | str | None:
+    if value is None:
+        return None
+    return int(value) if value.strip().isdigit() else value
+
+
+def _model_args(value: str | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        args = json.loads(value)
+    except ValueError as exc:
+        raise InputError(f"--model-args {value!r}: not a JSON object ({exc})") from exc
+    if not isinstance(args, dict):
+        raise InputError(f"--model-args {value!r}: not a JSON object")
+    return args
+
+
+Opt = typer.Option
+
+
+@app.command("train")
+@one_line_errors
+def train_command(
+    store: Annotated[Path | None, Opt("--store", help="Slice store folder.")] = None,
+    splits: Annotated[
+        Path | None, Opt("--splits", help="Split file (default <store>/splits.json).")
+    ] = None,
+    fold: Annotated[str | None, Opt("--fold", help="Fold position or name.")] = None,
+    model: Annotated[
+        str | None, Opt("--model", help="resnet18/34/50/101, vgg19, simplecnn, timm:<name>...")
+    ] = None,
+    model_args: Annotated[
+        str | None,
+        Opt("--model-args", help='Extra model arguments as JSON, e.g. {"widen_factor": 0.5}.'),
+    ] = None,
+    preset: Annotated[str | None, Opt("--preset", help="Training recipe: paper or thesis.")] = None,
+    out: Annotated[Path | None, Opt("--out", help="Run output folder.")] = None,
+    epochs: Annotated[int | None, Opt("--epochs", help="Epochs (overrides preset).")] = None,
+    batch_size: Annotated[int | None, Opt("--batch-size", help="Batch size per device.")] = None,
+    lr: Annotated[float | None, Opt("--lr", help="Learning rate.")] = None,
+    optimizer: Annotated[str | None, Opt("--optimizer", help="sgd, adam or adamw.")] = None,
+    augment: Annotated[str | None, Opt("--augment", help="none or blur.")] = None,
+    imbalance: Annotated[
+        str | None, Opt("--imbalance", help="none, weighted_loss or weighted_sampler.")
+    ] = None,
+    monitor: Annotated[
+        str | None, Opt("--monitor", help="Best-checkpoint metric: auroc, val_loss, f1, accuracy.")
+    ] = None,
+    val_part: Annotated[
+        str | None, Opt("--val-part", help="Split part for validation: val (default) or test.")
+    ] = None,
+    seed: Annotated[int | None, Opt("--seed", help="Seed of init and data order.")] = None,
+    accelerator: Annotated[
+        str | None, Opt("--accelerator", help="cpu, gpu, cuda, mps or auto.")
+    ] = None,
+    devices: Annotated[str | None, Opt("--devices", help="Devices per node: N or auto.")] = None,
+    num_nodes: Annotated[int | None, Opt("--num-nodes", help="Number of nodes.")] = None,
+    strategy: Annotated[
+        str | None, Opt("--strategy", help="auto, ddp, ddp_spawn, ... (auto: ddp if >1 device)")
+    ] = None,
+    precision: Annotated[
+        str | None, Opt("--precision", help="32-true, 16-mixed, bf16-mixed, ...")
+    ] = None,
+    workers: Annotated[int | None, Opt("--workers", help="DataLoader worker processes.")] = None,
+    weights: Annotated[
+        Path | None, Opt("--weights", help="Local pretrained weights file (nothing downloaded).")
+    ] = None,
+    resume: Annotated[
+        bool, Opt("--resume", help="Continue an interrupted run from its last.pt.")
+    ] = False,
+    force: ForceOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """Train a slice classifier; writes best.pt, last.pt, metrics.csv, plots and train.json."""
+    from ensemblecam.train import train_classifier
+
+    cfg = section(
+        config, "train",
+        store=store, splits=splits, fold=_int_or_str(fold), model=model,
+        model_args=_model_args(model_args), preset=preset, out=out, epochs=epochs,
+        batch_size=batch_size, lr=lr, optimizer=optimizer, augment=augment,
+        imbalance=imbalance, monitor=monitor, val_part=val_part, seed=seed,
+        accelerator=accelerator, devices=_int_or_str(devices), num_nodes=num_nodes,
+        strategy=strategy, precision=precision, workers=workers, weights=weights,
+        resume=True if resume else None, force=True if force else None,
+    )  # fmt: skip
+    result = train_classifier(cfg)
+    if result is not None:
+        typer.echo(f"trained {cfg.model} on {cfg.fold}: {result}")

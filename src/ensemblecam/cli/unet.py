@@ -1,0 +1,92 @@
+"""``ensemblecam unet``: supervised U-Net on one fold, then scored on a part (ensemblecam.unet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ensemblecam.cli import app
+from ensemblecam.cli._common import ConfigOption, ForceOption, one_line_errors
+from ensemblecam.config import section
+
+Opt = typer.Option
+
+
+def _int_or_str(value: str | None) -> int | str | None:
+    if value is None:
+        return None
+    return int(value) if value.strip().isdigit() else value
+
+
+@app.command("unet")
+@one_line_errors
+def unet_command(
+    store: Annotated[Path, Opt("--store", help="Slice store folder.")] = Path("store"),
+    splits: Annotated[
+        Path | None, Opt("--splits", help="Split file (default <store>/splits.json).")
+    ] = None,
+    fold: Annotated[str, Opt("--fold", help="Fold position or name.")] = "0",
+    targets: Annotated[
+        str, Opt("--targets", help="'store' (ground-truth masks) or a pseudo-label masks.npz.")
+    ] = "store",
+    out: Annotated[Path, Opt("--out", help="Run output folder.")] = Path("runs/unet"),
+    part: Annotated[
+        str, Opt("--part", help="Split part scored with the store's masks after training.")
+    ] = "test",
+    metrics_out: Annotated[
+        Path | None, Opt("--metrics-out", help="Also write the scores of --part as JSON here.")
+    ] = None,
+    epochs: Annotated[int | None, Opt("--epochs", help="Training epochs.")] = None,
+    batch_size: Annotated[int | None, Opt("--batch-size", help="Batch size per device.")] = None,
+    lr: Annotated[float | None, Opt("--lr", help="Adam learning rate.")] = None,
+    val_targets: Annotated[
+        str | None, Opt("--val-targets", help="Validation masks: same, store or none.")
+    ] = None,
+    seed: Annotated[int | None, Opt("--seed", help="Seed of init and data order.")] = None,
+    accelerator: Annotated[
+        str | None, Opt("--accelerator", help="cpu, gpu, cuda, mps or auto.")
+    ] = None,
+    devices: Annotated[str | None, Opt("--devices", help="Devices per node: N or auto.")] = None,
+    force: ForceOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """Train a MONAI U-Net on a fold's training part and score it on --part."""
+    import numpy as np
+
+    from ensemblecam import fsutil
+    from ensemblecam.evaluate import score, slice_counts
+    from ensemblecam.split import get_fold
+    from ensemblecam.store import SliceStore
+    from ensemblecam.unet import predict_unet, train_unet
+
+    cfg = section(
+        config, "unet", epochs=epochs, batch_size=batch_size, lr=lr, val_targets=val_targets,
+        seed=seed, accelerator=accelerator, devices=_int_or_str(devices),
+    )  # fmt: skip
+    fold_key = _int_or_str(fold)
+    assert fold_key is not None
+    result = train_unet(cfg, store, splits, fold_key, out, targets, force=force)
+    if result is None:
+        return
+    typer.echo(f"trained U-Net on {fold} ({targets}): {result}")
+    st = SliceStore.open(store)
+    if st.masks is None:
+        typer.echo("store has no masks: nothing to score")
+        return
+    f = get_fold(splits if splits is not None else store / "splits.json", fold_key)
+    idx = st.indices_for_cases(f.part(part))
+    if len(idx) == 0:
+        typer.echo(f"{f.name} has no {part} slices: nothing to score")
+        return
+    pred = predict_unet(result / "best.pt", st, idx, batch_size=cfg.batch_size)
+    counts = slice_counts(pred, np.asarray(st.masks[idx]) > 0)
+    res = score(*counts, st.table["case"][idx])
+    typer.echo(
+        f"{f.name} {part}: lesion_dice {res['lesion_dice']:.4f} paper_miou "
+        f"{res['paper_miou']:.4f} case_dice {res['case_dice_mean']:.4f} ({len(idx)} slices)"
+    )
+    if metrics_out is not None:
+        fsutil.write_json(metrics_out, {"fold": f.name, "part": part, "run": str(result),
+                                        "metrics": res})  # fmt: skip

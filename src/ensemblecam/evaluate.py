@@ -1,0 +1,308 @@
+"""Apply a chosen ensemble configuration to held-out maps and score it in every convention.
+
+:func:`apply_config` is the reference semantics of the operators (search.py must agree
+with it exactly); export/predict reuse it. Masks are read only to score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from ensemblecam import fsutil, metrics
+from ensemblecam.config import EvaluateConfig
+from ensemblecam.errors import InputError
+from ensemblecam.mapstore import dequantise
+from ensemblecam.search import _META, Rows, _as_rows, mean_map, open_inputs, parse_operator
+
+
+def gate_probs(probs: Sequence[np.ndarray]) -> np.ndarray:
+    """Gating probability of a configuration: mean of its members' probabilities."""
+    return np.mean(np.stack([np.asarray(p, np.float64) for p in probs]), axis=0)
+
+
+def apply_config(
+    maps: Sequence[np.ndarray],
+    config: dict[str, Any],
+    probs: Sequence[np.ndarray] | None = None,
+) -> np.ndarray:
+    """Binary masks (S, H, W) of the configuration on the members' maps (in config order).
+
+    ``config``: {"operator": and|or|min|max|vote:k|mean|single, "thresholds": [t_i] (one
+    per member; one for mean), "gate": None or g}. ``m_i = dequantise(map_i) > float32(t_i)``;
+    min/max pick per slice the member mask with fewest/most positives, ties to the first;
+    gating empties slices with mean member probability < g.
+    """
+    op = config["operator"]
+    thr = [np.float32(t) for t in config["thresholds"]]
+    m = len(maps)
+    if op == "mean":
+        if len(thr) != 1:
+            raise InputError(f"operator mean takes one threshold, got {len(thr)}")
+        out = mean_map(maps) > thr[0]
+    else:
+        if op == "single":
+            kind, k = "vote", 1
+            if m != 1:
+                raise InputError(f"operator single takes one member, got {m}")
+        else:
+            kind, k = parse_operator(op, m)
+        if len(thr) != m:
+            raise InputError(f"configuration has {m} members but {len(thr)} thresholds")
+        bins = [dequantise(np.asarray(mp)) > t for mp, t in zip(maps, thr, strict=True)]
+        if kind in ("min", "max"):
+            out = bins[0].copy()
+            best = bins[0].sum(axis=(1, 2))
+            for b in bins[1:]:
+                pos = b.sum(axis=(1, 2))
+                better = pos < best if kind == "min" else pos > best
+                out[better] = b[better]
+                best = np.where(better, pos, best)
+        else:
+            votes = np.sum(np.stack(bins), axis=0)
+            out = votes >= k
+    gate = config.get("gate")
+    if gate is not None:
+        if probs is None:
+            raise InputError("configuration uses a gate but no classifier probabilities given")
+        out[gate_probs(probs) < gate] = False
+    return out
+
+
+def slice_counts(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per-slice (TP, FP, FN, TN) of (S, H, W) masks."""
+    return metrics.confusion(pred, gt, axis=(1, 2))
+
+
+def score(
+    tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, tn: np.ndarray,
+    case_ids: np.ndarray,
+    probs: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    min_lesion_fraction: float = 0.0,
+    classifier_threshold: float = 0.5,
+) -> dict[str, Any]:
+    """Every metric convention from per-slice counts (see metrics.py)."""
+    tp, fp, fn, tn = (np.asarray(a, np.int64) for a in (tp, fp, fn, tn))
+    out: dict[str, Any] = {k: float(v) for k, v in metrics.dataset_metrics(
+        tp.sum(), fp.sum(), fn.sum(), tn.sum()).items()}
+    out.update(tp=int(tp.sum()), fp=int(fp.sum()), fn=int(fn.sum()), tn=int(tn.sum()))
+    gt_pix = tp + fn
+    npix = int((tp + fp + fn + tn)[0]) if len(tp) else 0
+    sel = metrics.slice_selection(gt_pix, npix, min_lesion_fraction, probs, classifier_threshold)
+    out.update(metrics.slice_metrics(tp, fp, fn, sel))
+    _, cid = np.unique(case_ids, return_inverse=True)
+    ctp, cfp, cfn = metrics.case_counts(cid, int(cid.max()) + 1, tp, fp, fn)
+    cd = metrics.case_dice(ctp, cfp, cfn)
+    out["case_dice_mean"], out["case_dice_std"] = (float(v) for v in metrics.mean_std(cd))
+    out["n_slices"] = len(tp)
+    out["n_cases"] = len(cd)
+    if probs is not None and labels is not None:
+        from ensemblecam.train import classifier_metrics  # torch import only when needed
+
+        out["classifier"] = classifier_metrics(labels, probs, classifier_threshold)
+    return out
+
+
+def evaluate_arrays(
+    maps: Sequence[np.ndarray | Rows],
+    masks: np.ndarray | Rows,
+    case_ids: np.ndarray,
+    config: dict[str, Any],
+    probs: Sequence[np.ndarray] | None = None,
+    labels: np.ndarray | None = None,
+    min_lesion_fraction: float = 0.0,
+    classifier_threshold: float = 0.5,
+    chunk: int = 256,
+    progress: bool | None = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Apply ``config`` chunk by chunk; return (metrics, per-slice counts incl. Empty baseline).
+
+    The Empty baseline (all-background prediction) is scored alongside under "empty".
+    """
+    srcs = [_as_rows(a) for a in maps]
+    gts = _as_rows(masks)
+    n = len(gts)
+    if n == 0:
+        raise InputError("empty evaluation set: no slices to score")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("tp", "fp", "fn", "tn")}
+    for start in tqdm(range(0, n, chunk), desc="evaluate", unit="chunk",
+                      disable=None if progress is None else not progress):
+        stop = min(start + chunk, n)
+        gt = gts.read(start, stop).astype(bool)
+        mp = [s.read(start, stop) for s in srcs]
+        for i, a in enumerate(mp):
+            if a.shape != gt.shape:
+                raise InputError(f"member {config['members'][i] if 'members' in config else i}:"
+                                 f" maps of shape {a.shape[1:]} but masks of shape {gt.shape[1:]}")
+        pr = None if probs is None else [np.asarray(p)[start:stop] for p in probs]
+        pred = apply_config(mp, config, pr)
+        for k, v in zip(("tp", "fp", "fn", "tn"), slice_counts(pred, gt), strict=True):
+            parts[k].append(v)
+    per = {k: np.concatenate(v) for k, v in parts.items()}
+    p = None if probs is None else gate_probs(probs)
+    res = score(per["tp"], per["fp"], per["fn"], per["tn"], case_ids, p, labels,
+                min_lesion_fraction, classifier_threshold)
+    empty = empty_baseline(per, case_ids, min_lesion_fraction, classifier_threshold)
+    return {"config": config, "metrics": res, "empty_baseline": empty}, per
+
+
+def case_hd95(pred_volume: np.ndarray, gt_volume: np.ndarray,
+              spacing: Sequence[float] | None = None) -> float:
+    """HD95 of one case's stacked slices (see metrics.hd95)."""
+    return metrics.hd95(pred_volume, gt_volume, spacing)
+
+
+def evaluate_stage(cfg: EvaluateConfig, chosen: dict[str, Any], out: Path, force: bool = False,
+                   source: str = "") -> dict[str, Any]:
+    """Apply ``chosen`` (operator, members, thresholds, gate) to ``cfg``'s part; write
+    metrics.json (every convention + the Empty baseline), per_slice.csv, per_case.csv."""
+    missing = [k for k in _META if k not in chosen]
+    if missing:
+        raise InputError(f"{source}: configuration lacks {', '.join(missing)}")
+    partial = fsutil.prepare_output_dir(out, force, "metrics.json")
+    inp = open_inputs(cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, chosen["members"],
+                      what="evaluation")
+    conf = {k: chosen[k] for k in _META}
+    result, per = evaluate_arrays(inp.maps, inp.masks, inp.case_ids, conf, inp.probs,
+                                  inp.labels, cfg.min_lesion_fraction,
+                                  cfg.classifier_threshold, cfg.chunk)
+
+    def predicted(rows: np.ndarray) -> np.ndarray:
+        mp = [np.concatenate([m.read(int(k), int(k) + 1) for k in rows]) for m in inp.maps]
+        return apply_config(mp, conf, [p[rows] for p in inp.probs])
+
+    result.update(store=str(cfg.store), fold=cfg.fold, part=cfg.part, config_file=str(source))
+    _write_evaluation(partial, cfg, inp.store, inp.indices, inp.masks, per, result,
+                      gate_probs(inp.probs), predicted)
+    fsutil.commit_output_dir(partial, out)
+    return result
+
+
+def evaluate_masks(cfg: EvaluateConfig, pred: np.ndarray, out: Path, force: bool = False,
+                   source: str = "") -> dict[str, Any]:
+    """Score predicted masks (S, H, W) of ``cfg``'s part (store order, e.g. a U-Net's) in
+    every convention, like :func:`evaluate_stage`; the Empty baseline alongside."""
+    store, idx, gts = _part_with_masks(cfg)
+    if pred.shape != (len(idx), *store.size):
+        raise InputError(f"{source}: {pred.shape} masks for {len(idx)} slices of "
+                         f"{store.size[0]}x{store.size[1]}")
+    partial = fsutil.prepare_output_dir(out, force, "metrics.json")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("tp", "fp", "fn", "tn")}
+    for s in range(0, len(idx), cfg.chunk):
+        counts = slice_counts(pred[s:s + cfg.chunk].astype(bool),
+                              gts.read(s, s + cfg.chunk).astype(bool))
+        for k, v in zip(("tp", "fp", "fn", "tn"), counts, strict=True):
+            parts[k].append(v)
+    per = {k: np.concatenate(v) for k, v in parts.items()}
+    case_ids = store.table["case"][idx]
+    res = score(per["tp"], per["fp"], per["fn"], per["tn"], case_ids, None, None,
+                cfg.min_lesion_fraction, cfg.classifier_threshold)
+    result = {"config": None, "metrics": res, "empty_baseline": empty_baseline(
+                  per, case_ids, cfg.min_lesion_fraction, cfg.classifier_threshold),
+              "store": str(cfg.store), "fold": cfg.fold, "part": cfg.part, "source": source}
+    _write_evaluation(partial, cfg, store, idx, gts, per, result, None,
+                      lambda rows: pred[rows].astype(bool))
+    fsutil.commit_output_dir(partial, out)
+    return result
+
+
+def evaluate_unet(cfg: EvaluateConfig, checkpoint: Path, out: Path,
+                  force: bool = False) -> dict[str, Any]:
+    """Predict ``cfg``'s part with a U-Net checkpoint and score it (:func:`evaluate_masks`)."""
+    from ensemblecam.unet import predict_unet
+
+    store, idx, _ = _part_with_masks(cfg)
+    pred = predict_unet(checkpoint, store, idx)
+    return evaluate_masks(cfg, pred, out, force=force, source=str(checkpoint))
+
+
+def write_config_masks(cfg: EvaluateConfig, chosen: dict[str, Any], path: Path) -> Path:
+    """The configuration's masks of ``cfg``'s part as ``masks.npz`` (arrays ``index`` int64
+    store indices, ``masks`` uint8 0/1), the format export and pseudo-label training read."""
+    inp = open_inputs(cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, chosen["members"],
+                      what="mask export")
+    conf = {k: chosen[k] for k in _META}
+    masks = np.zeros((len(inp.indices), *inp.store.size), np.uint8)
+    for s in range(0, len(inp.indices), cfg.chunk):
+        e = min(s + cfg.chunk, len(inp.indices))
+        masks[s:e] = apply_config([m.read(s, e) for m in inp.maps], conf,
+                                  [p[s:e] for p in inp.probs])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with fsutil.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, index=inp.indices.astype(np.int64), masks=masks)
+    return path
+
+
+def _part_with_masks(cfg: EvaluateConfig) -> tuple[Any, np.ndarray, Rows]:
+    from ensemblecam.split import get_fold
+    from ensemblecam.store import SliceStore
+
+    store = SliceStore.open(cfg.store)
+    if store.masks is None:
+        raise InputError(f"{store.path}: store has no masks; evaluation needs masks to score")
+    splits = Path(cfg.splits) if cfg.splits is not None else store.path / "splits.json"
+    fold = get_fold(splits, int(cfg.fold) if str(cfg.fold).isdigit() else cfg.fold)
+    idx = store.indices_for_cases(fold.part(cfg.part))
+    idx = idx[store.table["has_mask"][idx].astype(bool)]
+    if len(idx) == 0:
+        raise InputError(f"{splits}: evaluation set ({cfg.part} of fold {cfg.fold}) is empty")
+    return store, idx, Rows(store.masks, idx)
+
+
+def empty_baseline(per: dict[str, np.ndarray], case_ids: np.ndarray,
+                   min_lesion_fraction: float = 0.0, classifier_threshold: float = 0.5
+                   ) -> dict[str, Any]:
+    """Scores of the Empty prediction (all background) on the slices of ``per``."""
+    gt_pix = per["tp"] + per["fn"]
+    npix = gt_pix + per["fp"] + per["tn"]
+    zero = np.zeros_like(gt_pix)
+    return score(zero, zero, gt_pix, npix - gt_pix, case_ids, None, None,
+                 min_lesion_fraction, classifier_threshold)
+
+
+def _write_evaluation(partial: Path, cfg: EvaluateConfig, store: Any, idx: np.ndarray,
+                      gts: Rows, per: dict[str, np.ndarray], result: dict[str, Any],
+                      probs: np.ndarray | None,
+                      predicted: Callable[[np.ndarray], np.ndarray]) -> None:
+    """metrics.json, per_slice.csv and per_case.csv (+ HD95 per case if ``cfg.hd95``).
+
+    ``predicted(rows)`` gives the predicted masks of positions ``rows`` of ``idx``.
+    """
+    table = store.table
+    slice_rows = []
+    for j, i in enumerate(idx):
+        tp, fp, fn = int(per["tp"][j]), int(per["fp"][j]), int(per["fn"][j])
+        d, u = 2 * tp + fp + fn, tp + fp + fn
+        slice_rows.append({"index": int(i), "case": table["case"][i],
+                           "slice": int(table["slice"][i]), "part": table["part"][i],
+                           "label": int(table["label"][i]),
+                           "prob": None if probs is None else float(probs[j]),
+                           "tp": tp, "fp": fp, "fn": fn, "tn": int(per["tn"][j]),
+                           "dice": 2 * tp / d if d else 1.0, "iou": tp / u if u else 1.0})
+    case_ids = table["case"][idx]
+    case_rows = []
+    for case in dict.fromkeys(case_ids.tolist()):
+        sel = np.flatnonzero(case_ids == case)
+        tp, fp, fn = (int(per[k][sel].sum()) for k in ("tp", "fp", "fn"))
+        d = 2 * tp + fp + fn
+        row: dict[str, Any] = {"case": case, "n_slices": len(sel), "tp": tp, "fp": fp,
+                               "fn": fn, "dice": 2 * tp / d if d else 1.0}
+        if cfg.hd95:
+            order = sel[np.lexsort((table["slice"][idx[sel]], table["part"][idx[sel]]))]
+            gt = np.concatenate([gts.read(int(k), int(k) + 1) for k in order]).astype(bool)
+            row["hd95_voxels"] = case_hd95(predicted(order), gt)
+        case_rows.append(row)
+    if cfg.hd95:
+        vals = np.array([r["hd95_voxels"] for r in case_rows], float)
+        ok = vals[np.isfinite(vals)]
+        result["metrics"]["hd95_voxels_mean"] = float(ok.mean()) if ok.size else float("nan")
+        result["metrics"]["hd95_voxels_std"] = float(ok.std()) if ok.size else float("nan")
+        result["metrics"]["hd95_undefined_cases"] = int((~np.isfinite(vals)).sum())
+    fsutil.write_json(partial / "metrics.json", result)
+    fsutil.write_text(partial / "per_slice.csv", fsutil.csv_text(slice_rows))
+    fsutil.write_text(partial / "per_case.csv", fsutil.csv_text(case_rows))

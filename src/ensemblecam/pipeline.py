@@ -1,0 +1,555 @@
+"""``ensemblecam run``: the whole protocol from one config, cached, resumable, per fold.
+
+Run folder layout (every file written atomically; a stage folder's ``stage.json`` is
+written last and holds the stage's cache key)::
+
+    <run>/
+      run.json              config hash, package versions, seeds, per-stage timings
+      config.yaml           the configuration the run was made with
+      store/                slice store (prepare), shared by all folds
+      splits.json           patient-level split file
+      fold<k>/
+        models/<model>/     classifier training runs (best.pt, metrics.csv, PNGs, train.json)
+        maps/<model>__<method>/  map sets for the calibration and evaluation parts
+        search/             ranking.csv/json, best.json, grid_<operator>.npy/json (search)
+        unet/               supervised U-Net (fully supervised upper bound)
+        pseudo/             U-Net trained on the ensemble's masks of the training part
+        eval/<row>/         metrics.json, per_slice.csv, per_case.csv for each result row
+        eval/masks.npz      the chosen configuration's masks of the evaluation part
+                            (arrays ``index`` int64 store indices, ``masks`` uint8)
+      results.json          the results table (format below)
+      results.csv           the same, one line per row, mean and std per metric
+      export/               NIfTI masks of every evaluated case (original scan geometry)
+      report/report.html    self-contained HTML report + PNGs
+
+``results.json``::
+
+    {"format": "ensemblecam-results", "version": 1, "objective": "paper_miou",
+     "folds": ["fold0", ...], "metric_names": [...],
+     "rows": [{"name": "ensemble (and: resnet34 0.7 x resnet50 0.7)", "kind": "ensemble" |
+               "operator" | "single" | "empty" | "unet" | "pseudo_unet",
+               "config": {...} | null,
+               "per_fold": {"fold0": {metric: value, ...}, ...},
+               "mean": {metric: value}, "std": {metric: value}}, ...]}
+
+Metric values are fractions in [0, 1] (the report shows percentages like the paper).
+
+Caching. Each stage folder gets ``stage.json`` = {"key": hash of the stage's options and
+of the keys of every stage it reads} when it completes. A rerun skips a stage whose key
+matches, reruns (replacing the old results) a stage whose key changed, and resumes a
+stage that was interrupted (``.<folder>.pending.json`` holds the key of the attempt;
+each stage resumes from its own ``.partial`` files). The run folder remembers the hash of
+the whole configuration; another configuration is refused unless ``--force``, and even
+then only the stages whose keys changed are recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from ensemblecam import __version__, fsutil
+from ensemblecam.config import Config, EvaluateConfig, SearchConfig, load_config
+from ensemblecam.errors import InputError
+
+STAMP = "stage.json"
+RUN_FILE = "run.json"
+RESULTS_FORMAT = "ensemblecam-results"
+#: metrics aggregated over folds into the results table (all in [0, 1], higher is better)
+TABLE_METRICS = (
+    "paper_miou", "paper_dsc", "background_iou", "lesion_iou", "lesion_dice",
+    "slice_dice_mean", "slice_iou_mean", "slice_dice_large_mean", "slice_dice_correct_mean",
+    "case_dice_mean",
+)  # fmt: skip
+# options that name files or control how (not what) a stage computes: not part of keys
+_NOT_KEYED = {"store", "splits", "out", "data", "force", "resume", "workers", "config_file",
+              "maps", "checkpoints", "tags", "members", "fold", "part", "parts", "chunk"}
+
+
+def stable_hash(obj: Any) -> str:
+    """16 hex digits of sha256 over canonical JSON of ``obj``."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _options(section: Any) -> dict[str, Any]:
+    return {k: v for k, v in section.model_dump(mode="json").items() if k not in _NOT_KEYED}
+
+
+@dataclass
+class Runner:
+    """Runs stages into a run folder with caching by key; records timings."""
+
+    root: Path
+    progress: bool | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    ran: list[str] = field(default_factory=list)
+
+    def stage(self, name: str, folder: Path, key: str, marker: str | None,
+              fn: Callable[[bool], Any]) -> bool:
+        """Run ``fn(force)`` for ``folder`` unless its stamp holds ``key``; True if it ran."""
+        stamp = folder / STAMP
+        pending = folder.with_name(f".{folder.name}.pending.json")
+        old = _read_key(stamp)
+        if old == key:
+            return False
+        attempt = _read_key(pending)
+        if old is None and attempt == key and marker is not None and (folder / marker).exists():
+            _stamp(stamp, name, key, 0.0)  # finished just before an interruption
+            pending.unlink(missing_ok=True)
+            return False
+        force = old is not None or (attempt != key and folder.exists())
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        fsutil.write_json(pending, {"key": key, "stage": name})
+        t0 = time.perf_counter()
+        fn(force)
+        seconds = time.perf_counter() - t0
+        _stamp(stamp, name, key, seconds)
+        pending.unlink(missing_ok=True)
+        self.timings[name] = round(seconds, 2)
+        self.ran.append(name)
+        return True
+
+
+def _read_key(path: Path) -> str | None:
+    try:
+        return str(json.loads(path.read_text())["key"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _stamp(path: Path, name: str, key: str, seconds: float) -> None:
+    fsutil.write_json(path, {"stage": name, "key": key, "seconds": round(seconds, 2),
+                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _check_run_folder(root: Path, cfg: Config, force: bool) -> None:
+    """A run folder belongs to one configuration; another one needs ``force``."""
+    run_file = root / RUN_FILE
+    if not run_file.is_file():
+        foreign = root.exists() and any(not p.name.startswith(".") for p in root.iterdir())
+        if foreign and not force:
+            raise InputError(f"{root}: folder exists and is not a run folder; use --force")
+        return
+    old = fsutil.read_json(run_file, "run record")
+    new = stable_hash(cfg.model_dump(mode="json"))
+    if old.get("config_hash") != new and not force:
+        raise InputError(
+            f"{root}: run folder was made by another configuration "
+            f"(hash {old.get('config_hash')} vs {new}); use --force to rerun what changed"
+        )
+
+
+def _write_run_record(root: Path, cfg: Config, runner: Runner, started: float,
+                      status: str) -> None:
+    import monai
+    import nibabel
+    import torch
+
+    old = fsutil.read_json(root / RUN_FILE, "run record") if (root / RUN_FILE).is_file() else {}
+    timings = {**old.get("timings", {}), **runner.timings}
+    fsutil.write_json(root / RUN_FILE, {
+        "format": "ensemblecam-run", "version": 1, "status": status,
+        "config_hash": stable_hash(cfg.model_dump(mode="json")),
+        "ensemblecam": __version__, "python": platform.python_version(),
+        "packages": {"torch": torch.__version__, "monai": monai.__version__,
+                     "nibabel": nibabel.__version__, "numpy": np.__version__},
+        "platform": platform.platform(),
+        "seeds": {"split": cfg.split.seed, "train": cfg.train.seed, "cam": cfg.cam.seed,
+                  "search": cfg.search.seed, "synth": cfg.synth.seed},
+        "timings": timings, "ran_this_time": runner.ran,
+        "wall_s_this_time": round(time.perf_counter() - started, 2),
+    })
+
+
+def run_pipeline(cfg: Config, force: bool = False, progress: bool | None = None) -> Path:
+    """Run every stage of ``cfg`` into ``cfg.run.out``; return the run folder."""
+    from ensemblecam.prepare import prepare_store
+    from ensemblecam.split import make_splits, read_splits
+
+    rc = cfg.run
+    root = Path(rc.out)
+    if cfg.prepare.data is None:
+        raise InputError("config: prepare.data is not set (the data set root folder)")
+    if not rc.models:
+        raise InputError("config: run.models is empty")
+    if len(set(rc.models)) != len(rc.models):
+        raise InputError(f"config: run.models {rc.models} has duplicates")
+    _check_run_folder(root, cfg, force)
+    root.mkdir(parents=True, exist_ok=True)
+    fsutil.write_text(root / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"),
+                                                           sort_keys=False))
+    runner = Runner(root, progress)
+    started = time.perf_counter()
+    _write_run_record(root, cfg, runner, started, "running")
+
+    store = root / "store"
+    pcfg = cfg.prepare.model_copy(update={"out": store})
+    k_store = stable_hash(["prepare", _options(cfg.prepare), str(cfg.prepare.data)])
+    runner.stage("prepare", store, k_store, "store.json",
+                 lambda force: prepare_store(pcfg, force=force))
+
+    split_dir = root / "split"
+    splits = split_dir / "splits.json"
+    scfg = cfg.split.model_copy(update={"store": store, "out": splits})
+    k_split = stable_hash(["split", _options(cfg.split), str(cfg.split.list_file), k_store])
+    runner.stage("split", split_dir, k_split, "splits.json",
+                 lambda force: make_splits(scfg, force=force))
+    folds = read_splits(splits)
+    chosen = rc.folds if rc.folds is not None else list(range(len(folds)))
+    for k in chosen:
+        if not 0 <= k < len(folds):
+            raise InputError(f"config: run.folds has {k}; the split has {len(folds)} folds")
+
+    fold_results = {}
+    for k in chosen:
+        fold_results[folds[k].name] = _run_fold(cfg, runner, store, splits, k, folds[k].name,
+                                                k_split)
+    results = aggregate(fold_results, cfg.search.objective)
+    fsutil.write_json(root / "results.json", results)
+    fsutil.write_text(root / "results.csv", results_csv(results))
+
+    if rc.export:
+        _export(cfg, runner, store, [fold_results[f]["dir"] for f in fold_results], root)
+    if rc.report:
+        from ensemblecam.report import write_report
+
+        write_report(root, force=True)
+    _write_run_record(root, cfg, runner, started, "complete")
+    return root
+
+
+def _members(cfg: Config) -> list[str]:
+    from ensemblecam.mapstore import member_name
+
+    return [member_name(m, method) for m in cfg.run.models for method in cfg.cam.methods]
+
+
+def _run_fold(cfg: Config, runner: Runner, store: Path, splits: Path, k: int, name: str,
+              k_split: str) -> dict[str, Any]:
+    """Train, map, search, evaluate (with baselines) one fold; return its result rows."""
+    from ensemblecam.cam.stage import run_cam
+    from ensemblecam.evaluate import evaluate_stage, write_config_masks
+    from ensemblecam.search import run_search_stage
+    from ensemblecam.train import train_classifier
+
+    rc = cfg.run
+    fdir = runner.root / name
+    train_keys = []
+    for model in rc.models:
+        out = fdir / "models" / model
+        tcfg = cfg.train.model_copy(update={"store": store, "splits": splits, "fold": k,
+                                            "model": model, "out": out})
+        key = stable_hash(["train", _options(cfg.train), model, k, k_split])
+        train_keys.append(key)
+        runner.stage(f"{name}/train/{model}", out, key, "train.json",
+                     lambda force, t=tcfg: train_classifier(
+                         t.model_copy(update={"force": force, "resume": not force}),
+                         progress=runner.progress))
+
+    parts = list(dict.fromkeys([rc.calibration_part, rc.eval_part]))
+    if rc.pseudo_unet and "train" not in parts:
+        parts.append("train")
+    maps = fdir / "maps"
+    ccfg = cfg.cam.model_copy(update={
+        "store": store, "splits": splits, "fold": k, "parts": parts, "out": maps,
+        "checkpoints": [fdir / "models" / m / "best.pt" for m in rc.models],
+        "tags": list(rc.models)})
+    k_cam = stable_hash(["cam", _options(cfg.cam), parts, train_keys])
+    runner.stage(f"{name}/cam", maps, k_cam, None,
+                 lambda force: run_cam(ccfg.model_copy(update={"force": force}),
+                                       progress=runner.progress))
+
+    search_dir = fdir / "search"
+    qcfg: SearchConfig = cfg.search.model_copy(update={
+        "store": store, "splits": splits, "fold": str(k), "part": rc.calibration_part,
+        "maps": maps, "members": _members(cfg), "out": search_dir})
+    k_search = stable_hash(["search", _options(cfg.search), rc.calibration_part, k_cam])
+    runner.stage(f"{name}/search", search_dir, k_search, "best.json",
+                 lambda force: run_search_stage(qcfg, force=force))
+
+    eval_dir = fdir / "eval"
+    ecfg: EvaluateConfig = cfg.evaluate.model_copy(update={
+        "store": store, "splits": splits, "fold": str(k), "part": rc.eval_part, "maps": maps})
+    rows = result_rows(search_dir)
+    k_eval = stable_hash(["evaluate", _options(cfg.evaluate), rc.eval_part, k_search])
+
+    def evaluate_all(force: bool) -> None:
+        for row in rows:
+            if row["config"] is not None:
+                evaluate_stage(ecfg, row["config"], eval_dir / row["slug"], force=True)
+        write_config_masks(ecfg, rows[0]["config"], eval_dir / "masks.npz")
+
+    runner.stage(f"{name}/evaluate", eval_dir, k_eval, None, evaluate_all)
+    if rc.unet:
+        rows.append(_unet_row(cfg, runner, store, splits, k, fdir, "unet", "store",
+                              k_split, ecfg))
+    if rc.pseudo_unet:
+        pseudo = fdir / "pseudo_targets"
+        tcfg_e = ecfg.model_copy(update={"part": "train"})
+        k_pt = stable_hash(["pseudo_targets", k_search, _options(cfg.evaluate)])
+        runner.stage(f"{name}/pseudo_targets", pseudo, k_pt, None,
+                     lambda force: write_config_masks(tcfg_e, rows[0]["config"],
+                                                      pseudo / "masks.npz"))
+        rows.append(_unet_row(cfg, runner, store, splits, k, fdir, "pseudo_unet",
+                              pseudo / "masks.npz", k_pt, ecfg))
+    return {"dir": fdir, "rows": _collect(rows, eval_dir)}
+
+
+def _unet_row(cfg: Config, runner: Runner, store: Path, splits: Path, k: int, fdir: Path,
+              kind: str, targets: str | Path, upstream: str, ecfg: EvaluateConfig
+              ) -> dict[str, Any]:
+    """Train a U-Net on ``targets`` (store masks or pseudo masks) and evaluate it."""
+    from ensemblecam.evaluate import evaluate_unet
+    from ensemblecam.unet import train_unet
+
+    out = fdir / ("unet" if kind == "unet" else "pseudo")
+    key = stable_hash([kind, cfg.unet.model_dump(mode="json"), k, upstream])
+    runner.stage(f"{fdir.name}/{kind}", out, key, "unet.json",
+                 lambda force: train_unet(cfg.unet, store, splits, k, out, targets=targets,
+                                          force=force, progress=runner.progress))
+    ev = fdir / "eval" / kind
+    k_ev = stable_hash([kind, "evaluate", key, _options(cfg.evaluate), ecfg.part])
+    runner.stage(f"{fdir.name}/{kind}/evaluate", ev, k_ev, "metrics.json",
+                 lambda force: evaluate_unet(ecfg, out / "best.pt", ev, force=force))
+    label = "U-Net, fully supervised" if kind == "unet" else "U-Net on ensemble pseudo-labels"
+    return {"name": label, "kind": kind, "slug": kind, "config": None}
+
+
+def _describe(conf: dict[str, Any]) -> str:
+    ths = ", ".join(f"{m} > {t:g}" for m, t in zip(conf["members"], conf["thresholds"],
+                                                    strict=False))
+    if conf["operator"] == "mean":
+        ths = f"mean({', '.join(conf['members'])}) > {conf['thresholds'][0]:g}"
+    gate = f", gate p >= {conf['gate']:g}" if conf.get("gate") is not None else ""
+    return f"{conf['operator']}: {ths}{gate}"
+
+
+def result_rows(search_dir: Path) -> list[dict[str, Any]]:
+    """Rows evaluated per fold: the chosen ensemble, each operator's and member's best."""
+    best = fsutil.read_json(search_dir / "best.json", "search result")
+    per = fsutil.read_json(search_dir / "best_per_candidate.json", "search result")
+    keys = ("operator", "members", "thresholds", "gate")
+    rows = [{"name": f"ensemble ({_describe(best)})", "kind": "ensemble", "slug": "ensemble",
+             "config": {k: best[k] for k in keys}}]
+    for cand in per:
+        conf = {k: cand[k] for k in keys}
+        if conf["operator"] == "single":
+            slug = f"single_{conf['members'][0]}"
+            rows.append({"name": f"single {conf['members'][0]} > {conf['thresholds'][0]:g}",
+                         "kind": "single", "slug": slug, "config": conf})
+        else:
+            slug = "op_" + conf["operator"].replace(":", "") + "__" + "+".join(conf["members"])
+            rows.append({"name": f"best {_describe(conf)}", "kind": "operator", "slug": slug,
+                         "config": conf})
+    rows.append({"name": "Empty (all background)", "kind": "empty", "slug": "ensemble",
+                 "config": None})
+    return rows
+
+
+def _collect(rows: list[dict[str, Any]], eval_dir: Path) -> list[dict[str, Any]]:
+    out = []
+    for row in rows:
+        res = fsutil.read_json(eval_dir / row["slug"] / "metrics.json", "evaluation")
+        metrics = res["empty_baseline"] if row["kind"] == "empty" else res["metrics"]
+        out.append({**row, "metrics": {m: metrics.get(m) for m in TABLE_METRICS}})
+    return out
+
+
+def aggregate(fold_results: dict[str, dict[str, Any]], objective: str) -> dict[str, Any]:
+    """Mean and std (ddof=0) over folds of every row; rows matched by kind and slug.
+
+    The chosen ensemble and the operators' bests may pick different thresholds per fold;
+    a row is the protocol (e.g. "best 'and' on calibration"), not one fixed configuration.
+    """
+    order: list[tuple[str, str]] = []
+    table: dict[tuple[str, str], dict[str, Any]] = {}
+    for fold, res in fold_results.items():
+        for row in res["rows"]:
+            key = (row["kind"], row["slug"])
+            if key not in table:
+                order.append(key)
+                table[key] = {"name": row["name"], "kind": row["kind"], "per_fold": {},
+                              "config": {}}
+            table[key]["per_fold"][fold] = row["metrics"]
+            table[key]["config"][fold] = row["config"]
+    rows = []
+    for key in order:
+        entry = table[key]
+        if len(fold_results) > 1 and entry["kind"] in ("ensemble", "operator", "single"):
+            entry["name"] = _protocol_name(entry)
+        mean, std = {}, {}
+        for m in TABLE_METRICS:
+            vals = [v[m] for v in entry["per_fold"].values() if v.get(m) is not None]
+            vals = [v for v in vals if np.isfinite(v)]
+            mean[m] = float(np.mean(vals)) if vals else None
+            std[m] = float(np.std(vals)) if vals else None
+        rows.append({**entry, "mean": mean, "std": std})
+    return {"format": RESULTS_FORMAT, "version": 1, "objective": objective,
+            "folds": list(fold_results), "metric_names": list(TABLE_METRICS), "rows": rows}
+
+
+def _protocol_name(entry: dict[str, Any]) -> str:
+    confs = [c for c in entry["config"].values() if c]
+    first = confs[0]
+    if entry["kind"] == "ensemble":
+        return "ensemble (best configuration per fold)"
+    if entry["kind"] == "single":
+        return f"single {first['members'][0]} (best threshold per fold)"
+    return f"best {first['operator']} of {' x '.join(first['members'])} (per fold)"
+
+
+def results_csv(results: dict[str, Any]) -> str:
+    """One line per row: name, kind, then mean and std of every table metric."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["name", "kind", *[f"{m}_{s}" for m in results["metric_names"]
+                                  for s in ("mean", "std")]])
+    for row in results["rows"]:
+        vals = []
+        for m in results["metric_names"]:
+            vals += [_fmt(row["mean"][m]), _fmt(row["std"][m])]
+        w.writerow([row["name"], row["kind"], *vals])
+    return buf.getvalue()
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.6f}"
+
+
+def _export(cfg: Config, runner: Runner, store: Path, fold_dirs: list[Path],
+            root: Path) -> None:
+    """Masks of every evaluated case (each fold's evaluation part) as NIfTI."""
+    from ensemblecam.export import export_cases, load_slice_arrays
+    from ensemblecam.store import SliceStore
+
+    paths = [d / "eval" / "masks.npz" for d in fold_dirs]
+    keys = [_read_key(d / "eval" / STAMP) for d in fold_dirs]
+    out = root / "export"
+
+    def run(force: bool) -> None:
+        st = SliceStore.open(store)
+        idx, masks = zip(*(load_slice_arrays(p, "masks") for p in paths), strict=True)
+        index = np.concatenate(idx)
+        order = np.argsort(index, kind="stable")
+        if len(np.unique(index)) != len(index):
+            raise InputError("export: a slice is evaluated in two folds; check run.folds")
+        maps = None
+        if cfg.run.export_maps:
+            from ensemblecam.mapstore import MapSet, dequantise
+
+            first = _members(cfg)[0]
+            sets = [MapSet.open(d / "maps" / first) for d in fold_dirs]
+            maps = (index[order], np.concatenate(
+                [dequantise(ms.maps[ms.rows_for(i)]) for ms, i in zip(sets, idx, strict=True)]
+            )[order])
+        export_cases(st, index[order], np.concatenate(masks)[order], out, kind="mask",
+                     maps=maps, force=True, source={"command": "ensemblecam run",
+                     "run": str(root), "folds": [d.name for d in fold_dirs]},
+                     progress=runner.progress)
+
+    runner.stage("export", out, stable_hash(["export", keys, cfg.run.export_maps]),
+                 "index.json", run)
+
+
+def load_run_config(path: str | Path) -> Config:
+    """The config a run folder was made with (``<run>/config.yaml``)."""
+    path = Path(path)
+    if not (path / "config.yaml").is_file():
+        raise InputError(f"{path}: not a run folder (no config.yaml); run `ensemblecam run`")
+    return load_config(path / "config.yaml")
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def _best_fold(run_dir: Path, results: dict[str, Any]) -> str:
+    """The fold whose chosen configuration scored best on its calibration data."""
+    best_name, best_val = results["folds"][0], -np.inf
+    for fold in results["folds"]:
+        b = fsutil.read_json(run_dir / fold / "search" / "best.json", "search result")
+        val = b.get(b.get("objective", results["objective"]), -np.inf)
+        if val is not None and val > best_val:
+            best_name, best_val = fold, val
+    return best_name
+
+
+def predict(run_dir: str | Path, input_dir: str | Path, out: str | Path,
+            layout: str | None = None, fold: str | None = None, force: bool = False,
+            progress: bool | None = None) -> Path:
+    """Masks for new, unlabelled scans with a finished run's chosen configuration.
+
+    The scans are prepared with the run's prepare settings (seg files ignored), mapped with
+    the classifiers of ``fold`` (default: the fold whose configuration scored best on its
+    calibration data), combined with that fold's chosen configuration, and exported as
+    NIfTI masks in each scan's original geometry (``<out>/<case>.nii.gz``).
+    """
+    import shutil
+
+    from ensemblecam.cam.stage import run_cam
+    from ensemblecam.evaluate import apply_config
+    from ensemblecam.export import export_cases
+    from ensemblecam.mapstore import MapSet, dequantise
+    from ensemblecam.models import load_checkpoint
+    from ensemblecam.prepare import prepare_store
+    from ensemblecam.store import SliceStore
+
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = load_run_config(run_dir)
+    results = fsutil.read_json(run_dir / "results.json", "run results (is the run complete?)")
+    fold = fold or _best_fold(run_dir, results)
+    if fold not in results["folds"]:
+        raise InputError(f"fold {fold!r}: the run has folds {', '.join(results['folds'])}")
+    chosen = fsutil.read_json(run_dir / fold / "search" / "best.json", "search result")
+    if (out / "index.json").exists() and not force:
+        raise InputError(f"{out}: already holds predicted masks; use --force to replace them")
+    work = out.with_name(f".{out.name}.work")
+    pcfg = cfg.prepare.model_copy(update={
+        "data": Path(input_dir), "out": work / "store", "masks": False, "labels_csv": None,
+        **({"layout": layout} if layout else {})})
+    prepare_store(pcfg, force=True)
+    store = SliceStore.open(work / "store")
+    tags = list(dict.fromkeys(m.split("__")[0] for m in chosen["members"]))
+    methods = list(dict.fromkeys(m.split("__", 1)[1] for m in chosen["members"]))
+    checkpoints = [run_dir / fold / "models" / t / "best.pt" for t in tags]
+    for ck in checkpoints:
+        _, info = load_checkpoint(ck)
+        if list(info["channels"]) != store.channels:
+            raise InputError(
+                f"{input_dir}: scans have modalities {','.join(store.channels)} but the models "
+                f"were trained on {','.join(info['channels'])}"
+            )
+    ccfg = cfg.cam.model_copy(update={
+        "store": work / "store", "parts": ["all"], "checkpoints": checkpoints, "tags": tags,
+        "methods": methods, "out": work / "maps", "force": True})
+    run_cam(ccfg, progress=progress)
+    sets = [MapSet.open(work / "maps" / m) for m in chosen["members"]]
+    idx = np.arange(store.n_slices)
+    masks = np.zeros((store.n_slices, *store.size), np.uint8)
+    conf = {k: chosen[k] for k in ("operator", "members", "thresholds", "gate")}
+    for s in range(0, store.n_slices, 256):
+        sl = slice(s, min(s + 256, store.n_slices))
+        masks[sl] = apply_config([dequantise(ms.maps[sl]) for ms in sets], conf,
+                                 [ms.probs[sl] for ms in sets])
+    export_cases(store, idx, masks, out, kind="mask", force=force,
+                 source={"command": "ensemblecam predict", "run": str(run_dir), "fold": fold,
+                         "configuration": conf, "description": _describe(conf)},
+                 progress=progress)
+    shutil.rmtree(work, ignore_errors=True)
+    return out

@@ -1,0 +1,194 @@
+"""``ensemblecam run`` / ``predict``: end to end on a tiny phantom, caching, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from ensemblecam import pipeline
+from ensemblecam.cli import app
+from ensemblecam.config import Config, SynthConfig, load_config
+from ensemblecam.errors import InputError
+from ensemblecam.synth import synth_dataset
+
+TINY: dict[str, Any] = {
+    "prepare": {"layout": "brats", "workers": 1},
+    "split": {"scheme": "kfold", "folds": 2, "val_fraction": 0.25, "seed": 0},
+    "train": {"model_args": {"width": 8}, "epochs": 2, "batch_size": 16, "optimizer": "adam",
+              "lr": 3e-3, "accelerator": "cpu", "monitor": "val_loss"},
+    "cam": {"methods": ["gradcam", "layercam"], "batch_size": 64, "accelerator": "cpu"},
+    "search": {"operators": ["and", "or", "min", "max"], "grid": "0:0.8:0.2"},
+    "unet": {"epochs": 1, "channels": [4, 8], "strides": [2], "num_res_units": 0,
+             "batch_size": 32, "accelerator": "cpu"},
+    "run": {"models": ["simplecnn"], "unet": True, "pseudo_unet": True, "report": True},
+}
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("phantom") / "brats"
+    synth_dataset(SynthConfig(out=root, n_cases=6, shape=(48, 48, 12), seed=3, workers=1))
+    return root
+
+
+def _config(tmp: Path, phantom: Path, **changes: Any) -> Config:
+    data = json.loads(json.dumps(TINY))
+    for dotted, value in changes.items():
+        sec, key = dotted.split("__")
+        data[sec][key] = value
+    data["prepare"]["data"] = str(phantom)
+    data["run"]["out"] = str(tmp / "run")
+    return Config.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, phantom: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("run")
+    return pipeline.run_pipeline(_config(tmp, phantom), progress=False)
+
+
+def test_end_to_end_results_export_report(finished_run: Path, phantom: Path) -> None:
+    res = json.loads((finished_run / "results.json").read_text())
+    assert res["folds"] == ["fold0", "fold1"]
+    kinds = [r["kind"] for r in res["rows"]]
+    assert kinds[0] == "ensemble"
+    for kind in ("operator", "single", "empty", "unet", "pseudo_unet"):
+        assert kind in kinds
+    for row in res["rows"]:
+        assert set(row["per_fold"]) == {"fold0", "fold1"}
+        for m in ("paper_miou", "paper_dsc", "lesion_dice", "case_dice_mean"):
+            vals = [row["per_fold"][f][m] for f in res["folds"]]
+            assert row["mean"][m] == pytest.approx(np.mean(vals))
+            assert row["std"][m] == pytest.approx(np.std(vals))
+        miou = row["mean"]["paper_miou"]
+        assert 0.0 <= miou <= 1.0
+    # the Empty row: lesion IoU 0, so paper mIoU = background IoU / 2
+    empty = next(r for r in res["rows"] if r["kind"] == "empty")
+    for f in res["folds"]:
+        m = empty["per_fold"][f]
+        assert m["lesion_iou"] == 0.0
+        assert m["paper_miou"] == pytest.approx(m["background_iou"] / 2)
+    # the chosen ensemble is the best configuration on calibration data, per fold
+    for f in res["folds"]:
+        best = json.loads((finished_run / f / "search" / "best.json").read_text())
+        ens = next(r for r in res["rows"] if r["kind"] == "ensemble")
+        assert ens["config"][f]["thresholds"] == best["thresholds"]
+    # every case is evaluated once (k-fold test parts) and exported in its scan geometry
+    index = json.loads((finished_run / "export" / "index.json").read_text())
+    cases = sorted(p.name for p in phantom.iterdir() if p.is_dir())
+    assert sorted(index["cases"]) == cases
+    for case in cases:
+        src = nib.load(phantom / case / f"{case}_flair.nii.gz")
+        out = nib.load(finished_run / "export" / f"{case}.nii.gz")
+        assert out.shape == src.shape
+        np.testing.assert_allclose(out.affine, src.affine)
+        assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
+    html = (finished_run / "report" / "report.html").read_text()
+    assert "paper_miou" in html and "data:image/png;base64," in html
+    run = json.loads((finished_run / "run.json").read_text())
+    assert run["status"] == "complete" and run["config_hash"]
+    assert "fold0/train/simplecnn" in run["timings"]
+
+
+def test_rerun_skips_everything_and_changed_option_reruns_dependents(
+    finished_run: Path, phantom: Path
+) -> None:
+    cfg = _config(finished_run.parent, phantom)
+    stamps = {p: p.stat().st_mtime_ns for p in finished_run.rglob("stage.json")}
+    before = (finished_run / "results.json").read_text()
+    pipeline.run_pipeline(cfg, progress=False)
+    run = json.loads((finished_run / "run.json").read_text())
+    assert run["ran_this_time"] == []
+    assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("stage.json")} == stamps
+    assert (finished_run / "results.json").read_text() == before
+    # another grid: refused without force; with force only search and what follows rerun
+    changed = _config(finished_run.parent, phantom, search__grid="0:0.9:0.3")
+    with pytest.raises(InputError, match="another configuration"):
+        pipeline.run_pipeline(changed, progress=False)
+    pipeline.run_pipeline(changed, force=True, progress=False)
+    ran = json.loads((finished_run / "run.json").read_text())["ran_this_time"]
+    assert "fold0/search" in ran and "fold1/evaluate" in ran
+    assert not any("/train/" in r or r.endswith("/cam") or r in ("prepare", "split")
+                   for r in ran)
+    assert not any(r.endswith("/unet") for r in ran)  # the supervised U-Net does not depend on it
+
+
+def test_predict_on_scans_without_seg(finished_run: Path, phantom: Path, tmp_path: Path) -> None:
+    new = tmp_path / "new"
+    shutil.copytree(phantom, new, ignore=shutil.ignore_patterns("*_seg.nii.gz"))
+    out = pipeline.predict(finished_run, new, tmp_path / "masks", progress=False)
+    for case in (p.name for p in new.iterdir() if p.is_dir()):
+        src = nib.load(new / case / f"{case}_flair.nii.gz")
+        m = nib.load(out / f"{case}.nii.gz")
+        assert m.shape == src.shape
+        np.testing.assert_allclose(m.affine, src.affine)
+    assert not (tmp_path / ".masks.work").exists()
+    with pytest.raises(InputError, match="already holds"):
+        pipeline.predict(finished_run, new, out, progress=False)
+    # a case lacking a modality the models were trained on
+    bad = tmp_path / "bad"
+    shutil.copytree(new, bad, ignore=shutil.ignore_patterns("*_t1ce.nii.gz"))
+    result = CliRunner().invoke(app, ["predict", "--run", str(finished_run), "--input", str(bad),
+                                      "--out", str(tmp_path / "bad_out")])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error:") and "t1ce" in result.output
+    assert not (tmp_path / "bad_out").exists()
+
+
+def test_kill_and_resume(phantom: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _config(tmp_path, phantom, run__unet=False, run__pseudo_unet=False,
+                  run__report=False, run__export=False)
+    import ensemblecam.cam.stage as cam_stage
+
+    real = cam_stage.run_cam
+
+    def killed(*args: Any, **kw: Any) -> Any:
+        raise KeyboardInterrupt  # the process dies while the maps are computed
+
+    monkeypatch.setattr(cam_stage, "run_cam", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(cfg, progress=False)
+    root = tmp_path / "run"
+    assert (root / "fold0" / "models" / "simplecnn" / "stage.json").is_file()
+    assert not (root / "results.json").exists()
+    assert json.loads((root / "run.json").read_text())["status"] == "running"
+    monkeypatch.setattr(cam_stage, "run_cam", real)
+    pipeline.run_pipeline(cfg, progress=False)
+    ran = json.loads((root / "run.json").read_text())["ran_this_time"]
+    assert "fold0/cam" in ran and "fold0/train/simplecnn" not in ran  # trained before the kill
+    assert "fold1/train/simplecnn" in ran
+    assert (root / "results.json").is_file()
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"epochz": 3}}))
+    with pytest.raises(InputError, match=r"unknown key 'train\.epochz'"):
+        load_config(bad)
+    bad.write_text(yaml.safe_dump({"search": {"grid": [1, 2]}}))
+    with pytest.raises(InputError, match=r"search\.grid"):
+        load_config(bad)
+    result = CliRunner().invoke(app, ["run", str(bad)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "search.grid" in result.output
+
+
+def test_shipped_configs_are_valid() -> None:
+    root = Path(__file__).resolve().parents[1] / "configs"
+    names = sorted(p.name for p in root.glob("*.yaml"))
+    assert names == ["demo.yaml", "paper-brats.yaml", "paper-prostate.yaml", "thesis-kits.yaml"]
+    brats = load_config(root / "paper-brats.yaml")
+    assert brats.split.folds == 3 and brats.run.models == ["resnet34", "resnet50"]
+    assert brats.prepare.crop_box == (56, 184, 56, 184)
+    assert brats.cam.methods == ["gradcam"] and brats.search.grid == "0:0.9:0.1"
+    assert brats.search.operators == ["and", "or", "min", "max"]
+    kits = load_config(root / "thesis-kits.yaml")
+    assert kits.split.fractions == (0.6, 0.2, 0.2) and kits.run.calibration_part == "val"

@@ -1,0 +1,330 @@
+"""``ensemblecam report`` on a small but complete run folder built with the real stages'
+search/evaluate functions and writers (the training part is written in train.py's format)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from typer.testing import CliRunner
+
+from ensemblecam import fsutil, report
+from ensemblecam.cli import app
+from ensemblecam.config import SearchConfig
+from ensemblecam.errors import InputError
+from ensemblecam.evaluate import apply_config, evaluate_arrays, score
+from ensemblecam.mapstore import write_map_set
+from ensemblecam.search import _run_search, open_inputs, write_search_outputs
+from ensemblecam.split import read_splits
+from ensemblecam.store import SliceStore
+from ensemblecam.train import (
+    METRIC_COLUMNS,
+    classifier_metrics,
+    plot_confusion,
+    plot_learning_curve,
+    write_metrics_csv,
+)
+from store_factory import build_store
+
+MEMBERS = ["resnet34__gradcam", "resnet50__gradcam"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _maps(masks: np.ndarray, sigma: float, shift: int, rng: np.random.Generator) -> np.ndarray:
+    """CAM-like maps: blurred, shifted lesion + smooth noise, per-slice min-max."""
+    m = ndimage.gaussian_filter(np.roll(masks.astype(np.float32), shift, axis=2),
+                                sigma=(0, sigma, sigma))
+    m += 0.15 * ndimage.gaussian_filter(rng.random(masks.shape, dtype=np.float32),
+                                        sigma=(0, 3, 3))
+    lo = m.min(axis=(1, 2), keepdims=True)
+    hi = m.max(axis=(1, 2), keepdims=True)
+    return ((m - lo) / np.where(hi > lo, hi - lo, 1)).astype(np.float16)
+
+
+def _metrics(result: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in result.items() if isinstance(v, float)}
+
+
+def _write_train_run(d: Path, model: str, fold: str, rng: np.random.Generator,
+                     pngs: bool) -> None:
+    history = []
+    for epoch in range(1, 4):
+        y = rng.integers(0, 2, 40)
+        p = np.clip(y * 0.5 + rng.random(40) * 0.6, 0, 1)
+        cm = classifier_metrics(y, p)
+        history.append({"epoch": epoch, "train_loss": 1.0 / epoch, "val_loss": 1.1 / epoch,
+                        "lr": 1e-3, "images_per_s": 100.0, "time_s": 1.0,
+                        **{k: cm[k] for k in METRIC_COLUMNS if k in cm}})
+    best = max(history, key=lambda r: r["auroc"])
+    d.mkdir(parents=True)
+    write_metrics_csv(d / "metrics.csv", history)
+    conf = [[best["tn"], best["fp"]], [best["fn"], best["tp"]]]
+    if pngs:
+        plot_learning_curve(d / "learning_curve.png", history, best["epoch"])
+        plot_confusion(d / "confusion_matrix.png", conf, f"{model} {fold}")
+    fsutil.write_json(d / "train.json", {
+        "format": "ensemblecam-train-run", "version": 1, "model": model, "fold": fold,
+        "epochs": 3, "monitor": "auroc", "best_epoch": best["epoch"],
+        "best_value": best["auroc"], "best": {**best, "confusion": conf},
+        "last": history[-1], "n_train": 40, "n_val": 40})
+
+
+def build_run(root: Path) -> Path:
+    """A 3-fold run folder in the pipeline's layout (see pipeline.py's docstring)."""
+    run = root / "run"
+    store_p = build_store(run / "store", n_cases=9, slices_per_case=6, size=(32, 32),
+                          channels=("flair", "t1ce", "t2"), folds=3, seed=3)
+    data = root / "BraTS2020"  # a real-looking data folder: no phantom.json
+    data.mkdir()
+    man = json.loads((store_p / "store.json").read_text())
+    man["prepare"] = {"layout": "brats", "modalities": ["flair", "t1ce", "t2"],
+                      "data": str(data), "crop_size": [32, 32]}
+    fsutil.write_json(store_p / "store.json", man)
+    shutil.copy(store_p / "splits.json", run / "splits.json")
+    (run / "config.yaml").write_text("search:\n  operators: [and, or, min, max]\n"
+                                     "note: <b>escaped</b>\n")
+    fsutil.write_json(run / "run.json", {"config_hash": "abc123", "seeds": {"split": 0},
+                                         "versions": {"numpy": np.__version__},
+                                         "timings": {"fold0": {"search": 0.5}}})
+    store = SliceStore.open(store_p)
+    assert store.masks is not None
+    rng = np.random.default_rng(0)
+    idx = np.arange(store.n_slices)
+    masks = np.asarray(store.masks)
+    maps = [_maps(masks, 1.5, 0, rng), _maps(masks, 2.5, 2, rng)]
+    labels = store.labels
+    rows: dict[str, dict[str, Any]] = {}
+    folds = [f.name for f in read_splits(run / "splits.json")]
+    for k, fold in enumerate(folds):
+        fdir = run / fold
+        for j, m in enumerate(MEMBERS):
+            probs = np.clip(labels * 0.6 + rng.random(len(labels)) * 0.5, 0, 1)
+            write_map_set(fdir / "maps" / m, {"model": m.split("__")[0], "method": "gradcam"},
+                          idx, maps[j], probs)
+        cfg = SearchConfig(store=store_p, splits=run / "splits.json", fold=fold, part="train",
+                           maps=fdir / "maps", members=MEMBERS, out=fdir / "search")
+        res, ranked = _run_search(cfg, None)
+        (fdir / "search").mkdir(parents=True)
+        write_search_outputs(fdir / "search", res, ranked, cfg.objective,
+                             cfg.model_dump(mode="json"))
+        best = ranked[0]
+        inp = open_inputs(store_p, run / "splits.json", fold, "test", fdir / "maps", MEMBERS,
+                          what="evaluation")
+        confs: dict[str, tuple[str, dict[str, Any]]] = {}
+        for r in ranked:
+            key = r["operator"] if r["operator"] != "single" else r["members"][0]
+            confs.setdefault(key, ("single" if r["operator"] == "single" else "operator", r))
+        confs[f"ensemble ({best['operator']})"] = ("ensemble", best)
+        for name, (kind, conf) in confs.items():
+            sel = [MEMBERS.index(m) for m in conf["members"]]
+            out, per = evaluate_arrays([inp.maps[i] for i in sel], inp.masks, inp.case_ids,
+                                       {k2: conf[k2] for k2 in ("operator", "members",
+                                                                "thresholds", "gate")},
+                                       [inp.probs[i] for i in sel], inp.labels, 0.02)
+            rows.setdefault(name, {"kind": kind, "per_fold": {}})["per_fold"][fold] = (
+                _metrics(out["metrics"]))
+            rows.setdefault("empty", {"kind": "empty", "per_fold": {}})["per_fold"][fold] = (
+                _metrics(out["empty_baseline"]))
+            if kind == "ensemble":
+                sub = [inp.maps[i].read(0, len(inp.maps[i])) for i in sel]
+                chosen = apply_config(sub, conf, [inp.probs[i] for i in sel])
+                (fdir / "eval" / "ensemble").mkdir(parents=True)
+                if k == 0:  # fold0: masks.npz; fold1: per_case.csv; fold2: from maps
+                    np.savez(fdir / "eval" / "masks.npz", index=inp.indices,
+                             masks=chosen.astype(np.uint8))
+                if k == 1:
+                    lines = ["case,n_slices,tp,fp,fn,dice"]
+                    for c in dict.fromkeys(inp.case_ids.tolist()):
+                        s = inp.case_ids == c
+                        tp, fp, fn = (int(per[x][s].sum()) for x in ("tp", "fp", "fn"))
+                        d = 2 * tp / max(2 * tp + fp + fn, 1)
+                        lines.append(f"{c},{int(s.sum())},{tp},{fp},{fn},{d}")
+                    (fdir / "eval" / "ensemble" / "per_case.csv").write_text("\n".join(lines))
+        gt = inp.masks.read(0, len(inp.masks)).astype(bool)
+        unet = ndimage.binary_erosion(gt, structure=np.ones((1, 3, 3)))
+        tp, fp, fn, tn = (np.sum(a, axis=(1, 2)) for a in
+                          (unet & gt, unet & ~gt, ~unet & gt, ~unet & ~gt))
+        rows.setdefault("unet", {"kind": "unet", "per_fold": {}})["per_fold"][fold] = (
+            _metrics(score(tp, fp, fn, tn, inp.case_ids, None, None, 0.02)))
+        for m in ("resnet34", "resnet50"):
+            _write_train_run(fdir / "models" / m, m, fold, rng, pngs=(m == "resnet34"))
+    names = sorted(set.intersection(*(set(v) for r in rows.values()
+                                      for v in r["per_fold"].values())))
+    out_rows = []
+    for name, r in rows.items():
+        vals = {m: [r["per_fold"][f][m] for f in folds] for m in names}
+        cfg_ = None if r["kind"] in ("empty", "unet") else {"operator": name.split()[-1]
+                                                              .strip("()")}
+        if r["kind"] == "single":
+            cfg_ = {"operator": "single", "members": [name]}
+        out_rows.append({"name": name, "kind": r["kind"], "config": cfg_,
+                         "per_fold": r["per_fold"],
+                         "mean": {m: float(np.mean(v)) for m, v in vals.items()},
+                         "std": {m: float(np.std(v)) for m, v in vals.items()}})
+    fsutil.write_json(run / "results.json", {
+        "format": "ensemblecam-results", "version": 1, "objective": "paper_miou",
+        "folds": folds, "metric_names": names, "rows": out_rows})
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_run(tmp_path_factory.mktemp("report"))
+
+
+@pytest.fixture(scope="module")
+def made(run_dir: Path) -> tuple[Path, str]:
+    out = report.write_report(run_dir)
+    return out, out.read_text()
+
+
+def _row_html(doc: str, name: str) -> str:
+    start = doc.index(f"<tr><td>{html.escape(name)}</td>")
+    return doc[start: doc.index("</tr>", start)]
+
+
+def test_report_is_self_contained(made: tuple[Path, str], run_dir: Path) -> None:
+    out, doc = made
+    assert out == run_dir / "report" / "report.html"
+    for bad in ("http://", "https://", 'src="file', "<script", "<link"):
+        assert bad not in doc
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', doc)
+    assert len(images) >= 10
+    for b64 in images:
+        assert base64.b64decode(b64).startswith(PNG)
+    pngs = sorted(out.parent.glob("*.png"))
+    assert len(pngs) == len(images)
+    for name in ("lesion_fraction_histogram.png", "threshold_heatmap_fold0.png",
+                 "threshold_heatmap_fold2.png", "gallery_best.png", "gallery_worst.png",
+                 "results_paper_miou.png", "fold0_resnet34_learning_curve.png",
+                 "fold1_resnet50_learning_curve.png", "fold2_resnet50_confusion_matrix.png"):
+        assert (out.parent / name).read_bytes().startswith(PNG), name
+    # redrawn train figures go to the report folder, never into the train run folder
+    assert not (run_dir / "fold0" / "models" / "resnet50" / "learning_curve.png").exists()
+
+
+def test_report_sections_and_text(made: tuple[Path, str]) -> None:
+    _, doc = made
+    for heading in ("Configuration", "Data", "Classifiers", "Results",
+                    "Threshold search (the paper&#x27;s Fig. 4)",
+                    "Gallery (the paper&#x27;s Fig. 3)", "Every metric convention",
+                    "Metric conventions", "Split parts (splits.json)"):
+        assert f">{heading}</h" in doc, heading
+    assert "&lt;b&gt;escaped&lt;/b&gt;" in doc and "<b>escaped</b>" not in doc
+    assert "abc123" in doc and np.__version__ in doc
+    assert "not a measured Dice" in doc
+    assert "9 evaluated lesion cases" in doc
+    for metric in ("paper_miou", "paper_dsc", "lesion_iou", "lesion_dice", "slice_dice_mean",
+                   "case_dice_mean"):
+        assert f"<th>{metric}</th>" in doc
+
+
+def test_results_values_formatted(made: tuple[Path, str], run_dir: Path) -> None:
+    _, doc = made
+    res = json.loads((run_dir / "results.json").read_text())
+    for row in res["rows"]:
+        line = _row_html(doc, row["name"])
+        for m in ("paper_miou", "lesion_dice", "case_dice_mean"):
+            expect = f"{100 * row['mean'][m]:.1f} ± {100 * row['std'][m]:.1f}"
+            assert f"<td>{expect}</td>" in line, (row["name"], m, expect)
+    empty = next(r for r in res["rows"] if r["kind"] == "empty")
+    folds = res["folds"]
+    per = [empty["per_fold"][f]["paper_miou"] for f in folds]
+    assert f"{100 * np.mean(per):.1f} ± {100 * np.std(per):.1f}" in _row_html(doc, "empty")
+
+
+def test_published_figures_beside_matching_rows(made: tuple[Path, str]) -> None:
+    _, doc = made
+    assert "<th>published paper_miou</th>" in doc
+    assert "47.7 (Empty)" in _row_html(doc, "empty")
+    assert "54.2 ± 0.8 (Ensemble ResNet-34x50 &#x27;and&#x27;)" in _row_html(doc, "and")
+    assert "50.7 (ResNet-34 Grad-CAM)" in _row_html(doc, "resnet34__gradcam")
+    assert "69.2 (Fully supervised (FSSS))" in _row_html(doc, "unet")
+    assert "Table 3" in doc
+
+
+def test_existing_report_refused_then_forced(made: tuple[Path, str], run_dir: Path) -> None:
+    with pytest.raises(InputError, match="use --force"):
+        report.write_report(run_dir)
+    runner = CliRunner()
+    res = runner.invoke(app, ["report", "--run", str(run_dir)])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--force" in lines[0]
+    alt = run_dir.parent / "elsewhere" / "r.html"
+    res = runner.invoke(app, ["report", "--run", str(run_dir), "--out", str(alt),
+                              "--cases", "1", "--force"])
+    assert res.exit_code == 0, res.output
+    assert alt.is_file() and (alt.parent / "gallery_best.png").is_file()
+
+
+def test_phantom_is_not_compared(run_dir: Path, tmp_path: Path) -> None:
+    man_p = run_dir / "store" / "store.json"
+    original = man_p.read_text()
+    phantom = tmp_path / "phantom"
+    phantom.mkdir()
+    (phantom / "phantom.json").write_text("{}")
+    man = json.loads(original)
+    man["prepare"]["data"] = str(phantom)
+    try:
+        fsutil.write_json(man_p, man)
+        doc = report.write_report(run_dir, tmp_path / "p.html").read_text()
+    finally:
+        man_p.write_text(original)
+    assert "NOT comparable" in doc
+    assert "published paper_miou" not in doc
+    assert "for orientation only" in doc
+
+
+def test_reference_setting_rules(tmp_path: Path) -> None:
+    brats = {"layout": "brats", "modalities": ["flair", "t1ce", "t2"]}
+    assert report.reference_setting(brats, False)[0] == "brats"
+    assert report.reference_setting(brats, True)[0] is None
+    assert report.reference_setting({**brats, "modalities": ["t1"]}, False)[0] is None
+    assert report.reference_setting({"layout": "msd", "modalities": ["adc"]}, False)[0] == (
+        "prostate")
+    assert report.reference_setting({"layout": "kits", "modalities": ["ct"]}, False)[0] == "kits"
+    (tmp_path / "phantom.json").write_text("{}")
+    assert report.is_phantom({"data": str(tmp_path)}) is True
+    assert report.is_phantom({"data": str(tmp_path / "missing")}) is None
+    ident = report.row_identity({"name": "ensemble (and: resnet34__gradcam 0.7 x "
+                                         "resnet50__gradcam 0.6)", "kind": "ensemble"})
+    assert ident["operator"] == "and" and len(ident["members"]) == 2
+
+
+def test_threshold_heatmap_shapes() -> None:
+    t = [0.0, 0.5]
+    assert report.threshold_heatmap(np.array([0.4, 0.6]), t, ["a"], "paper_miou",
+                                     "single").startswith(PNG)
+    v3 = np.arange(8, dtype=float).reshape(2, 2, 2) / 10
+    assert report.threshold_heatmap(v3, t, ["a", "b", "c"], "paper_miou", "and").startswith(PNG)
+    with pytest.raises(InputError, match="does not fit"):
+        report.threshold_heatmap(np.zeros((3, 3)), t, ["a", "b"], "paper_miou", "and")
+
+
+def test_bad_run_folders(tmp_path: Path) -> None:
+    runner = CliRunner()
+    cases = {
+        "missing": (tmp_path / "nope", "run folder not found"),
+        "not a run": (tmp_path, "not an ensemblecam run folder"),
+    }
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    cases["no results"] = (run, "results.json not found")
+    for what, (path, msg) in cases.items():
+        res = runner.invoke(app, ["report", "--run", str(path)])
+        assert res.exit_code == 2, what
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], what
+    (run / "results.json").write_text('{"format": "other"}')
+    res = runner.invoke(app, ["report", "--run", str(run)])
+    assert res.exit_code == 2 and "not an ensemblecam results file" in res.stderr
