@@ -197,6 +197,7 @@ def main() -> None:
     trained = scorecam_compare(model, xs, repeats=3, top_k=TOP_K)
     load = os.getloadavg()
     figures = {
+        "bench": "cam",
         "model": "MONAI ResNet-34 (1ch, 128x128, conv1 stride 2), layer4", "batch": BATCH,
         "threads": torch.get_num_threads(),
         "four_methods_ours_s": round(t_ours4, 4), "four_methods_torchcam_s": round(t_tc4, 4),

@@ -178,6 +178,7 @@ def main() -> None:
         best = res.ranked("paper_miou")[0]
         print(f"best: {best['operator']} {best['thresholds']} paper_miou {best['paper_miou']:.4f}")
     print(json.dumps({
+        "bench": "search",
         "slices": n, "size": [H, W], "members": 2, "operators": OPS, "grid": "11x11",
         "plain_pass_s": round(t_plain, 3), "search_s": round(t_search, 3),
         "search_over_plain": round(over_plain, 2),

@@ -98,7 +98,17 @@ class SplitConfig(Section):
     seed: int = Field(0, description="shuffle seed")
 
 
-class TrainConfig(Section):
+class DeviceConfig(Section):
+    """Devices through Lightning Fabric (shared by train, cam and unet)."""
+
+    accelerator: str = Field("auto", description="cpu, gpu, cuda, mps or auto")
+    devices: int | str = Field(1, description="devices per node (int, list or 'auto')")
+    num_nodes: int = Field(1, ge=1, description="number of nodes")
+    strategy: str = Field("auto", description="auto, ddp, ddp_spawn, ...")
+    precision: str = Field("32-true", description="32-true, 16-mixed, bf16-mixed, ...")
+
+
+class TrainConfig(DeviceConfig):
     """``ensemblecam train``: a slice classifier on one fold; recipe fields left None come
     from ``preset`` (paper: SGD 1e-3 momentum 0.9, batch 32, 10 epochs; thesis: Adam 1e-2,
     batch 60, x0.1 step decay at epoch 40)."""
@@ -136,11 +146,6 @@ class TrainConfig(Section):
     )
     threshold: float = Field(0.5, gt=0, lt=1, description="lesion probability threshold")
     seed: int = Field(0, description="seed of initialisation and data order")
-    accelerator: str = Field("auto", description="cpu, gpu, cuda, mps or auto")
-    devices: int | str = Field(1, description="devices per node (int, list or 'auto')")
-    num_nodes: int = Field(1, ge=1, description="number of nodes")
-    strategy: str = Field("auto", description="auto, ddp, ddp_spawn, ...")
-    precision: str = Field("32-true", description="32-true, 16-mixed, bf16-mixed, ...")
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
     resume: bool = Field(False, description="continue an interrupted run from last.pt")
     force: bool = Field(False, description="replace an existing run")
@@ -194,7 +199,7 @@ class EvaluateConfig(Section):
     out: Path = Field(Path("eval"), description="output folder")
 
 
-class CamConfig(Section):
+class CamConfig(DeviceConfig):
     """``ensemblecam cam``: CAM maps of every slice of a split for each (checkpoint, method)."""
 
     store: Path = Field(Path("store"), description="slice store")
@@ -220,10 +225,6 @@ class CamConfig(Section):
     top_k: int | None = Field(None, ge=1, description="Score-CAM approximation: top-k channels")
     score_batch: int = Field(256, ge=1, description="Score-CAM masked inputs per forward pass")
     seed: int = Field(0, description="seed of Smooth Grad-CAM++ noise")
-    accelerator: str = Field("auto", description="cpu, gpu, cuda, mps or auto")
-    devices: int | str = Field(1, description="devices per node")
-    num_nodes: int = Field(1, ge=1, description="number of nodes")
-    strategy: str = Field("auto", description="auto, ddp, ddp_spawn, ...")
     force: bool = Field(False, description="replace existing members")
 
 
@@ -247,7 +248,7 @@ class RunConfig(Section):
     report: bool = Field(True, description="write the HTML report")
 
 
-class UNetConfig(Section):
+class UNetConfig(DeviceConfig):
     """Supervised 2-D U-Net (MONAI) on a fold's training part: the fully supervised upper
     bound (store masks) or the second stage on the ensemble's pseudo-labels (masks.npz)."""
 
@@ -269,11 +270,6 @@ class UNetConfig(Section):
         "same", description="validation masks: same source as training, store ground truth, none"
     )
     seed: int = Field(0, description="seed of initialisation and data order")
-    accelerator: str = Field("auto", description="cpu, gpu, cuda, mps or auto")
-    devices: int | str = Field(1, description="devices per node (int or 'auto')")
-    num_nodes: int = Field(1, ge=1, description="number of nodes")
-    strategy: str = Field("auto", description="auto, ddp, ddp_spawn, ...")
-    precision: str = Field("32-true", description="32-true, 16-mixed, bf16-mixed, ...")
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
 
 

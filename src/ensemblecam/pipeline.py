@@ -224,11 +224,14 @@ def run_pipeline(cfg: Config, force: bool = False, progress: bool | None = None)
 
     if rc.export:
         _export(cfg, runner, store, [fold_results[f]["dir"] for f in fold_results], root)
+    _write_run_record(root, cfg, runner, started, "complete")
     if rc.report:
         from ensemblecam.report import write_report
 
+        t0 = time.perf_counter()
         write_report(root, force=True)
-    _write_run_record(root, cfg, runner, started, "complete")
+        runner.timings["report"] = round(time.perf_counter() - t0, 2)
+        _write_run_record(root, cfg, runner, started, "complete")
     return root
 
 
@@ -285,7 +288,8 @@ def _run_fold(cfg: Config, runner: Runner, store: Path, splits: Path, k: int, na
     ecfg: EvaluateConfig = cfg.evaluate.model_copy(update={
         "store": store, "splits": splits, "fold": str(k), "part": rc.eval_part, "maps": maps})
     rows = result_rows(search_dir)
-    k_eval = stable_hash(["evaluate", _options(cfg.evaluate), rc.eval_part, k_search])
+    k_eval = stable_hash(["evaluate", _options(cfg.evaluate), rc.eval_part, k_search,
+                          [(r["slug"], r["config"]) for r in rows]])
 
     def evaluate_all(force: bool) -> None:
         for row in rows:
@@ -339,22 +343,30 @@ def _describe(conf: dict[str, Any]) -> str:
 
 
 def result_rows(search_dir: Path) -> list[dict[str, Any]]:
-    """Rows evaluated per fold: the chosen ensemble, each operator's and member's best."""
+    """Rows evaluated per fold, each chosen on calibration data only: the ensemble (the best
+    configuration overall), each operator's best (over member subsets and thresholds), each
+    single member at its best threshold, and the Empty prediction."""
     best = fsutil.read_json(search_dir / "best.json", "search result")
     per = fsutil.read_json(search_dir / "best_per_candidate.json", "search result")
+    objective = best.get("objective", "paper_miou")
     keys = ("operator", "members", "thresholds", "gate")
-    rows = [{"name": f"ensemble ({_describe(best)})", "kind": "ensemble", "slug": "ensemble",
+    rows = [{"name": "ensemble (best configuration)", "kind": "ensemble", "slug": "ensemble",
              "config": {k: best[k] for k in keys}}]
-    for cand in per:
+    by_op: dict[str, tuple[dict[str, Any], float]] = {}
+    singles = []
+    for cand in per:  # best row of every (operator, member subset), best first
         conf = {k: cand[k] for k in keys}
         if conf["operator"] == "single":
-            slug = f"single_{conf['members'][0]}"
-            rows.append({"name": f"single {conf['members'][0]} > {conf['thresholds'][0]:g}",
-                         "kind": "single", "slug": slug, "config": conf})
-        else:
-            slug = "op_" + conf["operator"].replace(":", "") + "__" + "+".join(conf["members"])
-            rows.append({"name": f"best {_describe(conf)}", "kind": "operator", "slug": slug,
-                         "config": conf})
+            singles.append(conf)
+        elif conf["operator"] not in by_op or cand[objective] > by_op[conf["operator"]][1]:
+            by_op[conf["operator"]] = (conf, cand[objective])
+    for op, (conf, _) in by_op.items():
+        rows.append({"name": f"{op} ensemble (best members and thresholds)",
+                     "kind": "operator", "slug": "op_" + op.replace(":", ""), "config": conf})
+    for conf in sorted(singles, key=lambda c: c["members"][0]):
+        member = conf["members"][0]
+        rows.append({"name": f"{member} alone (best threshold)", "kind": "single",
+                     "slug": f"single_{member}", "config": conf})
     rows.append({"name": "Empty (all background)", "kind": "empty", "slug": "ensemble",
                  "config": None})
     return rows
@@ -372,8 +384,9 @@ def _collect(rows: list[dict[str, Any]], eval_dir: Path) -> list[dict[str, Any]]
 def aggregate(fold_results: dict[str, dict[str, Any]], objective: str) -> dict[str, Any]:
     """Mean and std (ddof=0) over folds of every row; rows matched by kind and slug.
 
-    The chosen ensemble and the operators' bests may pick different thresholds per fold;
-    a row is the protocol (e.g. "best 'and' on calibration"), not one fixed configuration.
+    The configuration behind a row (thresholds, members) is chosen per fold on that fold's
+    calibration data, so a row is a protocol ("the best 'and' ensemble"), and ``config``
+    holds the configuration of each fold.
     """
     order: list[tuple[str, str]] = []
     table: dict[tuple[str, str], dict[str, Any]] = {}
@@ -389,8 +402,6 @@ def aggregate(fold_results: dict[str, dict[str, Any]], objective: str) -> dict[s
     rows = []
     for key in order:
         entry = table[key]
-        if len(fold_results) > 1 and entry["kind"] in ("ensemble", "operator", "single"):
-            entry["name"] = _protocol_name(entry)
         mean, std = {}, {}
         for m in TABLE_METRICS:
             vals = [v[m] for v in entry["per_fold"].values() if v.get(m) is not None]
@@ -400,16 +411,6 @@ def aggregate(fold_results: dict[str, dict[str, Any]], objective: str) -> dict[s
         rows.append({**entry, "mean": mean, "std": std})
     return {"format": RESULTS_FORMAT, "version": 1, "objective": objective,
             "folds": list(fold_results), "metric_names": list(TABLE_METRICS), "rows": rows}
-
-
-def _protocol_name(entry: dict[str, Any]) -> str:
-    confs = [c for c in entry["config"].values() if c]
-    first = confs[0]
-    if entry["kind"] == "ensemble":
-        return "ensemble (best configuration per fold)"
-    if entry["kind"] == "single":
-        return f"single {first['members'][0]} (best threshold per fold)"
-    return f"best {first['operator']} of {' x '.join(first['members'])} (per fold)"
 
 
 def results_csv(results: dict[str, Any]) -> str:

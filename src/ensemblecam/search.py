@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,13 +337,14 @@ class _MinMaxAcc:
 
 def _add_joint(
     target: np.ndarray, levels: list[np.ndarray], gt8: np.ndarray, bins: np.ndarray, L: int,
-    member_R: dict[int, np.ndarray], members: tuple[int, ...],
-) -> np.ndarray:
+    member_R: dict[int, np.ndarray], members: tuple[int, ...], per_slice: bool = False,
+) -> np.ndarray | None:
     """Add one chunk's joint histogram of (gate bin, member levels..., gt) to ``target``.
 
-    Small grids: one per-slice joint histogram, whose marginals also give the members'
-    per-slice counts (stored in ``member_R``, level > j). Large grids: one global
-    histogram straight over (bin, levels, gt).
+    Small grids (or ``per_slice``): one per-slice joint histogram, whose marginals also
+    give the members' per-slice counts (stored in ``member_R``, level > j); returned,
+    shape (S, (L+1)**m * 2). Large grids: one global histogram straight over (bin,
+    levels, gt); returns None.
     """
     m = len(levels)
     s, npix = gt8.shape
@@ -351,21 +353,21 @@ def _add_joint(
     for lv in levels[1:]:
         code *= L + 1
         code += lv
-    if nb * 2 * 4 <= npix:
-        pj = _slice_hist(code, gt8, nb)
+    if per_slice or nb * 2 * 4 <= npix:
+        flat = _slice_hist(code, gt8, nb).reshape(s, -1)
         per_bin = target.reshape(-1, nb * 2)
-        _add_rows(per_bin, bins, pj.reshape(s, -1))
-        pj = pj.reshape((s,) + (L + 1,) * m + (2,))
+        _add_rows(per_bin, bins, flat)
+        pj = flat.reshape((s,) + (L + 1,) * m + (2,))
         for j, i in enumerate(members):
             if i not in member_R:
                 others = tuple(1 + o for o in range(m) if o != j)
                 member_R[i] = _revcum(pj.sum(axis=others), 1)
-        return target
+        return flat
     code *= 2
     code += gt8
     code += (bins.astype(np.int32) * (2 * nb))[:, None]
     target += np.bincount(code.ravel(), minlength=target.size)
-    return target
+    return None
 
 
 def _vote_dataset_counts(joint: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -586,10 +588,91 @@ class _Chunk:
 
     start: int
     stop: int
-    gt8: np.ndarray  # (S, P) uint8 0/1
+    gt8: np.ndarray | None  # (S, P) uint8 0/1 (None: chunk read from the slice cache)
     gt_pix: np.ndarray
     raw: list[np.ndarray]  # (S, P) per member, stored dtype
     cids: np.ndarray
+    npix: int
+
+
+#: Pass 1 streams the per-slice histograms that the top-K rows need to temporary
+#: np.memmap files (system temp dir, deleted afterwards) when they take at most this many
+#: bytes on disk; above it, the top-K pass reads the maps a second time instead.
+SLICE_CACHE_BYTES = 256 * 2**20
+
+
+class _SliceCache:
+    """Per-slice histograms of pass 1 on disk, read back chunk by chunk for the top-K rows.
+
+    ``joints[u]``: (N, (L+1)**m * 2) joint histogram of (member levels, gt) per slice (subsets
+    with a vote/and/or candidate); ``members[i]``: (N, L * 2) per-slice counts of level > j
+    (``_revcum``) of members whose subsets only need ``min``/``max``; ``gt_pix``: (N,)
+    lesion pixels per slice. Counts are <= pixels per slice: uint16 when that fits, else
+    uint32. Files are anonymous temporary files: removed on ``close()`` or process exit.
+    """
+
+    def __init__(self, n: int, npix: int, L: int, joints: Sequence[tuple[int, ...]],
+                 members: Sequence[int]) -> None:
+        self.L, self.npix = L, npix
+        self.dtype = np.dtype(np.uint16 if npix <= np.iinfo(np.uint16).max else np.uint32)
+        self._files: list[Any] = []
+        self.gt_pix = self._array(n, 1, np.dtype(np.uint32))[:, 0]
+        self.joints = {u: self._array(n, (L + 1) ** len(u) * 2, self.dtype) for u in joints}
+        self.members = {i: self._array(n, L * 2, self.dtype) for i in members}
+
+    @staticmethod
+    def nbytes(n: int, npix: int, L: int, joints: Sequence[tuple[int, ...]],
+               members: Sequence[int]) -> int:
+        """Bytes on disk: N x (4 + itemsize x (sum_u (L+1)^|u| * 2 + #members * L * 2))."""
+        item = 2 if npix <= np.iinfo(np.uint16).max else 4
+        per = sum((L + 1) ** len(u) * 2 for u in joints) + len(members) * L * 2
+        return n * (4 + item * per)
+
+    def _array(self, n: int, width: int, dtype: np.dtype) -> np.ndarray:
+        f = tempfile.TemporaryFile(prefix="ensemblecam-search-")
+        self._files.append(f)
+        return np.memmap(f, dtype=dtype, mode="w+", shape=(n, width))
+
+    def write(self, start: int, gt_pix: np.ndarray, joints: dict[tuple[int, ...], np.ndarray],
+              member_R: Callable[[int], np.ndarray]) -> None:
+        """Store one chunk of pass 1 at rows start.. (joints flat (S, -1); member_R(i))."""
+        stop = start + len(gt_pix)
+        self.gt_pix[start:stop] = gt_pix
+        for u, arr in self.joints.items():
+            arr[start:stop] = joints[u]
+        for i, arr in self.members.items():
+            arr[start:stop] = member_R(i).reshape(stop - start, -1)
+
+    def hists(self, start: int, stop: int, u: tuple[int, ...], tgrids: list[np.ndarray]
+              ) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """Per-slice (member_R, joint) of coarse levels, as the top-K pass builds from maps.
+
+        Coarse level #{t in T: t < level}: the levels of one coarse level are a run, so
+        the joint reduces with ``np.add.reduceat`` and member_R is a column pick.
+        """
+        s, L = stop - start, self.L
+        if u in self.joints:
+            joint = np.asarray(self.joints[u][start:stop], np.int64).reshape(
+                (s,) + (L + 1,) * len(u) + (2,))
+            for j, tg in enumerate(tgrids):
+                # first level of coarse level c: 0, then T[c-1] + 1
+                starts = np.concatenate([[0], tg + 1])
+                joint = np.add.reduceat(joint, starts, axis=1 + j)
+            member_R = []
+            for j in range(len(u)):
+                others = tuple(1 + o for o in range(len(u)) if o != j)
+                member_R.append(_revcum(joint.sum(axis=others), 1))
+            return member_R, joint
+        return [np.asarray(self.members[i][start:stop], np.int64).reshape(s, L, 2)[:, tg]
+                for i, tg in zip(u, tgrids, strict=True)], None
+
+    def close(self) -> None:
+        self.joints.clear()
+        self.members.clear()
+        del self.gt_pix
+        for f in self._files:
+            f.close()
+        self._files.clear()
 
 
 def _take_levels(raw: np.ndarray, lut: np.ndarray) -> np.ndarray:
@@ -702,7 +785,7 @@ def search(
         gt = gt.reshape(s, -1)
         gt8 = gt.astype(bool).view(np.uint8) if gt.dtype != bool else gt.view(np.uint8)
         return _Chunk(start, stop, gt8, gt8.sum(axis=1, dtype=np.int64),
-                      [r.reshape(s, -1) for r in raw], case_ids[start:stop])
+                      [r.reshape(s, -1) for r in raw], case_ids[start:stop], gt8.shape[1])
 
     def gate_of(u: tuple[int, ...], ch: _Chunk) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         if probs_arr is not None:
@@ -710,7 +793,7 @@ def search(
         else:
             p = np.zeros(ch.stop - ch.start)
         bins = np.searchsorted(gate_thr, p, side="right") - 1
-        sel = metrics.slice_selection(ch.gt_pix, ch.gt8.shape[1], min_lesion_fraction,
+        sel = metrics.slice_selection(ch.gt_pix, ch.npix, min_lesion_fraction,
                                       p if probs_arr is not None else None,
                                       classifier_threshold)
         return bins, sel

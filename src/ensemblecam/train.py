@@ -37,7 +37,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from ensemblecam import __version__, fsutil, models
-from ensemblecam.config import TrainConfig
+from ensemblecam.config import DeviceConfig, TrainConfig
 from ensemblecam.errors import InputError
 from ensemblecam.split import Fold, get_fold
 from ensemblecam.store import SliceStore
@@ -408,22 +408,58 @@ def train_classifier(
     the run after that epoch as if the process were killed (the unfinished run stays in
     ``.<out>.partial`` for ``resume``); then None is returned.
     """
+    plan = plan_run(cfg)
+    status = make_fabric(cfg).launch(_run, plan, progress, stop_after_epoch)
+    return Path(cfg.out) if status == "done" else None
+
+
+def make_fabric(cfg: DeviceConfig) -> Any:
+    """Lightning Fabric from a config's device options; bad options are one InputError."""
     from lightning.fabric import Fabric
 
-    plan = plan_run(cfg)
     try:
-        fabric = Fabric(
-            accelerator=cfg.accelerator,
-            devices=cfg.devices,
-            num_nodes=cfg.num_nodes,
-            strategy=cfg.strategy,
-            precision=cfg.precision,  # type: ignore[arg-type]
-        )
+        return Fabric(
+            accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+            strategy=cfg.strategy, precision=cfg.precision,  # type: ignore[arg-type]
+        )  # fmt: skip
     except (ValueError, RuntimeError, TypeError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"device options: {msg}") from exc
-    status = fabric.launch(_run, plan, progress, stop_after_epoch)
-    return Path(cfg.out) if status == "done" else None
+
+
+def train_one_epoch(
+    fabric: Any, model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int,
+    desc: str, progress: bool | None,
+) -> tuple[float, float, float]:
+    """One pass over ``loader``: (mean loss over all ranks, images seen by all ranks, seconds).
+
+    A tqdm bar (rank 0) shows images/s; ``loss_fn(logits, targets)`` gets float32 logits.
+    """
+    model.train()
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), device=fabric.device)
+    n_seen = torch.zeros((), device=fabric.device)
+    world = fabric.world_size
+    bar = tqdm(
+        total=len(loader) * batch_size * world, unit="img", desc=desc, leave=False,
+        disable=None if fabric.global_rank == 0 and progress is not False else True,
+    )  # fmt: skip
+    for batch in loader:
+        x, y = fabric.to_device(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x).float(), y)
+        fabric.backward(loss)
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        n_seen += len(y)
+        bar.update(len(y) * world)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    loss_sum = fabric.all_reduce(loss_sum, reduce_op="sum")
+    n_seen = fabric.all_reduce(n_seen, reduce_op="sum")
+    return float(loss_sum / n_seen), float(n_seen), seconds
 
 
 def _make_optimizer(model: nn.Module, recipe: dict[str, Any]) -> torch.optim.Optimizer:
@@ -574,35 +610,16 @@ def _run(
     epochs = int(recipe["epochs"])
     for epoch in range(start + 1, epochs + 1):
         sampler.set_epoch(epoch)
-        model.train()
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=fabric.device)
-        n_seen = torch.zeros((), device=fabric.device)
-        bar = tqdm(
-            total=len(train_loader) * batch_size * fabric.world_size, unit="img",
-            desc=f"epoch {epoch}/{epochs}", leave=False,
-            disable=None if rank0 and progress is not False else True,
-        )  # fmt: skip
-        for batch in train_loader:
-            x, y = fabric.to_device(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(x).float(), y)
-            fabric.backward(loss)
-            optimizer.step()
-            loss_sum += loss.detach() * len(y)
-            n_seen += len(y)
-            bar.update(len(y) * fabric.world_size)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        bar.close()
         lr = optimizer.param_groups[0]["lr"]
+        train_loss, n_seen, train_time = train_one_epoch(
+            fabric, model, train_loader, optimizer, criterion, batch_size,
+            f"epoch {epoch}/{epochs}", progress)
         scheduler.step()
-        train_time = time.perf_counter() - t0
-        loss_sum = fabric.all_reduce(loss_sum, reduce_op="sum")
-        n_seen = fabric.all_reduce(n_seen, reduce_op="sum")
         val = _validate(fabric, model, val_loader, len(plan.val_idx), cfg.threshold)
         row = {
-            "epoch": epoch, "train_loss": float(loss_sum / n_seen), "lr": lr,
-            "images_per_s": float(n_seen) / train_time, "time_s": time.perf_counter() - t0,
+            "epoch": epoch, "train_loss": train_loss, "lr": lr,
+            "images_per_s": n_seen / train_time, "time_s": time.perf_counter() - t0,
             **{k: val[k] for k in METRIC_COLUMNS if k in val},
         }  # fmt: skip
         history.append(row)

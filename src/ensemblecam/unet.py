@@ -54,7 +54,9 @@ from ensemblecam.train import (
     _set_rng_state,
     _worker_init,
     batch_loader,
+    make_fabric,
     plot_learning_curve,
+    train_one_epoch,
     write_metrics_csv,
 )
 
@@ -374,18 +376,9 @@ def train_unet(
     ``stop_after_epoch`` ends the run after that epoch as if killed (returns None); None is
     also returned in the non-zero ranks of a multi-process run.
     """
-    from lightning.fabric import Fabric
 
     plan = plan_unet(cfg, store_path, splits_path, fold, out, targets, force)
-    try:
-        fabric = Fabric(
-            accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-            strategy=cfg.strategy, precision=cfg.precision,  # type: ignore[arg-type]
-        )  # fmt: skip
-    except (ValueError, RuntimeError, TypeError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"device options: {msg}") from exc
-    status = fabric.launch(_run, plan, progress, stop_after_epoch)
+    status = make_fabric(cfg).launch(_run, plan, progress, stop_after_epoch)
     return plan.out if status == "done" else None
 
 
@@ -493,32 +486,13 @@ def _run(fabric: Any, plan: UNetPlan, progress: bool | None, stop_after_epoch: i
 
     for epoch in range(start + 1, cfg.epochs + 1):
         sampler.set_epoch(epoch)
-        model.train()
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=fabric.device)
-        n_seen = torch.zeros((), device=fabric.device)
-        bar = tqdm(
-            total=len(train_loader) * bs * fabric.world_size, unit="img",
-            desc=f"unet epoch {epoch}/{cfg.epochs}", leave=False,
-            disable=None if rank0 and progress is not False else True,
-        )  # fmt: skip
-        for batch in train_loader:
-            x, y = fabric.to_device(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss = _loss(criterion, model(x).float(), y)
-            fabric.backward(loss)
-            optimizer.step()
-            loss_sum += loss.detach() * len(y)
-            n_seen += len(y)
-            bar.update(len(y) * fabric.world_size)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        bar.close()
-        train_time = time.perf_counter() - t0
-        loss_sum = fabric.all_reduce(loss_sum, reduce_op="sum")
-        n_seen = fabric.all_reduce(n_seen, reduce_op="sum")
+        train_loss, n_seen, train_time = train_one_epoch(
+            fabric, model, train_loader, optimizer, lambda z, y: _loss(criterion, z, y), bs,
+            f"unet epoch {epoch}/{cfg.epochs}", progress)
         row: dict[str, Any] = {
-            "epoch": epoch, "train_loss": float(loss_sum / n_seen),
-            "lr": optimizer.param_groups[0]["lr"], "images_per_s": float(n_seen) / train_time,
+            "epoch": epoch, "train_loss": train_loss,
+            "lr": optimizer.param_groups[0]["lr"], "images_per_s": n_seen / train_time,
         }  # fmt: skip
         if val_loader is not None:
             val = _validate(fabric, model, val_loader, criterion, len(plan.val_idx), case_ids)

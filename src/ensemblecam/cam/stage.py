@@ -162,18 +162,10 @@ def run_cam(
     ``stop_after_batches`` stops (per process) after that many computed batches as if
     killed, leaving the partial folders for a resume (tests).
     """
-    from lightning.fabric import Fabric
+    from ensemblecam.train import make_fabric
 
     plan = plan_cam(cfg)
-    try:
-        fabric = Fabric(
-            accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-            strategy=cfg.strategy,
-        )  # fmt: skip
-    except (ValueError, RuntimeError, TypeError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"device options: {msg}") from exc
-    return fabric.launch(_run, plan, progress, stop_after_batches)
+    return make_fabric(cfg).launch(_run, plan, progress, stop_after_batches)
 
 
 def _plan_record(plan: CamPlan, k: int, method: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ Opt = typer.Option
 
 def results_table(results: dict, title: str) -> Table:
     """The results table (mean +- std over folds, in %) as a rich Table."""
-    shown = ("paper_miou", "paper_dsc", "lesion_dice", "slice_dice_mean", "case_dice_mean")
+    shown = ("paper_miou", "paper_dsc", "lesion_dice", "case_dice_mean")
     table = Table(title=title)
     table.add_column("method")
     for m in shown:
@@ -59,7 +59,7 @@ def _summary(root: Path) -> None:
     from ensemblecam import fsutil
 
     results = fsutil.read_json(root / "results.json", "results")
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     console.print(results_table(results, f"{root} ({len(results['folds'])} folds)"))
     report = root / "report" / "report.html"
     if report.is_file():
