@@ -13,7 +13,9 @@ is one JSON object.
 (a), (b), (d) run interleaved, ``--repeat`` rounds; ratios are medians of per-round ratios
 (wall clock; CPU-time ratios alongside, less sensitive to other load on the machine).
 The search ranks by paper_miou with the default top_k=20 (slice/case metrics for the 20
-best rows per operator, second pass included in the time).
+best rows per operator, included in the time: for 11x11 from pass 1's per-slice
+histograms cached on disk, for 101x101 (joint histogram larger than a slice) from a second
+read of the maps).
 
 Usage: python benchmarks/bench_search.py [--slices 20000] [--repeat 3]
 """

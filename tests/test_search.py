@@ -210,3 +210,59 @@ def test_bad_inputs():
     with pytest.raises(InputError, match="too fine"):  # refused before any pass over the maps
         S.search(maps * 3, masks, np.zeros(3), "0:1:0.002", ["and"], [(0, 1, 2)],
                  progress=False)
+
+
+class CountingRows(S.Rows):
+    """Rows that count how many map slices the search reads."""
+
+    def __init__(self, array, log):
+        super().__init__(array)
+        self.log = log
+
+    def read(self, start, stop):
+        self.log.append(stop - start)
+        return super().read(start, stop)
+
+
+def _rows_key(rows):
+    """Rows with NaN made comparable (NaN == NaN) for an exact equality check."""
+    return [{k: ("nan" if isinstance(v, float) and v != v else v) for k, v in r.items()}
+            for r in rows]
+
+
+VOTE_OPS = ["and", "or", "min", "max", "vote:2"]
+
+
+@pytest.mark.parametrize("ops,hw,reads", [
+    (VOTE_OPS, (16, 32), 1),  # every joint histogram (4^m * 2 bins) cached
+    (VOTE_OPS, (12, 24), 2),  # pairs cached, the 3-member joint too large: maps re-read
+    (["min", "max"], (5, 6), 1),  # min/max only: per-member counts cached
+])
+def test_slice_cache_equals_reread(monkeypatch, ops, hw, reads):
+    """Top-K slice/case metrics from pass 1's on-disk histograms equal a second read of
+    the maps (each path forced via SLICE_CACHE_BYTES) and brute force; the re-read path
+    reads every map slice twice, the cached path once (``reads``: when nothing is left
+    to re-read)."""
+    rng = np.random.default_rng(7)
+    m, n, (h, w) = 3, 23, hw
+    maps = random_maps(rng, m, n, h, w, np.float16)
+    masks = (rng.random((n, h, w)) < 0.35).astype(np.uint8)
+    masks[[2, 9]] = 0
+    case_ids = (np.arange(n) * 7) % 5  # cases interleaved across chunks
+    probs = [rng.random(n).astype(np.float32) for _ in range(m)]
+    g = S.parse_grid("0.1:0.7:0.3")
+    subsets = S.subsets_of(m)
+    out = {}
+    monkeypatch.setattr(S._SliceCache, "MAX_READ", 64)  # cached rows read 1-2 at a time
+    for budget in (0, 2**40):
+        monkeypatch.setattr(S, "SLICE_CACHE_BYTES", budget)
+        log: list[int] = []
+        res = S.search([CountingRows(a, log) for a in maps], masks, case_ids, g, ops, subsets,
+                       probs=probs, gates=[0.5], min_lesion_fraction=0.1, chunk=3,
+                       progress=False, top_k=4)
+        out[budget] = (res, sum(log))
+    (reread, n_reread), (cached, n_cached) = out[0], out[2**40]
+    assert n_reread == 2 * m * n and n_cached == reads * m * n
+    assert _rows_key(cached.rows()) == _rows_key(reread.rows())
+    compare(cached, brute_force(maps, masks, case_ids, g, ops, subsets, probs, (0.5,), 0.1),
+            top_k=4)

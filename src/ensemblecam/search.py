@@ -30,18 +30,23 @@ give the data-set counts in O(slices x L) instead of O(slices x L^m) (``_MinMaxA
 
 Slice/case metrics need per-slice counts. With a slice/case ``objective`` or
 ``top_k=None`` they are computed for every combination in pass 1 (O(slices x L^m)).
-Otherwise (default, ``top_k=20``) pass 1 ranks by the data-set objective and pass 2
-streams the maps again for the top-K configurations of each multi-member (subset,
-operator): the thresholds they use form a coarse grid per member whose levels keep
-``m > t`` exact, and one per-slice joint histogram of coarse levels gives every needed
-per-slice count. Rows outside the top-K have slice/case metrics NaN (``rows()``: None,
-blank in ranking.csv), never an estimate; one-threshold candidates (single, mean) are
-always exact for every row. Memory depends on the chunk and the grid, not on the number
-of slices.
+Otherwise (default, ``top_k=20``) pass 1 ranks by the data-set objective and the top-K
+pass computes them for the top-K configurations of each multi-member (subset, operator):
+the thresholds they use form a coarse grid per member whose levels keep ``m > t`` exact,
+and one per-slice joint histogram of coarse levels gives every needed per-slice count.
+That histogram comes, without reading the maps again, from the per-slice histograms pass 1
+builds anyway (the joint one when (L+1)^m * 2 * 4 <= pixels per slice; per-member counts
+for subsets with only ``min``/``max``), streamed to temporary np.memmap files when they
+fit ``SLICE_CACHE_BYTES`` on disk, and summed into coarse levels chunk by chunk; other
+subsets' maps are read a second time. Both ways give identical rows. Rows outside the
+top-K have slice/case metrics NaN (``rows()``: None, blank in ranking.csv), never an
+estimate; one-threshold candidates (single, mean) are always exact for every row. RAM
+depends on the chunk and the grid, not on the number of slices.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import tempfile
@@ -606,31 +611,39 @@ class _SliceCache:
 
     ``joints[u]``: (N, (L+1)**m * 2) joint histogram of (member levels, gt) per slice (subsets
     with a vote/and/or candidate); ``members[i]``: (N, L * 2) per-slice counts of level > j
-    (``_revcum``) of members whose subsets only need ``min``/``max``; ``gt_pix``: (N,)
+    (``_revcum``) of the members of ``subsets`` (those that only need ``min``/``max``);
+    subsets in neither are not cached (the top-K pass re-reads their maps); ``gt_pix``: (N,)
     lesion pixels per slice. Counts are <= pixels per slice: uint16 when that fits, else
     uint32. Files are anonymous temporary files: removed on ``close()`` or process exit.
     """
 
-    def __init__(self, n: int, npix: int, L: int, joints: Sequence[tuple[int, ...]],
-                 members: Sequence[int]) -> None:
-        self.L, self.npix = L, npix
+    MAX_READ = 2**22  #: cached values read into RAM at once (int64: 32 MiB)
+
+    def __init__(self, case_ids: np.ndarray, npix: int, L: int,
+                 joints: Sequence[tuple[int, ...]], subsets: Sequence[tuple[int, ...]]) -> None:
+        n = len(case_ids)
+        self.case_ids, self.L, self.npix = case_ids, L, npix
+        self.subsets = set(subsets)
+        members = sorted({i for u in subsets for i in u})
         self.dtype = np.dtype(np.uint16 if npix <= np.iinfo(np.uint16).max else np.uint32)
-        self._files: list[Any] = []
+        self._files = contextlib.ExitStack()
         self.gt_pix = self._array(n, 1, np.dtype(np.uint32))[:, 0]
         self.joints = {u: self._array(n, (L + 1) ** len(u) * 2, self.dtype) for u in joints}
         self.members = {i: self._array(n, L * 2, self.dtype) for i in members}
 
     @staticmethod
     def nbytes(n: int, npix: int, L: int, joints: Sequence[tuple[int, ...]],
-               members: Sequence[int]) -> int:
+               subsets: Sequence[tuple[int, ...]]) -> int:
         """Bytes on disk: N x (4 + itemsize x (sum_u (L+1)^|u| * 2 + #members * L * 2))."""
         item = 2 if npix <= np.iinfo(np.uint16).max else 4
+        members = {i for u in subsets for i in u}
         per = sum((L + 1) ** len(u) * 2 for u in joints) + len(members) * L * 2
         return n * (4 + item * per)
 
     def _array(self, n: int, width: int, dtype: np.dtype) -> np.ndarray:
-        f = tempfile.TemporaryFile(prefix="ensemblecam-search-")
-        self._files.append(f)
+        # lives as long as the cache; closed (and so deleted) by close()
+        f = tempfile.TemporaryFile(prefix="ensemblecam-search-")  # noqa: SIM115
+        self._files.enter_context(f)
         return np.memmap(f, dtype=dtype, mode="w+", shape=(n, width))
 
     def write(self, start: int, gt_pix: np.ndarray, joints: dict[tuple[int, ...], np.ndarray],
@@ -643,6 +656,10 @@ class _SliceCache:
         for i, arr in self.members.items():
             arr[start:stop] = member_R(i).reshape(stop - start, -1)
 
+    def has(self, u: tuple[int, ...]) -> bool:
+        """Whether the per-slice counts of subset ``u`` are cached (else: re-read maps)."""
+        return u in self.joints or u in self.subsets
+
     def hists(self, start: int, stop: int, u: tuple[int, ...], tgrids: list[np.ndarray]
               ) -> tuple[list[np.ndarray], np.ndarray | None]:
         """Per-slice (member_R, joint) of coarse levels, as the top-K pass builds from maps.
@@ -652,17 +669,24 @@ class _SliceCache:
         """
         s, L = stop - start, self.L
         if u in self.joints:
-            joint = np.asarray(self.joints[u][start:stop], np.int64).reshape(
-                (s,) + (L + 1,) * len(u) + (2,))
-            for j, tg in enumerate(tgrids):
-                # first level of coarse level c: 0, then T[c-1] + 1
-                starts = np.concatenate([[0], tg + 1])
-                joint = np.add.reduceat(joint, starts, axis=1 + j)
+            src = self.joints[u]
+            step = max(1, self.MAX_READ // src.shape[1])  # rows read at once: bounded RAM
+            parts = []
+            for a in range(start, stop, step):
+                b = min(a + step, stop)
+                part = np.asarray(src[a:b], np.int64).reshape((b - a,) + (L + 1,) * len(u)
+                                                              + (2,))
+                for j, tg in enumerate(tgrids):
+                    # first level of coarse level c: 0, then T[c-1] + 1
+                    part = np.add.reduceat(part, np.concatenate([[0], tg + 1]), axis=1 + j)
+                parts.append(part)
+            joint = parts[0] if len(parts) == 1 else np.concatenate(parts)
             member_R = []
             for j in range(len(u)):
                 others = tuple(1 + o for o in range(len(u)) if o != j)
                 member_R.append(_revcum(joint.sum(axis=others), 1))
             return member_R, joint
+        assert u in self.subsets
         return [np.asarray(self.members[i][start:stop], np.int64).reshape(s, L, 2)[:, tg]
                 for i, tg in zip(u, tgrids, strict=True)], None
 
@@ -670,9 +694,7 @@ class _SliceCache:
         self.joints.clear()
         self.members.clear()
         del self.gt_pix
-        for f in self._files:
-            f.close()
-        self._files.clear()
+        self._files.close()
 
 
 def _take_levels(raw: np.ndarray, lut: np.ndarray) -> np.ndarray:
@@ -798,101 +820,125 @@ def search(
                                       classifier_threshold)
         return bins, sel
 
+    # slices' histograms for the top-K pass: cached on disk if small, else re-read maps
+    # (only joints that pass 1 builds per slice anyway: small next to the pixels)
+    npix_all = math.prod(gts.array.shape[1:])
+    todo_u = {u for c, (u, _, kind, _) in enumerate(plan) if accs[c] is None
+              and kind not in ("min", "max")}
+    cache_joints = sorted(u for u in todo_u if (L + 1) ** len(u) * 2 * 4 <= npix_all)
+    cache_members = sorted({u for c, (u, _, _, _) in enumerate(plan) if accs[c] is None
+                            and u not in todo_u})  # min/max only: per-member counts
+    cache = None
+    if (cache_joints or cache_members) and _SliceCache.nbytes(
+            n, npix_all, L, cache_joints, cache_members) <= SLICE_CACHE_BYTES:
+        cache = _SliceCache(case_ids, npix_all, L, cache_joints, cache_members)
+    else:
+        cache_joints = []
     gt_total = 0
     npix_total = 0
     n_lesion = 0
     hw: tuple[int, ...] | None = None
     used = sorted({i for u, _, kind, _ in plan if kind != "mean" for i in u})
-    for start in tqdm(range(0, n, chunk), desc="search", unit="chunk",
-                      disable=None if progress is None else not progress):
-        stop = min(start + chunk, n)
-        ch = read_chunk(start, stop, hw)
-        hw = hw or gts.array.shape[1:]
-        s, npix = ch.gt8.shape
-        gt_total += int(ch.gt_pix.sum())
-        npix_total += npix * s
-        n_lesion += int((ch.gt_pix > 0).sum())
-        levels = {i: quantise_levels(ch.raw[i], grid) if luts[i] is None
-                  else _take_levels(ch.raw[i], luts[i]) for i in used}
-        member_R: dict[int, np.ndarray] = {}
+    try:
+        for start in tqdm(range(0, n, chunk), desc="search", unit="chunk",
+                          disable=None if progress is None else not progress):
+            stop = min(start + chunk, n)
+            ch = read_chunk(start, stop, hw)
+            hw = hw or gts.array.shape[1:]
+            s, npix = ch.gt8.shape
+            gt_total += int(ch.gt_pix.sum())
+            npix_total += npix * s
+            n_lesion += int((ch.gt_pix > 0).sum())
+            levels = {i: quantise_levels(ch.raw[i], grid) if luts[i] is None
+                      else _take_levels(ch.raw[i], luts[i]) for i in used}
+            member_R: dict[int, np.ndarray] = {}
 
-        def rev(i: int, lv: dict[int, np.ndarray] = levels, ch: _Chunk = ch,
-                cache: dict[int, np.ndarray] = member_R) -> np.ndarray:
-            if i not in cache:
-                cache[i] = _revcum(_slice_hist(lv[i], ch.gt8, L + 1), 1)
-            return cache[i]
+            def rev(i: int, lv: dict[int, np.ndarray] = levels, ch: _Chunk = ch,
+                    cache: dict[int, np.ndarray] = member_R) -> np.ndarray:
+                if i not in cache:
+                    cache[i] = _revcum(_slice_hist(lv[i], ch.gt8, L + 1), 1)
+                return cache[i]
 
-        gate_cache: dict[tuple[int, ...], tuple[np.ndarray, dict[str, np.ndarray]]] = {}
-        joint_cache: dict[tuple[int, ...], np.ndarray] = {}
-        done = np.unique(ch.cids[last_pos[ch.cids] < stop])
-        order = sorted(range(len(plan)), key=lambda c: plan[c][2] in ("min", "max"))
-        for c in order:
-            u, _label, kind, k = plan[c]
-            if u not in gate_cache:
-                gate_cache[u] = gate_of(u, ch)
-            bins, sel = gate_cache[u]
+            gate_cache: dict[tuple[int, ...], tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+            joint_cache: dict[tuple[int, ...], np.ndarray] = {}
+            slice_joints: dict[tuple[int, ...], np.ndarray] = {}
+            done = np.unique(ch.cids[last_pos[ch.cids] < stop])
+            order = sorted(range(len(plan)), key=lambda c: plan[c][2] in ("min", "max"))
+            for c in order:
+                u, _label, kind, k = plan[c]
+                if u not in gate_cache:
+                    gate_cache[u] = gate_of(u, ch)
+                bins, sel = gate_cache[u]
+                acc = accs[c]
+                if acc is None and kind in ("min", "max"):
+                    mm_accs[c].add([rev(i) for i in u], bins, npix)
+                    continue
+                if acc is None:
+                    if u not in joint_cache:
+                        flat = _add_joint(joints[u], [levels[i] for i in u], ch.gt8, bins, L,
+                                          member_R, u, per_slice=u in cache_joints)
+                        joint_cache[u] = np.empty(0)  # data-set joint added for this chunk
+                        if flat is not None:
+                            slice_joints[u] = flat
+                    continue
+                if kind == "mean":
+                    mm = mean_map([ch.raw[i] for i in u])
+                    mean_R = _revcum(_slice_hist(quantise_levels(mm, grid), ch.gt8, L + 1), 1)
+                    tp, fp = mean_R[..., 1], mean_R[..., 0]
+                elif kind in ("single", "min", "max"):
+                    tp, fp = _combo_counts(kind, k, [rev(i) for i in u], None)
+                else:
+                    joint = joint_cache.get(u)
+                    if joint is None:
+                        code = levels[u[0]].astype(np.int32)
+                        for i in u[1:]:
+                            code *= L + 1
+                            code += levels[i]
+                        joint = _slice_hist(code, ch.gt8, (L + 1) ** len(u)).reshape(
+                            (s,) + (L + 1,) * len(u) + (2,))
+                        joint_cache[u] = joint
+                    tp, fp = _combo_counts(kind, k, [rev(i) for i in u], joint)
+                acc.add(tp, fp, ch.gt_pix, bins, ch.cids, sel)
+                acc.close_cases(done)
+            if cache is not None:
+                cache.write(start, ch.gt_pix, slice_joints, rev)
+            if on_chunk is not None:
+                on_chunk(stop)
+        if n_lesion == 0:
+            raise InputError("calibration set has no lesion pixel: thresholds cannot be chosen")
+
+        # data-set metrics for every configuration
+        results: list[dict[str, np.ndarray]] = []
+        shapes = []
+        for c, (u, _label, kind, k) in enumerate(plan):
+            shape = (n_bins,) + ((L,) if kind == "mean" else (L,) * len(u))
+            shapes.append(shape)
             acc = accs[c]
-            if acc is None and kind in ("min", "max"):
-                mm_accs[c].add([rev(i) for i in u], bins, npix)
-                continue
-            if acc is None:
-                if u not in joint_cache:
-                    joint_cache[u] = _add_joint(joints[u], [levels[i] for i in u], ch.gt8,
-                                                bins, L, member_R, u)
-                continue
-            if kind == "mean":
-                mm = mean_map([ch.raw[i] for i in u])
-                mean_R = _revcum(_slice_hist(quantise_levels(mm, grid), ch.gt8, L + 1), 1)
-                tp, fp = mean_R[..., 1], mean_R[..., 0]
-            elif kind in ("single", "min", "max"):
-                tp, fp = _combo_counts(kind, k, [rev(i) for i in u], None)
+            if acc is not None:
+                tp_b, fp_b = acc.tp, acc.fp
+            elif kind in ("min", "max"):
+                tp_b, fp_b = mm_accs[c].counts()
             else:
-                joint = joint_cache.get(u)
-                if joint is None:
-                    code = levels[u[0]].astype(np.int32)
-                    for i in u[1:]:
-                        code *= L + 1
-                        code += levels[i]
-                    joint = _slice_hist(code, ch.gt8, (L + 1) ** len(u)).reshape(
-                        (s,) + (L + 1,) * len(u) + (2,))
-                    joint_cache[u] = joint
-                tp, fp = _combo_counts(kind, k, [rev(i) for i in u], joint)
-            acc.add(tp, fp, ch.gt_pix, bins, ch.cids, sel)
-            acc.close_cases(done)
-        if on_chunk is not None:
-            on_chunk(stop)
-    if n_lesion == 0:
-        raise InputError("calibration set has no lesion pixel: thresholds cannot be chosen")
+                jt = joints[u].reshape((n_bins,) + (L + 1,) * len(u) + (2,))
+                tp_b, fp_b = _vote_dataset_counts(jt, k)
+            tp = _kept(tp_b)
+            fp = _kept(fp_b)
+            fn = gt_total - tp
+            tn = npix_total - tp - fp - fn
+            res = metrics.dataset_metrics(tp, fp, fn, tn)
+            res.update({"tp": tp, "fp": fp, "fn": fn, "tn": tn})
+            if acc is not None:
+                res.update(acc.detail_metrics())
+            results.append(res)
 
-    # data-set metrics for every configuration
-    results: list[dict[str, np.ndarray]] = []
-    shapes = []
-    for c, (u, _label, kind, k) in enumerate(plan):
-        shape = (n_bins,) + ((L,) if kind == "mean" else (L,) * len(u))
-        shapes.append(shape)
-        acc = accs[c]
-        if acc is not None:
-            tp_b, fp_b = acc.tp, acc.fp
-        elif kind in ("min", "max"):
-            tp_b, fp_b = mm_accs[c].counts()
-        else:
-            jt = joints[u].reshape((n_bins,) + (L + 1,) * len(u) + (2,))
-            tp_b, fp_b = _vote_dataset_counts(jt, k)
-        tp = _kept(tp_b)
-        fp = _kept(fp_b)
-        fn = gt_total - tp
-        tn = npix_total - tp - fp - fn
-        res = metrics.dataset_metrics(tp, fp, fn, tn)
-        res.update({"tp": tp, "fp": fp, "fn": fn, "tn": tn})
-        if acc is not None:
-            res.update(acc.detail_metrics())
-        results.append(res)
-
-    details: dict[int, np.ndarray] = {}
-    if not full:
-        details = _top_k_pass(plan, accs, results, objective, int(top_k or 0), n_bins, L,
-                              grid, luts, srcs, read_chunk, gate_of, last_pos, n, chunk,
-                              sel_names, progress, hw)
+        details: dict[int, np.ndarray] = {}
+        if not full:
+            details = _top_k_pass(plan, accs, results, objective, int(top_k or 0), n_bins, L,
+                                  grid, luts, srcs, read_chunk, gate_of, last_pos, n, chunk,
+                                  sel_names, progress, hw, cache)
+    finally:
+        if cache is not None:
+            cache.close()
     candidates = []
     for c, (u, label, _kind, _k) in enumerate(plan):
         detail = details.get(c)
@@ -922,15 +968,20 @@ def _top_k_pass(
     sel_names: list[str],
     progress: bool | None,
     hw: tuple[int, ...] | None,
+    cache: _SliceCache | None = None,
 ) -> dict[int, np.ndarray]:
     """Second streaming pass: exact slice/case metrics of the top-K rows per candidate.
 
     Per subset U, the thresholds used by its top-K rows form a coarse grid T_j per member;
     a map's coarse level #{t in T_j: t < level} keeps ``level > t`` exact for t in T_j, so
     the per-slice joint histogram of coarse levels gives every needed per-slice count.
+    With ``cache`` those histograms come from pass 1's per-slice histograms on disk (no
+    second read of the maps); else the maps are read again. Both give identical counts.
     Fills the slice/case metrics of those rows into ``results``; returns detail masks.
     """
     todo = [c for c, acc in enumerate(accs) if acc is None]
+    if not todo:  # only one-threshold candidates: all exact after pass 1
+        return {}
     picks: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # c -> (gate idx, threshold idx)
     thr_sets: dict[tuple[int, ...], list[set[int]]] = {}
     for c in todo:
@@ -951,6 +1002,7 @@ def _top_k_pass(
                  for tg in tgrids]
         coarse[u] = (tgrids, maps_)
         per_slice_bins = max(per_slice_bins, 2 * math.prod(tg.size + 1 for tg in tgrids))
+    # same chunks with or without the cache: identical float sums, identical rows
     chunk2 = max(1, min(chunk, 2**23 // per_slice_bins))
     # per candidate: the distinct coarse threshold combinations of its picks
     cols: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -972,31 +1024,42 @@ def _top_k_pass(
     for start in tqdm(range(0, n, chunk2), desc="search top-k", unit="chunk",
                       disable=None if progress is None else not progress):
         stop = min(start + chunk2, n)
-        ch = read_chunk(start, stop, hw)
         s = stop - start
+        hists: dict[tuple[int, ...], tuple[list[np.ndarray], np.ndarray | None]] = {}
+        if cache is not None:
+            for u, (tgrids, _maps) in coarse.items():
+                if cache.has(u):
+                    hists[u] = cache.hists(start, stop, u, tgrids)
+        if cache is not None and len(hists) == len(coarse):
+            ch = _Chunk(start, stop, None, np.asarray(cache.gt_pix[start:stop], np.int64), [],
+                        cache.case_ids[start:stop], cache.npix)
+        else:
+            ch = read_chunk(start, stop, hw)
+            for u, (tgrids, maps_) in coarse.items():
+                if u in hists:
+                    continue
+                assert ch.gt8 is not None
+                code = None
+                for j, i in enumerate(u):
+                    lut = lut_cache[(u, j)]
+                    if lut is not None:
+                        cl = _take_levels(ch.raw[i], lut)
+                    else:
+                        cl = maps_[j][quantise_levels(ch.raw[i], grid)]
+                    if code is None:
+                        code = cl.astype(np.int32)
+                    else:
+                        code *= tgrids[j].size + 1
+                        code += cl
+                assert code is not None
+                joint = _slice_hist(code, ch.gt8, math.prod(tg.size + 1 for tg in tgrids))
+                joint = joint.reshape((s, *(tg.size + 1 for tg in tgrids), 2))
+                member_R = []
+                for j in range(len(u)):
+                    others = tuple(1 + o for o in range(len(u)) if o != j)
+                    member_R.append(_revcum(joint.sum(axis=others), 1))
+                hists[u] = (member_R, joint)
         done = np.unique(ch.cids[last_pos[ch.cids] < stop])
-        hists: dict[tuple[int, ...], tuple[list[np.ndarray], np.ndarray]] = {}
-        for u, (tgrids, maps_) in coarse.items():
-            code = None
-            for j, i in enumerate(u):
-                lut = lut_cache[(u, j)]
-                if lut is not None:
-                    cl = _take_levels(ch.raw[i], lut)
-                else:
-                    cl = maps_[j][quantise_levels(ch.raw[i], grid)]
-                if code is None:
-                    code = cl.astype(np.int32)
-                else:
-                    code *= tgrids[j].size + 1
-                    code += cl
-            assert code is not None
-            joint = _slice_hist(code, ch.gt8, math.prod(tg.size + 1 for tg in tgrids))
-            joint = joint.reshape((s, *(tg.size + 1 for tg in tgrids), 2))
-            member_R = []
-            for j in range(len(u)):
-                others = tuple(1 + o for o in range(len(u)) if o != j)
-                member_R.append(_revcum(joint.sum(axis=others), 1))
-            hists[u] = (member_R, joint)
         for c in todo:
             u, _label, kind, k = plan[c]
             member_R, joint = hists[u]
