@@ -35,6 +35,9 @@ from ensemblecam.train import (
 from store_factory import build_store
 
 MEMBERS = ["resnet34__gradcam", "resnet50__gradcam"]
+ENSEMBLE = "ensemble (best configuration)"
+EMPTY = "Empty (all background)"
+UNET = "U-Net, fully supervised"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -93,7 +96,8 @@ def build_run(root: Path) -> Path:
                                      "note: <b>escaped</b>\n")
     fsutil.write_json(run / "run.json", {"config_hash": "abc123", "seeds": {"split": 0},
                                          "versions": {"numpy": np.__version__},
-                                         "timings": {"fold0": {"search": 0.5}}})
+                                         "timings": {"fold0": {"search": 0.5},
+                                                     "prepare": 1.25}})
     store = SliceStore.open(store_p)
     assert store.masks is not None
     rng = np.random.default_rng(0)
@@ -118,21 +122,22 @@ def build_run(root: Path) -> Path:
         best = ranked[0]
         inp = open_inputs(store_p, run / "splits.json", fold, "test", fdir / "maps", MEMBERS,
                           what="evaluation")
-        confs: dict[str, tuple[str, dict[str, Any]]] = {}
+        # row names and per-fold configs as pipeline.py writes them
+        confs: dict[str, tuple[str, dict[str, Any]]] = {ENSEMBLE: ("ensemble", best)}
         for r in ranked:
-            key = r["operator"] if r["operator"] != "single" else r["members"][0]
+            key = (f"{r['members'][0]} alone (best threshold)" if r["operator"] == "single"
+                   else f"{r['operator']} ensemble (best members and thresholds)")
             confs.setdefault(key, ("single" if r["operator"] == "single" else "operator", r))
-        confs[f"ensemble ({best['operator']})"] = ("ensemble", best)
         for name, (kind, conf) in confs.items():
             sel = [MEMBERS.index(m) for m in conf["members"]]
+            plain = {k2: conf[k2] for k2 in ("operator", "members", "thresholds", "gate")}
             out, per = evaluate_arrays([inp.maps[i] for i in sel], inp.masks, inp.case_ids,
-                                       {k2: conf[k2] for k2 in ("operator", "members",
-                                                                "thresholds", "gate")},
-                                       [inp.probs[i] for i in sel], inp.labels, 0.02)
-            rows.setdefault(name, {"kind": kind, "per_fold": {}})["per_fold"][fold] = (
-                _metrics(out["metrics"]))
-            rows.setdefault("empty", {"kind": "empty", "per_fold": {}})["per_fold"][fold] = (
-                _metrics(out["empty_baseline"]))
+                                       plain, [inp.probs[i] for i in sel], inp.labels, 0.02)
+            row = rows.setdefault(name, {"kind": kind, "per_fold": {}, "config": {}})
+            row["per_fold"][fold] = _metrics(out["metrics"])
+            row["config"][fold] = plain
+            rows.setdefault(EMPTY, {"kind": "empty", "per_fold": {}, "config": {}})[
+                "per_fold"][fold] = _metrics(out["empty_baseline"])
             if kind == "ensemble":
                 sub = [inp.maps[i].read(0, len(inp.maps[i])) for i in sel]
                 chosen = apply_config(sub, conf, [inp.probs[i] for i in sel])
@@ -152,8 +157,8 @@ def build_run(root: Path) -> Path:
         unet = ndimage.binary_erosion(gt, structure=np.ones((1, 3, 3)))
         tp, fp, fn, tn = (np.sum(a, axis=(1, 2)) for a in
                           (unet & gt, unet & ~gt, ~unet & gt, ~unet & ~gt))
-        rows.setdefault("unet", {"kind": "unet", "per_fold": {}})["per_fold"][fold] = (
-            _metrics(score(tp, fp, fn, tn, inp.case_ids, None, None, 0.02)))
+        rows.setdefault(UNET, {"kind": "unet", "per_fold": {}, "config": {}})["per_fold"][
+            fold] = _metrics(score(tp, fp, fn, tn, inp.case_ids, None, None, 0.02))
         for m in ("resnet34", "resnet50"):
             _write_train_run(fdir / "models" / m, m, fold, rng, pngs=(m == "resnet34"))
     names = sorted(set.intersection(*(set(v) for r in rows.values()
@@ -161,10 +166,7 @@ def build_run(root: Path) -> Path:
     out_rows = []
     for name, r in rows.items():
         vals = {m: [r["per_fold"][f][m] for f in folds] for m in names}
-        cfg_ = None if r["kind"] in ("empty", "unet") else {"operator": name.split()[-1]
-                                                              .strip("()")}
-        if r["kind"] == "single":
-            cfg_ = {"operator": "single", "members": [name]}
+        cfg_ = {f: r["config"].get(f) for f in folds}
         out_rows.append({"name": name, "kind": r["kind"], "config": cfg_,
                          "per_fold": r["per_fold"],
                          "mean": {m: float(np.mean(v)) for m, v in vals.items()},
@@ -186,9 +188,22 @@ def made(run_dir: Path) -> tuple[Path, str]:
     return out, out.read_text()
 
 
-def _row_html(doc: str, name: str) -> str:
-    start = doc.index(f"<tr><td>{html.escape(name)}</td>")
+def _row_html(doc: str, name: str, table: str = "results") -> str:
+    """The row ``name`` of the first table with class ``table``."""
+    start = doc.index(f'<table class="{table}">')
+    start = doc.index(f"<tr><td>{html.escape(name)}</td>", start)
     return doc[start: doc.index("</tr>", start)]
+
+
+def _section(doc: str, ident: str) -> str:
+    """HTML of one section: from its h2 to the next h2."""
+    start = doc.index(f'<h2 id="{ident}">')
+    end = doc.find("<h2 ", start + 1)
+    return doc[start: end if end >= 0 else len(doc)]
+
+
+def _headers(doc: str) -> list[str]:
+    return [h.replace("<wbr>", "") for h in re.findall(r"<th>(.*?)</th>", doc)]
 
 
 def test_report_is_self_contained(made: tuple[Path, str], run_dir: Path) -> None:
@@ -213,7 +228,7 @@ def test_report_is_self_contained(made: tuple[Path, str], run_dir: Path) -> None
 
 def test_report_sections_and_text(made: tuple[Path, str]) -> None:
     _, doc = made
-    for heading in ("Configuration", "Data", "Classifiers", "Results",
+    for heading in ("Summary", "Configuration", "Data", "Classifiers", "Results",
                     "Threshold search (the paper&#x27;s Fig. 4)",
                     "Gallery (the paper&#x27;s Fig. 3)", "Every metric convention",
                     "Metric conventions", "Split parts (splits.json)"):
@@ -222,9 +237,10 @@ def test_report_sections_and_text(made: tuple[Path, str]) -> None:
     assert "abc123" in doc and np.__version__ in doc
     assert "not a measured Dice" in doc
     assert "9 evaluated lesion cases" in doc
+    headers = _headers(doc)
     for metric in ("paper_miou", "paper_dsc", "lesion_iou", "lesion_dice", "slice_dice_mean",
                    "case_dice_mean"):
-        assert f"<th>{metric}</th>" in doc
+        assert metric in headers, metric
 
 
 def test_results_values_formatted(made: tuple[Path, str], run_dir: Path) -> None:
@@ -238,16 +254,23 @@ def test_results_values_formatted(made: tuple[Path, str], run_dir: Path) -> None
     empty = next(r for r in res["rows"] if r["kind"] == "empty")
     folds = res["folds"]
     per = [empty["per_fold"][f]["paper_miou"] for f in folds]
-    assert f"{100 * np.mean(per):.1f} ± {100 * np.std(per):.1f}" in _row_html(doc, "empty")
+    assert f"{100 * np.mean(per):.1f} ± {100 * np.std(per):.1f}" in _row_html(doc, EMPTY)
 
 
 def test_published_figures_beside_matching_rows(made: tuple[Path, str]) -> None:
     _, doc = made
-    assert "<th>published paper_miou</th>" in doc
-    assert "47.7 (Empty)" in _row_html(doc, "empty")
-    assert "54.2 ± 0.8 (Ensemble ResNet-34x50 &#x27;and&#x27;)" in _row_html(doc, "and")
-    assert "50.7 (ResNet-34 Grad-CAM)" in _row_html(doc, "resnet34__gradcam")
-    assert "69.2 (Fully supervised (FSSS))" in _row_html(doc, "unet")
+    assert "published paper_miou" in _headers(doc)
+    assert "47.7 (Empty)" in _row_html(doc, EMPTY)
+    assert "54.2 ± 0.8 (Ensemble ResNet-34x50 &#x27;and&#x27;)" in _row_html(
+        doc, "and ensemble (best members and thresholds)")
+    assert "50.7 (ResNet-34 Grad-CAM)" in _row_html(doc, "resnet34__gradcam alone (best "
+                                                         "threshold)")
+    assert "52.1 (ResNet-50 Grad-CAM)" in _row_html(doc, "resnet50__gradcam alone (best "
+                                                         "threshold)")
+    assert "69.2 (Fully supervised (FSSS))" in _row_html(doc, UNET)
+    # the published 'or' figure is not put beside the 'and' row, nor Grad-CAM beside Empty
+    assert "&#x27;or&#x27;" not in _row_html(doc, "and ensemble (best members and thresholds)")
+    assert "Grad-CAM" not in _row_html(doc, EMPTY)
     assert "Table 3" in doc
 
 
@@ -280,7 +303,7 @@ def test_phantom_is_not_compared(run_dir: Path, tmp_path: Path) -> None:
     finally:
         man_p.write_text(original)
     assert "NOT comparable" in doc
-    assert "published paper_miou" not in doc
+    assert "published paper_miou" not in _headers(doc)
     assert "for orientation only" in doc
 
 
@@ -328,3 +351,99 @@ def test_bad_run_folders(tmp_path: Path) -> None:
     (run / "results.json").write_text('{"format": "other"}')
     res = runner.invoke(app, ["report", "--run", str(run)])
     assert res.exit_code == 2 and "not an ensemblecam results file" in res.stderr
+
+
+def test_section_order_and_collapsed_config(made: tuple[Path, str]) -> None:
+    _, doc = made
+    ids = re.findall(r'<h2 id="(\w+)">', doc)
+    assert ids == [k for k, _ in report.SECTIONS]
+    assert ids[0] == "summary" and ids[-1] == "configuration"
+    nav = re.findall(r'<a href="#(\w+)">', doc[doc.index("<nav>"): doc.index("</nav>")])
+    assert nav == ids
+    conf = _section(doc, "configuration")
+    assert "<details>" in conf and "<details open" not in doc
+    details = conf[conf.index("<details>"): conf.index("</details>")]
+    assert "config.yaml" in details and "operators: [and, or, min, max]" in details
+    # run.json timings: ONE table of (stage, seconds), nested keys joined, with a total
+    assert conf.count("<table") == 2
+    timings = conf[conf.index("<h3>Timings</h3>"):]
+    assert "<td>fold0/search</td><td>0.5</td>" in timings
+    assert "<td>total</td><td>1.8</td>" in timings
+
+
+def test_summary_has_headline_numbers(made: tuple[Path, str], run_dir: Path) -> None:
+    _, doc = made
+    summary = _section(doc, "summary")
+    res = json.loads((run_dir / "results.json").read_text())
+    by_kind = {r["kind"]: r for r in res["rows"] if r["kind"] in ("ensemble", "empty", "unet")}
+    assert set(by_kind) == {"ensemble", "empty", "unet"}
+    for row in by_kind.values():
+        line = _row_html(summary, row["name"], "headline")
+        for m in report.SUMMARY_METRICS:
+            expect = f"{100 * row['mean'][m]:.1f} ± {100 * row['std'][m]:.1f}"
+            assert f"<td>{expect}</td>" in line, (row["name"], m)
+    assert "single" not in _headers(summary)  # only the headline rows, no singles
+    assert "<td>folds</td><td>3" in summary
+    for text in ("9 cases", "resnet34, resnet50", "gradcam", str(run_dir.resolve())):
+        assert html.escape(text) in summary, text
+    # the chosen configuration of every fold, with members and thresholds
+    for fold in res["folds"]:
+        cfg = by_kind["ensemble"]["config"][fold]
+        pairs = ", ".join(f"{m} &gt; {t:g}" for m, t in zip(cfg["members"], cfg["thresholds"],
+                                                              strict=True))
+        assert f"{fold}: {cfg['operator']}: {pairs}" in summary
+
+
+def test_row_identity_per_fold_configs() -> None:
+    row = {"name": "and ensemble (best members and thresholds)", "kind": "operator",
+           "config": {"fold0": {"operator": "and", "members": ["a__gradcam", "b__gradcam"]},
+                      "fold1": {"operator": "and", "members": ["a__gradcam", "c__layercam"]}}}
+    ident = report.row_identity(row)
+    assert ident["operator"] == "and"
+    assert [m["model"] for m in ident["members"]] == ["a", "b", "c"]
+    mixed = {**row, "kind": "ensemble", "config": {**row["config"], "fold1": {
+        "operator": "or", "members": ["a__gradcam", "b__gradcam"]}}}
+    assert report.row_identity(mixed)["operator"] == "mixed"
+    and_ref = next(r for r in report.REFERENCE_FIGURES["brats"] if r.match == {"operator": "and"})
+    assert report.reference_matches(and_ref, ident)
+    assert not report.reference_matches(and_ref, report.row_identity(mixed))
+    single = {"name": "resnet50__gradcam alone (best threshold)", "kind": "single",
+              "config": {"fold0": {"operator": "single", "members": ["resnet50__gradcam"]}}}
+    r50 = next(r for r in report.REFERENCE_FIGURES["brats"] if r.method == "ResNet-50 Grad-CAM")
+    r34 = next(r for r in report.REFERENCE_FIGURES["brats"] if r.method == "ResNet-34 Grad-CAM")
+    assert report.reference_matches(r50, report.row_identity(single))
+    assert not report.reference_matches(r34, report.row_identity(single))
+    empty = {"name": "Empty (all background)", "kind": "empty", "config": {"fold0": None}}
+    assert report.row_identity(empty)["members"] == []
+
+
+def test_captions_name_fold_members_thresholds(made: tuple[Path, str], run_dir: Path) -> None:
+    _, doc = made
+    for fold in ("fold0", "fold1", "fold2"):
+        best = json.loads((run_dir / fold / "search" / "best.json").read_text())
+        caption = re.search(rf"<figcaption[^>]*>({fold}: [^<]*threshold_heatmap_{fold}\.png)",
+                            doc)
+        assert caption is not None, fold
+        pairs = ", ".join(f"{m} &gt; {t:g}" for m, t in zip(best["members"], best["thresholds"],
+                                                              strict=True))
+        assert f"chosen {best['operator']}: {pairs}" in caption.group(1)
+    gallery = _section(doc, "gallery")
+    best_cap = re.search(r"Best \d case\(s\) by case Dice: ([^<]*)", gallery)
+    worst_cap = re.search(r"Worst \d case\(s\) by case Dice: ([^<]*)", gallery)
+    assert best_cap and worst_cap
+    dice = [float(x) for x in re.findall(r"case Dice (\d+\.\d)\)", best_cap.group(1))]
+    worst = [float(x) for x in re.findall(r"case Dice (\d+\.\d)\)", worst_cap.group(1))]
+    assert dice == sorted(dice, reverse=True) and worst == sorted(worst)
+    assert min(dice) >= max(worst)
+
+
+def test_classifier_figures_in_grid(made: tuple[Path, str]) -> None:
+    _, doc = made
+    cls = _section(doc, "classifiers")
+    assert cls.count('<tr class="mean">') == 2  # one mean line per model
+    # one grid per model, one column per fold, with learning curve and confusion matrix
+    for model in ("resnet34", "resnet50"):
+        block = cls[cls.index(f"<h3>{model}</h3>"):]
+        block = block[: block.index("</div>\n</div>") + 1]
+        assert block.count('<div class="fold">') == 3
+        assert block.count("learning_curve.png") == 3 and block.count("confusion_matrix") == 3

@@ -48,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -292,6 +293,11 @@ def _run_fold(cfg: Config, runner: Runner, store: Path, splits: Path, k: int, na
                           [(r["slug"], r["config"]) for r in rows]])
 
     def evaluate_all(force: bool) -> None:
+        keep = {r["slug"] for r in rows} | {"unet", "pseudo_unet"}
+        if eval_dir.is_dir():  # rows of an earlier search that are no longer evaluated
+            for stale in eval_dir.iterdir():
+                if stale.is_dir() and stale.name not in keep:
+                    shutil.rmtree(stale)
         for row in rows:
             if row["config"] is not None:
                 evaluate_stage(ecfg, row["config"], eval_dir / row["slug"], force=True)
@@ -501,8 +507,6 @@ def predict(run_dir: str | Path, input_dir: str | Path, out: str | Path,
     calibration data), combined with that fold's chosen configuration, and exported as
     NIfTI masks in each scan's original geometry (``<out>/<case>.nii.gz``).
     """
-    import shutil
-
     from ensemblecam.cam.stage import run_cam
     from ensemblecam.evaluate import apply_config
     from ensemblecam.export import export_cases

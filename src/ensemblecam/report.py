@@ -6,6 +6,13 @@ as a base64 ``data:image/png`` URI, inline CSS, no script, nothing fetched) and 
 figures as PNG files beside it. The HTML is written last and atomically; an existing
 report is replaced only with ``force``.
 
+Sections, in order (:data:`SECTIONS`): Summary (what was run; chosen ensemble vs Empty vs
+U-Net in :data:`SUMMARY_METRICS`, mean +- std; where the run's folders are), Results
+(headline table with published figures, bar chart, per-fold configurations, every metric
+convention in two tables, per-fold objective), Thresholds, Gallery, Classifiers (model x
+fold table; figures one row per model, folds side by side), Data, Configuration
+(config.yaml collapsed, run.json facts and one timings table).
+
 Figures are made by plain functions on arrays (matplotlib ``Figure`` + Agg canvas, no
 pyplot state), each returning PNG bytes:
 
@@ -189,21 +196,29 @@ def reference_matches(ref: Reference, identity: dict[str, Any]) -> bool:
     return True
 
 
+def _fold_configs(cfg: Any) -> list[dict[str, Any]]:
+    """The configuration(s) of a row's ``config``: one dict, or {fold: dict} per fold."""
+    if isinstance(cfg, dict) and "operator" in cfg:
+        return [cfg]
+    if isinstance(cfg, dict):
+        return [v for v in cfg.values() if isinstance(v, dict) and "operator" in v]
+    return []
+
+
 def row_identity(row: dict[str, Any]) -> dict[str, Any]:
     """kind, operator and members (model tag, method) of a results.json row.
 
-    From ``config`` ({"operator", "members"}, possibly per fold) or else parsed from the
-    row's name (``"ensemble (and: a__gradcam 0.7 x b__gradcam 0.7)"``).
+    From ``config`` ({"operator", "members"}, or {fold: {...}} per fold: the operator is
+    kept when every fold agrees, else "mixed"; members are the union over folds, in
+    order) or else parsed from the row's name (``"ensemble (and: a__gradcam 0.7 x ...)"``).
     """
     kind = str(row.get("kind", ""))
-    cfg = row.get("config")
-    if isinstance(cfg, dict) and "operator" not in cfg:
-        inner = [v for v in cfg.values() if isinstance(v, dict) and "operator" in v]
-        cfg = inner[0] if inner else None
+    configs = _fold_configs(row.get("config"))
     name = str(row.get("name", ""))
-    if isinstance(cfg, dict):
-        op = cfg.get("operator")
-        members = [str(m) for m in cfg.get("members", [])]
+    if configs:
+        ops = list(dict.fromkeys(str(c.get("operator")) for c in configs))
+        op: str | None = ops[0] if len(ops) == 1 else "mixed"
+        members = list(dict.fromkeys(str(m) for c in configs for m in c.get("members", [])))
     else:
         found = re.search(r"\b(and|or|min|max|mean|single|vote(?::\d+)?)\b", name)
         op = found.group(1) if found else None
@@ -420,8 +435,11 @@ def gallery_figure(rows: Sequence[GalleryRow], title: str = "") -> bytes:
     mask_cols = list(dict.fromkeys(k for r in rows for k in r.masks))
     cols = ["image", "ground truth", *map_cols, *mask_cols]
     size = 1.7
-    fig = Figure(figsize=(size * len(cols), size * len(rows) + (0.4 if title else 0.1)))
-    axes = np.asarray(fig.subplots(len(rows), len(cols), squeeze=False))
+    note_lines = max((n.count("\n") + 1 for r in rows for n in r.notes.values()), default=0)
+    gap = 0.15 * note_lines + 0.15  # inches under each row for the notes
+    fig = Figure(figsize=(size * len(cols), (size + gap) * len(rows) + (0.4 if title else 0.1)))
+    axes = np.asarray(fig.subplots(len(rows), len(cols), squeeze=False,
+                                   gridspec_kw={"hspace": gap / size + 0.05, "wspace": 0.05}))
     red = ListedColormap(["red"])
     green = ListedColormap(["lime"])
     for i, row in enumerate(rows):
@@ -442,10 +460,10 @@ def gallery_figure(rows: Sequence[GalleryRow], title: str = "") -> bytes:
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(col if len(col) <= 24 else col[:22] + "..", fontsize=7)
+                ax.set_title(col if len(col) <= 24 else col[:22] + "..", fontsize=8.5)
             if j == 0:
                 base(ax)
-                ax.set_ylabel(row.title, fontsize=7)
+                ax.set_ylabel(row.title, fontsize=8)
             elif j == 1:
                 base(ax)
                 ax.imshow(np.ma.masked_where(~gt, gt), cmap=green, alpha=0.5, vmin=0, vmax=1)
@@ -462,7 +480,7 @@ def gallery_figure(rows: Sequence[GalleryRow], title: str = "") -> bytes:
             else:
                 ax.axis("off")
             if col in row.notes:
-                ax.set_xlabel(row.notes[col], fontsize=6)
+                ax.set_xlabel(row.notes[col], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     return figure_png(fig)
@@ -596,18 +614,23 @@ def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
+def _th(h: str) -> str:
+    """Header cell text: escaped, with a break opportunity after each underscore."""
+    return _e(h).replace("_", "_<wbr>")
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    head = "".join(f"<th>{_th(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows)
     c = f' class="{_e(cls)}"' if cls else ""
     return f"<table{c}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n"
 
 
-def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
+def _flatten(obj: Any, prefix: str = "", sep: str = ".") -> list[tuple[str, str]]:
     if isinstance(obj, dict):
         out: list[tuple[str, str]] = []
         for k, v in obj.items():
-            out += _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+            out += _flatten(v, f"{prefix}{sep}{k}" if prefix else str(k), sep)
         return out
     if isinstance(obj, float):
         return [(prefix, f"{obj:.4g}")]
@@ -633,7 +656,8 @@ class _Report:
         c = f' class="{_e(cls)}"' if cls else ""
         self.parts.append(f"<p{c}>{_e(text)}</p>\n")
 
-    def figure(self, name: str, png: bytes, caption: str) -> None:
+    def figure(self, name: str, png: bytes, caption: str, width: int | None = None) -> None:
+        """Write ``name`` beside the report and embed it; ``width``: shown width in px."""
         if not png.startswith(b"\x89PNG"):
             raise InputError(f"{name}: not a PNG image")
         path = self.out_dir / name
@@ -641,29 +665,187 @@ class _Report:
             tmp.write_bytes(png)
         self.pngs.append(path)
         data = base64.b64encode(png).decode("ascii")
-        self.parts.append(f'<figure><img alt="{_e(caption)}" src="data:image/png;base64,{data}">'
-                          f"<figcaption>{_e(caption)} ({_e(name)})</figcaption></figure>\n")
+        style = f' style="width:{int(width)}px"' if width else ""
+        cap = f' style="max-width:{int(width)}px"' if width else ""
+        self.parts.append(f'<figure><img alt="{_e(caption)}"{style} '
+                          f'src="data:image/png;base64,{data}">'
+                          f"<figcaption{cap}>{_e(caption)} ({_e(name)})</figcaption></figure>\n")
+
+
+def _config_yaml(run: Run) -> dict[str, Any]:
+    """config.yaml of the run as a dict ({} when absent or unreadable)."""
+    if run.config_text is None:
+        return {}
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(run.config_text)
+    except yaml.YAMLError:
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _splits_path(run: Run) -> Path | None:
+    """The run's splits.json: <run>/splits.json, <run>/split/splits.json or the store's."""
+    cands = [run.path / "splits.json", run.path / "split" / "splits.json"]
+    if run.store is not None:
+        cands.append(Path(run.store.path) / "splits.json")
+    return next((c for c in cands if c.is_file()), None)
+
+
+def _best_json(run: Run, fold: str) -> dict[str, Any] | None:
+    p = run.path / fold / "search" / "best.json"
+    if not p.is_file():
+        return None
+    got = fsutil.read_json(p, "chosen configuration")
+    return got if isinstance(got, dict) else None
+
+
+def _describe_config(cfg: dict[str, Any]) -> str:
+    """'and: resnet18__layercam > 0.4, resnet34__gradcam > 0.3' (+ gate): each member's
+    mask is map > threshold (DESIGN.md), combined by the operator."""
+    pairs = [f"{m} > {float(t):g}" for m, t in
+             zip(cfg.get("members", []), cfg.get("thresholds", []), strict=False)]
+    text = f"{cfg.get('operator')}: " + ", ".join(pairs)
+    gate = cfg.get("gate")
+    return text + (f", classifier gate {float(gate):g}" if gate is not None else "")
+
+
+def _row_config_text(row: dict[str, Any], fold: str) -> str:
+    cfg = row.get("config")
+    if isinstance(cfg, dict) and "operator" in cfg:
+        return _describe_config(cfg)
+    if isinstance(cfg, dict) and isinstance(cfg.get(fold), dict):
+        return _describe_config(cfg[fold])
+    return "–"
+
+
+#: Summary metrics: the paper's two and the two Dice conventions users know.
+SUMMARY_METRICS = ("paper_miou", "paper_dsc", "lesion_dice", "case_dice_mean")
+_SUMMARY_KINDS = ("ensemble", "empty", "unet", "pseudo_unet")
+
+
+def _section_summary(rep: _Report, run: Run, folds: list[str]) -> None:
+    rep.h2("summary", "Summary")
+    cfg = _config_yaml(run)
+    res = run.results
+    rows: list[dict[str, Any]] = res["rows"]
+    objective = str(res.get("objective", "paper_miou"))
+    facts: list[tuple[str, str]] = []
+    store = run.store
+    prep = (store.manifest.get("prepare", {}) or {}) if store is not None else {}
+    phantom = is_phantom(prep, run.run_json)
+    if store is not None:
+        n_pos = int(store.labels.sum())
+        what = ("synthetic phantom (ensemblecam synth)" if phantom
+                else f"{prep.get('layout', '?')} data")
+        facts.append(("data", f"{what} from {prep.get('data', '?')}: {len(store.case_names)} "
+                              f"cases, {store.n_slices} slices ({n_pos} with lesion), channels "
+                              f"{', '.join(store.channels)}, {' x '.join(map(str, store.size))} "
+                              "pixels"))
+    else:
+        facts.append(("data", f"slice store not available ({run.store_error})"))
+    split = cfg.get("split") or {}
+    scheme = f" ({split.get('scheme')})" if split.get("scheme") else ""
+    facts.append(("folds", f"{len(folds)}{scheme}: {', '.join(folds)}; calibration part "
+                           f"{(cfg.get('run') or {}).get('calibration_part', '?')}, evaluated "
+                           f"part {(cfg.get('run') or {}).get('eval_part', '?')} (held out)"))
+    models = [str(m) for m in (cfg.get("run") or {}).get("models") or []]
+    if not models:
+        models = sorted({p.name for f in folds for p in (run.path / f / "models").glob("*")
+                         if p.is_dir()})
+    facts.append(("classifiers", ", ".join(models) or "?"))
+    best0 = next((b for b in (_best_json(run, f) for f in folds) if b), None) or {}
+    search = best0.get("search") or {}
+    members = [str(m) for m in search.get("members") or []]
+    methods = list(dict.fromkeys(m.partition("__")[2] for m in members))
+    cam = cfg.get("cam") or {}
+    methods = methods or [str(m) for m in cam.get("methods") or []]
+    layer = f" at {cam['layer']}" if cam.get("layer") else ""
+    facts.append(("CAM methods", (", ".join(methods) or "?") + layer
+                  + (f" ({len(members)} ensemble members)" if members else "")))
+    ops = search.get("operators") or (cfg.get("search") or {}).get("operators") or []
+    grid = search.get("grid") or (cfg.get("search") or {}).get("grid")
+    facts.append(("search", f"operators {', '.join(map(str, ops)) or '?'}, threshold grid "
+                            f"{grid or '?'}, up to {search.get('max_members', '?')} members, "
+                            f"chosen by {objective} on the calibration part"))
+    rep.add(_table(["", "what was run"], facts, "facts"))
+
+    chosen = [r for k in _SUMMARY_KINDS for r in rows if r.get("kind") == k]
+    names = [str(n) for n in res.get("metric_names") or []] or list(
+        dict.fromkeys(k for r in rows for k in (r.get("mean") or {})))
+    metrics = [m for m in SUMMARY_METRICS if m in names]
+    if chosen and metrics:
+        rep.add(f"<h3>Headline (mean ± std over {len(folds)} folds, %)</h3>\n")
+        rep.add(_table(["result", *metrics],
+                       [[r["name"], *(format_metric(m, (r.get("mean") or {}).get(m),
+                                                    (r.get("std") or {}).get(m))
+                                      for m in metrics)] for r in chosen], "headline"))
+        ens = next((r for r in chosen if r.get("kind") == "ensemble"), None)
+        empty = next((r for r in chosen if r.get("kind") == "empty"), None)
+        unet = next((r for r in chosen if r.get("kind") == "unet"), None)
+        if ens is not None:
+            e = _num((ens.get("mean") or {}).get(objective))
+            parts = [f"On held-out data the chosen ensemble reaches {objective} "
+                     f"{format_metric(objective, e, (ens.get('std') or {}).get(objective))}"]
+            for other, label in ((empty, "the Empty baseline"), (unet, "the supervised U-Net")):
+                if other is None:
+                    continue
+                o = _num((other.get("mean") or {}).get(objective))
+                if math.isfinite(e) and math.isfinite(o):
+                    d = 100 * (e - o)
+                    parts.append(f"{abs(d):.1f} points {'above' if d >= 0 else 'below'} "
+                                 f"{label} ({format_metric(objective, o)})")
+            rep.p("; ".join(parts) + ".")
+        if ens is not None and folds:
+            rep.p("Chosen configuration per fold: " + "; ".join(
+                f"{f}: {_row_config_text(ens, f)}" for f in folds) + ".")
+    where = [("run folder", str(run.path.resolve())),
+             ("results", "results.json, results.csv"),
+             ("per fold", "fold*/models (classifiers), fold*/maps (CAMs), fold*/search "
+                          "(threshold grids, ranking), fold*/eval/<row> (metrics.json, "
+                          "per_case.csv, per_slice.csv; rows: ensemble, op_<operator>, "
+                          "single_<member>, unet)")]
+    if store is not None:
+        where.append(("slice store", str(Path(store.path).resolve())))
+    sp = _splits_path(run)
+    if sp is not None:
+        where.append(("splits", str(sp.resolve())))
+    export = run.path / "export"
+    if export.is_dir():
+        n = len(list(export.glob("*.nii*")))
+        where.append(("NIfTI masks", f"{export.resolve()} ({n} files)"))
+    where.append(("this report", str(rep.out_dir.resolve())))
+    rep.add("<h3>Where things are</h3>\n" + _table(["", "path"], where, "facts"))
 
 
 def _section_config(rep: _Report, run: Run) -> None:
     rep.h2("configuration", "Configuration")
     rep.p(f"Run folder: {run.path.resolve()}")
     if run.config_text is not None:
-        rep.add(f"<details open><summary>config.yaml</summary><pre>{_e(run.config_text)}</pre>"
-                "</details>\n")
+        rep.add(f"<details><summary>config.yaml ({len(run.config_text.splitlines())} lines, "
+                f"click to open)</summary><pre>{_e(run.config_text)}</pre></details>\n")
     else:
         rep.p("config.yaml: not found in the run folder.", "note")
-    scalars: list[tuple[str, str]] = []
-    for key, value in run.run_json.items():
-        if isinstance(value, dict) and value:
-            rep.add(f"<h3>run.json: {_e(key)}</h3>\n")
-            rep.add(_table(["key", "value"], _flatten(value)))
-        else:
-            scalars += _flatten(value, key)
-    if scalars:
-        rep.add("<h3>run.json</h3>\n" + _table(["key", "value"], scalars))
     if not run.run_json:
         rep.p("run.json: not found (no versions or timings recorded).", "note")
+        return
+    facts: list[tuple[str, str]] = []
+    timings: list[tuple[str, str]] = []
+    for key, value in run.run_json.items():
+        if key == "timings" and isinstance(value, dict):
+            timings = _flatten(value, sep="/")
+        elif isinstance(value, dict):
+            facts.append((key, ", ".join(f"{k} {v}" for k, v in _flatten(value)) or "–"))
+        else:
+            facts += _flatten(value, key)
+    if facts:
+        rep.add("<h3>Run record (run.json)</h3>\n" + _table(["key", "value"], facts, "facts"))
+    if timings:
+        total = sum(_num(v) for _, v in timings if math.isfinite(_num(v)))
+        rows = [(k, f"{_num(v):.1f}" if math.isfinite(_num(v)) else v) for k, v in timings]
+        rows.append(("total", f"{total:.1f}"))
+        rep.add("<h3>Timings</h3>\n" + _table(["stage", "seconds"], rows, "timings"))
 
 
 def _section_data(rep: _Report, run: Run) -> None:
@@ -683,11 +865,14 @@ def _section_data(rep: _Report, run: Run) -> None:
             ("channels", ", ".join(store.channels)),
             ("slice size", " x ".join(map(str, store.size)))]
     rows += [(f"prepare.{k}", v) for k, v in _flatten(prep)]
-    rep.add(_table(["", "value"], rows))
-    split_path = run.path / "splits.json"
-    if not split_path.is_file():
-        split_path = store.path / "splits.json"
-    if split_path.is_file():
+    rep.add('<div class="grid">\n<div>\n' + _table(["", "value"], rows, "facts") + "</div>\n")
+    frac = store.table["lesion_fraction"].astype(np.float64)
+    rep.add("<div>\n")
+    rep.figure("lesion_fraction_histogram.png", lesion_fraction_histogram(frac),
+               "Lesion share of the slice, lesion slices only (as the thesis's Fig. 3.4)", 560)
+    rep.add("</div>\n</div>\n")
+    split_path = _splits_path(run)
+    if split_path is not None:
         from ensemblecam.split import read_splits, split_summary
 
         summary = split_summary(store, read_splits(split_path))
@@ -695,19 +880,16 @@ def _section_data(rep: _Report, run: Run) -> None:
             rep.add(f"<h3>Split parts ({_e(split_path.name)})</h3>\n")
             keys = list(summary[0])
             rep.add(_table(keys, [[r[k] for k in keys] for r in summary]))
-    frac = store.table["lesion_fraction"].astype(np.float64)
-    rep.figure("lesion_fraction_histogram.png", lesion_fraction_histogram(frac),
-               "Lesion share of the slice, lesion slices only (as the thesis's Fig. 3.4)")
 
 
 _CLS_KEYS = ("accuracy", "precision", "recall", "f1", "auroc")
+_CLS_HEAD = ("acc", "prec", "rec", "F1", "AUROC")
 
 
 def _section_classifiers(rep: _Report, run: Run, folds: list[str]) -> None:
     rep.h2("classifiers", "Classifiers")
-    per_model: dict[str, list[dict[str, Any]]] = {}
-    table = []
-    figures: list[tuple[str, bytes, str]] = []
+    per_model: dict[str, list[tuple[str, dict[str, Any], dict[str, Any]]]] = {}
+    figures: dict[str, dict[str, list[tuple[str, bytes, str]]]] = {}
     for fold in folds:
         mdir = run.path / fold / "models"
         if not mdir.is_dir():
@@ -715,37 +897,68 @@ def _section_classifiers(rep: _Report, run: Run, folds: list[str]) -> None:
         for d in sorted(p for p in mdir.iterdir() if p.is_dir()):
             tj = d / "train.json"
             info = fsutil.read_json(tj, "train run") if tj.is_file() else {}
-            best = info.get("best", {}) if isinstance(info, dict) else {}
+            info = info if isinstance(info, dict) else {}
+            best = info.get("best", {}) or {}
             if not best and (d / "metrics.csv").is_file():
                 hist = _read_csv(d / "metrics.csv")
                 if hist:
                     best = max(hist, key=lambda r: _num(r.get("auroc")))
             if not best:
                 continue
-            per_model.setdefault(d.name, []).append(best)
-            table.append([d.name, fold, info.get("best_epoch", "?"),
-                          *(_fmt_pct(best.get(k)) for k in _CLS_KEYS),
-                          info.get("n_train", "?"), info.get("n_val", "?")])
-            figures += _train_figures(d, info, fold, rep.out_dir)
-    if not table:
+            per_model.setdefault(d.name, []).append((fold, info, best))
+            figures.setdefault(d.name, {})[fold] = _train_figures(d, info, fold, rep.out_dir)
+    if not per_model:
         rep.p("No classifier training runs found (fold*/models/*/train.json).", "note")
         return
-    rep.p("Validation metrics of each classifier at its best epoch (percent; threshold "
-          "prob >= the run's threshold).")
-    rep.add(_table(["model", "fold", "best epoch", "accuracy", "precision", "recall", "F1",
-                    "AUROC", "train slices", "val slices"], table))
-    summary = []
-    for model, bests in per_model.items():
-        vals = [[_num(b.get(k)) for b in bests] for k in _CLS_KEYS]
-        summary.append([model, len(bests)] + [_fmt_pct(np.nanmean(v), np.nanstd(v))
-                                              if np.isfinite(v).any() else "–" for v in vals])
-    rep.add("<h3>Mean ± std over folds</h3>\n")
-    rep.add(_table(["model", "folds", "accuracy", "precision", "recall", "F1", "AUROC"],
-                   summary))
-    rep.add('<div class="grid">\n')
-    for name, png, caption in figures:
-        rep.figure(name, png, caption)
-    rep.add("</div>\n")
+    rep.p("Validation metrics of each classifier at its best epoch (%, slice called "
+          "positive at the run's classifier threshold); acc = accuracy, prec = precision, "
+          "rec = recall; the bold line is the mean ± std over folds.")
+    body = []
+    for model, entries in per_model.items():
+        for fold, info, best in entries:
+            body.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in (
+                model, fold, info.get("best_epoch", "?"),
+                *(_fmt_pct(best.get(k)) for k in _CLS_KEYS),
+                f"{info.get('n_train', '?')} / {info.get('n_val', '?')}")) + "</tr>")
+        vals = [np.array([_num(b.get(k)) for _, _, b in entries]) for k in _CLS_KEYS]
+        cells = [_fmt_pct(np.nanmean(v), np.nanstd(v)) if np.isfinite(v).any() else "–"
+                 for v in vals]
+        body.append('<tr class="mean">' + "".join(f"<td>{_e(c)}</td>" for c in (
+            model, f"mean of {len(entries)}", "", *cells, "")) + "</tr>")
+    head = "".join(f"<th>{_e(h)}</th>" for h in ("model", "fold", "best epoch", *_CLS_HEAD,
+                                                  "train / val slices"))
+    rep.add(f'<table class="cls"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}'
+            "</tbody></table>\n")
+    unet = _unet_figures(run, folds)
+    if unet:
+        figures["U-Net (supervised, segmentation loss)"] = unet
+    rep.p("Learning curves (loss; validation AUROC and F1, dotted line: best epoch) and "
+          "validation confusion matrices at the best epoch: one row per model, folds side "
+          "by side. Full-size PNGs are beside the report.")
+    for model, per_fold in figures.items():
+        if not any(per_fold.values()):
+            continue
+        rep.add(f"<h3>{_e(model)}</h3>\n<div class=\"grid\">\n")
+        for figs in per_fold.values():
+            rep.add('<div class="fold">\n')
+            for name, png, caption in figs:
+                rep.figure(name, png, caption, 200 if "confusion" in name else 370)
+            rep.add("</div>\n")
+        rep.add("</div>\n")
+
+
+def _unet_figures(run: Run, folds: list[str]) -> dict[str, list[tuple[str, bytes, str]]]:
+    """Learning curves the U-Net stage wrote (fold*/unet/learning_curve.png), per fold."""
+    out: dict[str, list[tuple[str, bytes, str]]] = {}
+    for fold in folds:
+        src = run.path / fold / "unet" / "learning_curve.png"
+        if src.is_file():
+            png = src.read_bytes()
+            safe = re.sub(r"[^\w.-]", "_", fold)
+            if png.startswith(b"\x89PNG"):
+                out[fold] = [(f"{safe}_unet_learning_curve.png", png,
+                              f"U-Net {fold}: learning curve")]
+    return out
 
 
 def _num(x: Any) -> float:
@@ -762,7 +975,7 @@ def _train_figures(d: Path, info: dict[str, Any], fold: str, out_dir: Path
     out = []
     tag = re.sub(r"[^\w.-]", "_", f"{fold}_{d.name}")
     for fname, what in (("learning_curve.png", "learning curve"),
-                        ("confusion_matrix.png", "validation confusion matrix")):
+                        ("confusion_matrix.png", "val. confusion matrix")):
         name = f"{tag}_{fname}"
         src = d / fname
         if not src.is_file():
@@ -790,6 +1003,18 @@ def _redraw_train_figure(d: Path, info: dict[str, Any], fname: str, target: Path
                              f"{d.name} {info.get('fold', '')}, epoch {info.get('best_epoch')}")
 
 
+def _is_set_level(name: str) -> bool:
+    """Metrics of ONE confusion matrix over the data set (vs per-slice / per-case means)."""
+    return not any(x in name for x in ("slice_", "case_", "hd95"))
+
+
+def _metric_table(rows: list[dict[str, Any]], names: list[str]) -> str:
+    return _table(["result", *names],
+                  [[r["name"], *(format_metric(n, (r.get("mean") or {}).get(n),
+                                               (r.get("std") or {}).get(n)) for n in names)]
+                   for r in rows])
+
+
 def _section_results(rep: _Report, run: Run, folds: list[str]) -> None:
     res = run.results
     rows: list[dict[str, Any]] = res["rows"]
@@ -803,7 +1028,9 @@ def _section_results(rep: _Report, run: Run, folds: list[str]) -> None:
     ref_key, reason = reference_setting(prep, phantom)
     rep.p(f"{len(folds)} fold(s): {', '.join(folds)}. Mean ± std over folds (population "
           f"std), in percent with one decimal as in the paper. Configurations were chosen "
-          f"on the calibration part by {objective}; every number is on held-out data.")
+          f"on the calibration part by {objective}; every number is on held-out data. "
+          "Operator and single-member rows use each fold's own best members and "
+          "thresholds (listed below).")
     rep.p(reason, "note" if ref_key is None else "")
     head = [n for n in HEADLINE if n in names] or names[:6]
     refs = REFERENCE_FIGURES.get(ref_key or "", [])
@@ -827,26 +1054,6 @@ def _section_results(rep: _Report, run: Run, folds: list[str]) -> None:
     rep.add(_table(header, body, "results"))
     if ref_key is not None:
         rep.p(f"Published: {REFERENCE_SOURCES[ref_key]}.")
-
-    rep.add("<h3>Every metric convention</h3>\n")
-    rep.add(_table(["result", *names],
-                   [[r["name"], *(format_metric(n, (r.get("mean") or {}).get(n),
-                                                (r.get("std") or {}).get(n)) for n in names)]
-                    for r in rows], "wide"))
-    if folds:
-        rep.add(f"<h3>{_e(objective)} per fold</h3>\n")
-        rep.add(_table(["result", *folds],
-                       [[r["name"], *(format_metric(objective, ((r.get("per_fold") or {})
-                                                                .get(f) or {}).get(objective))
-                                      for f in folds)] for r in rows]))
-    rep.add("<h3>Metric conventions</h3>\n<dl>\n")
-    for n in names:
-        base = re.sub(r"_(mean|std)$", "", n)
-        text = METRIC_EXPLANATIONS.get(n) or METRIC_EXPLANATIONS.get(base)
-        if text is None:
-            continue
-        rep.add(f"<dt>{_e(n)}</dt><dd>{_e(text)}</dd>\n")
-    rep.add("</dl>\n")
     okrows = [r for r in rows if np.isfinite(_num((r.get("mean") or {}).get(objective)))]
     if okrows:
         rep.figure("results_" + re.sub(r"[^\w]", "_", objective) + ".png",
@@ -854,7 +1061,36 @@ def _section_results(rep: _Report, run: Run, folds: list[str]) -> None:
                                      [_num(r["mean"][objective]) for r in okrows],
                                      [_num((r.get("std") or {}).get(objective)) for r in okrows],
                                      objective),
-                   f"{objective}: mean ± std over folds per result row")
+                   f"{objective}: mean ± std over folds per result row", 760)
+    with_cfg = [r for r in rows if _fold_configs(r.get("config"))]
+    if folds and with_cfg:
+        rep.add("<h3>Configuration of each row per fold (operator: member map > threshold)</h3>\n")
+        rep.add(_table(["result", *folds], [[r["name"], *(_row_config_text(r, f)
+                                                           for f in folds)] for r in with_cfg],
+                       "configs"))
+    set_level = [n for n in names if _is_set_level(n)]
+    per_item = [n for n in names if not _is_set_level(n)]
+    rep.add("<h3>Every metric convention</h3>\n")
+    if set_level:
+        rep.add("<p>Over the data set (one confusion matrix of all evaluated pixels):</p>\n"
+                + _metric_table(rows, set_level))
+    if per_item:
+        rep.add("<p>Per slice and per case (means over lesion slices / cases):</p>\n"
+                + _metric_table(rows, per_item))
+    if folds:
+        rep.add(f"<h3>{_e(objective)} per fold</h3>\n")
+        rep.add(_table(["result", *folds],
+                       [[r["name"], *(format_metric(objective, ((r.get("per_fold") or {})
+                                                                .get(f) or {}).get(objective))
+                                      for f in folds)] for r in rows]))
+    legend = []
+    for n in names:
+        text = METRIC_EXPLANATIONS.get(n) or METRIC_EXPLANATIONS.get(
+            re.sub(r"_(mean|std)$", "", n))
+        if text is not None:
+            legend.append((n, text))
+    if legend:
+        rep.add("<h3>Metric conventions</h3>\n" + _table(["metric", "meaning"], legend, "facts"))
     other = REFERENCE_FIGURES.get(ref_key or "") if ref_key else None
     if other is None and prep:
         layout = str(prep.get("layout", ""))
@@ -882,6 +1118,9 @@ def _reference_table(rep: _Report, key: str) -> None:
 
 def _section_heatmaps(rep: _Report, run: Run, folds: list[str]) -> None:
     rep.h2("thresholds", "Threshold search (the paper's Fig. 4)")
+    rep.p("One heatmap per fold: the objective of the fold's chosen operator and member "
+          "pair over the threshold grid, on the calibration part (the held-out part is "
+          "never used to choose). Members and thresholds can differ between folds.")
     made = 0
     rep.add('<div class="grid">\n')
     for fold in folds:
@@ -893,9 +1132,15 @@ def _section_heatmaps(rep: _Report, run: Run, folds: list[str]) -> None:
         if png is None:
             continue
         safe = re.sub(r"[^\w.-]", "_", fold)
+        objective = str(best.get("objective", ""))
+        members = [str(m) for m in best.get("members", [])]
+        axes = (f"y: {members[0]}, x: {members[1]}" if len(members) >= 2
+                else f"x: {members[0] if members else '?'} threshold")
         rep.figure(f"threshold_heatmap_{safe}.png", png,
-                   f"{fold}: {best.get('objective', '')} of every threshold combination of "
-                   f"the best operator '{best.get('operator')}' on the calibration part")
+                   f"{fold}: {objective} on the calibration part of every threshold pair of "
+                   f"the fold's chosen operator '{best.get('operator')}' and members ({axes}); "
+                   f"red frame: chosen {_describe_config(best)} = "
+                   f"{format_metric(objective, best.get(objective))}", 360)
         made += 1
     rep.add("</div>\n")
     if not made:
@@ -967,8 +1212,8 @@ def _eval_indices(run: Run, fold: str) -> tuple[np.ndarray, Path | None]:
             return z["index"].astype(np.int64), npz
     from ensemblecam.split import get_fold
 
-    splits = run.path / "splits.json"
-    if not splits.is_file():
+    splits = _splits_path(run)
+    if splits is None:
         return np.zeros(0, np.int64), None
     cases = get_fold(splits, fold).part("test")
     idx = store.indices_for_cases([c for c in cases if c in store.cases])
@@ -1084,7 +1329,7 @@ def _gallery_row(run: Run, score: _CaseScore, best: dict[str, Any]) -> GalleryRo
             notes[op] = _config_note(cfg)
     _, npz = _eval_indices(run, score.fold)
     masks["chosen ensemble"] = _chosen_masks(run, score.fold, best, np.array([i]), npz)[0]
-    notes["chosen ensemble"] = f"{best.get('operator')}: {_config_note(best)}"
+    notes["chosen ensemble"] = f"{best.get('operator')}:\n{_config_note(best)}"
     return GalleryRow(
         title=f"{score.case} s{int(store.table['slice'][i])}\n{score.fold}, "
               f"case Dice {100 * score.dice:.1f}",
@@ -1093,9 +1338,12 @@ def _gallery_row(run: Run, score: _CaseScore, best: dict[str, Any]) -> GalleryRo
 
 
 def _config_note(cfg: dict[str, Any]) -> str:
-    """'t 0.7 x 0.6' (+ gate) of a configuration."""
-    text = "t " + " x ".join(f"{float(t):g}" for t in cfg.get("thresholds", []))
-    return text + (f", gate {cfg['gate']:g}" if cfg.get("gate") is not None else "")
+    """One line per member, 'resnet18__gradcam > 0.7' (+ gate), for a gallery cell."""
+    lines = [f"{m} > {float(t):g}" for m, t in
+             zip(cfg.get("members", []), cfg.get("thresholds", []), strict=False)]
+    if cfg.get("gate") is not None:
+        lines.append(f"gate {float(cfg['gate']):g}")
+    return "\n".join(lines)
 
 
 def _section_gallery(rep: _Report, run: Run, folds: list[str], n_cases: int) -> None:
@@ -1118,15 +1366,21 @@ def _section_gallery(rep: _Report, run: Run, folds: list[str], n_cases: int) -> 
     worst_cases = [s for s in order[::-1][:n_cases] if s not in best_cases]
     rep.p(f"{len(order)} evaluated lesion cases ranked by the case Dice of their fold's "
           "chosen configuration; each case is shown at its slice with the largest lesion. "
-          "Columns: image (first channel), ground truth (green), each member's map, each "
-          "operator's best configuration on the calibration part and the chosen ensemble "
-          "(red; yellow line: ground truth).")
+          "Columns: image (first channel), ground truth (green), each member's map (jet, "
+          "0 to 1), then in red each operator's best configuration in that case's fold "
+          "(chosen on the calibration part) and the fold's chosen ensemble; yellow line: "
+          "ground truth. Under each mask: its members and thresholds, which differ per "
+          "fold. Row label: case, slice, fold and the case Dice (all evaluated slices of "
+          "the case, chosen ensemble).")
+    rep.p("Chosen ensemble per fold: " + "; ".join(
+        f"{f}: {_describe_config(b)}" for f, b in bests.items()) + ".")
     for label, sel in (("best", best_cases), ("worst", worst_cases)):
         if not sel:
             continue
         rows = [_gallery_row(run, s, bests[s.fold]) for s in sel]
+        cases = ", ".join(f"{s.case} ({s.fold}, case Dice {100 * s.dice:.1f})" for s in sel)
         rep.figure(f"gallery_{label}.png", gallery_figure(rows, f"{label} cases"),
-                   f"{label.capitalize()} {len(rows)} case(s) by case Dice")
+                   f"{label.capitalize()} {len(rows)} case(s) by case Dice: {cases}")
 
 
 # --------------------------------------------------------------------------- assembly
@@ -1138,15 +1392,30 @@ h1{border-bottom:2px solid #4c72b0}h2{border-bottom:1px solid #ccc;margin-top:2e
 table{border-collapse:collapse;margin:.6em 0;font-size:.85em}
 th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}
 th{background:#f0f3f8}tbody tr:nth-child(even){background:#fafafa}
-table.wide{display:block;overflow-x:auto;max-width:100%}
+table{display:block;overflow-x:auto;max-width:100%}
+tr.mean td{font-weight:bold;border-bottom:2px solid #999}
+table.headline td,table.headline th{font-size:1.05em;padding:.3em .8em}
+table.facts td:first-child{font-weight:bold;white-space:nowrap}
+table.timings td:last-child{text-align:right}
+details{margin:.6em 0}summary{cursor:pointer;font-weight:bold}
 pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.8em}
-figure{display:inline-block;margin:.5em;vertical-align:top}
+figure{display:inline-block;margin:.4em;vertical-align:top}
 figure img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:.8em;color:#555;max-width:600px}
 .note{background:#fff4d6;border-left:4px solid #e0a800;padding:.5em .8em}
-.grid{display:flex;flex-wrap:wrap}dt{font-weight:bold;margin-top:.4em}
+.grid{display:flex;flex-wrap:wrap;align-items:flex-start;gap:.2em}
+.fold{display:flex;flex-direction:column;align-items:center}
+.fold figure{margin:.2em}
+dt{font-weight:bold;margin-top:.4em}
+nav{position:sticky;top:0;background:#fff;padding:.3em 0;border-bottom:1px solid #eee}
 nav a{margin-right:1em}
 """
+
+
+#: Section anchors and titles, in the report's order.
+SECTIONS = (("summary", "Summary"), ("results", "Results"), ("thresholds", "Thresholds"),
+            ("gallery", "Gallery"), ("classifiers", "Classifiers"), ("data", "Data"),
+            ("configuration", "Configuration"))
 
 
 def write_report(
@@ -1171,15 +1440,14 @@ def write_report(
     rep = _Report(target.parent)
     title = f"ensemblecam report: {run.path.resolve().name}"
     rep.add(f"<h1>{_e(title)}</h1>\n")
-    rep.add('<nav><a href="#configuration">Configuration</a><a href="#data">Data</a>'
-            '<a href="#classifiers">Classifiers</a><a href="#results">Results</a>'
-            '<a href="#thresholds">Thresholds</a><a href="#gallery">Gallery</a></nav>\n')
-    _section_config(rep, run)
-    _section_data(rep, run)
-    _section_classifiers(rep, run, folds)
+    rep.add("<nav>" + "".join(f'<a href="#{k}">{_e(t)}</a>' for k, t in SECTIONS) + "</nav>\n")
+    _section_summary(rep, run, folds)
     _section_results(rep, run, folds)
     _section_heatmaps(rep, run, folds)
     _section_gallery(rep, run, folds, n_cases)
+    _section_classifiers(rep, run, folds)
+    _section_data(rep, run)
+    _section_config(rep, run)
     doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>\n"
            + "".join(rep.parts) + "</body></html>\n")
