@@ -7,13 +7,14 @@ written last and holds the stage's cache key)::
       run.json              config hash, package versions, seeds, per-stage timings
       config.yaml           the configuration the run was made with
       store/                slice store (prepare), shared by all folds
-      splits.json           patient-level split file
+      split/splits.json     patient-level split file
       fold<k>/
         models/<model>/     classifier training runs (best.pt, metrics.csv, PNGs, train.json)
         maps/<model>__<method>/  map sets for the calibration and evaluation parts
         search/             ranking.csv/json, best.json, grid_<operator>.npy/json (search)
         unet/               supervised U-Net (fully supervised upper bound)
-        pseudo/             U-Net trained on the ensemble's masks of the training part
+        pseudo_targets/     the chosen ensemble's masks of the training part (masks.npz)
+        pseudo/             U-Net trained on those pseudo-labels (second stage)
         eval/<row>/         metrics.json, per_slice.csv, per_case.csv for each result row
         eval/masks.npz      the chosen configuration's masks of the evaluation part
                             (arrays ``index`` int64 store indices, ``masks`` uint8)
@@ -26,9 +27,9 @@ written last and holds the stage's cache key)::
 
     {"format": "ensemblecam-results", "version": 1, "objective": "paper_miou",
      "folds": ["fold0", ...], "metric_names": [...],
-     "rows": [{"name": "ensemble (and: resnet34 0.7 x resnet50 0.7)", "kind": "ensemble" |
-               "operator" | "single" | "empty" | "unet" | "pseudo_unet",
-               "config": {...} | null,
+     "rows": [{"name": "ensemble (best configuration)", "kind": "ensemble" | "operator" |
+               "single" | "empty" | "unet" | "pseudo_unet",
+               "config": {"fold0": {"operator", "members", "thresholds", "gate"} | null, ...},
                "per_fold": {"fold0": {metric: value, ...}, ...},
                "mean": {metric: value}, "std": {metric: value}}, ...]}
 

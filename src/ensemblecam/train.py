@@ -427,6 +427,18 @@ def make_fabric(cfg: DeviceConfig) -> Any:
         raise InputError(f"device options: {msg}") from exc
 
 
+def start_run(fabric: Any, seed: int, partial: Path, resuming: bool) -> None:
+    """Seed every process; rank 0 (re)creates the run's ``.partial`` folder, kept when
+    ``resuming``; all processes wait for it."""
+    fabric.seed_everything(seed, verbose=False)
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        if not resuming and partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+    fabric.barrier()
+
+
 def train_one_epoch(
     fabric: Any, model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int,
@@ -544,14 +556,8 @@ def _run(
     """Training loop of one process: "done" (rank 0, run complete), "stopped" or "worker"."""
     cfg, recipe, info = plan.cfg, plan.recipe, dict(plan.info)
     rank0 = fabric.global_rank == 0
-    fabric.seed_everything(cfg.seed, verbose=False)
     store = SliceStore.open(cfg.store)
-    fabric.barrier()
-    if rank0:
-        if plan.resume_from is None and plan.partial.exists():
-            shutil.rmtree(plan.partial)
-        plan.partial.mkdir(parents=True, exist_ok=True)
-    fabric.barrier()
+    start_run(fabric, cfg.seed, plan.partial, resuming=plan.resume_from is not None)
 
     model = models.build_model(cfg.model, **info["model_args"])
     if cfg.weights is not None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,7 @@ from ensemblecam.train import (
     batch_loader,
     make_fabric,
     plot_learning_curve,
+    start_run,
     train_one_epoch,
     write_metrics_csv,
 )
@@ -437,14 +437,8 @@ def _run(fabric: Any, plan: UNetPlan, progress: bool | None, stop_after_epoch: i
     """Training loop of one process: "done" (rank 0, run complete), "stopped" or "worker"."""
     cfg, info = plan.cfg, dict(plan.info)
     rank0 = fabric.global_rank == 0
-    fabric.seed_everything(cfg.seed, verbose=False)
     store = SliceStore.open(plan.store)
-    fabric.barrier()
-    if rank0:
-        if plan.resume_from is None and plan.partial.exists():
-            shutil.rmtree(plan.partial)
-        plan.partial.mkdir(parents=True, exist_ok=True)
-    fabric.barrier()
+    start_run(fabric, cfg.seed, plan.partial, resuming=plan.resume_from is not None)
 
     model = build_unet(**info["model_args"])
     state: dict[str, Any] | None = None

@@ -18,6 +18,11 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="YAML config; flags given here override it."),
 ]
+StoreOption = Annotated[Path | None, typer.Option("--store", help="Slice store folder.")]
+SplitsOption = Annotated[
+    Path | None, typer.Option("--splits", help="Split file (default <store>/splits.json).")
+]
+FoldOption = Annotated[str | None, typer.Option("--fold", help="Fold position or name.")]
 ForceOption = Annotated[
     bool, typer.Option("--force", help="Replace existing results in the output folder.")
 ]

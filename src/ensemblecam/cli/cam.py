@@ -11,7 +11,15 @@ from typing import Annotated
 import typer
 
 from ensemblecam.cli import app
-from ensemblecam.cli._common import ConfigOption, ForceOption, one_line_errors, split_csv
+from ensemblecam.cli._common import (
+    ConfigOption,
+    FoldOption,
+    ForceOption,
+    SplitsOption,
+    StoreOption,
+    one_line_errors,
+    split_csv,
+)
 from ensemblecam.config import section
 from ensemblecam.errors import InputError
 
@@ -27,9 +35,9 @@ def _devices(value: str | None) -> int | str | None:
 @app.command("cam")
 @one_line_errors
 def cam_command(
-    store: Annotated[Path | None, Opt("--store", help="Slice store folder.")] = None,
-    splits: Annotated[Path | None, Opt("--splits", help="Split file.")] = None,
-    fold: Annotated[str | None, Opt("--fold", help="Fold position or name.")] = None,
+    store: StoreOption = None,
+    splits: SplitsOption = None,
+    fold: FoldOption = None,
     part: Annotated[str | None, Opt("--part", help="train,val,test or all.")] = None,
     checkpoint: Annotated[
         list[Path] | None, Opt("--checkpoint", help="Classifier checkpoint (repeatable).")

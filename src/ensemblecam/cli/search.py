@@ -9,7 +9,15 @@ import typer
 
 from ensemblecam import fsutil
 from ensemblecam.cli import app
-from ensemblecam.cli._common import ConfigOption, ForceOption, one_line_errors, split_csv
+from ensemblecam.cli._common import (
+    ConfigOption,
+    FoldOption,
+    ForceOption,
+    SplitsOption,
+    StoreOption,
+    one_line_errors,
+    split_csv,
+)
 from ensemblecam.config import section
 
 Opt = typer.Option
@@ -20,9 +28,9 @@ _META = ("operator", "members", "thresholds", "gate")
 @one_line_errors
 def search_cmd(
     config: ConfigOption = None,
-    store: Annotated[Path | None, Opt(help="Slice store with masks.")] = None,
-    splits: Annotated[Path | None, Opt(help="Split file (default <store>/splits.json).")] = None,
-    fold: Annotated[str | None, Opt(help="Fold position or name.")] = None,
+    store: StoreOption = None,
+    splits: SplitsOption = None,
+    fold: FoldOption = None,
     part: Annotated[str | None, Opt(help="Calibration part: train, val or test.")] = None,
     maps: Annotated[Path | None, Opt(help="Map store root.")] = None,
     members: Annotated[str | None, Opt(help="Members, comma-separated (a__gradcam,...).")] = None,
@@ -68,9 +76,9 @@ def search_cmd(
 def evaluate_cmd(
     config: ConfigOption = None,
     config_file: Annotated[Path | None, Opt(help="Chosen configuration (best.json).")] = None,
-    store: Annotated[Path | None, Opt(help="Slice store (masks read only to score).")] = None,
-    splits: Annotated[Path | None, Opt(help="Split file.")] = None,
-    fold: Annotated[str | None, Opt(help="Fold position or name.")] = None,
+    store: StoreOption = None,
+    splits: SplitsOption = None,
+    fold: FoldOption = None,
     part: Annotated[str | None, Opt(help="Evaluated part (default test).")] = None,
     maps: Annotated[Path | None, Opt(help="Map store root.")] = None,
     min_lesion_fraction: Annotated[float | None, Opt(help="Large-lesion slice share.")] = None,

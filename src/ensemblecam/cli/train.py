@@ -9,7 +9,14 @@ from typing import Annotated, Any
 import typer
 
 from ensemblecam.cli import app
-from ensemblecam.cli._common import ConfigOption, ForceOption, one_line_errors
+from ensemblecam.cli._common import (
+    ConfigOption,
+    FoldOption,
+    ForceOption,
+    SplitsOption,
+    StoreOption,
+    one_line_errors,
+)
 from ensemblecam.config import section
 from ensemblecam.errors import InputError
 
@@ -38,11 +45,9 @@ Opt = typer.Option
 @app.command("train")
 @one_line_errors
 def train_command(
-    store: Annotated[Path | None, Opt("--store", help="Slice store folder.")] = None,
-    splits: Annotated[
-        Path | None, Opt("--splits", help="Split file (default <store>/splits.json).")
-    ] = None,
-    fold: Annotated[str | None, Opt("--fold", help="Fold position or name.")] = None,
+    store: StoreOption = None,
+    splits: SplitsOption = None,
+    fold: FoldOption = None,
     model: Annotated[
         str | None, Opt("--model", help="resnet18/34/50/101, vgg19, simplecnn, timm:<name>...")
     ] = None,
