@@ -179,6 +179,12 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["run", str(bad)])
     assert result.exit_code == 2 and result.output.count("\n") == 1
     assert "search.grid" in result.output
+    # a missing data folder is refused before anything is written
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"run": {"out": str(tmp_path / "run")}}))
+    result = CliRunner().invoke(app, ["run", str(good), "--data", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "data folder not found" in result.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_shipped_configs_are_valid() -> None:

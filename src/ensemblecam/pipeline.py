@@ -186,6 +186,8 @@ def run_pipeline(cfg: Config, force: bool = False, progress: bool | None = None)
     root = Path(rc.out)
     if cfg.prepare.data is None:
         raise InputError("config: prepare.data is not set (the data set root folder)")
+    if not Path(cfg.prepare.data).is_dir():
+        raise InputError(f"{cfg.prepare.data}: data folder not found")
     if not rc.models:
         raise InputError("config: run.models is empty")
     if len(set(rc.models)) != len(rc.models):
