@@ -12,11 +12,15 @@ import typer
 
 from ensemblecam.cli import app
 from ensemblecam.cli._common import (
+    AcceleratorOption,
     ConfigOption,
+    DevicesOption,
     FoldOption,
     ForceOption,
+    NumNodesOption,
     SplitsOption,
     StoreOption,
+    StrategyOption,
     one_line_errors,
     split_csv,
 )
@@ -56,10 +60,10 @@ def cam_command(
     top_k: Annotated[int | None, Opt("--top-k", help="Score-CAM: keep top-k channels.")] = None,
     smooth_n: Annotated[int | None, Opt("--smooth-n", help="Smooth Grad-CAM++ samples.")] = None,
     smooth_sigma: Annotated[float | None, Opt("--smooth-sigma", help="Noise std.")] = None,
-    accelerator: Annotated[str | None, Opt("--accelerator", help="cpu, gpu, auto.")] = None,
-    devices: Annotated[str | None, Opt("--devices", help="Devices per node.")] = None,
-    num_nodes: Annotated[int | None, Opt("--num-nodes", help="Nodes.")] = None,
-    strategy: Annotated[str | None, Opt("--strategy", help="auto, ddp, ddp_spawn...")] = None,
+    accelerator: AcceleratorOption = None,
+    devices: DevicesOption = None,
+    num_nodes: NumNodesOption = None,
+    strategy: StrategyOption = None,
     config: ConfigOption = None,
     force: ForceOption = False,
 ) -> None:

@@ -10,11 +10,15 @@ import typer
 
 from ensemblecam.cli import app
 from ensemblecam.cli._common import (
+    AcceleratorOption,
     ConfigOption,
+    DevicesOption,
     FoldOption,
     ForceOption,
+    NumNodesOption,
     SplitsOption,
     StoreOption,
+    StrategyOption,
     one_line_errors,
 )
 from ensemblecam.config import section
@@ -72,14 +76,10 @@ def train_command(
         str | None, Opt("--val-part", help="Split part for validation: val (default) or test.")
     ] = None,
     seed: Annotated[int | None, Opt("--seed", help="Seed of init and data order.")] = None,
-    accelerator: Annotated[
-        str | None, Opt("--accelerator", help="cpu, gpu, cuda, mps or auto.")
-    ] = None,
-    devices: Annotated[str | None, Opt("--devices", help="Devices per node: N or auto.")] = None,
-    num_nodes: Annotated[int | None, Opt("--num-nodes", help="Number of nodes.")] = None,
-    strategy: Annotated[
-        str | None, Opt("--strategy", help="auto, ddp, ddp_spawn, ... (auto: ddp if >1 device)")
-    ] = None,
+    accelerator: AcceleratorOption = None,
+    devices: DevicesOption = None,
+    num_nodes: NumNodesOption = None,
+    strategy: StrategyOption = None,
     precision: Annotated[
         str | None, Opt("--precision", help="32-true, 16-mixed, bf16-mixed, ...")
     ] = None,

@@ -8,7 +8,13 @@ from typing import Annotated
 import typer
 
 from ensemblecam.cli import app
-from ensemblecam.cli._common import ConfigOption, ForceOption, one_line_errors
+from ensemblecam.cli._common import (
+    AcceleratorOption,
+    ConfigOption,
+    DevicesOption,
+    ForceOption,
+    one_line_errors,
+)
 from ensemblecam.config import section
 
 Opt = typer.Option
@@ -45,10 +51,8 @@ def unet_command(
         str | None, Opt("--val-targets", help="Validation masks: same, store or none.")
     ] = None,
     seed: Annotated[int | None, Opt("--seed", help="Seed of init and data order.")] = None,
-    accelerator: Annotated[
-        str | None, Opt("--accelerator", help="cpu, gpu, cuda, mps or auto.")
-    ] = None,
-    devices: Annotated[str | None, Opt("--devices", help="Devices per node: N or auto.")] = None,
+    accelerator: AcceleratorOption = None,
+    devices: DevicesOption = None,
     force: ForceOption = False,
     config: ConfigOption = None,
 ) -> None:
