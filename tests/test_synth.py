@@ -148,3 +148,23 @@ def test_existing_output_and_bad_values(tmp_path: Path) -> None:
         assert not (tmp_path / "q" / "phantom.json").exists()
     with pytest.raises(InputError, match="too small"):
         make_brats_case((16, 16, 4), case_rng(0, 0))
+
+
+@pytest.mark.parametrize("layout", ["brats", "msd", "kits"])
+def test_stored_orientation_round_trips_to_canonical(tmp_path: Path, layout: str) -> None:
+    shape = (40, 36, 10)  # x != y so a transposed axis order would show
+    out = synth_dataset(SynthConfig(layout=layout, out=tmp_path / layout, n_cases=1,
+                                    shape=shape, seed=3, workers=1, tumour_free_fraction=0.0))
+    gen = {"brats": make_brats_case, "msd": make_msd_case, "kits": make_kits_case}[layout]
+    case = gen(shape, case_rng(3, 0))
+    if layout == "brats":
+        path, expect = out / "BraTS20_Training_001" / "BraTS20_Training_001_seg.nii.gz", "seg"
+    elif layout == "msd":
+        path, expect = out / "labelsTr" / "prostate_00.nii.gz", "label"
+    else:
+        path, expect = out / "case_00000" / "segmentation.nii.gz", "segmentation"
+    img = nib.load(path)
+    canon = nib.as_closest_canonical(img)
+    assert nib.aff2axcodes(canon.affine) == ("R", "A", "S")
+    np.testing.assert_array_equal(np.asarray(canon.dataobj), case[expect])
+    assert not np.allclose(img.affine, np.eye(4))
