@@ -17,7 +17,15 @@ from ensemblecam import fsutil, metrics
 from ensemblecam.config import EvaluateConfig
 from ensemblecam.errors import InputError
 from ensemblecam.mapstore import dequantise
-from ensemblecam.search import _META, Rows, _as_rows, mean_map, open_inputs, parse_operator
+from ensemblecam.search import (
+    CONFIG_KEYS,
+    Rows,
+    _as_rows,
+    annotated_part,
+    mean_map,
+    open_inputs,
+    parse_operator,
+)
 
 
 def gate_probs(probs: Sequence[np.ndarray]) -> np.ndarray:
@@ -161,13 +169,13 @@ def evaluate_stage(cfg: EvaluateConfig, chosen: dict[str, Any], out: Path, force
                    source: str = "") -> dict[str, Any]:
     """Apply ``chosen`` (operator, members, thresholds, gate) to ``cfg``'s part; write
     metrics.json (every convention + the Empty baseline), per_slice.csv, per_case.csv."""
-    missing = [k for k in _META if k not in chosen]
+    missing = [k for k in CONFIG_KEYS if k not in chosen]
     if missing:
         raise InputError(f"{source}: configuration lacks {', '.join(missing)}")
     partial = fsutil.prepare_output_dir(out, force, "metrics.json")
     inp = open_inputs(cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, chosen["members"],
                       what="evaluation")
-    conf = {k: chosen[k] for k in _META}
+    conf = {k: chosen[k] for k in CONFIG_KEYS}
     result, per = evaluate_arrays(inp.maps, inp.masks, inp.case_ids, conf, inp.probs,
                                   inp.labels, cfg.min_lesion_fraction,
                                   cfg.classifier_threshold, cfg.chunk)
@@ -221,17 +229,28 @@ def evaluate_unet(cfg: EvaluateConfig, checkpoint: Path, out: Path,
     return evaluate_masks(cfg, pred, out, force=force, source=str(checkpoint))
 
 
+def config_masks(maps: Sequence[np.ndarray | Rows], probs: Sequence[np.ndarray],
+                 chosen: dict[str, Any], chunk: int = 256) -> np.ndarray:
+    """uint8 masks (S, H, W) of configuration ``chosen`` over aligned member maps (stored
+    dtype) and probabilities, applied chunk by chunk (:func:`apply_config`)."""
+    srcs = [_as_rows(m) for m in maps]
+    n = len(srcs[0])
+    conf = {k: chosen[k] for k in CONFIG_KEYS}
+    first = srcs[0].read(0, 1)
+    masks = np.zeros((n, *first.shape[1:]), np.uint8)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        masks[s:e] = apply_config([m.read(s, e) for m in srcs], conf,
+                                  [np.asarray(p)[s:e] for p in probs])
+    return masks
+
+
 def write_config_masks(cfg: EvaluateConfig, chosen: dict[str, Any], path: Path) -> Path:
     """The configuration's masks of ``cfg``'s part as ``masks.npz`` (arrays ``index`` int64
     store indices, ``masks`` uint8 0/1), the format export and pseudo-label training read."""
     inp = open_inputs(cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, chosen["members"],
                       what="mask export")
-    conf = {k: chosen[k] for k in _META}
-    masks = np.zeros((len(inp.indices), *inp.store.size), np.uint8)
-    for s in range(0, len(inp.indices), cfg.chunk):
-        e = min(s + cfg.chunk, len(inp.indices))
-        masks[s:e] = apply_config([m.read(s, e) for m in inp.maps], conf,
-                                  [p[s:e] for p in inp.probs])
+    masks = config_masks(inp.maps, inp.probs, chosen, cfg.chunk)
     path.parent.mkdir(parents=True, exist_ok=True)
     with fsutil.atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, index=inp.indices.astype(np.int64), masks=masks)
@@ -239,18 +258,7 @@ def write_config_masks(cfg: EvaluateConfig, chosen: dict[str, Any], path: Path) 
 
 
 def _part_with_masks(cfg: EvaluateConfig) -> tuple[Any, np.ndarray, Rows]:
-    from ensemblecam.split import get_fold
-    from ensemblecam.store import SliceStore
-
-    store = SliceStore.open(cfg.store)
-    if store.masks is None:
-        raise InputError(f"{store.path}: store has no masks; evaluation needs masks to score")
-    splits = Path(cfg.splits) if cfg.splits is not None else store.path / "splits.json"
-    fold = get_fold(splits, int(cfg.fold) if str(cfg.fold).isdigit() else cfg.fold)
-    idx = store.indices_for_cases(fold.part(cfg.part))
-    idx = idx[store.table["has_mask"][idx].astype(bool)]
-    if len(idx) == 0:
-        raise InputError(f"{splits}: evaluation set ({cfg.part} of fold {cfg.fold}) is empty")
+    store, _, idx = annotated_part(cfg.store, cfg.splits, cfg.fold, cfg.part, "evaluation")
     return store, idx, Rows(store.masks, idx)
 
 

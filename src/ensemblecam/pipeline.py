@@ -62,6 +62,7 @@ import yaml
 from ensemblecam import __version__, fsutil
 from ensemblecam.config import Config, EvaluateConfig, SearchConfig, load_config
 from ensemblecam.errors import InputError
+from ensemblecam.search import CONFIG_KEYS
 
 STAMP = "stage.json"
 RUN_FILE = "run.json"
@@ -358,7 +359,7 @@ def result_rows(search_dir: Path) -> list[dict[str, Any]]:
     best = fsutil.read_json(search_dir / "best.json", "search result")
     per = fsutil.read_json(search_dir / "best_per_candidate.json", "search result")
     objective = best.get("objective", "paper_miou")
-    keys = ("operator", "members", "thresholds", "gate")
+    keys = CONFIG_KEYS
     rows = [{"name": "ensemble (best configuration)", "kind": "ensemble", "slug": "ensemble",
              "config": {k: best[k] for k in keys}}]
     by_op: dict[str, tuple[dict[str, Any], float]] = {}
@@ -511,9 +512,9 @@ def predict(run_dir: str | Path, input_dir: str | Path, out: str | Path,
     NIfTI masks in each scan's original geometry (``<out>/<case>.nii.gz``).
     """
     from ensemblecam.cam.stage import run_cam
-    from ensemblecam.evaluate import apply_config
+    from ensemblecam.evaluate import config_masks
     from ensemblecam.export import export_cases
-    from ensemblecam.mapstore import MapSet, dequantise
+    from ensemblecam.mapstore import MapSet
     from ensemblecam.models import load_checkpoint
     from ensemblecam.prepare import prepare_store
     from ensemblecam.store import SliceStore
@@ -548,14 +549,9 @@ def predict(run_dir: str | Path, input_dir: str | Path, out: str | Path,
         "methods": methods, "out": work / "maps", "force": True})
     run_cam(ccfg, progress=progress)
     sets = [MapSet.open(work / "maps" / m) for m in chosen["members"]]
-    idx = np.arange(store.n_slices)
-    masks = np.zeros((store.n_slices, *store.size), np.uint8)
-    conf = {k: chosen[k] for k in ("operator", "members", "thresholds", "gate")}
-    for s in range(0, store.n_slices, 256):
-        sl = slice(s, min(s + 256, store.n_slices))
-        masks[sl] = apply_config([dequantise(ms.maps[sl]) for ms in sets], conf,
-                                 [ms.probs[sl] for ms in sets])
-    export_cases(store, idx, masks, out, kind="mask", force=force,
+    masks = config_masks([ms.maps for ms in sets], [ms.probs for ms in sets], chosen)
+    conf = {k: chosen[k] for k in CONFIG_KEYS}
+    export_cases(store, np.arange(store.n_slices), masks, out, kind="mask", force=force,
                  source={"command": "ensemblecam predict", "run": str(run_dir), "fold": fold,
                          "configuration": conf, "description": _describe(conf)},
                  progress=progress)

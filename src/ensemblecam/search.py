@@ -1102,26 +1102,21 @@ class Inputs:
     labels: np.ndarray
 
 
-def open_inputs(
-    store_path: Any, splits: Any, fold: int | str, part: str, maps_root: Any,
-    members: Sequence[str], n_cases: int | None = None, seed: int = 0,
-    what: str = "calibration",
-) -> Inputs:
-    """Open store + split part + members; every misalignment is one InputError line.
+def annotated_part(
+    store_path: Any, splits: Any, fold: int | str, part: str, what: str = "calibration",
+    n_cases: int | None = None, seed: int = 0,
+) -> tuple[Any, Path, np.ndarray]:
+    """(store, split file, store indices of the part's annotated slices); a store without
+    masks or an empty selection is one InputError line.
 
     ``n_cases``: keep only N annotated cases of the part, chosen with ``seed``.
     """
-    from pathlib import Path
-
-    from ensemblecam.mapstore import MapSet
     from ensemblecam.split import get_fold
     from ensemblecam.store import SliceStore
 
     store = SliceStore.open(store_path)
     if store.masks is None:
         raise InputError(f"{store.path}: store has no masks; {what} needs masks to score")
-    if not members:
-        raise InputError("no members given (--members a__gradcam,b__gradcam)")
     splits = Path(splits) if splits is not None else store.path / "splits.json"
     cases = get_fold(splits, int(fold) if str(fold).isdigit() else fold).part(part)
     annotated = [c for c in cases if store.cases.get(c, {}).get("has_mask", True)]
@@ -1134,6 +1129,23 @@ def open_inputs(
     idx = idx[store.table["has_mask"][idx].astype(bool)]
     if len(idx) == 0:
         raise InputError(f"{splits}: {what} set ({part} of fold {fold}) has no annotated slice")
+    return store, splits, idx
+
+
+def open_inputs(
+    store_path: Any, splits: Any, fold: int | str, part: str, maps_root: Any,
+    members: Sequence[str], n_cases: int | None = None, seed: int = 0,
+    what: str = "calibration",
+) -> Inputs:
+    """Open store + split part + members; every misalignment is one InputError line.
+
+    ``n_cases``: keep only N annotated cases of the part, chosen with ``seed``.
+    """
+    from ensemblecam.mapstore import MapSet
+
+    if not members:
+        raise InputError("no members given (--members a__gradcam,b__gradcam)")
+    store, splits, idx = annotated_part(store_path, splits, fold, part, what, n_cases, seed)
     root = Path(maps_root)
     names, srcs, probs = [], [], []
     for name in members:
@@ -1155,7 +1167,7 @@ def open_inputs(
 
 # --------------------------------------------------------------------------- stage
 
-_META = ("operator", "members", "thresholds", "gate")
+CONFIG_KEYS = ("operator", "members", "thresholds", "gate")
 
 
 def _run_search(cfg: Any, n_cases: int | None) -> tuple[SearchResult, list[dict[str, Any]]]:
@@ -1199,7 +1211,7 @@ def run_search_stage(cfg: SearchConfig, force: bool = False) -> dict[str, Any]:
         res, ranked = _run_search(cfg, n_cases)
         best = ranked[0]
         curve.append({"calibration_cases": "all" if n_cases is None else n_cases,
-                      **{k: best[k] for k in _META}, cfg.objective: best[cfg.objective]})
+                      **{k: best[k] for k in CONFIG_KEYS}, cfg.objective: best[cfg.objective]})
     assert res is not None
     write_search_outputs(partial, res, ranked, cfg.objective, cfg.model_dump(mode="json"))
     if len(ns) > 1:

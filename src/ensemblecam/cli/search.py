@@ -21,7 +21,6 @@ from ensemblecam.cli._common import (
 from ensemblecam.config import section
 
 Opt = typer.Option
-_META = ("operator", "members", "thresholds", "gate")
 
 
 @app.command("search")
