@@ -10,7 +10,11 @@
     slices, label = blob present, then BatchNorm statistics re-estimated on 64 training
     slices); the ``random_scorecam_*`` figures use the random initialisation. Our exact
     Score-CAM skips constant channels and shares identical masks (``*_pass_fraction`` =
-    masked forward passes run / 512 per image).
+    masked forward passes run / 512 per image). ``fp32_ceiling_*``: a bare frozen float32
+    forward over the same masked inputs, no Score-CAM bookkeeping: the bound for any exact
+    method that runs every pass. ``scorecam_bf16_*``: ``score_precision="bf16"``, tol 1e-3
+    (``bf16_notol``: no float32 re-scoring); ``*_fp32_pass_fraction`` = float32 re-scoring
+    passes / 512 per image.
 Timings are medians of interleaved repeats (the machine is shared); the last line is one
 JSON object with all figures.
 """
@@ -71,9 +75,11 @@ def train_briefly(model: torch.nn.Module) -> float:
 
 
 def scorecam_compare(
-    model: torch.nn.Module, xs: torch.Tensor, repeats: int, top_k: int | None = None
+    model: torch.nn.Module, xs: torch.Tensor, repeats: int, extra: bool = False
 ) -> dict[str, float]:
-    """Exact (and optionally top_k) Score-CAM vs torchcam's ScoreCAM, interleaved repeats."""
+    """Exact Score-CAM vs torchcam's ScoreCAM, interleaved repeats; with ``extra`` also
+    top_k, bf16 (tol 1e-3 and no tolerance) and the float32 ceiling (a bare frozen forward
+    over the same masked inputs: no exact method that runs every pass can beat it)."""
     from torchcam.methods import ScoreCAM
 
     def torchcam_score() -> torch.Tensor:
@@ -83,25 +89,36 @@ def scorecam_compare(
             cam = ex(class_idx=1, normalized=False)[0]
         return postprocess(cam, (SIZE, SIZE))
 
-    exact = CamEngine(model, ["scorecam"], layer="layer4")
-    exact(xs[:1])  # traces the model once (a CLI run amortises it over the whole split)
-    approx = CamEngine(model, ["scorecam"], layer="layer4", top_k=top_k or 1)
-    approx._fast = exact._fast
-    fns: dict[str, Callable[[], torch.Tensor]] = {
-        "torchcam": torchcam_score, "ours": lambda: exact(xs).maps["scorecam"],
-    }  # fmt: skip
-    if top_k is not None:
-        fns["topk"] = lambda: approx(xs).maps["scorecam"]
+    def engine(**kw: object) -> CamEngine:
+        eng = CamEngine(model, ["scorecam"], layer="layer4", **kw)  # type: ignore[arg-type]
+        eng(xs[:1])  # traces the model once (a CLI run amortises it over the whole split)
+        return eng
+
+    engines = {"ours": engine()}
+    if extra:
+        engines["topk"] = engine(top_k=TOP_K)
+        engines["bf16"] = engine(score_precision="bf16", score_tol=1e-3)
+        engines["bf16_notol"] = engine(score_precision="bf16", score_tol=float("inf"))
+    fns: dict[str, Callable[[], torch.Tensor]] = {"torchcam": torchcam_score}
+    for name, eng in engines.items():
+        fns[name] = (lambda e: lambda: e(xs).maps["scorecam"])(eng)
+    if extra:
+        masked, fwd = masked_inputs(model, xs), engines["ours"]._fast
+        assert fwd is not None
+        fns["ceiling"] = lambda: torch.cat([fwd(masked[i : i + 256]) for i in
+                                            range(0, len(masked), 256)])  # fmt: skip
     times: dict[str, list[float]] = {k: [] for k in fns}
     outs: dict[str, torch.Tensor] = {}
-    exact.score_stats = ScoreStats()
     for _ in range(repeats):
+        for eng in engines.values():
+            eng.score_stats = ScoreStats()
         for k, fn in fns.items():
             t0 = time.perf_counter()
-            outs[k] = fn()
+            with torch.inference_mode():
+                outs[k] = fn()
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    st = exact.score_stats
+    st = engines["ours"].score_stats
     res = {
         "torchcam_s": round(med["torchcam"], 3), "ours_s": round(med["ours"], 3),
         "speedup": round(med["torchcam"] / med["ours"], 2),
@@ -109,7 +126,9 @@ def scorecam_compare(
         "max_abs_diff": float((outs["ours"] - outs["torchcam"]).abs().max()),
         "pass_fraction": round(st.passes / max(1, st.naive), 4),
     }  # fmt: skip
-    if top_k is not None:
+    if extra:
+        res["fp32_ceiling_s"] = round(med["ceiling"], 3)
+        res["fp32_ceiling_speedup"] = round(med["torchcam"] / med["ceiling"], 2)
         res.update({
             "topk_s": round(med["topk"], 3),
             "topk_speedup_vs_exact": round(med["ours"] / med["topk"], 2),
@@ -117,7 +136,29 @@ def scorecam_compare(
             "topk_mean_pearson": round(pearson(outs["topk"], outs["ours"]), 4),
             "topk_max_abs_diff": float((outs["topk"] - outs["ours"]).abs().max()),
         })  # fmt: skip
+        for name in ("bf16", "bf16_notol"):
+            bst = engines[name].score_stats
+            res.update({
+                f"{name}_s": round(med[name], 3),
+                f"{name}_speedup": round(med["torchcam"] / med[name], 2),
+                f"{name}_max_abs_diff": float((outs[name] - outs["torchcam"]).abs().max()),
+                f"{name}_fp32_pass_fraction": round(bst.passes / max(1, bst.naive), 4),
+            })  # fmt: skip
     return res
+
+
+def masked_inputs(model: torch.nn.Module, xs: torch.Tensor) -> torch.Tensor:
+    """Every image times each of its 512 upsampled layer4 masks: (B * 512, 1, SIZE, SIZE)."""
+    from ensemblecam.cam.scorecam import channel_masks
+
+    acts: list[torch.Tensor] = []
+    hook = model.layer4.register_forward_hook(lambda _m, _i, o: acts.append(o))
+    with torch.no_grad():
+        model(xs)
+    hook.remove()
+    masks = channel_masks(acts[0]).flatten(0, 1)[:, None]
+    up = torch.nn.functional.interpolate(masks, size=(SIZE, SIZE), mode="bilinear")
+    return xs.repeat_interleave(acts[0].shape[1], dim=0) * up
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
@@ -194,7 +235,7 @@ def main() -> None:
     t_train = time.perf_counter() - t_train
     xt, yt = blob_slices(64, seed=3)
     xs = xt[torch.nonzero(yt).flatten()[:SCORE_IMAGES]]  # lesion slices, target = lesion
-    trained = scorecam_compare(model, xs, repeats=3, top_k=TOP_K)
+    trained = scorecam_compare(model, xs, repeats=3, extra=True)
     load = os.getloadavg()
     figures = {
         "bench": "cam",
@@ -210,8 +251,11 @@ def main() -> None:
         "scorecam_model": f"trained {TRAIN_STEPS} Adam steps x {TRAIN_BATCH} blob slices "
         f"(test accuracy {accuracy:.2f}, {t_train:.0f} s)",
         "scorecam_images": len(xs), "scorecam_repeats": 3,
-        **{f"scorecam_{k}": v for k, v in trained.items() if not k.startswith("topk")},
+        **{f"scorecam_{k}": v for k, v in trained.items()
+           if not k.startswith(("topk", "bf16", "fp32"))},
+        **{k: v for k, v in trained.items() if k.startswith("fp32")},
         "topk_k": TOP_K, **{k: v for k, v in trained.items() if k.startswith("topk")},
+        **{f"scorecam_{k}": v for k, v in trained.items() if k.startswith("bf16")},
         "random_scorecam_images": 1, "random_scorecam_repeats": 2,
         **{f"random_scorecam_{k}": v for k, v in rand.items()},
         "score_batch": 256, "scorecam_part_s": round(time.perf_counter() - t_start, 1),

@@ -104,6 +104,8 @@ def test_cli_errors(tiny_store: Path, ckpt: Path, tmp_path: Path) -> None:
         (["--checkpoint", str(ckpt), "--target", "tumour"], "--target"),
         (["--checkpoint", str(tmp_path / "none.pt")], "checkpoint not found"),
         (["--checkpoint", str(ckpt), "--raw", "--dtype", "uint8"], "--raw"),
+        (["--checkpoint", str(ckpt), "--score-precision", "fp16"], "score_precision"),
+        (["--checkpoint", str(ckpt), "--score-tol", "-1"], "score_tol"),
     ]
     for extra, msg in cases:
         r = runner.invoke(app, base + extra)
@@ -115,6 +117,24 @@ def test_cli_errors(tiny_store: Path, ckpt: Path, tmp_path: Path) -> None:
     r = runner.invoke(app, [*base, "--checkpoint", str(ckpt), "--methods", "cam,xgradcam"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "m" / "s4__xgradcam" / "meta.json").is_file()
+
+
+def test_cli_scorecam_bf16_within_tolerance(tiny_store: Path, ckpt: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    base = ["cam", "--store", str(tiny_store), "--checkpoint", str(ckpt), "--accelerator", "cpu",
+            "--methods", "scorecam", "--part", "test", "--dtype", "float32"]  # fmt: skip
+    r = runner.invoke(app, [*base, "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, [*base, "--out", str(tmp_path / "b"), "--score-precision", "bf16",
+                            "--score-tol", "1e-3"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    exact, mixed = (
+        MapSet.open(tmp_path / "a" / "s4__scorecam"),
+        MapSet.open(tmp_path / "b" / "s4__scorecam"),
+    )
+    assert mixed.meta["score_precision"] == "bf16" and mixed.meta["score_tol"] == 1e-3
+    assert exact.meta["score_precision"] == "fp32"
+    assert np.abs(np.asarray(mixed.maps) - np.asarray(exact.maps)).max() <= 1e-3
 
 
 def test_auto_marker_contrasts_with_corner(tmp_path: Path) -> None:

@@ -198,3 +198,14 @@ def test_shipped_configs_are_valid() -> None:
     assert brats.search.operators == ["and", "or", "min", "max"]
     kits = load_config(root / "thesis-kits.yaml")
     assert kits.split.fractions == (0.6, 0.2, 0.2) and kits.run.calibration_part == "val"
+
+
+def test_keys_cover_only_non_default_options() -> None:
+    # a new option added with its default leaves existing keys (and results) valid
+    from ensemblecam.config import CamConfig
+
+    assert pipeline._options(CamConfig(out=Path("elsewhere"), force=True)) == {}
+    assert pipeline._options(CamConfig(score_precision="bf16")) == {"score_precision": "bf16"}
+    base = Config()
+    assert pipeline.config_hash(base) == pipeline.config_hash(Config(cam={"score_tol": 1e-3}))
+    assert pipeline.config_hash(base) != pipeline.config_hash(Config(cam={"score_tol": 1e-2}))

@@ -224,6 +224,14 @@ class CamConfig(DeviceConfig):
     smooth_sigma: float = Field(0.1, ge=0, description="Smooth Grad-CAM++: noise std (input units)")
     top_k: int | None = Field(None, ge=1, description="Score-CAM approximation: top-k channels")
     score_batch: int = Field(256, ge=1, description="Score-CAM masked inputs per forward pass")
+    score_precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="Score-CAM masked passes: fp32 (exact) or bf16 with fp32 re-scoring of the "
+        "most influential channels until the estimated map error is <= score_tol",
+    )
+    score_tol: float = Field(
+        1e-3, ge=0, description="Score-CAM bf16: target max error of a normalised map (inf: none)"
+    )
     seed: int = Field(0, description="seed of Smooth Grad-CAM++ noise")
     force: bool = Field(False, description="replace existing members")
 

@@ -85,7 +85,15 @@ def stable_hash(obj: Any) -> str:
 
 
 def _options(section: Any) -> dict[str, Any]:
-    return {k: v for k, v in section.model_dump(mode="json").items() if k not in _NOT_KEYED}
+    """Keyed options that differ from their defaults (a new option with a default leaves
+    existing keys, and so existing results, valid; changing a default needs a new key)."""
+    opts = section.model_dump(mode="json", exclude_defaults=True)
+    return {k: v for k, v in opts.items() if k not in _NOT_KEYED}
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of a whole configuration's non-default values."""
+    return stable_hash(cfg.model_dump(mode="json", exclude_defaults=True))
 
 
 @dataclass
@@ -148,7 +156,7 @@ def _check_run_folder(root: Path, cfg: Config, force: bool) -> None:
             raise InputError(f"{root}: folder exists and is not a run folder; use --force")
         return
     old = fsutil.read_json(run_file, "run record")
-    new = stable_hash(cfg.model_dump(mode="json"))
+    new = config_hash(cfg)
     if old.get("config_hash") != new and not force:
         raise InputError(
             f"{root}: run folder was made by another configuration "
@@ -166,7 +174,7 @@ def _write_run_record(root: Path, cfg: Config, runner: Runner, started: float,
     timings = {**old.get("timings", {}), **runner.timings}
     fsutil.write_json(root / RUN_FILE, {
         "format": "ensemblecam-run", "version": 1, "status": status,
-        "config_hash": stable_hash(cfg.model_dump(mode="json")),
+        "config_hash": config_hash(cfg),
         "ensemblecam": __version__, "python": platform.python_version(),
         "packages": {"torch": torch.__version__, "monai": monai.__version__,
                      "nibabel": nibabel.__version__, "numpy": np.__version__},
@@ -331,7 +339,7 @@ def _unet_row(cfg: Config, runner: Runner, store: Path, splits: Path, k: int, fd
     from ensemblecam.unet import train_unet
 
     out = fdir / ("unet" if kind == "unet" else "pseudo")
-    key = stable_hash([kind, cfg.unet.model_dump(mode="json"), k, upstream])
+    key = stable_hash([kind, _options(cfg.unet), k, upstream])
     runner.stage(f"{fdir.name}/{kind}", out, key, "unet.json",
                  lambda force: train_unet(cfg.unet, store, splits, k, out, targets=targets,
                                           force=force, progress=runner.progress))

@@ -14,12 +14,13 @@ zeros). ``raw=True`` skips the min-max.
 
 from __future__ import annotations
 
+import copy
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +30,7 @@ from ensemblecam.cam.scorecam import ScoreStats, scorecam_weights
 from ensemblecam.errors import InputError
 
 Target = str | int
+Precision = Literal["fp32", "bf16"]
 
 
 def _spatial_outputs(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str, tuple]]:
@@ -144,6 +146,14 @@ class CamEngine:
         accelerate: run Score-CAM's masked passes through a frozen TorchScript trace of the
             model (``torch.jit.freeze`` + ``optimize_for_inference``), checked against eager
             on the first batch (falls back to eager if tracing fails or disagrees).
+        score_precision: ``"fp32"`` scores every masked input in float32; ``"bf16"`` scores
+            them with a bfloat16 copy of the network (BatchNorm folded in float32 first,
+            channels-last) and re-scores the most influential channels in float32 until
+            the estimated error of the normalised map is <= ``score_tol`` (see
+            :mod:`ensemblecam.cam.scorecam`). Faster only where bfloat16 is native
+            (CPUs with AVX512-BF16 or AMX, recent GPUs).
+        score_tol: target max error of a normalised Score-CAM map in ``"bf16"`` mode
+            (``inf``: no float32 re-scoring).
     """
 
     def __init__(
@@ -158,6 +168,8 @@ class CamEngine:
         score_batch: int = 256,
         top_k: int | None = None,
         accelerate: bool = True,
+        score_precision: Precision = "fp32",
+        score_tol: float = 1e-3,
     ) -> None:
         bad = [m for m in methods if m not in M.METHODS]
         if bad or not methods:
@@ -181,6 +193,10 @@ class CamEngine:
             raise InputError(f"top_k {top_k}: must be >= 1")
         if score_batch < 1:
             raise InputError(f"score_batch {score_batch}: must be >= 1")
+        if score_precision not in ("fp32", "bf16"):
+            raise InputError(f"score_precision {score_precision!r}: expected fp32 or bf16")
+        if not score_tol >= 0:
+            raise InputError(f"score_tol {score_tol}: must be >= 0")
         self.model = model.eval()
         self.methods = list(dict.fromkeys(methods))
         self.layer = layer
@@ -192,7 +208,10 @@ class CamEngine:
         self.score_batch = score_batch
         self.top_k = top_k
         self.accelerate = accelerate
+        self.score_precision = score_precision
+        self.score_tol = score_tol
         self._fast: Callable[[Tensor], Tensor] | None = None
+        self._coarse: Callable[[Tensor], Tensor] | None = None
         self.score_stats = ScoreStats()
         self._capture = False
         self._need_grad = False
@@ -232,7 +251,7 @@ class CamEngine:
 
     def close(self) -> None:
         """Drop cached traced models (hooks never outlive a call)."""
-        self._fast = None
+        self._fast = self._coarse = None
 
     def __enter__(self) -> CamEngine:
         return self
@@ -259,23 +278,54 @@ class CamEngine:
         return logits, self._acts[0]
 
     def _score_forward(self, x_example: Tensor) -> Callable[[Tensor], Tensor]:
-        if not self.accelerate:
-            return self.model
         if self._fast is None:
-            self._fast = self.model
-            try:
-                with warnings.catch_warnings(), torch.no_grad():
-                    warnings.simplefilter("ignore")
-                    traced = torch.jit.trace(self.model, x_example, check_trace=False)
-                    fast = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
-                    ref, got = self.model(x_example), fast(x_example)
-                    if torch.allclose(
-                        ref, got, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-5
-                    ):
-                        self._fast = fast
-            except Exception:
-                self._fast = self.model
+            self._fast = self._traced(self.model, x_example, 1e-4, optimize=True)
         return self._fast
+
+    def _coarse_forward(self, x_example: Tensor) -> Callable[[Tensor], Tensor] | None:
+        """The bfloat16 network of ``score_precision="bf16"`` (float32 logits out)."""
+        if self.score_precision == "fp32":
+            return None
+        if self._coarse is None:
+            net = copy.deepcopy(self.model)
+            try:  # fold BatchNorm into the convolutions while still in float32
+                from torch.fx.experimental.optimization import fuse
+
+                net = fuse(net)
+            except Exception:
+                pass
+            fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(
+                x_example.ndim, torch.contiguous_format
+            )
+            net = net.to(torch.bfloat16).to(memory_format=fmt)
+            example = x_example.to(torch.bfloat16).contiguous(memory_format=fmt)
+            traced = self._traced(net, example, 5e-2, optimize=False)
+
+            def coarse(t: Tensor) -> Tensor:
+                return traced(t.to(torch.bfloat16).contiguous(memory_format=fmt)).float()
+
+            self._coarse = coarse
+        return self._coarse
+
+    def _traced(
+        self, net: nn.Module, example: Tensor, rtol: float, optimize: bool
+    ) -> Callable[[Tensor], Tensor]:
+        """A frozen TorchScript trace of ``net`` when ``accelerate`` is on and the trace
+        agrees with eager within ``rtol`` on ``example``; else ``net`` itself."""
+        if not self.accelerate:
+            return net
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                fast = torch.jit.freeze(torch.jit.trace(net, example, check_trace=False))
+                if optimize:
+                    fast = torch.jit.optimize_for_inference(fast)
+                ref, got = net(example).float(), fast(example).float()
+                if torch.allclose(ref, got, rtol=rtol, atol=rtol * float(ref.abs().max()) + 1e-5):
+                    return fast
+        except Exception:
+            pass
+        return net
 
     def _smooth_grads(
         self, x: Tensor, target: Tensor, keys: Sequence[int]
@@ -364,8 +414,11 @@ class CamEngine:
                 )
             return M.combine(a, M.cam_weights(fc.weight.detach(), target))
         if method == "scorecam":
-            fwd = self._score_forward(x[: min(len(x), 2)])
-            w = scorecam_weights(fwd, x, a, target, self.score_batch, self.top_k, self.score_stats)
+            example = x[: min(len(x), 2)]
+            w = scorecam_weights(
+                self._score_forward(example), x, a, target, self.score_batch, self.top_k,
+                self.score_stats, self._coarse_forward(example), self.score_tol,
+            )  # fmt: skip
             return M.combine(a, w)
         assert g is not None
         if method == "gradcam":

@@ -182,6 +182,7 @@ def _plan_record(plan: CamPlan, k: int, method: str) -> dict[str, Any]:
         "index_sum": int(plan.indices.sum()),
         "smooth": [cfg.smooth_n, cfg.smooth_sigma, cfg.seed],
         "top_k": cfg.top_k,
+        "score_precision": [cfg.score_precision, cfg.score_tol] if method == "scorecam" else None,
         "store": str(Path(cfg.store).resolve()),
     }
 
@@ -229,7 +230,8 @@ def _run(fabric: Any, plan: CamPlan, progress: bool | None, stop_after: int | No
         model = model.to(fabric.device)
         engine = CamEngine(
             model, methods, plan.layers[k], _target(cfg.target), cfg.smooth_n, cfg.smooth_sigma,
-            cfg.seed, cfg.score_batch, cfg.top_k,
+            cfg.seed, cfg.score_batch, cfg.top_k, score_precision=cfg.score_precision,
+            score_tol=cfg.score_tol,
         )  # fmt: skip
         maps = [np.load(p / "maps.npy", mmap_mode="r+") for p in partials]
         probs = [np.load(p / "probs.npy", mmap_mode="r+") for p in partials]
@@ -277,6 +279,8 @@ def _run(fabric: Any, plan: CamPlan, progress: bool | None, stop_after: int | No
                     "fold": cfg.fold, "splits": None if cfg.splits is None else str(cfg.splits),
                     "smooth_n": cfg.smooth_n, "smooth_sigma": cfg.smooth_sigma,
                     "top_k": cfg.top_k, "score": "logit" if method == "scorecam" else None,
+                    "score_precision": cfg.score_precision if method == "scorecam" else None,
+                    "score_tol": cfg.score_tol if method == "scorecam" else None,
                 }  # fmt: skip
                 shutil.rmtree(partial / "done")
                 (partial / PLAN_FILE).unlink()

@@ -58,6 +58,12 @@ def cam_command(
     raw: Annotated[bool | None, Opt("--raw/--normalised", help="Store un-normalised maps.")] = None,
     batch_size: Annotated[int | None, Opt("--batch-size", help="Slices per batch.")] = None,
     top_k: Annotated[int | None, Opt("--top-k", help="Score-CAM: keep top-k channels.")] = None,
+    score_precision: Annotated[
+        str | None, Opt("--score-precision", help="Score-CAM passes: fp32 (exact) or bf16.")
+    ] = None,
+    score_tol: Annotated[
+        float | None, Opt("--score-tol", help="Score-CAM bf16: max map error (inf: none).")
+    ] = None,
     smooth_n: Annotated[int | None, Opt("--smooth-n", help="Smooth Grad-CAM++ samples.")] = None,
     smooth_sigma: Annotated[float | None, Opt("--smooth-sigma", help="Noise std.")] = None,
     accelerator: AcceleratorOption = None,
@@ -75,7 +81,8 @@ def cam_command(
         fold=None if fold is None else (int(fold) if fold.isdigit() else fold),
         parts=split_csv(part), checkpoints=checkpoint or None, tags=tag or None,
         methods=split_csv(methods), out=out, layer=layer, target=target, dtype=dtype, raw=raw,
-        batch_size=batch_size, top_k=top_k, smooth_n=smooth_n, smooth_sigma=smooth_sigma,
+        batch_size=batch_size, top_k=top_k, score_precision=score_precision,
+        score_tol=score_tol, smooth_n=smooth_n, smooth_sigma=smooth_sigma,
         accelerator=accelerator, devices=_devices(devices), num_nodes=num_nodes,
         strategy=strategy, force=force or None,
     )  # fmt: skip
