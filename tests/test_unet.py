@@ -181,14 +181,16 @@ def test_bad_inputs_are_one_line_errors(tiny_store: Path, tmp_path: Path) -> Non
     fails("store has no masks", store=_maskless(tmp_path / "nomask"))
     npz = tmp_path / "m.npz"
     np.savez(npz, index=np.array([0, 10_000]), masks=np.zeros((2, 32, 32), np.uint8))
-    fails("unknown store indices", npz)
+    fails("pseudo-labels: unknown store index 10000", npz)
     np.savez(npz, index=np.array([0, 1]), masks=np.zeros((2, 16, 16), np.uint8))
-    fails(r"'masks' has shape \(2, 16, 16\)", npz)
+    fails(r"mask array shape \(2, 16, 16\) does not match", npz)
     np.savez(npz, index=np.array([0, 0]), masks=np.zeros((2, 32, 32), np.uint8))
-    fails("more than once", npz)
+    fails("store index 0 appears more than once", npz)
     np.savez(npz, idx=np.array([0]))
-    fails("needs arrays 'index' and 'masks'", npz)
-    fails("pseudo-label file not found", tmp_path / "missing.npz")
+    fails("expected arrays 'index' and 'masks'", npz)
+    fails("missing.npz: masks file not found", tmp_path / "missing.npz")
+    np.savez(npz, index=np.array([0]), masks=np.full((1, 32, 32), 2, np.uint8))
+    fails("masks must be 0/1, found value 2", npz)
     test = SliceStore.open(tiny_store).indices_for_cases(
         get_fold(tiny_store / "splits.json", 0).test)  # fmt: skip
     np.savez(npz, index=test, masks=np.zeros((len(test), 32, 32), np.uint8))

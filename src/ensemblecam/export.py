@@ -222,7 +222,7 @@ def check_slice_arrays(
     return idx, arr
 
 
-def _check_binary(masks: np.ndarray, what: str) -> None:
+def check_binary(masks: np.ndarray, what: str) -> None:
     """Masks must hold only 0 and 1 (checked per case, so large stores stay memory-mapped)."""
     if masks.dtype == bool:
         return
@@ -314,7 +314,7 @@ def _write_volumes(
             order = sel[np.argsort(idx[sel], kind="stable")]
             values = np.asarray(arr[order])
             if job_kind == "mask":
-                _check_binary(values, f"masks of case {name!r}")
+                check_binary(values, f"masks of case {name!r}")
             geometry = store.cases[name]
             volume = slices_to_volume(
                 geometry, _case_rows(store, idx[order]), values,

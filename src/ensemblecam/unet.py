@@ -43,6 +43,7 @@ from ensemblecam import __version__, fsutil, models
 from ensemblecam.config import UNetConfig
 from ensemblecam.errors import InputError
 from ensemblecam.evaluate import score, slice_counts
+from ensemblecam.export import check_binary, check_slice_arrays, load_slice_arrays
 from ensemblecam.split import Fold, get_fold
 from ensemblecam.store import SliceStore
 from ensemblecam.train import (
@@ -185,35 +186,13 @@ class MaskDataset(StoreDataset):
 
 
 def read_pseudo_masks(path: str | Path, store: SliceStore) -> tuple[np.ndarray, np.ndarray]:
-    """(index int64 (n,), masks uint8 (n, H, W)) of a masks.npz, checked against ``store``."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: pseudo-label file not found")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if "index" not in npz or "masks" not in npz:
-                raise InputError(f"{path}: needs arrays 'index' and 'masks', has {npz.files}")
-            index, masks = npz["index"], npz["masks"]
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable .npz file ({exc})") from exc
-    if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
-        raise InputError(f"{path}: 'index' must be 1-D integers, got {index.dtype} {index.shape}")
-    h, w = store.size
-    if masks.shape != (len(index), h, w):
-        raise InputError(
-            f"{path}: 'masks' has shape {masks.shape}, expected ({len(index)}, {h}, {w}) "
-            f"(one {h}x{w} mask per index, as the store {store.path})"
-        )
-    bad = index[(index < 0) | (index >= store.n_slices)]
-    if bad.size:
-        raise InputError(
-            f"{path}: unknown store indices {bad[:5].tolist()} (store has {store.n_slices})"
-        )
-    if len(np.unique(index)) != len(index):
-        raise InputError(f"{path}: 'index' lists a slice more than once")
-    if masks.dtype != bool and masks.size and (masks.min() < 0 or masks.max() > 1):
-        raise InputError(f"{path}: 'masks' must hold 0/1 values, found {masks.max()}")
-    return index.astype(np.int64), masks.astype(np.uint8)
+    """(index int64 (n,), masks uint8 (n, H, W)) of a masks.npz (or a folder holding one),
+    checked against ``store`` as exported masks are."""
+    index, masks = check_slice_arrays(
+        store, *load_slice_arrays(path, "masks"), "mask", f"{path}: pseudo-labels"
+    )
+    check_binary(masks, f"{path}: pseudo-labels")
+    return index, masks.astype(np.uint8)
 
 
 def _targets(
