@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +52,26 @@ def one_line_errors(fn: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def int_or_str(value: str | None) -> int | str | None:
+    """``"3"`` -> 3, ``"auto"`` / ``"fold-a"`` stay strings; None stays None (--devices, --fold)."""
+    if value is None:
+        return None
+    return int(value) if value.strip().isdigit() else value
+
+
+def json_object(value: str | None, flag: str) -> dict[str, Any] | None:
+    """Parse ``flag``'s value as a JSON object; None stays None."""
+    if value is None:
+        return None
+    try:
+        obj = json.loads(value)
+    except ValueError as exc:
+        raise InputError(f"{flag} {value!r}: not a JSON object ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise InputError(f"{flag} {value!r}: not a JSON object")
+    return obj
 
 
 def split_csv(value: str | None, cast: Callable[[str], Any] = str) -> list[Any] | None:

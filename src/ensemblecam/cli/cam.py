@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -21,19 +20,14 @@ from ensemblecam.cli._common import (
     SplitsOption,
     StoreOption,
     StrategyOption,
+    int_or_str,
+    json_object,
     one_line_errors,
     split_csv,
 )
 from ensemblecam.config import section
-from ensemblecam.errors import InputError
 
 Opt = typer.Option
-
-
-def _devices(value: str | None) -> int | str | None:
-    if value is None:
-        return None
-    return int(value) if value.strip().isdigit() else value
 
 
 @app.command("cam")
@@ -78,12 +72,12 @@ def cam_command(
 
     cfg = section(
         config, "cam", store=store, splits=splits,
-        fold=None if fold is None else (int(fold) if fold.isdigit() else fold),
+        fold=int_or_str(fold),
         parts=split_csv(part), checkpoints=checkpoint or None, tags=tag or None,
         methods=split_csv(methods), out=out, layer=layer, target=target, dtype=dtype, raw=raw,
         batch_size=batch_size, top_k=top_k, score_precision=score_precision,
         score_tol=score_tol, smooth_n=smooth_n, smooth_sigma=smooth_sigma,
-        accelerator=accelerator, devices=_devices(devices), num_nodes=num_nodes,
+        accelerator=accelerator, devices=int_or_str(devices), num_nodes=num_nodes,
         strategy=strategy, force=force or None,
     )  # fmt: skip
     result = run_cam(cfg, progress=None)
@@ -130,11 +124,9 @@ def sanity_command(
         if value is not None:
             opts[key] = value
     if model_args is not None:
-        try:
-            opts["model_args"] = json.loads(model_args)
-        except ValueError as exc:
-            raise InputError(f"--model-args {model_args!r}: not JSON ({exc})") from exc
-    fold_v: int | str = int(fold) if fold.isdigit() else fold
+        opts["model_args"] = json_object(model_args, "--model-args")
+    fold_v = int_or_str(fold)
+    assert fold_v is not None
     with tempfile.TemporaryDirectory(prefix="ensemblecam-sanity-") as tmp:
         res = run_sanity(
             store, work or tmp, splits, fold_v, model, method, marker_size, marker,

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -19,29 +18,11 @@ from ensemblecam.cli._common import (
     SplitsOption,
     StoreOption,
     StrategyOption,
+    int_or_str,
+    json_object,
     one_line_errors,
 )
 from ensemblecam.config import section
-from ensemblecam.errors import InputError
-
-
-def _int_or_str(value: str | None) -> int | str | None:
-    if value is None:
-        return None
-    return int(value) if value.strip().isdigit() else value
-
-
-def _model_args(value: str | None) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    try:
-        args = json.loads(value)
-    except ValueError as exc:
-        raise InputError(f"--model-args {value!r}: not a JSON object ({exc})") from exc
-    if not isinstance(args, dict):
-        raise InputError(f"--model-args {value!r}: not a JSON object")
-    return args
-
 
 Opt = typer.Option
 
@@ -98,11 +79,11 @@ def train_command(
 
     cfg = section(
         config, "train",
-        store=store, splits=splits, fold=_int_or_str(fold), model=model,
-        model_args=_model_args(model_args), preset=preset, out=out, epochs=epochs,
+        store=store, splits=splits, fold=int_or_str(fold), model=model,
+        model_args=json_object(model_args, "--model-args"), preset=preset, out=out, epochs=epochs,
         batch_size=batch_size, lr=lr, optimizer=optimizer, augment=augment,
         imbalance=imbalance, monitor=monitor, val_part=val_part, seed=seed,
-        accelerator=accelerator, devices=_int_or_str(devices), num_nodes=num_nodes,
+        accelerator=accelerator, devices=int_or_str(devices), num_nodes=num_nodes,
         strategy=strategy, precision=precision, workers=workers, weights=weights,
         resume=True if resume else None, force=True if force else None,
     )  # fmt: skip

@@ -13,17 +13,12 @@ from ensemblecam.cli._common import (
     ConfigOption,
     DevicesOption,
     ForceOption,
+    int_or_str,
     one_line_errors,
 )
 from ensemblecam.config import section
 
 Opt = typer.Option
-
-
-def _int_or_str(value: str | None) -> int | str | None:
-    if value is None:
-        return None
-    return int(value) if value.strip().isdigit() else value
 
 
 @app.command("unet")
@@ -67,9 +62,9 @@ def unet_command(
 
     cfg = section(
         config, "unet", epochs=epochs, batch_size=batch_size, lr=lr, val_targets=val_targets,
-        seed=seed, accelerator=accelerator, devices=_int_or_str(devices),
+        seed=seed, accelerator=accelerator, devices=int_or_str(devices),
     )  # fmt: skip
-    fold_key = _int_or_str(fold)
+    fold_key = int_or_str(fold)
     assert fold_key is not None
     result = train_unet(cfg, store, splits, fold_key, out, targets, force=force)
     if result is None:
