@@ -10,6 +10,7 @@ from torch import nn
 from ensemblecam.cam import CamEngine, compute_cams, find_target_layer, minmax, postprocess
 from ensemblecam.cam.engine import spatial_layers
 from ensemblecam.errors import InputError
+from nets import small_resnet
 
 # x_ij = 0..15 row-major on a 4x4 image
 X = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4)
@@ -100,13 +101,6 @@ def test_hand_computed_cam_and_scorecam() -> None:
     s = np.array([score(XN * XN / 15), score(XN * (15 - XN) / 15)])
     w = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
     np.testing.assert_allclose(sc, _norm(w[0] * XN + w[1] * (15 - XN)), atol=1e-5)
-
-
-def small_resnet() -> nn.Module:
-    from monai.networks.nets import resnet10
-
-    torch.manual_seed(0)
-    return resnet10(spatial_dims=2, n_input_channels=1, num_classes=2, widen_factor=0.25).eval()
 
 
 @pytest.fixture(scope="module")

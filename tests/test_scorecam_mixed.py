@@ -19,13 +19,7 @@ from ensemblecam.cam.scorecam import (
     scorecam_weights,
 )
 from ensemblecam.errors import InputError
-
-
-def small_resnet() -> nn.Module:
-    from monai.networks.nets import resnet10
-
-    torch.manual_seed(0)
-    return resnet10(spatial_dims=2, n_input_channels=1, num_classes=2, widen_factor=0.5).eval()
+from nets import small_resnet
 
 
 def test_error_profile_hand_computed() -> None:
@@ -48,7 +42,7 @@ def test_error_sigma_hand_computed() -> None:
 
 
 def _inputs() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
-    model = small_resnet()
+    model = small_resnet(0.5)
     torch.manual_seed(3)
     x = torch.rand(2, 1, 64, 64)
     acts = {}
@@ -104,7 +98,7 @@ def test_tolerance_is_met(tol: float) -> None:
 
 
 def test_engine_bf16_close_to_fp32() -> None:
-    model = small_resnet()
+    model = small_resnet(0.5)
     torch.manual_seed(4)
     x = torch.rand(2, 1, 64, 64)
     exact = CamEngine(model, ["scorecam"])(x).maps["scorecam"]
@@ -117,10 +111,7 @@ def test_engine_bf16_close_to_fp32() -> None:
 
 
 def test_engine_bf16_3d() -> None:
-    from monai.networks.nets import resnet10
-
-    torch.manual_seed(0)
-    net = resnet10(spatial_dims=3, n_input_channels=1, num_classes=2, widen_factor=0.25).eval()
+    net = small_resnet(spatial_dims=3)
     x = torch.rand(1, 1, 16, 16, 16)
     exact = CamEngine(net, ["scorecam"])(x).maps["scorecam"]
     mixed = CamEngine(net, ["scorecam"], score_precision="bf16", score_tol=1e-3)(x)
@@ -129,7 +120,7 @@ def test_engine_bf16_3d() -> None:
 
 
 def test_bad_precision_options() -> None:
-    model = small_resnet()
+    model = small_resnet(0.5)
     with pytest.raises(InputError, match="score_precision 'fp16'"):
         CamEngine(model, ["scorecam"], score_precision="fp16")  # type: ignore[arg-type]
     with pytest.raises(InputError, match="score_tol -1"):

@@ -166,11 +166,13 @@ def scorecam_weights(
     row_of = torch.full((b, k), -1, dtype=torch.long, device=dev)
     uniq_masks: list[Tensor] = []
     owners: list[Tensor] = []
+    n_rows = 0
     for i in range(b):
         ch = torch.nonzero(keep[i] & ~zero[i]).flatten()
         if ch.numel():
             uniq, inverse = torch.unique(flat[i, ch], dim=0, return_inverse=True)
-            row_of[i, ch] = inverse + sum(len(u) for u in uniq_masks)
+            row_of[i, ch] = inverse + n_rows
+            n_rows += len(uniq)
             uniq_masks.append(uniq)
             owners.append(torch.full((uniq.shape[0],), i, dtype=torch.long, device=dev))
     if not uniq_masks:
