@@ -111,9 +111,11 @@ def test_cli_errors(tiny_store: Path, ckpt: Path, tmp_path: Path) -> None:
         r = runner.invoke(app, base + extra)
         assert r.exit_code == 2, (extra, r.output)
         assert msg in r.output and r.output.count("\n") == 1, r.output
+        assert not (tmp_path / "m").exists(), extra  # refused before anything is written
     small = _checkpoint(tmp_path / "runs" / "small" / "best.pt", ["flair"], [16, 16])
     r = runner.invoke(app, [*base, "--checkpoint", str(small)])
     assert r.exit_code == 2 and "[16, 16] slices" in r.output
+    assert not (tmp_path / "m").exists()
     r = runner.invoke(app, [*base, "--checkpoint", str(ckpt), "--methods", "cam,xgradcam"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "m" / "s4__xgradcam" / "meta.json").is_file()
