@@ -292,8 +292,8 @@ def test_cli_masks_and_maps_npz(two_case_store, tmp_path: Path) -> None:
     res = _cli(["--store", str(store.path), "--masks", str(tmp_path), "--maps",
                 str(tmp_path / "maps.npz"), "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in out.iterdir()) == ["index.json", "perm.nii.gz",
-                                                     "perm_map.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [".ensemblecam", "index.json",
+                                                     "perm.nii.gz", "perm_map.nii.gz"]
     rows = [{k: store.table[k][i] for k in ("slice", "part", "y0", "y1", "x0", "x1")}
             for i in sel]
     geo = store.cases["perm"]
@@ -324,7 +324,7 @@ def test_map_store_member_is_accepted(two_case_store, tmp_path: Path) -> None:
                 "--out", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
-        "index.json", "lps_map.nii.gz", "perm_map.nii.gz"]
+        ".ensemblecam", "index.json", "lps_map.nii.gz", "perm_map.nii.gz"]
 
 
 def _bad(tmp_path: Path, store: SliceStore, index: np.ndarray, masks: np.ndarray,

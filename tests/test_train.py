@@ -120,7 +120,8 @@ def test_small_resnet_learns(tmp_path: Path) -> None:
     out = train.train_classifier(cfg, progress=False)
     assert out == tmp_path / "run"
     assert sorted(p.name for p in out.iterdir()) == [
-        "best.pt", "confusion_matrix.png", "last.pt", "learning_curve.png", "metrics.csv",
+        ".ensemblecam", "best.pt", "confusion_matrix.png", "last.pt", "learning_curve.png",
+        "metrics.csv",
         "train.json",
     ]  # fmt: skip
     for png in ("learning_curve.png", "confusion_matrix.png"):
@@ -246,19 +247,24 @@ def test_cli_one_line_errors(tmp_path: Path, tiny_store: Path) -> None:
 
 def test_resnet_learns_on_brats_phantom(tmp_path: Path) -> None:
     """The built-in phantom is a real weak-supervision task: a small ResNet separates lesion
-    from lesion-free slices of held-out cases after 3 epochs (confounder spots included)."""
+    from lesion-free slices of held-out cases after 6 epochs (confounder spots included).
+
+    Margin measured over seeds 0-7 (phantom and training seed together): held-out AUROC
+    0.853-0.978 with AVX-512 CPU kernels and 0.865-0.971 with AVX2 kernels
+    (ONEDNN_MAX_CPU_ISA=AVX2); the bound 0.75 lies well below the worst. (The earlier
+    3-epoch, 14-case version ranged 0.63-0.98 over seeds: too thin a margin.)"""
     from ensemblecam.config import PrepareConfig, SplitConfig, SynthConfig
     from ensemblecam.prepare import prepare_store
     from ensemblecam.split import make_splits
     from ensemblecam.synth import synth_dataset
 
-    data = synth_dataset(SynthConfig(out=tmp_path / "phantom", n_cases=14, shape=(64, 64, 24),
+    data = synth_dataset(SynthConfig(out=tmp_path / "phantom", n_cases=20, shape=(64, 64, 24),
                                      seed=0, workers=2))
     store = prepare_store(PrepareConfig(data=data, out=tmp_path / "store", workers=2))
     make_splits(SplitConfig(store=store, folds=3, val_fraction=0.2))
     cfg = TrainConfig(
         store=store, out=tmp_path / "run", model="resnet10", model_args={"widen_factor": 0.5},
-        epochs=3, batch_size=16, optimizer="adam", lr=2e-3, monitor="val_loss",
+        epochs=6, batch_size=16, optimizer="adam", lr=2e-3, monitor="val_loss",
         accelerator="cpu",
     )  # fmt: skip
     out = train.train_classifier(cfg, progress=False)
@@ -267,4 +273,4 @@ def test_resnet_learns_on_brats_phantom(tmp_path: Path) -> None:
     model, _ = models.load_checkpoint(out / "best.pt")
     prob, y = train.predict(model, test_ds)
     assert 0 < y.mean() < 1
-    assert train.classifier_metrics(y, prob)["auroc"] > 0.8
+    assert train.classifier_metrics(y, prob)["auroc"] > 0.75

@@ -3,11 +3,18 @@
 A YAML config holds any subset of the sections below (``synth:``, ``prepare:``,
 ``split:``, ...). Unknown keys and wrong types are refused with the key named. On the
 command line, flags given explicitly override the config file's values.
+
+Limits: a config file is UTF-8 text of at most ``MAX_YAML_BYTES`` (1 MiB), read with
+PyYAML's safe loader (no Python objects) with at most ``MAX_YAML_ALIASES`` alias uses
+(``*name``) and a size (nodes + scalar characters) of at most ``MAX_YAML_NODES`` (4 Mi)
+once aliases are expanded, so an "alias bomb" is refused before it is expanded. Values
+quoted in error messages are cut to ``MAX_SHOWN`` (300) characters.
 """
 
 from __future__ import annotations
 
 import os
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,6 +84,10 @@ class PrepareConfig(Section):
         0.0, ge=0.0, le=1.0, description="slice label 1 only above this lesion fraction"
     )
     dtype: Literal["float16", "float32"] = Field("float16", description="image dtype on disk")
+    nonfinite: Literal["error", "replace"] = Field(
+        "error", description="NaN/Inf voxels: refuse the file, or replace them by the "
+        "volume's finite minimum (0 if none) and print how many"
+    )
     workers: int = Field(2, ge=1, description="parallel processes")
 
 
@@ -163,7 +174,10 @@ class SearchConfig(Section):
     operators: list[str] = Field(
         ["and", "or", "min", "max"], description="and, or, min, max, vote[:k], mean"
     )
-    grid: str = Field("0:0.9:0.1", description="thresholds start:stop:step or a,b,c")
+    grid: str = Field(
+        "0:0.9:0.1", description="thresholds start:stop:step or a,b,c (at most 10,001; a "
+        "search scores at most 1,000,000 configurations)"
+    )
     objective: str = Field("paper_miou", description="metric that ranks configurations")
     gate: bool = Field(False, description="also search classifier gating")
     gate_grid: str = Field("0.1:0.9:0.1", description="gate probability thresholds")
@@ -195,6 +209,8 @@ class EvaluateConfig(Section):
     min_lesion_fraction: float = Field(0.02, ge=0.0, lt=1.0, description="see search")
     classifier_threshold: float = Field(0.5, description="prob >= this: slice called positive")
     hd95: bool = Field(False, description="also compute HD95 per case (voxels)")
+    nsd_tolerance_mm: float = Field(1.0, ge=0.0, allow_inf_nan=False,
+                                    description="normalised surface Dice tolerance (mm)")
     chunk: int = Field(256, ge=1, description="slices per chunk")
     out: Path = Field(Path("eval"), description="output folder")
 
@@ -295,12 +311,127 @@ class Config(Section):
     unet: UNetConfig = UNetConfig()
 
 
+MAX_YAML_BYTES = 2**20  #: largest config file read (1 MiB)
+MAX_YAML_ALIASES = 100  #: most alias uses (``*name``) in one config
+#: largest config once aliases are expanded: nodes + characters of scalars (4 Mi)
+MAX_YAML_NODES = 4 * 2**20
+MAX_SHOWN = 300  #: longest value (its repr) quoted in an error message
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = MAX_SHOWN
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 20
+_REPR.maxlevel = 3
+
+
+def short_repr(value: Any, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)`` on one line, cut to ``limit`` characters (``...`` marks a cut).
+
+    Built with ``reprlib`` (long strings and containers abbreviated while written), so
+    a huge value costs O(limit), not O(len(value)).
+    """
+    text = " ".join(_REPR.repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def one_line(text: str, limit: int = 4 * MAX_SHOWN) -> str:
+    """``text`` with line breaks folded into spaces, cut to ``limit`` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _format_error(exc: ValidationError, source: str) -> str:
     err = exc.errors()[0]
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
-        return f"{source}: unknown key {key!r}"
-    return f"{source}: key {key!r}: {err['msg']} (got {err.get('input')!r})"
+        return f"{source}: unknown key {short_repr(key)}"
+    return (f"{source}: key {short_repr(key)}: {one_line(err['msg'], MAX_SHOWN)} "
+            f"(got {short_repr(err.get('input'))})")
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader counting alias uses (at most ``MAX_YAML_ALIASES``)."""
+
+    def __init__(self, stream: str, source: str) -> None:
+        super().__init__(stream)
+        self.name = self.source = source  # shown in PyYAML's error marks
+        self.aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise InputError(f"{self.source}: more than {MAX_YAML_ALIASES} YAML aliases "
+                                 f"(*name); write the values out")
+        return super().compose_node(parent, index)
+
+
+def _expanded_size(node: yaml.Node, source: str) -> int:
+    """Size of ``node`` with every alias expanded: nodes + characters of scalars.
+
+    Memoised per node, so linear in the composed (unexpanded) document.
+    """
+    sizes: dict[int, int] = {}
+
+    def size(n: yaml.Node) -> int:
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        sizes[key] = 1  # a recursive alias counts once here; the constructor refuses it
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            total += sum(size(c) for c in n.value)
+        elif isinstance(n, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in n.value)
+        else:
+            total += len(n.value)
+        if total > MAX_YAML_NODES:
+            raise InputError(f"{source}: YAML larger than {MAX_YAML_NODES:,} values and "
+                             f"characters once aliases are expanded; not a config")
+        sizes[key] = total
+        return total
+
+    return size(node)
+
+
+def load_yaml_text(text: str, source: str) -> Any:
+    """Parse YAML ``text`` with the safe loader and the alias/size limits above."""
+    loader = _LimitedLoader(text, source)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, source)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise InputError(f"{source}: not valid YAML ({one_line(str(exc))})") from exc
+    except RecursionError as exc:
+        raise InputError(f"{source}: YAML nested too deeply") from exc
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """Read the YAML file at ``path`` (UTF-8, at most ``MAX_YAML_BYTES``); see load_yaml_text."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found")
+    try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise InputError(f"{path}: config file of {size:,} bytes; at most "
+                             f"{MAX_YAML_BYTES:,} bytes (1 MiB) are read")
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_YAML_BYTES + 1)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read config file ({exc.strerror})") from exc
+    if len(raw) > MAX_YAML_BYTES:
+        raise InputError(f"{path}: config file over {MAX_YAML_BYTES:,} bytes (1 MiB)")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                         f"{exc.start})") from exc
+    return load_yaml_text(text, str(path))
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:
@@ -308,12 +439,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     if path is None:
         return Config()
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({exc})") from exc
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise InputError(f"{path}: a config must be a mapping of sections")
     try:

@@ -6,5 +6,8 @@ message that names the file or value and says what is wrong. The CLI prints it a
 """
 
 
-class InputError(Exception):
-    """A user-facing input problem: the message names the file or value and the fault."""
+class InputError(ValueError):
+    """A user-facing input problem: the message names the file or value and the fault.
+
+    A :class:`ValueError`, so library code that catches bad values catches it too.
+    """

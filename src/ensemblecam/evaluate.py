@@ -2,20 +2,37 @@
 
 :func:`apply_config` is the reference semantics of the operators (search.py must agree
 with it exactly); export/predict reuse it. Masks are read only to score.
+
+Per-case 3-D metrics (:func:`case_row`, columns :data:`CASE_COLUMNS` of ``per_case.csv``
+and ``per_case_empty.csv``): each case's evaluated slices (predicted and reference) are
+put back into the scan's voxel grid with the store's geometry
+(:func:`ensemblecam.export.slices_to_volume`; voxels outside the stored windows are
+background in both) and scored in the scan's voxel spacing (mm, from its affine):
+HD95 and NSD through MONAI, BraTS 2023 lesion-wise Dice/HD95, lesion detection
+(:func:`ensemblecam.metrics.case_metrics`).
+
+Over cases (:func:`add_case_statistics`, called by ``ensemblecam run``): per result row,
+the per-case values of every fold pooled (a case is identified by (fold, case)), their
+mean with a seeded percentile-bootstrap 95% CI, and paired Wilcoxon signed-rank tests of
+the chosen configuration against every other row on the same cases.
 """
 
 from __future__ import annotations
 
+import csv
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from nibabel.affines import voxel_sizes
 from tqdm import tqdm
 
 from ensemblecam import fsutil, metrics
 from ensemblecam.config import EvaluateConfig
 from ensemblecam.errors import InputError
+from ensemblecam.export import slices_to_volume
 from ensemblecam.mapstore import dequantise
 from ensemblecam.search import (
     CONFIG_KEYS,
@@ -165,6 +182,180 @@ def case_hd95(pred_volume: np.ndarray, gt_volume: np.ndarray,
     return metrics.hd95(pred_volume, gt_volume, spacing)
 
 
+#: Per-case 3-D columns of :func:`case_row` (volumes in scan spacing; HD95 in mm).
+CASE_COLUMNS = ("dice", "iou", "hd95_mm", "nsd", "lesionwise_dice", "lesionwise_hd95_mm",
+                "lesion_sensitivity", "ref_lesions", "detected_lesions", "missed_lesions",
+                "fp_lesions", "small_ref_lesions", "ref_voxels", "pred_voxels")
+_MM = {"hd95": "hd95_mm", "lesionwise_hd95": "lesionwise_hd95_mm"}
+#: Per-case metrics given with a bootstrap CI and a paired test, and their direction.
+STAT_METRICS = {"dice": "higher", "nsd": "higher", "hd95_mm": "lower",
+                "lesionwise_dice": "higher", "lesionwise_hd95_mm": "lower",
+                "lesion_sensitivity": "higher", "fp_lesions": "lower"}
+#: Bootstrap resamples and seed of every CI (fixed: results are reproducible).
+N_BOOT = 2000
+BOOT_SEED = 0
+
+
+def case_row(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
+             nsd_tolerance_mm: float = 1.0, **lesion_options: Any) -> dict[str, Any]:
+    """:func:`ensemblecam.metrics.case_metrics` of one case's volumes in scan ``spacing``
+    (mm), keyed by :data:`CASE_COLUMNS` (the HD95 columns named ``_mm``)."""
+    m = metrics.case_metrics(pred, gt, spacing, nsd_tolerance_mm, **lesion_options)
+    return {_MM.get(k, k): v for k, v in m.items()}
+
+
+def case_conventions(nsd_tolerance_mm: float, **lesion_options: Any) -> dict[str, Any]:
+    """The parameters behind the per-case columns (written beside them)."""
+    lw = {"dilation": metrics.BRATS_DILATION, "dilation_connectivity": 18,
+          "connectivity": 26, "min_volume_mm3": metrics.BRATS_MIN_VOLUME,
+          "fp_hd95_mm": metrics.BRATS_FP_HD95}
+    names = {"min_volume": "min_volume_mm3", "fp_hd95": "fp_hd95_mm"}
+    lw.update({names.get(k, k): v for k, v in lesion_options.items()})
+    return {"space": "3-D per case, scan voxel grid and spacing (mm)",
+            "nsd_tolerance_mm": nsd_tolerance_mm,
+            "hd95": "MONAI compute_hausdorff_distance(percentile=95); both empty 0, one "
+                    "empty undefined (null)",
+            "nsd": "MONAI compute_surface_dice (voxel surfaces); both empty 1, one empty 0",
+            "lesionwise": {"rules": "BraTS 2023", **lw}}
+
+
+def _volume_columns(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
+                    nsd_tolerance_mm: float) -> dict[str, Any]:
+    """case_row without the columns per_case.csv already has from the slice counts."""
+    row = case_row(pred, gt, spacing, nsd_tolerance_mm)
+    return {k: v for k, v in row.items() if k != "dice"}
+
+
+def case_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Means and population stds over cases of the per-case 3-D columns (finite values
+    only; ``case_<m>_n``: cases with a defined value) and pooled lesion counts."""
+    out: dict[str, Any] = {}
+    for m in STAT_METRICS:
+        if m == "dice" or not rows or m not in rows[0]:
+            continue
+        v = np.array([np.nan if r[m] is None else r[m] for r in rows], float)
+        ok = v[np.isfinite(v)]
+        out[f"case_{m}_mean"] = float(ok.mean()) if ok.size else None
+        out[f"case_{m}_std"] = float(ok.std()) if ok.size else None
+        out[f"case_{m}_n"] = int(ok.size)
+    if rows and "ref_lesions" in rows[0]:
+        ref = sum(int(r["ref_lesions"]) for r in rows)
+        det = sum(int(r["detected_lesions"]) for r in rows)
+        out.update(lesions_ref=ref, lesions_detected=det,
+                   lesions_fp=sum(int(r["fp_lesions"]) for r in rows),
+                   lesion_sensitivity_pooled=det / ref if ref else None)
+    return out
+
+
+def _csv_float(value: Any) -> float:
+    try:
+        return float(value) if value not in (None, "") else float("nan")
+    except ValueError:
+        return float("nan")
+
+
+def case_file(kind: str) -> str:
+    """The per-case file of a result row in its eval folder (Empty: the Empty columns)."""
+    return "per_case_empty.csv" if kind == "empty" else "per_case.csv"
+
+
+def add_case_statistics(results: dict[str, Any], fold_results: dict[str, dict[str, Any]],
+                        root: Path, n_boot: int = N_BOOT, seed: int = BOOT_SEED
+                        ) -> dict[str, Any]:
+    """Add per-case statistics to ``results`` (the run's results table) and return it.
+
+    ``fold_results[fold]`` = {"dir": fold folder, "rows": [{"name", "kind", "slug"}...]};
+    each row's per-case file is ``<dir>/eval/<slug>/`` :func:`case_file`. Every results
+    row with such files gets ``cases`` = {"files": {fold: path relative to ``root``},
+    "n_cases", "n": {m}, "mean": {m}, "ci95": {m: [lo, hi]}} over :data:`STAT_METRICS`
+    (cases pooled over folds, key (fold, case); non-finite values left out), and every
+    row but the chosen one ``"vs_chosen": {m: metrics.paired_wilcoxon(chosen, row)}`` on
+    the cases both have (difference = chosen - row). ``results["case_statistics"]``
+    records the chosen row, the best single member (highest mean of the objective over
+    folds on held-out data, so the comparison is conservative), the bootstrap settings
+    and the test. Undefined values are None.
+    """
+    values: dict[tuple[str, str], dict[tuple[str, str], dict[str, float]]] = {}
+    files: dict[tuple[str, str], dict[str, str]] = {}
+    for fold, res in fold_results.items():
+        for row in res["rows"]:
+            key = (row["kind"], row["name"])
+            path = Path(res["dir"]) / "eval" / row["slug"] / case_file(row["kind"])
+            if not path.is_file():
+                continue
+            files.setdefault(key, {})[fold] = Path(os.path.relpath(path, root)).as_posix()
+            with open(path, newline="") as fh:
+                for r in csv.DictReader(fh):
+                    values.setdefault(key, {})[(fold, r["case"])] = {
+                        m: _csv_float(r.get(m)) for m in STAT_METRICS}
+    rows = results["rows"]
+    chosen = next((r for r in rows if r["kind"] == "ensemble"), None)
+    ckey = None if chosen is None else (chosen["kind"], chosen["name"])
+    objective = results.get("objective", "paper_miou")
+    singles = [r for r in rows if r["kind"] == "single"
+               and (r.get("mean") or {}).get(objective) is not None]
+    best_single = max(singles, key=lambda r: r["mean"][objective], default=None)
+    for row in rows:
+        key = (row["kind"], row["name"])
+        vals = values.get(key)
+        if not vals:
+            continue
+        cases = sorted(vals)
+        stats: dict[str, Any] = {"files": files[key], "n_cases": len(cases), "n": {},
+                                 "mean": {}, "ci95": {}}
+        for m in STAT_METRICS:
+            v = np.array([vals[c][m] for c in cases])
+            ok = v[np.isfinite(v)]
+            stats["n"][m] = int(ok.size)
+            stats["mean"][m] = float(ok.mean()) if ok.size else None
+            lo, hi = metrics.bootstrap_ci(ok, n_boot, seed)
+            stats["ci95"][m] = [lo, hi] if ok.size else None
+        if ckey is not None and key != ckey and values.get(ckey):
+            both = sorted(set(cases) & set(values[ckey]))
+            stats["vs_chosen"] = {
+                m: metrics.paired_wilcoxon([values[ckey][c][m] for c in both],
+                                           [vals[c][m] for c in both], n_boot, seed)
+                for m in STAT_METRICS}
+        row["cases"] = stats
+    results["case_statistics"] = {
+        "chosen": None if chosen is None else chosen["name"],
+        "best_single": None if best_single is None else best_single["name"],
+        "metrics": dict(STAT_METRICS),
+        "unit": "case (3-D, scan spacing); cases of every fold pooled, key (fold, case)",
+        "ci": f"95% percentile bootstrap of the mean over cases, {n_boot} resamples, "
+              f"numpy default_rng({seed})",
+        "test": "paired two-sided Wilcoxon signed-rank (scipy.stats.wilcoxon, zero "
+                "differences dropped) of the chosen row against each row, difference = "
+                "chosen - row; p-values not corrected for multiple comparisons",
+    }
+    return results
+
+
+def case_statistics_columns(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Extra results.csv columns per row: per-case mean, CI bounds, difference to the
+    chosen row and its Wilcoxon p-value for each :data:`STAT_METRICS` (blank if none)."""
+    if "case_statistics" not in results:
+        return [], [[] for _ in results["rows"]]
+    names = list(results["case_statistics"].get("metrics") or STAT_METRICS)
+    header = [f"{m}_{s}" for m in names
+              for s in ("case_mean", "ci_low", "ci_high", "diff_vs_chosen", "p_vs_chosen")]
+
+    def f(v: Any) -> str:
+        return "" if v is None or not np.isfinite(v) else f"{v:.6g}"
+
+    out = []
+    for row in results["rows"]:
+        st = row.get("cases") or {}
+        cells = []
+        for m in names:
+            ci = (st.get("ci95") or {}).get(m) or [None, None]
+            vs = (st.get("vs_chosen") or {}).get(m) or {}
+            cells += [f((st.get("mean") or {}).get(m)), f(ci[0]), f(ci[1]),
+                      f(vs.get("mean_difference")), f(vs.get("p_value"))]
+        out.append(cells)
+    return header, out
+
+
 def evaluate_stage(cfg: EvaluateConfig, chosen: dict[str, Any], out: Path, force: bool = False,
                    source: str = "") -> dict[str, Any]:
     """Apply ``chosen`` (operator, members, thresholds, gate) to ``cfg``'s part; write
@@ -277,7 +468,8 @@ def _write_evaluation(partial: Path, cfg: EvaluateConfig, store: Any, idx: np.nd
                       gts: Rows, per: dict[str, np.ndarray], result: dict[str, Any],
                       probs: np.ndarray | None,
                       predicted: Callable[[np.ndarray], np.ndarray]) -> None:
-    """metrics.json, per_slice.csv and per_case.csv (+ HD95 per case if ``cfg.hd95``).
+    """metrics.json, per_slice.csv, per_case.csv (+ HD95 of the stacked slices in voxels if
+    ``cfg.hd95``) and per_case_empty.csv (the Empty prediction's per-case values).
 
     ``predicted(rows)`` gives the predicted masks of positions ``rows`` of ``idx``.
     """
@@ -293,24 +485,40 @@ def _write_evaluation(partial: Path, cfg: EvaluateConfig, store: Any, idx: np.nd
                            "tp": tp, "fp": fp, "fn": fn, "tn": int(per["tn"][j]),
                            "dice": 2 * tp / d if d else 1.0, "iou": tp / u if u else 1.0})
     case_ids = table["case"][idx]
-    case_rows = []
+    case_rows, empty_rows = [], []
     for case in dict.fromkeys(case_ids.tolist()):
         sel = np.flatnonzero(case_ids == case)
         tp, fp, fn = (int(per[k][sel].sum()) for k in ("tp", "fp", "fn"))
         d = 2 * tp + fp + fn
         row: dict[str, Any] = {"case": case, "n_slices": len(sel), "tp": tp, "fp": fp,
                                "fn": fn, "dice": 2 * tp / d if d else 1.0}
+        gt = np.concatenate([gts.read(int(k), int(k) + 1) for k in sel]).astype(bool)
+        pr = np.asarray(predicted(sel)).astype(bool)
         if cfg.hd95:
-            order = sel[np.lexsort((table["slice"][idx[sel]], table["part"][idx[sel]]))]
-            gt = np.concatenate([gts.read(int(k), int(k) + 1) for k in order]).astype(bool)
-            row["hd95_voxels"] = case_hd95(predicted(order), gt)
+            order = np.lexsort((table["slice"][idx[sel]], table["part"][idx[sel]]))
+            row["hd95_voxels"] = case_hd95(pr[order], gt[order])
+        geo = store.cases[case]
+        where = [{k: table[k][i] for k in ("slice", "y0", "y1", "x0", "x1")} for i in idx[sel]]
+        gt_v = slices_to_volume(geo, where, gt)
+        spacing = voxel_sizes(np.asarray(geo["affine"], np.float64))
+        row.update(_volume_columns(slices_to_volume(geo, where, pr), gt_v, spacing,
+                                   cfg.nsd_tolerance_mm))
         case_rows.append(row)
+        gt_n = tp + fn
+        empty_rows.append({"case": case, "n_slices": len(sel), "tp": 0, "fp": 0, "fn": gt_n,
+                           "dice": 0.0 if gt_n else 1.0,
+                           **_volume_columns(np.zeros_like(gt_v), gt_v, spacing,
+                                             cfg.nsd_tolerance_mm)})
     if cfg.hd95:
         vals = np.array([r["hd95_voxels"] for r in case_rows], float)
         ok = vals[np.isfinite(vals)]
         result["metrics"]["hd95_voxels_mean"] = float(ok.mean()) if ok.size else float("nan")
         result["metrics"]["hd95_voxels_std"] = float(ok.std()) if ok.size else float("nan")
         result["metrics"]["hd95_undefined_cases"] = int((~np.isfinite(vals)).sum())
+    result["metrics"].update(case_summary(case_rows))
+    result["empty_baseline"].update(case_summary(empty_rows))
+    result["case_conventions"] = case_conventions(cfg.nsd_tolerance_mm)
     fsutil.write_json(partial / "metrics.json", result)
     fsutil.write_text(partial / "per_slice.csv", fsutil.csv_text(slice_rows))
     fsutil.write_text(partial / "per_case.csv", fsutil.csv_text(case_rows))
+    fsutil.write_text(partial / "per_case_empty.csv", fsutil.csv_text(empty_rows))

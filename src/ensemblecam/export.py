@@ -253,7 +253,8 @@ def export_cases(
     ``arrays[i]`` belongs to store slice ``slice_indices[i]``; files are ``<case>.nii.gz``
     (kind "mask") or ``<case>_map.nii.gz`` (kind "map"). ``maps=(indices, maps)`` adds map
     files beside masks in the same folder. Store slices of a case that are not given stay 0.
-    An existing export is refused unless ``force``; ``index.json`` is written last.
+    An existing export is refused unless ``force``; ``force`` never replaces a folder
+    ensemblecam did not write, nor the store; ``index.json`` is written last.
     """
     if kind not in ("mask", "map"):
         raise InputError(f"export kind {kind!r}: expected 'mask' or 'map'")
@@ -272,7 +273,8 @@ def export_cases(
         _geometry(store.cases[name], f"{store.path / 'cases.json'}: case {name!r}")
 
     out_dir = Path(out_dir)
-    partial = fsutil.prepare_output_dir(out_dir, force, EXPORT_INDEX)
+    fsutil.check_not_input(out_dir, [store.path])
+    partial = fsutil.prepare_output_dir(out_dir, force, EXPORT_INDEX, stage="export")
     try:
         entries = _write_volumes(store, jobs, names, partial, progress)
     except BaseException:
@@ -287,7 +289,7 @@ def export_cases(
         "source": dict(source or {}),
     }
     fsutil.write_json(partial / EXPORT_INDEX, index)
-    fsutil.commit_output_dir(partial, out_dir)
+    fsutil.commit_output_dir(partial, out_dir, stage="export")
     return index
 
 

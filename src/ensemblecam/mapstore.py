@@ -6,7 +6,9 @@ Layout of one member folder ``<maps_root>/<member>/`` (written by ``ensemblecam 
                 {"format": "ensemblecam-map-store", "version": 1, "member": name,
                  "checkpoint": path, "model": name, "method": name, "layer": name,
                  "target": "lesion" | "predicted" | int, "dtype": "float16" | "uint8",
-                 "normalised": true, "store": slice-store path, "n": N, "size": [H, W]}
+                 "normalised": true, "store": slice-store path, "n": N, "size": [H, W],
+                 "store_id": identity of the slice store, "store_n_slices": its slices}
+                (store_id/store_n_slices: since they were added; see check_store)
     index.npy   (N,) int64, ascending slice-store indices the maps belong to
     maps.npy    (N, H, W) maps in [0, 1]: float16 (max rounding error 2**-11 ~ 4.9e-4),
                 or uint8 q = round(255 m) (max error 1/510 ~ 2.0e-3); raw (un-normalised)
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ensemblecam import fsutil
+from ensemblecam.config import short_repr
 from ensemblecam.errors import InputError
 
 MAP_FORMAT = "ensemblecam-map-store"
@@ -69,20 +72,45 @@ class MapSet:
         if not (path / MAP_META).is_file():
             raise InputError(f"{path}: not a complete map set (no {MAP_META}); run cam")
         meta = fsutil.read_json(path / MAP_META, "map metadata")
-        if meta.get("format") != MAP_FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") != MAP_FORMAT:
             raise InputError(f"{path / MAP_META}: not an ensemblecam map set")
         try:
-            index = np.load(path / "index.npy")
-            maps = np.load(path / "maps.npy", mmap_mode="r")
-            probs = np.load(path / "probs.npy")
+            index = np.load(path / "index.npy", allow_pickle=False)
+            maps = np.load(path / "maps.npy", mmap_mode="r", allow_pickle=False)
+            probs = np.load(path / "probs.npy", allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise InputError(f"{path}: unreadable map set ({exc})") from exc
         n = len(index)
-        if maps.shape[0] != n or probs.shape != (n,):
+        if index.ndim != 1 or maps.ndim != 3 or maps.shape[0] != n or probs.shape != (n,):
             raise InputError(
-                f"{path}: inconsistent map set: index {n}, maps {maps.shape}, probs {probs.shape}"
+                f"{path}: inconsistent map set: index {index.shape}, maps {maps.shape}, "
+                f"probs {probs.shape}"
             )
+        _check_meta(path / MAP_META, meta, index, maps)
         return cls(path, meta, index.astype(np.int64), maps, probs.astype(np.float32))
+
+    def check_store(self, store: Any) -> None:
+        """Refuse maps made from another slice store than ``store`` (a SliceStore).
+
+        With ``store_id`` in the metadata the identities must match; older map sets are
+        checked by slice size and by their indices lying within the store.
+        """
+        meta_file = self.path / MAP_META
+        made_from = self.meta.get("store", "?")
+        if "store_id" in self.meta:
+            if self.meta["store_id"] != store.identity:
+                raise InputError(
+                    f"{meta_file}: maps were made from slice store {made_from} (id "
+                    f"{self.meta['store_id']}), not from {store.path} (id {store.identity})")
+            return
+        size = [int(v) for v in self.maps.shape[1:]]
+        if size != list(store.size):
+            raise InputError(f"{meta_file}: maps of shape {size} were made from another slice "
+                             f"store than {store.path} (slices of shape {list(store.size)})")
+        if len(self.index) and int(self.index[-1]) >= store.n_slices:
+            raise InputError(f"{meta_file}: maps of store slice {int(self.index[-1])} were "
+                             f"made from another slice store than {store.path} "
+                             f"({store.n_slices} slices)")
 
     @property
     def name(self) -> str:
@@ -101,6 +129,22 @@ class MapSet:
                 f"(first store indices: {missing[:5].tolist()})"
             )
         return pos
+
+
+def _check_meta(meta_file: Path, meta: dict[str, Any], index: np.ndarray, maps: np.ndarray
+                ) -> None:
+    """Refuse metadata that disagrees with the arrays (count, size, dtype, index order)."""
+    n, size = len(index), [int(v) for v in maps.shape[1:]]
+    checks = [("n", meta.get("n"), n), ("size", meta.get("size"), size),
+              ("dtype", meta.get("dtype"), str(maps.dtype))]
+    for key, said, found in checks:
+        if said is not None and said != found:
+            raise InputError(f"{meta_file}: says {key} {short_repr(said)} but the arrays hold "
+                             f"{found}; the map set is inconsistent")
+    if index.dtype.kind not in "iu" or (n > 1 and not np.all(np.diff(index) > 0)) or (
+            n and int(index[0]) < 0):
+        raise InputError(f"{meta_file.parent / 'index.npy'}: store indices must be "
+                         f"ascending, distinct, non-negative integers")
 
 
 def write_map_set(

@@ -26,7 +26,9 @@ to a 1-channel model by summing its weights over the input channels,
 A checkpoint (:func:`save_checkpoint`) is a ``torch.save`` dict
 ``{"format": "ensemblecam-checkpoint", "version": 1, "info": {...}, "state_dict": {...}}``
 (+ ``"train_state"`` for resuming); ``info["model"]`` and ``info["model_args"]`` rebuild
-the model with :func:`build_model` alone.
+the model with :func:`build_model` alone. Everything in it is a tensor or plain data
+(dict, list, tuple, str, int, float, bool, None), so it loads with
+``torch.load(weights_only=True)``; a file needing any other object is refused.
 """
 
 from __future__ import annotations
@@ -270,13 +272,39 @@ def _clean_keys(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
+def safe_torch_load(path: Path, what: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain data only, never code.
+
+    A file that would need any other object (arbitrary unpickling, a possible code
+    payload) is refused with one InputError line, and so is an unreadable file.
+    """
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" in str(exc):  # an object other than tensors and plain data
+            raise InputError(
+                f"{path}: {what} refused: loading it would need unpickling arbitrary objects "
+                "(only tensors and plain data are loaded)"
+            ) from exc
+        raise InputError(f"{path}: unreadable {what} ({_first_line(exc)})") from exc
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise InputError(f"{path}: unreadable {what} ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0][:200] if lines else "") or type(exc).__name__
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise InputError(f"{path}: weights file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unpickling failure
-        raise InputError(f"{path}: not a readable torch weights file ({exc})") from exc
+    obj = safe_torch_load(path, "torch weights file")
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj.get(key), dict):
@@ -355,13 +383,24 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+#: per-epoch log columns that measure time, not the model (kept out of checkpoints' info)
+WALL_CLOCK = ("images_per_s", "time_s")
+
+
 def save_checkpoint(
     path: str | os.PathLike[str],
     model: nn.Module,
     info: dict[str, Any],
     train_state: dict[str, Any] | None = None,
 ) -> None:
-    """Save ``model``'s weights with ``info`` (and optional resume state) atomically."""
+    """Save ``model``'s weights with ``info`` (and optional resume state) atomically.
+
+    Wall-clock figures (:data:`WALL_CLOCK` in ``info["metrics"]``) are left out, so the same
+    seed and versions give byte-identical checkpoints; they stay in the training logs.
+    """
+    metrics = info.get("metrics")
+    if isinstance(metrics, dict):
+        info = {**info, "metrics": {k: v for k, v in metrics.items() if k not in WALL_CLOCK}}
     obj: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -379,10 +418,7 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # any unpickling failure
-        raise InputError(f"{path}: unreadable checkpoint ({exc})") from exc
+    obj = safe_torch_load(path, "checkpoint", map_location)
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path}: not an ensemblecam checkpoint")
     if obj.get("version") != CHECKPOINT_VERSION:

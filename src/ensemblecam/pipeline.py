@@ -16,6 +16,7 @@ written last and holds the stage's cache key)::
         pseudo_targets/     the chosen ensemble's masks of the training part (masks.npz)
         pseudo/             U-Net trained on those pseudo-labels (second stage)
         eval/<row>/         metrics.json, per_slice.csv, per_case.csv for each result row
+                            (+ per_case_empty.csv: the Empty prediction on the same cases)
         eval/masks.npz      the chosen configuration's masks of the evaluation part
                             (arrays ``index`` int64 store indices, ``masks`` uint8)
       results.json          the results table (format below)
@@ -31,25 +32,37 @@ written last and holds the stage's cache key)::
                "single" | "empty" | "unet" | "pseudo_unet",
                "config": {"fold0": {"operator", "members", "thresholds", "gate"} | null, ...},
                "per_fold": {"fold0": {metric: value, ...}, ...},
-               "mean": {metric: value}, "std": {metric: value}}, ...]}
+               "mean": {metric: value}, "std": {metric: value},
+               "cases": {per-case means, 95% CIs, paired tests vs the chosen row}}, ...],
+     "case_statistics": {...}}   (see ensemblecam.evaluate.add_case_statistics)
 
 Metric values are fractions in [0, 1] (the report shows percentages like the paper).
 
 Caching. Each stage folder gets ``stage.json`` = {"key": hash of the stage's options and
 of the keys of every stage it reads} when it completes. A rerun skips a stage whose key
 matches, reruns (replacing the old results) a stage whose key changed, and resumes a
-stage that was interrupted (``.<folder>.pending.json`` holds the key of the attempt;
-each stage resumes from its own ``.partial`` files). The run folder remembers the hash of
-the whole configuration; another configuration is refused unless ``--force``, and even
-then only the stages whose keys changed are recomputed.
+stage that was interrupted (``.<folder>.pending.json`` beside the stage's ``.partial``
+folder holds the key of the attempt; each stage resumes from its own ``.partial`` files).
+A partial is resumed only by the same key: one left by an attempt with another key (or
+an unknown one) is removed, with a notice, before the stage starts afresh. The run folder
+remembers the hash of the whole configuration; another configuration is refused unless
+``--force``, and even then only the stages whose keys changed are recomputed.
+
+Safety. The whole configuration is checked before any work (:func:`check_run_config`);
+the run folder may not be, hold or lie inside an input; it carries ensemblecam's marker
+file (a folder without it is never used, not even with ``--force``) and is locked while
+a run works in it (``.<run>.lock`` beside it; a second run is refused). A refused stage
+leaves no ``.partial`` it created, and a finished run sweeps every leftover partial,
+pending record and temporary file out of the run folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import platform
+import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,7 +72,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ensemblecam import __version__, fsutil
+from ensemblecam import __version__, environment, fsutil
 from ensemblecam.config import Config, EvaluateConfig, SearchConfig, load_config
 from ensemblecam.errors import InputError
 from ensemblecam.search import CONFIG_KEYS
@@ -118,17 +131,59 @@ class Runner:
             _stamp(stamp, name, key, 0.0)  # finished just before an interruption
             pending.unlink(missing_ok=True)
             return False
+        stale = sorted(p for p in _stage_partials(folder) if p.exists())
+        if stale and attempt != key:
+            why = "an unknown key" if attempt is None else f"stage key {attempt}"
+            print(f"note: {name}: removing the unfinished attempt made with other settings "
+                  f"({why}, now {key}): {', '.join(map(str, stale))}")
+            for p in stale:
+                shutil.rmtree(p)
         force = old is not None or (attempt != key and folder.exists())
         folder.parent.mkdir(parents=True, exist_ok=True)
+        before = {p for p in _stage_partials(folder) if p.exists()}
         fsutil.write_json(pending, {"key": key, "stage": name})
         t0 = time.perf_counter()
-        fn(force)
+        try:
+            fn(force)
+        except (InputError, OSError):  # refused: leave no partial this attempt started
+            for p in _stage_partials(folder) - before:
+                shutil.rmtree(p, ignore_errors=True)
+            if not before:
+                pending.unlink(missing_ok=True)
+            raise
         seconds = time.perf_counter() - t0
         _stamp(stamp, name, key, seconds)
         pending.unlink(missing_ok=True)
         self.timings[name] = round(seconds, 2)
         self.ran.append(name)
         return True
+
+
+def _stage_partials(folder: Path) -> set[Path]:
+    """Build folders of a stage: ``.<folder>.partial`` beside it and ``.<x>.partial``
+    directly inside it (map-set members, evaluation rows)."""
+    inner = set(folder.glob(".*.partial")) if folder.is_dir() else set()
+    return {fsutil.partial_dir(folder)} | inner
+
+
+_LEFTOVER = re.compile(r"^\..+\.(partial|pending\.json|old-\d+|tmp-\d+)$")
+
+
+def _sweep(root: Path) -> list[Path]:
+    """Remove what interrupted or refused attempts left in a finished run folder:
+    ``.partial`` folders, pending records, ``.old-<pid>`` and ``.tmp-<pid>`` names."""
+    found = sorted((p for p in root.rglob(".*") if _LEFTOVER.match(p.name)),
+                   key=lambda p: len(p.parts))
+    removed: list[Path] = []
+    for p in found:
+        if any(r in p.parents for r in removed) or not p.exists():
+            continue
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        removed.append(p)
+    return removed
 
 
 def _read_key(path: Path) -> str | None:
@@ -150,12 +205,20 @@ def _stamp(path: Path, name: str, key: str, seconds: float) -> None:
 def _check_run_folder(root: Path, cfg: Config, force: bool) -> None:
     """A run folder belongs to one configuration; another one needs ``force``."""
     run_file = root / RUN_FILE
+    stage = fsutil.owner_stage(root)
+    if root.is_dir() and any(root.iterdir()) and stage != "run":
+        why = (f"not written by ensemblecam: no {fsutil.OWNER_MARKER} file" if stage is None
+               else f"it holds ensemblecam's {stage} output")
+        raise InputError(f"{root}: folder is not empty and is not a run folder ({why}); it "
+                         "is never used as one, not even with --force")
     if not run_file.is_file():
-        foreign = root.exists() and any(not p.name.startswith(".") for p in root.iterdir())
-        if foreign and not force:
-            raise InputError(f"{root}: folder exists and is not a run folder; use --force")
         return
     old = fsutil.read_json(run_file, "run record")
+    changed = environment.changes(old.get("environment", {"packages": old.get("packages", {})}),
+                                  environment.environment_record())
+    if changed:
+        print(f"warning: {root}: made with other versions ({', '.join(changed)}); results of "
+              "rerun stages may differ from the cached ones", file=sys.stderr)
     new = config_hash(cfg)
     if old.get("config_hash") != new and not force:
         raise InputError(
@@ -166,19 +229,14 @@ def _check_run_folder(root: Path, cfg: Config, force: bool) -> None:
 
 def _write_run_record(root: Path, cfg: Config, runner: Runner, started: float,
                       status: str) -> None:
-    import monai
-    import nibabel
-    import torch
-
     old = fsutil.read_json(root / RUN_FILE, "run record") if (root / RUN_FILE).is_file() else {}
     timings = {**old.get("timings", {}), **runner.timings}
+    env = environment.environment_record()
     fsutil.write_json(root / RUN_FILE, {
         "format": "ensemblecam-run", "version": 1, "status": status,
         "config_hash": config_hash(cfg),
-        "ensemblecam": __version__, "python": platform.python_version(),
-        "packages": {"torch": torch.__version__, "monai": monai.__version__,
-                     "nibabel": nibabel.__version__, "numpy": np.__version__},
-        "platform": platform.platform(),
+        "ensemblecam": __version__, "python": env["python"], "packages": env["packages"],
+        "platform": env["platform"], "environment": env,
         "seeds": {"split": cfg.split.seed, "train": cfg.train.seed, "cam": cfg.cam.seed,
                   "search": cfg.search.seed, "synth": cfg.synth.seed},
         "timings": timings, "ran_this_time": runner.ran,
@@ -186,13 +244,18 @@ def _write_run_record(root: Path, cfg: Config, runner: Runner, started: float,
     })
 
 
-def run_pipeline(cfg: Config, force: bool = False, progress: bool | None = None) -> Path:
-    """Run every stage of ``cfg`` into ``cfg.run.out``; return the run folder."""
-    from ensemblecam.prepare import prepare_store
-    from ensemblecam.split import make_splits, read_splits
+def check_run_config(cfg: Config) -> None:
+    """Every check of a run configuration that needs no stage output, made before any
+    work: data folder, models (built on the meta device: names and arguments), folds,
+    CAM methods and target, pretrained weights, training recipe, U-Net architecture."""
+    import torch
+
+    from ensemblecam import models
+    from ensemblecam.cam.methods import METHODS
+    from ensemblecam.train import resolve_recipe
+    from ensemblecam.unet import build_unet, model_args
 
     rc = cfg.run
-    root = Path(rc.out)
     if cfg.prepare.data is None:
         raise InputError("config: prepare.data is not set (the data set root folder)")
     if not Path(cfg.prepare.data).is_dir():
@@ -201,8 +264,77 @@ def run_pipeline(cfg: Config, force: bool = False, progress: bool | None = None)
         raise InputError("config: run.models is empty")
     if len(set(rc.models)) != len(rc.models):
         raise InputError(f"config: run.models {rc.models} has duplicates")
+    n_ch = len(cfg.prepare.modalities) if cfg.prepare.modalities else 1
+    for name in rc.models:
+        try:
+            try:
+                with torch.device("meta"):  # no memory, no initialisation cost
+                    models.build_model(name, n_ch, 2, **cfg.train.model_args)
+            except InputError:
+                raise
+            except Exception:  # a model reading tensor values while built: build it for real
+                models.build_model(name, n_ch, 2, **cfg.train.model_args)
+        except InputError as exc:
+            raise InputError(f"config: run.models: {exc}") from exc
+        except Exception as exc:  # a model's own argument checks
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InputError(f"config: run.models {name!r}: bad train.model_args "
+                             f"{cfg.train.model_args} ({first})") from exc
+    if rc.folds is not None:
+        n_folds = {"kfold": cfg.split.folds, "holdout": 1}.get(cfg.split.scheme)
+        for k in rc.folds:
+            if k < 0 or (n_folds is not None and k >= n_folds):
+                has = "" if n_folds is None else f"; the split has {n_folds} fold(s) (0..)"
+                raise InputError(f"config: run.folds has {k}: not a fold position{has}")
+        if len(set(rc.folds)) != len(rc.folds):
+            raise InputError(f"config: run.folds {rc.folds} has duplicates")
+    bad = [m for m in cfg.cam.methods if m not in METHODS]
+    if bad or not cfg.cam.methods:
+        raise InputError(f"config: cam.methods {','.join(bad) or '(none)'}: expected any of "
+                         f"{', '.join(METHODS)}")
+    if cfg.cam.target not in ("lesion", "predicted", "0", "1"):
+        raise InputError(f"config: cam.target {cfg.cam.target!r}: expected lesion, predicted, "
+                         "0 or 1 (the classifiers have 2 classes)")
+    if cfg.train.weights is not None and not Path(cfg.train.weights).is_file():
+        raise InputError(f"{cfg.train.weights}: weights file not found (train.weights)")
+    resolve_recipe(cfg.train)
+    if rc.unet or rc.pseudo_unet:
+        with torch.device("meta"):
+            build_unet(**model_args(cfg.unet, n_ch))
+
+
+def run_pipeline(cfg: Config, force: bool = False, progress: bool | None = None) -> Path:
+    """Run every stage of ``cfg`` into ``cfg.run.out``; return the run folder.
+
+    The configuration and the run folder are checked first (:func:`check_run_config`,
+    no overlap with the inputs, ensemblecam's marker); the run folder is locked while
+    the stages run. A run folder this call created is removed again if a stage is
+    refused before any stage finished.
+    """
+    root = Path(cfg.run.out)
+    check_run_config(cfg)
+    pc = cfg.prepare
+    fsutil.check_not_input(root, [pc.data, pc.labels_csv, cfg.split.list_file,
+                                  cfg.train.weights])
+    created = not root.exists()
+    with fsutil.output_guard(root):
+        try:
+            return _run_locked(cfg, root, force, progress)
+        except (InputError, OSError):
+            if created and root.is_dir() and not any(root.rglob(STAMP)):
+                shutil.rmtree(root, ignore_errors=True)
+            raise
+
+
+def _run_locked(cfg: Config, root: Path, force: bool, progress: bool | None) -> Path:
+    """:func:`run_pipeline` once the checks are made and the lock is held."""
+    from ensemblecam.prepare import prepare_store
+    from ensemblecam.split import make_splits, read_splits
+
+    rc = cfg.run
     _check_run_folder(root, cfg, force)
     root.mkdir(parents=True, exist_ok=True)
+    fsutil.write_owner_marker(root, "run")
     fsutil.write_text(root / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"),
                                                            sort_keys=False))
     runner = Runner(root, progress)
@@ -232,8 +364,12 @@ def run_pipeline(cfg: Config, force: bool = False, progress: bool | None = None)
         fold_results[folds[k].name] = _run_fold(cfg, runner, store, splits, k, folds[k].name,
                                                 k_split)
     results = aggregate(fold_results, cfg.search.objective)
+    from ensemblecam.evaluate import add_case_statistics
+
+    add_case_statistics(results, fold_results, root)  # per-case CIs, paired tests
     fsutil.write_json(root / "results.json", results)
     fsutil.write_text(root / "results.csv", results_csv(results))
+    fsutil.write_text(root / "results.md", results_markdown(results))
 
     if rc.export:
         _export(cfg, runner, store, [fold_results[f]["dir"] for f in fold_results], root)
@@ -245,6 +381,8 @@ def run_pipeline(cfg: Config, force: bool = False, progress: bool | None = None)
         write_report(root, force=True)
         runner.timings["report"] = round(time.perf_counter() - t0, 2)
         _write_run_record(root, cfg, runner, started, "complete")
+    for p in _sweep(root):
+        print(f"note: removed the leftover {p}")
     return root
 
 
@@ -376,8 +514,8 @@ def result_rows(search_dir: Path) -> list[dict[str, Any]]:
         conf = {k: cand[k] for k in keys}
         if conf["operator"] == "single":
             singles.append(conf)
-        elif conf["operator"] not in by_op or cand[objective] > by_op[conf["operator"]][1]:
-            by_op[conf["operator"]] = (conf, cand[objective])
+        elif conf["operator"] not in by_op or _value(cand[objective]) > by_op[conf["operator"]][1]:
+            by_op[conf["operator"]] = (conf, _value(cand[objective]))
     for op, (conf, _) in by_op.items():
         rows.append({"name": f"{op} ensemble (best members and thresholds)",
                      "kind": "operator", "slug": "op_" + op.replace(":", ""), "config": conf})
@@ -388,6 +526,11 @@ def result_rows(search_dir: Path) -> list[dict[str, Any]]:
     rows.append({"name": "Empty (all background)", "kind": "empty", "slug": "ensemble",
                  "config": None})
     return rows
+
+
+def _value(v: Any) -> float:
+    """A metric read back from JSON for ranking: null (undefined) ranks last."""
+    return -np.inf if v is None or not np.isfinite(v) else float(v)
 
 
 def _collect(rows: list[dict[str, Any]], eval_dir: Path) -> list[dict[str, Any]]:
@@ -432,20 +575,60 @@ def aggregate(fold_results: dict[str, dict[str, Any]], objective: str) -> dict[s
 
 
 def results_csv(results: dict[str, Any]) -> str:
-    """One line per row: name, kind, then mean and std of every table metric."""
+    """One line per row: name, kind, mean and std of every table metric, then the per-case
+    statistics columns (:func:`ensemblecam.evaluate.case_statistics_columns`)."""
     import csv
     import io
 
+    from ensemblecam.evaluate import case_statistics_columns
+
     buf = io.StringIO()
     w = csv.writer(buf)
+    extra_head, extra = case_statistics_columns(results)  # per-case CIs and p-values
     w.writerow(["name", "kind", *[f"{m}_{s}" for m in results["metric_names"]
-                                  for s in ("mean", "std")]])
-    for row in results["rows"]:
+                                  for s in ("mean", "std")], *extra_head])
+    for row, more in zip(results["rows"], extra, strict=True):
         vals = []
         for m in results["metric_names"]:
             vals += [_fmt(row["mean"][m]), _fmt(row["std"][m])]
-        w.writerow([row["name"], row["kind"], *vals])
+        w.writerow([row["name"], row["kind"], *vals, *more])
     return buf.getvalue()
+
+
+#: the metrics of the printed summary table (``ensemblecam run``/``demo``, results.md)
+SUMMARY_METRICS = ("paper_miou", "paper_dsc", "lesion_dice", "case_dice_mean")
+
+
+def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the summary table: each metric as ``mean ± std`` over folds, in %."""
+    rows = []
+    for row in results["rows"]:
+        cells = [row["name"]]
+        for m in SUMMARY_METRICS:
+            mu, sd = row["mean"].get(m), row["std"].get(m)
+            cells.append("-" if mu is None else f"{100 * mu:.1f} ± {100 * sd:.1f}")
+        rows.append(cells)
+    return ["method", *SUMMARY_METRICS], rows
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """The summary table as Markdown (written as results.md; the README quotes the demo's)."""
+    header, rows = summary_rows(results)
+    lines = [f"| {' | '.join(header)} |", f"|---|{'---:|' * (len(header) - 1)}"]
+    lines += [f"| {' | '.join(r)} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def demo_markdown(results: dict[str, Any], run_record: dict[str, Any]) -> str:
+    """The demo's summary table with the machine and time it was measured on (demo.md)."""
+    env = run_record.get("environment", {})
+    cpu, thr = env.get("cpu", {}), env.get("threads", {})
+    minutes = sum(run_record.get("timings", {}).values()) / 60
+    return results_markdown(results) + (
+        f"\nMeasured on {cpu.get('model') or cpu.get('machine')} "
+        f"({thr.get('torch_threads')} threads, PyTorch CPU kernels "
+        f"{cpu.get('torch_cpu_capability')}): the stages took {minutes:.0f} min.\n"
+    )
 
 
 def _fmt(v: float | None) -> str:
@@ -518,7 +701,37 @@ def predict(run_dir: str | Path, input_dir: str | Path, out: str | Path,
     the classifiers of ``fold`` (default: the fold whose configuration scored best on its
     calibration data), combined with that fold's chosen configuration, and exported as
     NIfTI masks in each scan's original geometry (``<out>/<case>.nii.gz``).
+
+    Checked before any work: ``out`` apart from the run and the scans, and replaceable
+    (see :func:`ensemblecam.fsutil.check_replaceable`); the scratch folder
+    ``.<out>.work`` is removed however the call ends.
     """
+    run_dir, out = Path(run_dir), Path(out)
+    fsutil.check_not_input(out, [run_dir, input_dir])
+    cfg = load_run_config(run_dir)
+    results = fsutil.read_json(run_dir / "results.json", "run results (is the run complete?)")
+    fold = fold or _best_fold(run_dir, results)
+    if fold not in results["folds"]:
+        raise InputError(f"fold {fold!r}: the run has folds {', '.join(results['folds'])}")
+    chosen = fsutil.read_json(run_dir / fold / "search" / "best.json", "search result")
+    if (out / "index.json").exists() and not force and fsutil.is_ours(out):
+        raise InputError(f"{out}: already holds predicted masks; use --force to replace them")
+    fsutil.check_replaceable(out, force, "index.json")
+    if not Path(input_dir).is_dir():
+        raise InputError(f"{input_dir}: input folder not found")
+    work = out.with_name(f".{out.name}.work")
+    with fsutil.output_guard(out, [run_dir, input_dir]):
+        try:
+            return _predict_in(run_dir, input_dir, out, work, cfg, chosen, fold, layout,
+                               force, progress)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _predict_in(run_dir: Path, input_dir: str | Path, out: Path, work: Path, cfg: Config,
+                chosen: dict[str, Any], fold: str, layout: str | None, force: bool,
+                progress: bool | None) -> Path:
+    """:func:`predict` once the checks are made: prepare, map, combine, export."""
     from ensemblecam.cam.stage import run_cam
     from ensemblecam.evaluate import config_masks
     from ensemblecam.export import export_cases
@@ -527,16 +740,7 @@ def predict(run_dir: str | Path, input_dir: str | Path, out: str | Path,
     from ensemblecam.prepare import prepare_store
     from ensemblecam.store import SliceStore
 
-    run_dir, out = Path(run_dir), Path(out)
-    cfg = load_run_config(run_dir)
-    results = fsutil.read_json(run_dir / "results.json", "run results (is the run complete?)")
-    fold = fold or _best_fold(run_dir, results)
-    if fold not in results["folds"]:
-        raise InputError(f"fold {fold!r}: the run has folds {', '.join(results['folds'])}")
-    chosen = fsutil.read_json(run_dir / fold / "search" / "best.json", "search result")
-    if (out / "index.json").exists() and not force:
-        raise InputError(f"{out}: already holds predicted masks; use --force to replace them")
-    work = out.with_name(f".{out.name}.work")
+    shutil.rmtree(work, ignore_errors=True)  # a killed earlier attempt (ours by its name)
     pcfg = cfg.prepare.model_copy(update={
         "data": Path(input_dir), "out": work / "store", "masks": False, "labels_csv": None,
         **({"layout": layout} if layout else {})})
@@ -563,5 +767,4 @@ def predict(run_dir: str | Path, input_dir: str | Path, out: str | Path,
                  source={"command": "ensemblecam predict", "run": str(run_dir), "fold": fold,
                          "configuration": conf, "description": _describe(conf)},
                  progress=progress)
-    shutil.rmtree(work, ignore_errors=True)
     return out

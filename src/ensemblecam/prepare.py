@@ -49,6 +49,8 @@ import gzip
 import math
 import os
 import shutil
+import signal
+import sys
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -213,12 +215,18 @@ def _load_header(path: Path) -> nib.Nifti1Image:
         raise InputError(f"{path}: unreadable NIfTI ({exc})") from exc
 
 
-def _spatial(img: Any, path: Path, volume_index: int | None) -> tuple[tuple[int, ...], Any]:
+def _spatial(img: Any, path: Path, volume_index: int | None, mod: str = ""
+             ) -> tuple[tuple[int, ...], Any]:
+    """Spatial shape and affine; a 4-D file (MSD) must hold channel ``volume_index``."""
     shape = tuple(int(v) for v in img.shape)
     if volume_index is not None and len(shape) == 4:
         if volume_index >= shape[3]:
-            raise InputError(f"{path}: has {shape[3]} volumes, no modality index {volume_index}")
+            raise InputError(f"{path}: has {shape[3]} channels (shape {list(shape)}), no "
+                             f"channel {volume_index} ({mod or 'the modality asked for'})")
         return shape[:3], img.affine
+    if volume_index is not None and volume_index > 0 and len(shape) == 3:
+        raise InputError(f"{path}: has 1 channel (3-D, shape {list(shape)}), no channel "
+                         f"{volume_index} ({mod or 'the modality asked for'})")
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
@@ -238,7 +246,7 @@ def plan_case(case: Case, axis: int, slice_range: tuple[int, int] | None, every_
     fingerprint = []
     for mod, path in files:
         img = _load_header(path)
-        shape, affine = _spatial(img, path, case.volume_index.get(mod))
+        shape, affine = _spatial(img, path, case.volume_index.get(mod), mod)
         st = path.stat()
         fingerprint.append([str(path), st.st_size, st.st_mtime_ns])
         if ref_shape is None:
@@ -278,7 +286,7 @@ def read_labels_csv(path: Path, plans: list[CasePlan], axis: int) -> None:
     for p in plans:
         p.csv_labels = {}
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             missing = {"case", "slice", "label"} - set(reader.fieldnames or [])
             if missing:
@@ -304,7 +312,12 @@ def read_labels_csv(path: Path, plans: list[CasePlan], axis: int) -> None:
                     raise InputError(f"{path}: line {line}: case {name!r} slice {s} given twice")
                 plan.csv_labels[s] = label
     except OSError as exc:
-        raise InputError(f"{path}: cannot read labels CSV ({exc})") from exc
+        raise InputError(f"{path}: cannot read labels CSV ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: labels CSV is not UTF-8 text (byte "
+                         f"0x{exc.object[exc.start]:02x})") from exc
+    except csv.Error as exc:
+        raise InputError(f"{path}: malformed labels CSV ({exc})") from exc
     for plan in plans:
         assert plan.csv_labels is not None
         lacking = [s for s in plan.slices if s not in plan.csv_labels]
@@ -335,6 +348,7 @@ class Settings:
     dtype: str
     has_masks: bool
     labels_csv: str | None
+    nonfinite: str = "error"
 
 
 def _read_volume(path: str, volume_index: int | None) -> np.ndarray:
@@ -349,11 +363,35 @@ def _read_volume(path: str, volume_index: int | None) -> np.ndarray:
     return data
 
 
+def finite_volume(v: np.ndarray, path: str, mode: str) -> tuple[np.ndarray, int]:
+    """``(volume, n)``: ``n`` NaN/Inf voxels of ``v``; ``mode`` "error" refuses them (file
+    and count named), "replace" sets them to the finite minimum of ``v`` (0 if none)."""
+    if v.dtype.kind != "f":
+        return v, 0
+    bad = ~np.isfinite(v)
+    n_bad = int(np.count_nonzero(bad))
+    if n_bad == 0:
+        return v, 0
+    if mode != "replace":
+        raise InputError(f"{path}: {n_bad} of {v.size} voxels are NaN or infinite; use "
+                         f"--nonfinite replace to set them to the volume's finite minimum")
+    fill = v[~bad].min() if n_bad < v.size else 0
+    return np.where(bad, fill, v), n_bad
+
+
+def _read_image(plan: CasePlan, mod: str, settings: Settings) -> tuple[np.ndarray, int]:
+    """One channel's canonical voxels checked by :func:`finite_volume`."""
+    path = plan.images[mod]
+    return finite_volume(_read_volume(path, plan.volume_index.get(mod)), path,
+                         settings.nonfinite)
+
+
 def _read_seg(path: str, allowed: list[int] | None) -> np.ndarray:
     seg = _read_volume(path, None)
-    if seg.dtype.kind == "f" and (
-        not np.all(np.isfinite(seg)) or not np.array_equal(seg, np.rint(seg))
-    ):
+    if seg.dtype.kind == "f" and not np.all(np.isfinite(seg)):
+        raise InputError(f"{path}: seg holds {int(np.count_nonzero(~np.isfinite(seg)))} NaN "
+                         f"or infinite values")
+    if seg.dtype.kind == "f" and not np.array_equal(seg, np.rint(seg)):
         raise InputError(f"{path}: seg holds non-integer values")
     lo, hi = float(seg.min()), float(seg.max())
     if lo < 0:
@@ -373,20 +411,25 @@ def _read_seg(path: str, allowed: list[int] | None) -> np.ndarray:
 def first_channel_bbox(plan: CasePlan, settings: Settings) -> tuple[int, int, int, int] | None:
     """In-slice bounding box of the first channel's foreground over all slices."""
     mod = settings.modalities[0]
-    vol = _read_volume(plan.images[mod], plan.volume_index.get(mod))
+    vol, _ = _read_image(plan, mod, settings)
     fg = foreground(vol, mod).any(axis=settings.axis)
     return bbox_2d(fg)
 
 
-def process_case(plan: CasePlan, settings: Settings, partial: str) -> list[dict[str, Any]]:
+def process_case(plan: CasePlan, settings: Settings, partial: str
+                 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Read, normalise and crop one case; write its rows into the partial store's arrays.
 
-    Returns the slice-table rows (``index`` = store position).
+    Returns the slice-table rows (``index`` = store position) and ``{file: n}`` of the
+    NaN/Inf voxels replaced (``nonfinite: replace``; empty otherwise).
     """
     axis, mods = settings.axis, settings.modalities
     vols = []
+    replaced: dict[str, int] = {}
     for mod in mods:
-        v = _read_volume(plan.images[mod], plan.volume_index.get(mod))
+        v, n_bad = _read_image(plan, mod, settings)
+        if n_bad:
+            replaced[plan.images[mod]] = n_bad
         if v.shape != tuple(plan.canonical_shape):
             raise InputError(f"{plan.images[mod]}: voxel array shape {list(v.shape)} "
                              f"differs from its header")
@@ -455,7 +498,7 @@ def process_case(plan: CasePlan, settings: Settings, partial: str) -> list[dict[
         masks.flush()
     del images, masks
     rows.sort(key=lambda r: r["index"])
-    return rows
+    return rows, replaced
 
 
 def _case_geometry(plan: CasePlan, axis: int, has_mask: bool) -> dict[str, Any]:
@@ -514,14 +557,22 @@ def resolve_settings(cfg: PrepareConfig, allowed: set[int] | None, modalities: l
         allowed_labels=sorted(allowed) if allowed is not None else None,
         min_lesion_fraction=cfg.min_lesion_fraction, dtype=cfg.dtype,
         has_masks=cfg.labels_csv is None and cfg.masks,
-        labels_csv=str(cfg.labels_csv) if cfg.labels_csv else None,
+        labels_csv=str(cfg.labels_csv) if cfg.labels_csv else None, nonfinite=cfg.nonfinite,
     )
+
+
+def _worker_init() -> None:
+    """Worker processes leave SIGINT (Ctrl-C reaches the whole process group) and SIGTERM
+    to the main process, which stops them after their current case."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run_parallel(
     fn: Any, jobs: list[tuple[Any, ...]], workers: int, desc: str
 ) -> Iterator[tuple[int, Any]]:
-    """Yield ``(job_position, fn(*job))`` as results arrive; InputErrors propagate."""
+    """Yield ``(job_position, fn(*job))`` as results arrive; InputErrors propagate; on any
+    exception or interruption the jobs not yet started are cancelled."""
     bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=None)
     try:
         if workers <= 1 or len(jobs) <= 1:
@@ -529,7 +580,8 @@ def _run_parallel(
                 yield i, fn(*job)
                 bar.update()
             return
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_worker_init)
+        try:
             futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
             pending = set(futures)
             while pending:
@@ -537,11 +589,11 @@ def _run_parallel(
                 for fut in done:
                     exc = fut.exception()
                     if exc is not None:
-                        for other in pending:
-                            other.cancel()
                         raise exc
                     yield futures[fut], fut.result()
                     bar.update()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     finally:
         bar.close()
 
@@ -601,17 +653,26 @@ def prepare_store(cfg: PrepareConfig, force: bool = False, checkpoint: bool = Tr
         if checkpoint:
             fsutil.write_json(state, resume_key)
     rows_by_case: dict[str, list[dict[str, Any]]] = {}
+    replaced: dict[str, int] = {}
     if resuming:
         for p in plans:
             f = done_dir / f"{p.name}.json"
             if f.is_file():
-                rows_by_case[p.name] = fsutil.read_json(f, "resume record")
+                record = fsutil.read_json(f, "resume record")
+                try:
+                    rows, fixed = _rows_from_json(record["rows"]), dict(record["replaced"])
+                except (KeyError, TypeError, ValueError, AttributeError):
+                    continue  # not a record of this version: the case is done again
+                rows_by_case[p.name] = rows
+                replaced.update(fixed)
     todo = [p for p in plans if p.name not in rows_by_case]
     jobs = [(p, settings, str(partial)) for p in todo]
-    for i, rows in _run_parallel(process_case, jobs, cfg.workers, "prepare"):
+    for i, (rows, fixed) in _run_parallel(process_case, jobs, cfg.workers, "prepare"):
         rows_by_case[todo[i].name] = rows
+        replaced.update(fixed)
         if checkpoint:
-            fsutil.write_json(done_dir / f"{todo[i].name}.json", rows)
+            fsutil.write_json(done_dir / f"{todo[i].name}.json",
+                              {"rows": rows, "replaced": fixed})
     table = [r for p in plans for r in rows_by_case[p.name]]
     write_slice_table(partial / "slices.csv", table)
     fsutil.write_json(partial / "cases.json", {
@@ -623,10 +684,24 @@ def prepare_store(cfg: PrepareConfig, force: bool = False, checkpoint: bool = Tr
         "format": STORE_FORMAT, "version": STORE_VERSION, "n_slices": n,
         "channels": list(settings.modalities), "size": [h, w], "dtype": settings.dtype,
         "has_masks": settings.has_masks,
-        "prepare": {**asdict(settings), "data": str(cfg.data), "crop_size": [h, w]},
+        "prepare": {**asdict(settings), "data": str(cfg.data), "crop_size": [h, w],
+                    "nonfinite_replaced": replaced},
     })
     fsutil.commit_output_dir(partial, out)
+    if replaced:
+        first = next(iter(replaced))
+        print(f"note: replaced {sum(replaced.values())} NaN/Inf voxel(s) in {len(replaced)} "
+              f"file(s) by each volume's finite minimum (e.g. {replaced[first]} in {first}); "
+              f"listed in {out / MANIFEST}", file=sys.stderr)
     return out
+
+
+def _rows_from_json(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Slice rows read back from a resume record (strict JSON wrote NaN as null)."""
+    for r in rows:
+        if r.get("lesion_fraction") is None:
+            r["lesion_fraction"] = float("nan")
+    return rows
 
 
 def _same(path: Path, key: dict[str, Any]) -> bool:

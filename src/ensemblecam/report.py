@@ -9,7 +9,9 @@ report is replaced only with ``force``.
 Sections, in order (:data:`SECTIONS`): Summary (what was run; chosen ensemble vs Empty vs
 U-Net in :data:`SUMMARY_METRICS`, mean +- std; where the run's folders are), Results
 (headline table with published figures, bar chart, per-fold configurations, every metric
-convention in two tables, per-fold objective), Thresholds, Gallery, Classifiers (model x
+convention in two tables, per-fold objective; then per-case 3-D metrics with 95% CIs,
+paired Wilcoxon tests against the chosen configuration and per-case box/strip plots, all
+read from results.json and the per-case CSVs it names), Thresholds, Gallery, Classifiers (model x
 fold table; figures one row per model, folds side by side), Data, Configuration
 (config.yaml collapsed, run.json facts and one timings table).
 
@@ -404,6 +406,36 @@ def results_bar_chart(
     finite = m[np.isfinite(m)]
     if finite.size:
         ax.set_xlim(max(0.0, float(finite.min()) - 10), min(100.0, float(finite.max()) + 5))
+    return figure_png(fig)
+
+
+def case_box_plot(names: Sequence[str], values: Sequence[Sequence[float]], label: str,
+                  seed: int = 0) -> bytes:
+    """Per-case values of one metric per result row: a horizontal box (median, quartiles,
+    whiskers at 1.5 IQR) with every case as a jittered dot (seeded); non-finite values are
+    left out and the number of cases shown is given per row."""
+    import inspect
+
+    from matplotlib.figure import Figure
+
+    vals = [np.asarray(v, dtype=np.float64) for v in values]
+    vals = [v[np.isfinite(v)] for v in vals]
+    fig = Figure(figsize=(7, 0.8 + 0.4 * max(len(names), 1)))
+    ax = fig.subplots()
+    pos = np.arange(1, len(names) + 1)
+    horizontal = ({"orientation": "horizontal"}
+                  if "orientation" in inspect.signature(ax.boxplot).parameters
+                  else {"vert": False})
+    ax.boxplot([v if v.size else [np.nan] for v in vals], positions=pos, widths=0.6,
+               showfliers=False, **horizontal)
+    rng = np.random.default_rng(seed)
+    for p, v in zip(pos, vals, strict=True):
+        ax.scatter(v, p + rng.uniform(-0.18, 0.18, v.size), s=9, alpha=0.6, color="#4c72b0",
+                   zorder=3)
+    ax.set_yticks(pos, [f"{n if len(n) <= 72 else n[:69] + '...'} (n={v.size})"
+                        for n, v in zip(names, vals, strict=True)], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(label)
     return figure_png(fig)
 
 
@@ -1103,6 +1135,135 @@ def _section_results(rep: _Report, run: Run, folds: list[str]) -> None:
         _reference_table(rep, ref_key or "")
 
 
+#: Per-case metrics shown as box/strip plots (when in results.json's case statistics).
+CASE_PLOT_METRICS = ("dice", "lesionwise_dice")
+_CASE_LABELS = {"dice": "case Dice (3-D)", "nsd": "NSD", "hd95_mm": "HD95 (mm)",
+                "lesionwise_dice": "lesion-wise Dice (BraTS 2023)",
+                "lesionwise_hd95_mm": "lesion-wise HD95 (mm, BraTS 2023)",
+                "lesion_sensitivity": "lesion sensitivity", "fp_lesions": "FP lesions per case"}
+
+
+CASE_EXPLANATIONS = {
+    "dice": "3-D Dice of the case's evaluated slices: 2TP / (2TP + FP + FN); empty "
+            "prediction on a lesion-free case scores 1.",
+    "nsd": "Normalised surface Dice (MONAI): share of both surfaces (voxels) within the "
+           "tolerance (mm) of the other; both empty 1, one empty 0.",
+    "hd95_mm": "95th-percentile Hausdorff distance (MONAI) in mm; both empty 0, undefined "
+               "when exactly one is empty (left out).",
+    "lesionwise_dice": "BraTS 2023 lesion-wise Dice: reference lesions = 26-connected "
+                       "components after merging by dilation (3 x 18-neighbourhood), lesions "
+                       "<= 50 mm^3 dropped; matched predicted components scored per lesion, "
+                       "every missed lesion and false-positive component scores 0; mean over "
+                       "lesions + false positives; nothing to score: 1.",
+    "lesionwise_hd95_mm": "BraTS 2023 lesion-wise HD95 (same matching): missed lesions and "
+                          "false positives 374 mm; nothing to score: 0.",
+    "lesion_sensitivity": "Reference lesions (above the minimum volume) matched by a "
+                          "predicted component / all such lesions; undefined without any.",
+    "fp_lesions": "Predicted components matching no reference lesion, per case.",
+}
+
+
+def _case_value(metric: str, v: Any) -> str:
+    """A per-case statistic: fractions in % (one decimal), mm and counts plain."""
+    if v is None or not np.isfinite(_num(v)):
+        return "–"
+    v = float(v)
+    if metric in ("hd95_mm", "lesionwise_hd95_mm", "fp_lesions"):
+        return f"{v:.3g}"
+    return f"{100 * v:.1f}"
+
+
+def _case_diff(metric: str, v: Any) -> str:
+    if v is None or not np.isfinite(_num(v)):
+        return "–"
+    return ("+" if float(v) >= 0 else "") + _case_value(metric, v)
+
+
+def _p_text(p: Any) -> str:
+    if p is None or not np.isfinite(_num(p)):
+        return "p –"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def _section_case_statistics(rep: _Report, run: Run) -> None:
+    """Per-case 3-D metrics with 95% CIs, paired tests against the chosen configuration and
+    box/strip plots; every number is read from results.json and the per-case CSV files
+    it names (nothing is recomputed)."""
+    stats = run.results.get("case_statistics")
+    rows = [r for r in run.results["rows"] if isinstance(r.get("cases"), dict)]
+    if not isinstance(stats, dict) or not rows:
+        return
+    names = [m for m in (stats.get("metrics") or {}) if isinstance(m, str)]
+    chosen, best_single = stats.get("chosen"), stats.get("best_single")
+    rep.add('<h3 id="cases">Per case (3-D, scan spacing): means with 95% confidence '
+            "intervals</h3>\n")
+    rep.p(f"Unit: {stats.get('unit', 'case')}. CI: {stats.get('ci', '')}. Dice, NSD, "
+          "lesion-wise Dice and lesion sensitivity in percent; HD95 in mm; FP lesions per "
+          "case. HD95 is left out where exactly one of prediction and reference is empty; "
+          "lesion sensitivity where the reference has no lesion.")
+
+    def label(r: dict[str, Any]) -> str:
+        return str(r["name"]) + (" [best single member]" if r["name"] == best_single else "")
+
+    body = []
+    for r in rows:
+        c = r["cases"]
+        cells = [label(r), str(c.get("n_cases", ""))]
+        for m in names:
+            ci = (c.get("ci95") or {}).get(m) or [None, None]
+            cells.append(f"{_case_value(m, (c.get('mean') or {}).get(m))} "
+                         f"[{_case_value(m, ci[0])}, {_case_value(m, ci[1])}]")
+        body.append(cells)
+    rep.add(_table(["result", "cases", *(_CASE_LABELS.get(m, m) for m in names)], body,
+                   "cases"))
+    rep.add("<details><summary>Per-case conventions</summary>\n"
+            + _table(["metric", "meaning"], [(_CASE_LABELS.get(m, m), CASE_EXPLANATIONS[m])
+                                             for m in names if m in CASE_EXPLANATIONS],
+                     "facts") + "</details>\n")
+    compared = [r for r in rows if isinstance(r["cases"].get("vs_chosen"), dict)]
+    if chosen and compared:
+        rep.add(f"<h3>Paired comparison: {_e(chosen)} minus each row</h3>\n")
+        rep.p(f"Mean difference over the cases both rows scored [95% bootstrap CI], and the "
+              f"p-value of the {stats.get('test', 'paired Wilcoxon signed-rank test')}. "
+              "Higher is better for Dice, NSD and sensitivity, lower for HD95 and FP lesions.")
+        body = []
+        for r in compared:
+            vs = r["cases"]["vs_chosen"]
+            cells = [label(r)]
+            for m in names:
+                t = vs.get(m) or {}
+                ci = t.get("ci95") or [None, None]
+                cells.append(f"{_case_diff(m, t.get('mean_difference'))} "
+                             f"[{_case_diff(m, ci[0])}, {_case_diff(m, ci[1])}], "
+                             f"{_p_text(t.get('p_value'))} (n={t.get('n', 0)})")
+            body.append(cells)
+        rep.add(_table(["compared with", *(_CASE_LABELS.get(m, m) for m in names)], body,
+                       "comparisons"))
+    for m in CASE_PLOT_METRICS:
+        if m not in names:
+            continue
+        shown, values = [], []
+        for r in rows:
+            vals = []
+            for f in (r["cases"].get("files") or {}).values():
+                path = run.path / str(f)
+                if not path.is_file():
+                    raise InputError(f"{path}: per-case file named in results.json not found")
+                try:
+                    vals += [float(x[m]) for x in _read_csv(path) if x.get(m) not in (None, "")]
+                except (KeyError, ValueError) as exc:
+                    raise InputError(f"{path}: malformed per-case file ({exc})") from exc
+            shown.append(label(r))
+            values.append(vals)
+        scale = 100.0 if m not in ("hd95_mm", "lesionwise_hd95_mm", "fp_lesions") else 1.0
+        unit = " (%)" if scale == 100.0 else ""
+        rep.figure(f"cases_{m}.png",
+                   case_box_plot(shown, [np.asarray(v) * scale for v in values],
+                                 f"{_CASE_LABELS.get(m, m)}{unit}, one dot per case"),
+                   f"{_CASE_LABELS.get(m, m)} per case, every result row (box: median and "
+                   "quartiles)", 760)
+
+
 def _reference_table(rep: _Report, key: str) -> None:
     metrics_ = REFERENCE_METRICS[key]
     rows = []
@@ -1443,6 +1604,7 @@ def write_report(
     rep.add("<nav>" + "".join(f'<a href="#{k}">{_e(t)}</a>' for k, t in SECTIONS) + "</nav>\n")
     _section_summary(rep, run, folds)
     _section_results(rep, run, folds)
+    _section_case_statistics(rep, run)
     _section_heatmaps(rep, run, folds)
     _section_gallery(rep, run, folds, n_cases)
     _section_classifiers(rep, run, folds)

@@ -42,6 +42,11 @@ subsets' maps are read a second time. Both ways give identical rows. Rows outsid
 top-K have slice/case metrics NaN (``rows()``: None, blank in ranking.csv), never an
 estimate; one-threshold candidates (single, mean) are always exact for every row. RAM
 depends on the chunk and the grid, not on the number of slices.
+
+Limits, refused up front with the numbers in the message: a grid (thresholds, gates) of
+more than ``MAX_GRID_LEVELS`` = 10,001 values, and a search of more than
+``MAX_CONFIGURATIONS`` = 1,000,000 configurations (``n_configurations``: operators x
+member subsets x thresholds per member x gates; each becomes a row of ranking.csv).
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ensemblecam import fsutil, metrics
-from ensemblecam.config import SearchConfig
+from ensemblecam.config import SearchConfig, short_repr
 from ensemblecam.errors import InputError
 from ensemblecam.mapstore import dequantise
 
@@ -80,32 +85,78 @@ def objective_names(min_lesion_fraction: float = 0.0, with_correct: bool = True)
 # --------------------------------------------------------------------------- parsing
 
 
+#: most thresholds in one grid (per member; also the gate grid): 0:1:0.0001 fits
+MAX_GRID_LEVELS = 10_001
+#: most configurations (operator x member subset x thresholds x gate) one search scores;
+#: every one becomes a row of ranking.csv (about 1 KB of RAM per row while ranked)
+MAX_CONFIGURATIONS = 1_000_000
+
+
 def parse_grid(spec: str | Sequence[float]) -> np.ndarray:
     """Threshold grid: ``"start:stop:step"`` (inclusive) or ``"0.1,0.5"`` or a sequence.
 
-    Returned as sorted unique float32 values (the dtype maps are compared in).
+    Returned as sorted unique float32 values (the dtype maps are compared in); more than
+    ``MAX_GRID_LEVELS`` values is refused before any is generated.
     """
+    shown = short_repr(spec)
     if isinstance(spec, str):
         try:
             if ":" in spec:
                 start, stop, step = (float(v) for v in spec.split(":"))
+                if not all(math.isfinite(v) for v in (start, stop, step)):
+                    raise ValueError("start, stop and step must be finite")
                 if step <= 0 or stop < start:
                     raise ValueError("need step > 0 and stop >= start")
-                n = math.floor((stop - start) / step + 1e-9) + 1
+                steps = (stop - start) / step
+                if not steps < MAX_GRID_LEVELS:  # also inf (1e308 / 1e-308)
+                    raise InputError(f"threshold grid {shown}: {steps + 1:.4g} thresholds; "
+                                     f"at most {MAX_GRID_LEVELS:,} per member (use a larger "
+                                     f"step)")
+                n = math.floor(steps + 1e-9) + 1
                 values = [round(start + i * step, 10) for i in range(n)]
             else:
                 values = [float(v) for v in spec.split(",") if v.strip()]
+        except InputError:
+            raise
         except ValueError as exc:
-            raise InputError(f"threshold grid {spec!r}: expected start:stop:step or a list "
-                             f"of numbers ({exc})") from exc
+            raise InputError(f"threshold grid {shown}: expected start:stop:step or a list "
+                             f"of numbers ({short_repr(str(exc))})") from exc
     else:
         values = [float(v) for v in spec]
     grid = np.unique(np.asarray(values, dtype=np.float32))
     if grid.size == 0 or not np.all(np.isfinite(grid)):
-        raise InputError(f"threshold grid {spec!r}: empty or not finite")
-    if grid.size > 65534:
-        raise InputError(f"threshold grid {spec!r}: at most 65534 thresholds")
+        raise InputError(f"threshold grid {shown}: empty or not finite")
+    if grid.size > MAX_GRID_LEVELS:
+        raise InputError(f"threshold grid {shown}: {grid.size:,} thresholds; at most "
+                         f"{MAX_GRID_LEVELS:,} per member")
     return grid
+
+
+def n_configurations(n_members: int, levels: int, operators: Sequence[str],
+                     max_members: int | None = None, gate_levels: int = 0) -> int:
+    """Configurations a search scores: for every member subset U (up to ``max_members``),
+    ``levels`` thresholds if |U| = 1, else per distinct operator ``levels`` (mean) or
+    ``levels ** |U|``; times ``gate_levels + 1`` (no gate, then each gate threshold)."""
+    total = 0
+    top = n_members if max_members is None else min(max_members, n_members)
+    for size in range(1, top + 1):
+        if size == 1:
+            per = levels
+        else:
+            kinds = {parse_operator(op, size) for op in operators}
+            per = sum(levels if kind == "mean" else levels**size for kind, _ in kinds)
+        total += math.comb(n_members, size) * per
+    return total * (gate_levels + 1)
+
+
+def check_search_size(n: int, levels: int) -> None:
+    """Refuse a search of more than ``MAX_CONFIGURATIONS`` configurations."""
+    if n > MAX_CONFIGURATIONS:
+        raise InputError(
+            f"threshold grid of {levels:,} values is too fine for this search: {n:,} "
+            f"configurations (operators x member subsets x thresholds per member x gates); "
+            f"at most {MAX_CONFIGURATIONS:,}: use a coarser grid, fewer operators or "
+            f"--max-members")
 
 
 def parse_operator(name: str, m: int) -> tuple[str, int]:
@@ -532,6 +583,7 @@ class SearchResult:
     n_slices: int
     n_lesion_slices: int
     top_k: int | None = None  # None: slice/case metrics exact for every row
+    store_id: str | None = None  # identity of the slice store searched (SliceStore.identity)
 
     def rows(self) -> list[dict[str, Any]]:
         """One flat dict per configuration (operator, members, thresholds, gate, metrics).
@@ -773,6 +825,8 @@ def search(
             label = op if kind != "vote" else f"vote:{k}"
             if (u, label, kind, k) not in plan:  # e.g. "vote" and "vote:2" for M=3
                 plan.append((u, label, kind, k))
+    check_search_size(n_bins * sum(L if kind in ("single", "mean") else L ** len(u)
+                                   for u, _, kind, _ in plan), L)
     luts = [level_lut(grid, s.array.dtype) for s in srcs]
     sel_names = ["lesion"] + (["large"] if min_lesion_fraction > 0 else []) + (
         ["correct"] if probs_arr is not None else [])
@@ -1154,6 +1208,7 @@ def open_inputs(
             raise InputError(f"member {name!r}: no folder {root / name} "
                              f"(available: {', '.join(avail) or 'none'})")
         ms = MapSet.open(root / name)
+        ms.check_store(store)
         rows = ms.rows_for(idx)
         if tuple(ms.maps.shape[1:]) != tuple(store.masks.shape[1:]):
             raise InputError(f"member {name!r}: maps of shape {tuple(ms.maps.shape[1:])} but "
@@ -1186,7 +1241,24 @@ def _run_search(cfg: Any, n_cases: int | None) -> tuple[SearchResult, list[dict[
         classifier_threshold=cfg.classifier_threshold, member_names=inp.member_names,
         chunk=cfg.chunk, objective=cfg.objective, top_k=cfg.top_k or None,
     )
+    res.store_id = inp.store.identity
     return res, res.ranked(cfg.objective)
+
+
+def check_search_config(cfg: SearchConfig) -> None:
+    """Every check of a search configuration that needs no data: grids (size and values),
+    operators, objective and the number of configurations (``MAX_CONFIGURATIONS``)."""
+    grid = parse_grid(cfg.grid)
+    gates = parse_grid(cfg.gate_grid) if cfg.gate else np.zeros(0)
+    m = max(len(cfg.members), 1)
+    for op in cfg.operators:
+        parse_operator(op, m)
+    allowed = objective_names(cfg.min_lesion_fraction, True)
+    if cfg.objective not in allowed:
+        raise InputError(f"objective {short_repr(cfg.objective)}: expected one of "
+                         f"{', '.join(allowed)}")
+    check_search_size(n_configurations(m, grid.size, cfg.operators, cfg.max_members,
+                                       gates.size), grid.size)
 
 
 def run_search_stage(cfg: SearchConfig, force: bool = False) -> dict[str, Any]:
@@ -1203,7 +1275,9 @@ def run_search_stage(cfg: SearchConfig, force: bool = False) -> dict[str, Any]:
         elif v.isdigit():
             ns.append(int(v))
         else:
-            raise InputError(f"--calibration-cases {cfg.calibration_cases!r}: N, all or N1,N2")
+            raise InputError(f"--calibration-cases {short_repr(cfg.calibration_cases)}: N, "
+                             f"all or N1,N2")
+    check_search_config(cfg)
     partial = fsutil.prepare_output_dir(cfg.out, force, "best.json")
     curve = []
     res, ranked = None, []
@@ -1257,4 +1331,6 @@ def write_search_outputs(out: Path, res: SearchResult, ranked: list[dict[str, An
     best = dict(ranked[0])
     best.update(objective=objective, search=settings, n_slices=res.n_slices,
                 n_lesion_slices=res.n_lesion_slices)
+    if res.store_id is not None:
+        best["store_id"] = res.store_id
     fsutil.write_json(out / "best.json", best)

@@ -6,9 +6,10 @@ Format of a split file (default ``<store>/splits.json``)::
      "seed": 0, "store": "<store path>",
      "folds": [{"name": "fold0", "train": [case, ...], "val": [...], "test": [...]}, ...]}
 
-A case appears in at most one part of a fold. For k-fold, ``test`` is the held-out fold
-(where results are reported) and ``val`` a share of the remaining cases for checkpoint
-selection; a holdout split has one fold.
+A case appears in at most one part of a fold and in the test part of at most one fold
+(checked when a split file is written and when it is read). For k-fold, ``test`` is the
+held-out fold (where results are reported) and ``val`` a share of the remaining cases for
+checkpoint selection; a holdout split has one fold.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ensemblecam import fsutil
-from ensemblecam.config import SplitConfig
+from ensemblecam.config import SplitConfig, one_line, short_repr
 from ensemblecam.errors import InputError
 from ensemblecam.store import SliceStore
 
@@ -47,19 +48,35 @@ class Fold:
         return list(getattr(self, name))
 
 
-def write_splits(
-    path: str | os.PathLike[str], folds: list[Fold], scheme: str, seed: int, store: str
-) -> None:
-    """Write a split file atomically after checking no case is in two parts of a fold."""
+def check_folds(folds: list[Fold], source: str = "split") -> None:
+    """Refuse a case listed twice in one fold (two parts, or twice in a part) or in the
+    test parts of two folds; the message names ``source``, the case, the parts and folds."""
+    names: set[str] = set()
+    test_fold: dict[str, str] = {}
     for fold in folds:
+        if fold.name in names:
+            raise InputError(f"{source}: fold name {short_repr(fold.name)} is used twice")
+        names.add(fold.name)
         seen: dict[str, str] = {}
         for part in PARTS:
             for case in fold.part(part):
                 if case in seen:
-                    raise InputError(
-                        f"case {case!r} is in both {seen[case]} and {part} of {fold.name}"
-                    )
+                    twice = "twice in" if seen[case] == part else f"in both {seen[case]} and"
+                    raise InputError(f"{source}: case {short_repr(case)} is {twice} {part} "
+                                     f"of {fold.name}")
                 seen[case] = part
+        for case in fold.test:
+            if case in test_fold:
+                raise InputError(f"{source}: case {short_repr(case)} is in the test part of "
+                                 f"both {test_fold[case]} and {fold.name}")
+            test_fold[case] = fold.name
+
+
+def write_splits(
+    path: str | os.PathLike[str], folds: list[Fold], scheme: str, seed: int, store: str
+) -> None:
+    """Write a split file atomically after :func:`check_folds`."""
+    check_folds(folds)
     fsutil.write_json(
         path,
         {
@@ -80,9 +97,17 @@ def read_splits(path: str | os.PathLike[str]) -> list[Fold]:
     if not isinstance(data, dict) or data.get("format") != SPLIT_FORMAT:
         raise InputError(f"{path}: not an ensemblecam split file")
     try:
-        return [Fold(**f) for f in data["folds"]]
+        folds = [Fold(**f) for f in data["folds"]]
     except (KeyError, TypeError) as exc:
-        raise InputError(f"{path}: malformed split file ({exc})") from exc
+        raise InputError(f"{path}: malformed split file ({one_line(str(exc))})") from exc
+    for fold in folds:
+        parts = [fold.name, *(getattr(fold, p) for p in PARTS)]
+        if not isinstance(fold.name, str) or not all(
+                isinstance(v, list) and all(isinstance(c, str) for c in v) for v in parts[1:]):
+            raise InputError(f"{path}: malformed split file (fold {short_repr(fold.name)}: "
+                             f"name must be a string, parts lists of case names)")
+    check_folds(folds, str(path))
+    return folds
 
 
 def get_fold(path: str | os.PathLike[str], fold: int | str) -> Fold:
@@ -205,7 +230,7 @@ def list_split(path: str | os.PathLike[str], known: list[str]) -> list[Fold]:
     folds: list[Fold] = []
     if path.suffix.lower() == ".csv":
         try:
-            with open(path, newline="") as fh:
+            with open(path, newline="", encoding="utf-8-sig") as fh:
                 reader = csv.DictReader(fh)
                 if not {"case", "part"} <= set(reader.fieldnames or []):
                     raise InputError(f"{path}: needs columns case,part[,fold]")
@@ -216,13 +241,18 @@ def list_split(path: str | os.PathLike[str], known: list[str]) -> list[Fold]:
                         name = f"fold{name}"
                     part = (row["part"] or "").strip()
                     if part not in PARTS:
-                        raise InputError(f"{path}: line {line}: part {part!r} is not one of "
-                                         f"{', '.join(PARTS)}")
+                        raise InputError(f"{path}: line {line}: part {short_repr(part)} is "
+                                         f"not one of {', '.join(PARTS)}")
                     fold = by_fold.setdefault(name, Fold(name))
                     getattr(fold, part).append((row["case"] or "").strip())
                 folds = list(by_fold.values())
         except OSError as exc:
-            raise InputError(f"{path}: cannot read split list ({exc})") from exc
+            raise InputError(f"{path}: cannot read split list ({exc.strerror or exc})") from exc
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path}: split list is not UTF-8 text (byte "
+                             f"0x{exc.object[exc.start]:02x})") from exc
+        except csv.Error as exc:
+            raise InputError(f"{path}: malformed split list ({exc})") from exc
     else:
         data = fsutil.read_json(path, "split list")
         if isinstance(data, dict) and "folds" in data:
@@ -241,17 +271,14 @@ def list_split(path: str | os.PathLike[str], known: list[str]) -> list[Fold]:
         raise InputError(f"{path}: split list holds no fold")
     known_set = set(known)
     for fold in folds:
-        seen: dict[str, str] = {}
         for part in PARTS:
             for case in fold.part(part):
                 if case not in known_set:
-                    raise InputError(f"{path}: {fold.name} {part}: unknown case {case!r}")
-                if case in seen:
-                    raise InputError(f"{path}: case {case!r} is in both {seen[case]} and "
-                                     f"{part} of {fold.name}")
-                seen[case] = part
+                    raise InputError(f"{path}: {fold.name} {part}: unknown case "
+                                     f"{short_repr(case)}")
         if not fold.train and not fold.test:
             raise InputError(f"{path}: {fold.name} has neither train nor test cases")
+    check_folds(folds, str(path))
     return folds
 
 

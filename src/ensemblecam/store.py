@@ -21,11 +21,18 @@ anywhere, so a stored slice maps back to voxels exactly. ``cases.json`` holds, p
 ``ornt`` (``nibabel.orientations.io_orientation`` of the original affine), ``files``
 ({modality or "seg": path}) and ``has_mask``. ``part`` is "" or, for the thesis's
 kidney crops, "left"/"right" (the half of the body the window was centred on).
+
+Identity: :attr:`SliceStore.identity` is the SHA-256 (first 16 hex digits) of the bytes
+of ``store.json`` then ``slices.csv``. Stages that combine a store with results made
+from a store (map stores, search outputs) record it and refuse a different store; a
+store prepared again with the same settings from the same files keeps its identity.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,10 +80,12 @@ def read_slice_table(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Read ``slices.csv`` into one numpy array per column."""
     path = Path(path)
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
     except OSError as exc:
-        raise InputError(f"{path}: cannot read slice table ({exc})") from exc
+        raise InputError(f"{path}: cannot read slice table ({exc.strerror or exc})") from exc
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: malformed slice table ({exc})") from exc
     table: dict[str, np.ndarray] = {}
     for col, typ in SLICE_COLUMNS.items():
         try:
@@ -134,6 +143,11 @@ class SliceStore:
     def n_slices(self) -> int:
         return int(self.manifest["n_slices"])
 
+    @functools.cached_property
+    def identity(self) -> str:
+        """SHA-256 (16 hex digits) of ``store.json`` + ``slices.csv`` (module docstring)."""
+        return store_identity(self.path)
+
     @property
     def channels(self) -> list[str]:
         return list(self.manifest["channels"])
@@ -159,6 +173,21 @@ class SliceStore:
         if unknown:
             raise InputError(f"{self.path}: unknown cases {', '.join(unknown[:5])}")
         return np.flatnonzero(np.isin(self.table["case"], list(cases)))
+
+
+def store_identity(path: str | os.PathLike[str]) -> str:
+    """SHA-256 (first 16 hex digits) of the bytes of ``store.json`` then ``slices.csv``."""
+    digest = hashlib.sha256()
+    for name in (MANIFEST, "slices.csv"):
+        file = Path(path) / name
+        try:
+            with open(file, "rb") as fh:
+                for block in iter(lambda fh=fh: fh.read(2**20), b""):
+                    digest.update(block)
+        except OSError as exc:
+            raise InputError(f"{file}: cannot read ({exc.strerror or exc})") from exc
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
 
 
 def _load_npy(path: Path) -> np.ndarray:

@@ -358,14 +358,12 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
 
 def _check_output(cfg: TrainConfig, out: Path, partial: Path) -> Path | None:
     """Refuse to overwrite; return the last.pt to resume from, if resuming."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
+    fsutil.check_not_input(out, [cfg.store, cfg.splits, cfg.weights])
+    if (out / RUN_MARKER).exists() and not cfg.force and fsutil.is_ours(out):
+        raise InputError(f"{out}: already holds a finished run; use --force to replace it")
+    fsutil.check_replaceable(out, cfg.force, RUN_MARKER)
     if cfg.force:
         return None
-    if (out / RUN_MARKER).exists():
-        raise InputError(f"{out}: already holds a finished run; use --force to replace it")
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"{out}: folder is not empty; use --force to replace it")
     last = partial / "last.pt"
     if cfg.resume:
         return last if last.is_file() else None
@@ -427,15 +425,17 @@ def make_fabric(cfg: DeviceConfig) -> Any:
         raise InputError(f"device options: {msg}") from exc
 
 
-def start_run(fabric: Any, seed: int, partial: Path, resuming: bool) -> None:
-    """Seed every process; rank 0 (re)creates the run's ``.partial`` folder, kept when
-    ``resuming``; all processes wait for it."""
+def start_run(fabric: Any, seed: int, partial: Path, resuming: bool, stage: str = "train"
+              ) -> None:
+    """Seed every process; rank 0 (re)creates the run's ``.partial`` folder (marked as
+    ensemblecam's), kept when ``resuming``; all processes wait for it."""
     fabric.seed_everything(seed, verbose=False)
     fabric.barrier()
     if fabric.global_rank == 0:
         if not resuming and partial.exists():
             shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
+        fsutil.write_owner_marker(partial, stage)
     fabric.barrier()
 
 
@@ -495,14 +495,25 @@ def _make_scheduler(
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "python": random.getstate()}  # fmt: skip
+    """torch, numpy and Python RNG states as tensors and plain data (``weights_only`` loads
+    them): numpy's (name, uint32 keys, pos, has_gauss, gauss) with the keys as an int64
+    tensor; Python's (version, ints, gauss) as lists."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    version, internal, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": [str(name), torch.from_numpy(keys.astype(np.int64)), int(pos),
+                      int(has_gauss), float(gauss)],
+            "python": [int(version), [int(v) for v in internal], py_gauss]}  # fmt: skip
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`_rng_state` saved."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), int(pos),
+                         int(has_gauss), float(gauss)))
+    version, internal, py_gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), py_gauss))
 
 
 def _gather(fabric: Any, values: torch.Tensor, n_total: int) -> np.ndarray:
@@ -689,7 +700,7 @@ def _finish(
                   "confusion_matrix.png"],
     }  # fmt: skip
     fsutil.write_json(plan.partial / RUN_MARKER, summary)
-    fsutil.commit_output_dir(plan.partial, plan.cfg.out)
+    fsutil.commit_output_dir(plan.partial, plan.cfg.out, "train")
 
 
 def _tensorboard(folder: Path, history: list[dict[str, Any]]) -> None:

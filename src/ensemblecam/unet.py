@@ -285,13 +285,10 @@ def plan_unet(
     build_unet(**args)  # bad architecture settings fail here
     out = Path(out)
     partial = out.with_name(f".{out.name}.partial")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
-    if not force:
-        if (out / RUN_MARKER).exists():
-            raise InputError(f"{out}: already holds a finished U-Net run; use --force to replace")
-        if out.exists() and any(out.iterdir()):
-            raise InputError(f"{out}: folder is not empty; use --force to replace it")
+    fsutil.check_not_input(out, [store_path, splits, None if source == "store" else targets])
+    if not force and (out / RUN_MARKER).exists() and fsutil.is_ours(out):
+        raise InputError(f"{out}: already holds a finished U-Net run; use --force to replace")
+    fsutil.check_replaceable(out, force, RUN_MARKER)
     info = {
         "model": MODEL_NAME,
         "model_args": args,
@@ -309,10 +306,7 @@ def plan_unet(
     resume_from = None
     last = partial / "last.pt"
     if not force and last.is_file():
-        try:
-            old = models.read_checkpoint(last)["info"]
-        except InputError:
-            old = {}
+        old = models.read_checkpoint(last)["info"]  # a refused file stops here (one line)
         same = all(old.get(k) == info[k] for k in info if k not in ("config",))
         old_cfg = {k: v for k, v in old.get("config", {}).items() if k != "epochs"}
         new_cfg = {k: v for k, v in info["config"].items() if k != "epochs"}
@@ -417,7 +411,8 @@ def _run(fabric: Any, plan: UNetPlan, progress: bool | None, stop_after_epoch: i
     cfg, info = plan.cfg, dict(plan.info)
     rank0 = fabric.global_rank == 0
     store = SliceStore.open(plan.store)
-    start_run(fabric, cfg.seed, plan.partial, resuming=plan.resume_from is not None)
+    start_run(fabric, cfg.seed, plan.partial, resuming=plan.resume_from is not None,
+              stage="unet")
 
     model = build_unet(**info["model_args"])
     state: dict[str, Any] | None = None
@@ -531,7 +526,7 @@ def _finish(plan: UNetPlan, history: list[dict[str, Any]], best_epoch: int) -> N
         "files": ["best.pt", "last.pt", "metrics.csv", "learning_curve.png"],
     }
     fsutil.write_json(plan.partial / RUN_MARKER, summary)
-    fsutil.commit_output_dir(plan.partial, plan.out)
+    fsutil.commit_output_dir(plan.partial, plan.out, "unet")
 
 
 # --------------------------------------------------------------------------- records

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ensemblecam import models
+from ensemblecam import fsutil, models
 from ensemblecam.cam.engine import CamEngine
 from ensemblecam.errors import InputError
 from ensemblecam.split import PARTS, get_fold
@@ -94,6 +94,7 @@ def plant_markers(
     images.flush()
     del images
     shutil.copy2(src / MANIFEST, dst / MANIFEST)  # manifest last: the copy is complete
+    fsutil.write_owner_marker(dst, "sanity")
     return fill
 
 
@@ -126,7 +127,10 @@ def run_sanity(
     if not 1 <= size < min(h, w):
         raise InputError(f"--marker-size {size}: must be between 1 and {min(h, w) - 1}")
     work = Path(work)
+    fsutil.check_not_input(work, [src.path, splits])
     marked = work / "store"
+    fsutil.check_replaceable(marked, True, MANIFEST)  # never a folder ensemblecam did not write
+    fsutil.check_replaceable(work / "run", True, "train.json")
     fill = plant_markers(src.path, marked, pos, size, parse_marker_value(marker_value))
     opts = {"epochs": 5, **(train_options or {})}
     cfg = TrainConfig(

@@ -47,6 +47,7 @@ class CamPlan:
     tags: list[str]
     layers: list[str]
     members: list[list[Path]] = field(default_factory=list)  # per checkpoint, per method
+    store_id: str = ""  # SliceStore.identity of cfg.store
 
 
 def model_tag(checkpoint: Path) -> str:
@@ -120,6 +121,9 @@ def split_indices(store: SliceStore, cfg: CamConfig) -> np.ndarray:
 def plan_cam(cfg: CamConfig) -> CamPlan:
     """Check store, split, checkpoints, layers, methods and output folders; write nothing."""
     store = SliceStore.open(cfg.store)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
     bad = [m for m in cfg.methods if m not in METHODS]
     if bad or not cfg.methods:
         raise InputError(
@@ -141,6 +145,10 @@ def plan_cam(cfg: CamConfig) -> CamPlan:
     for ck, tag in zip(cfg.checkpoints, tags, strict=True):
         model, info = models.load_checkpoint(ck)
         check_fit(Path(ck), info, store)
+        target, n_cls = _target(cfg.target), int(info["model_args"].get("num_classes", 2))
+        if isinstance(target, int) and not 0 <= target < n_cls:
+            raise InputError(f"--target {cfg.target}: {ck} has {n_cls} classes "
+                             f"(indices 0..{n_cls - 1})")
         layers.append(choose_layer(model, info, shape, cfg.layer))
         paths = []
         for method in dict.fromkeys(cfg.methods):
@@ -149,9 +157,10 @@ def plan_cam(cfg: CamConfig) -> CamPlan:
                 raise InputError(f"{path}: exists and is not a folder")
             if (path / mapstore.MAP_META).exists() and not cfg.force:
                 raise InputError(f"{path}: already holds maps; use --force to replace them")
+            fsutil.check_replaceable(path, cfg.force, mapstore.MAP_META)  # ours only
             paths.append(path)
         members.append(paths)
-    return CamPlan(cfg, indices, tags, layers, members)
+    return CamPlan(cfg, indices, tags, layers, members, store.identity)
 
 
 def run_cam(
@@ -184,6 +193,7 @@ def _plan_record(plan: CamPlan, k: int, method: str) -> dict[str, Any]:
         "top_k": cfg.top_k,
         "score_precision": [cfg.score_precision, cfg.score_tol] if method == "scorecam" else None,
         "store": str(Path(cfg.store).resolve()),
+        "store_id": plan.store_id,
     }
 
 
@@ -191,9 +201,12 @@ def _open_partial(
     path: Path, record: dict[str, Any], shape: tuple, dtype: str, force: bool
 ) -> Path:
     """Create or reuse ``.<member>.partial`` with memmaps; a stale partial is wiped."""
-    partial = fsutil.prepare_output_dir(path, force, mapstore.MAP_META)
+    partial = fsutil.prepare_output_dir(path, force, mapstore.MAP_META, stage="cam")
     plan_file = partial / PLAN_FILE
-    old = json.loads(plan_file.read_text()) if plan_file.is_file() else None
+    try:
+        old = json.loads(plan_file.read_text()) if plan_file.is_file() else None
+    except (OSError, ValueError):  # a torn plan record: start the member over
+        old = None
     if old != record:
         shutil.rmtree(partial)
         partial.mkdir(parents=True)
@@ -275,6 +288,7 @@ def _run(fabric: Any, plan: CamPlan, progress: bool | None, stop_after: int | No
                     "member": p.name, "checkpoint": rec["checkpoint"], "model": info.get("model"),
                     "method": method, "layer": plan.layers[k], "target": _target(cfg.target),
                     "dtype": map_dtype, "normalised": not cfg.raw, "store": rec["store"],
+                    "store_id": store.identity, "store_n_slices": store.n_slices,
                     "n": n, "size": list(store.size), "parts": list(cfg.parts),
                     "fold": cfg.fold, "splits": None if cfg.splits is None else str(cfg.splits),
                     "smooth_n": cfg.smooth_n, "smooth_sigma": cfg.smooth_sigma,
@@ -285,7 +299,7 @@ def _run(fabric: Any, plan: CamPlan, progress: bool | None, stop_after: int | No
                 shutil.rmtree(partial / "done")
                 (partial / PLAN_FILE).unlink()
                 fsutil.write_json(partial / mapstore.MAP_META, meta)
-                fsutil.commit_output_dir(partial, p)
+                fsutil.commit_output_dir(partial, p, stage="cam")
                 done_paths.append(p)
         fabric.barrier()
     return {"members": done_paths, "computed": computed, "stopped": stopped}

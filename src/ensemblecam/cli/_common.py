@@ -1,16 +1,33 @@
-"""Shared CLI plumbing: one-line errors and config handling."""
+"""Shared CLI plumbing: one-line errors, interruption, output checks and config handling.
+
+Every command is wrapped by :func:`one_line_errors`:
+
+- a bad input (:class:`InputError`) prints ``error: <message>`` (one line) and exits 2;
+- an ``OSError`` about a named file caused by the user's environment (permission
+  denied, read-only file system, disk full, not a folder, ...) prints
+  ``error: <file>: <reason>`` and exits 2; any other exception is a bug and keeps its
+  traceback;
+- SIGINT (Ctrl-C) / SIGTERM print ``interrupted; rerun the same command to resume``
+  and exit 130 / 143 (128 + signal number); partial results are left in place, so the
+  same command resumes from them.
+"""
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
+from ensemblecam.config import one_line
 from ensemblecam.errors import InputError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,18 +57,94 @@ ForceOption = Annotated[
 ]
 
 
+INTERRUPTED = "interrupted; rerun the same command to resume"
+
+#: errno values of an OSError that come from the user's files and system, not from a bug
+ENVIRONMENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in (
+        "EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT", "ENOENT", "ENOTDIR", "EISDIR",
+        "EEXIST", "ENOTEMPTY", "ENAMETOOLONG", "ELOOP", "EFBIG", "EMFILE", "ENFILE", "EIO",
+        "EXDEV", "EBUSY", "ETXTBSY",
+    ) if hasattr(errno, name)
+)
+
+
+class Terminated(BaseException):
+    """Raised in the main thread by SIGTERM while a command runs (like KeyboardInterrupt)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def oserror_line(exc: OSError) -> str | None:
+    """``<file>: <reason>`` for an OSError about a named file from the environment, else
+    None (an unnamed or unexpected OSError is a bug: its traceback is kept)."""
+    if exc.filename is None or exc.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    where = os.fsdecode(exc.filename)
+    if exc.filename2 is not None:
+        where += f" -> {os.fsdecode(exc.filename2)}"
+    return f"{where}: {exc.strerror or os.strerror(exc.errno)}"
+
+
 def one_line_errors(fn: F) -> F:
-    """Turn an InputError into ``error: <message>`` on stderr and exit status 2."""
+    """Run a command: bad inputs and environment OSErrors as ``error: ...`` (exit 2),
+    SIGINT/SIGTERM as ``interrupted; ...`` (exit 130/143); see the module docstring."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
         try:
             return fn(*args, **kwargs)
         except InputError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {one_line(str(exc))}", file=sys.stderr)
             raise typer.Exit(2) from None
+        except OSError as exc:
+            line = oserror_line(exc)
+            if line is None:
+                raise
+            print(f"error: {one_line(line)}", file=sys.stderr)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            print(INTERRUPTED, file=sys.stderr)
+            raise typer.Exit(128 + signal.SIGINT) from None
+        except Terminated:
+            print(INTERRUPTED, file=sys.stderr)
+            raise typer.Exit(128 + signal.SIGTERM) from None
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, old)
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_output(path: str | os.PathLike[str] | None, what: str = "--out",
+                 folder: bool = True) -> None:
+    """Refuse, before any work, an output path that cannot be written.
+
+    ``path`` (a folder, or a file if not ``folder``) must not exist as the other kind, and
+    the nearest existing folder of its parent must be a folder that is writable (the
+    result is built beside ``path`` and renamed; missing parents are created); an existing
+    output folder must be writable too. None is not checked.
+    """
+    if path is None:
+        return
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise InputError(f"{what} {path}: exists and is not a folder")
+    if not folder and path.is_dir():
+        raise InputError(f"{what} {path}: is a folder, not a file")
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{what} {path}: {parent} is a file, not a folder")
+    for place in [parent] + ([path] if folder and path.is_dir() else []):
+        if not os.access(place, os.W_OK | os.X_OK):
+            raise InputError(f"{what} {path}: cannot write in {place} (permission denied "
+                             f"or read-only)")
 
 
 def int_or_str(value: str | None) -> int | str | None:

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from ensemblecam import fsutil
 from ensemblecam.cli import app
 from ensemblecam.cli._common import (
     AcceleratorOption,
@@ -20,6 +21,7 @@ from ensemblecam.cli._common import (
     SplitsOption,
     StoreOption,
     StrategyOption,
+    check_output,
     int_or_str,
     json_object,
     one_line_errors,
@@ -80,7 +82,10 @@ def cam_command(
         accelerator=accelerator, devices=int_or_str(devices), num_nodes=num_nodes,
         strategy=strategy, force=force or None,
     )  # fmt: skip
-    result = run_cam(cfg, progress=None)
+    check_output(cfg.out)
+    with fsutil.output_guard(cfg.out, [cfg.store, cfg.splits, *cfg.checkpoints],
+                             replaces=False):
+        result = run_cam(cfg, progress=None)
     if result is not None:
         for path in result["members"]:
             print(path)

@@ -21,6 +21,7 @@ from typing import Annotated
 
 import typer
 
+from ensemblecam import fsutil
 from ensemblecam.cli import app
 from ensemblecam.cli._common import ForceOption, one_line_errors
 from ensemblecam.errors import InputError
@@ -54,6 +55,8 @@ def export_command(
         raise InputError("--masks and --ground-truth: give one of them, not both")
     if not gt and masks is None and maps is None:
         raise InputError("nothing to export: give --masks, --maps or --ground-truth")
+    inputs = [store, _named_file(masks, "masks.npz"), _named_file(maps, "maps.npz")]
+    fsutil.check_not_input(out, inputs)
     slice_store = SliceStore.open(store)
     source: dict[str, str] = {}
     map_pair = load_slice_arrays(maps, "maps") if maps is not None else None
@@ -67,10 +70,21 @@ def export_command(
             assert masks is not None
             idx, arr = load_slice_arrays(masks, "masks")
             source["masks"] = str(masks)
-        index = export_cases(
-            slice_store, idx, arr, out, "mask", maps=map_pair, force=force, source=source
-        )
+        with fsutil.output_guard(out, inputs):
+            index = export_cases(
+                slice_store, idx, arr, out, "mask", maps=map_pair, force=force, source=source
+            )
     else:
         assert map_pair is not None
-        index = export_cases(slice_store, *map_pair, out, "map", force=force, source=source)
+        with fsutil.output_guard(out, inputs):
+            index = export_cases(slice_store, *map_pair, out, "map", force=force,
+                                 source=source)
     typer.echo(f"exported {len(index['cases'])} cases ({', '.join(index['kinds'])}) to {out}")
+
+
+def _named_file(path: Path | None, name: str) -> Path | None:
+    """The input a ``--masks``/``--maps`` value stands for: ``<folder>/<name>`` when the
+    folder holds that file, else the value itself (a file or a map-set folder)."""
+    if path is not None and path.is_dir() and (path / name).is_file():
+        return path / name
+    return path

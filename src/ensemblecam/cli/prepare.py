@@ -9,8 +9,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ensemblecam import fsutil
 from ensemblecam.cli import app
-from ensemblecam.cli._common import ConfigOption, ForceOption, one_line_errors, split_csv
+from ensemblecam.cli._common import (
+    ConfigOption,
+    ForceOption,
+    check_output,
+    one_line_errors,
+    split_csv,
+)
 from ensemblecam.config import section
 from ensemblecam.errors import InputError
 
@@ -89,6 +96,10 @@ def prepare_command(
     workers: Annotated[
         int | None, typer.Option("--workers", help="Parallel processes (default 2).")
     ] = None,
+    nonfinite: Annotated[
+        str | None, typer.Option("--nonfinite", help="NaN/Inf voxels: error (default) | "
+                                 "replace (by the volume's finite minimum; count printed).")
+    ] = None,
     config: ConfigOption = None,
     force: ForceOption = False,
 ) -> None:
@@ -104,9 +115,11 @@ def prepare_command(
         crop_size=_pair(crop_size, int, 2, "--crop-size"),
         slice_range=_pair(slice_range, int, 2, "--slice-range"), every_nth=every_nth,
         lesion_labels=split_csv(lesion_labels, int), min_lesion_fraction=min_lesion_fraction,
-        dtype=dtype, workers=workers,
+        dtype=dtype, workers=workers, nonfinite=nonfinite,
     )
-    path = prepare_store(cfg, force=force)
+    check_output(cfg.out)
+    with fsutil.output_guard(cfg.out, [cfg.data, cfg.labels_csv]):
+        path = prepare_store(cfg, force=force)
     from ensemblecam.store import SliceStore
 
     store = SliceStore.open(path)
@@ -155,6 +168,7 @@ def split_command(
         fractions=_pair(fractions, float, 3, "--fractions"), val_fraction=val_fraction,
         list_file=list_file, stratify=stratify, seed=seed, out=out,
     )
+    check_output(cfg.out if cfg.out is not None else cfg.store / "splits.json", folder=False)
     target, result = make_splits(cfg, force=force)
     rows = split_summary(SliceStore.open(cfg.store), result)
     table = Table(title=f"{target} ({cfg.scheme}, seed {cfg.seed})")

@@ -9,6 +9,7 @@ import typer
 
 from ensemblecam.cli import app
 from ensemblecam.cli._common import ForceOption, one_line_errors
+from ensemblecam.errors import InputError
 from ensemblecam.report import write_report
 
 
@@ -26,5 +27,12 @@ def report_command(
     force: ForceOption = False,
 ) -> None:
     """Write one self-contained HTML report (figures embedded) and the PNGs beside it."""
+    head = b""
+    if out is not None and out.is_file():
+        with out.open("rb") as fh:
+            head = fh.read(400)
+    if out is not None and out.is_file() and b"<title>ensemblecam report" not in head:
+        raise InputError(f"{out}: exists and is not an ensemblecam report; it is never "
+                         "replaced, not even with --force")
     path = write_report(run, out, force, n_cases=cases)
     typer.echo(f"report: {path}")

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ensemblecam.cli import app
-from ensemblecam.cli._common import ForceOption, one_line_errors
+from ensemblecam.cli._common import ForceOption, check_output, one_line_errors
 from ensemblecam.config import load_config
 from ensemblecam.errors import InputError
 
@@ -18,18 +18,16 @@ Opt = typer.Option
 
 
 def results_table(results: dict, title: str) -> Table:
-    """The results table (mean +- std over folds, in %) as a rich Table."""
-    shown = ("paper_miou", "paper_dsc", "lesion_dice", "case_dice_mean")
+    """The summary table (mean ± std over folds, in %) as a rich Table."""
+    from ensemblecam.pipeline import summary_rows
+
+    header, rows = summary_rows(results)
     table = Table(title=title)
-    table.add_column("method")
-    for m in shown:
+    table.add_column(header[0])
+    for m in header[1:]:
         table.add_column(m, justify="right")
-    for row in results["rows"]:
-        cells = []
-        for m in shown:
-            mu, sd = row["mean"].get(m), row["std"].get(m)
-            cells.append("-" if mu is None else f"{100 * mu:.1f} ± {100 * sd:.1f}")
-        table.add_row(row["name"], *cells)
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
@@ -51,6 +49,7 @@ def run_cmd(
         cfg.run.out = out
     if data is not None:
         cfg.prepare.data = data
+    check_output(cfg.run.out)
     root = run_pipeline(cfg, force=force)
     _summary(root)
 
@@ -81,6 +80,7 @@ def predict_cmd(
     """Masks for new, unlabelled scans with a run's chosen configuration."""
     from ensemblecam.pipeline import predict
 
+    check_output(out)
     path = predict(run, input, out, layout=layout, fold=fold, force=force)
     typer.echo(f"masks written to {path}")
 
@@ -98,7 +98,7 @@ def demo_cmd(
     from importlib.resources import files
 
     from ensemblecam import fsutil
-    from ensemblecam.pipeline import run_pipeline
+    from ensemblecam.pipeline import demo_markdown, run_pipeline
     from ensemblecam.synth import synth_dataset
 
     path = config if config is not None else Path(str(files("ensemblecam") / "configs" /
@@ -113,6 +113,8 @@ def demo_cmd(
     root = run_pipeline(cfg, force=force)
     _summary(root)
     results = fsutil.read_json(root / "results.json", "results")
+    record = fsutil.read_json(root / "run.json", "run record")
+    fsutil.write_text(root / "demo.md", demo_markdown(results, record))
     rows = {r["kind"]: r for r in results["rows"]}
     best = rows["ensemble"]["mean"]["paper_miou"]
     empty = rows["empty"]["mean"]["paper_miou"]

@@ -15,6 +15,7 @@ from ensemblecam.cli._common import (
     ForceOption,
     SplitsOption,
     StoreOption,
+    check_output,
     one_line_errors,
     split_csv,
 )
@@ -65,7 +66,9 @@ def search_cmd(
                   objective=objective, gate=gate, gate_grid=gate_grid, max_members=max_members,
                   calibration_cases=calibration_cases, seed=seed,
                   min_lesion_fraction=min_lesion_fraction, chunk=chunk, top_k=top_k, out=out)
-    b = run_search_stage(cfg, force=force)
+    check_output(cfg.out)
+    with fsutil.output_guard(cfg.out, [cfg.store, cfg.splits, cfg.maps]):
+        b = run_search_stage(cfg, force=force)
     typer.echo(f"best: {b['operator']} {'+'.join(b['members'])} thresholds {b['thresholds']} "
                f"gate {b['gate']} {cfg.objective}={b[cfg.objective]:.4f} -> {cfg.out}")
 
@@ -91,8 +94,10 @@ def evaluate_cmd(
     cfg = section(config, "evaluate", config_file=config_file, store=store, splits=splits,
                   fold=fold, part=part, maps=maps, min_lesion_fraction=min_lesion_fraction,
                   hd95=hd95, out=out)
+    check_output(cfg.out)
     chosen = fsutil.read_json(cfg.config_file, "configuration")
-    result = evaluate_stage(cfg, chosen, cfg.out, force=force, source=str(cfg.config_file))
+    with fsutil.output_guard(cfg.out, [cfg.store, cfg.splits, cfg.maps, cfg.config_file]):
+        result = evaluate_stage(cfg, chosen, cfg.out, force=force, source=str(cfg.config_file))
     m, e = result["metrics"], result["empty_baseline"]
     typer.echo(f"paper_miou {m['paper_miou']:.4f} (Empty {e['paper_miou']:.4f}), paper_dsc "
                f"{m['paper_dsc']:.4f}, lesion_dice {m['lesion_dice']:.4f}, case_dice "

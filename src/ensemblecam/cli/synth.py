@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ensemblecam import fsutil
 from ensemblecam.cli import app
 from ensemblecam.cli._common import ConfigOption, ForceOption, one_line_errors, split_csv
 from ensemblecam.config import section
@@ -39,6 +40,7 @@ def synth_cmd(
     cfg = section(config, "synth", layout=layout, out=out, n_cases=n_cases,
                   shape=tuple(dims) if dims else None, seed=seed,
                   tumour_free_fraction=tumour_free_fraction, workers=workers)
-    path = synth_dataset(cfg, force=force)
+    with fsutil.output_guard(cfg.out):
+        path = synth_dataset(cfg, force=force)
     typer.echo(f"wrote {cfg.n_cases} {cfg.layout} phantom cases "
                f"({'x'.join(map(str, cfg.shape))}) to {path}")

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ensemblecam import fsutil
 from ensemblecam.cli import app
 from ensemblecam.cli._common import (
     AcceleratorOption,
@@ -18,6 +19,7 @@ from ensemblecam.cli._common import (
     SplitsOption,
     StoreOption,
     StrategyOption,
+    check_output,
     int_or_str,
     json_object,
     one_line_errors,
@@ -87,6 +89,8 @@ def train_command(
         strategy=strategy, precision=precision, workers=workers, weights=weights,
         resume=True if resume else None, force=True if force else None,
     )  # fmt: skip
-    result = train_classifier(cfg)
+    check_output(cfg.out)
+    with fsutil.output_guard(cfg.out, [cfg.store, cfg.splits, cfg.weights]):
+        result = train_classifier(cfg)
     if result is not None:
         typer.echo(f"trained {cfg.model} on {cfg.fold}: {result}")

@@ -66,7 +66,11 @@ def unet_command(
     )  # fmt: skip
     fold_key = int_or_str(fold)
     assert fold_key is not None
-    result = train_unet(cfg, store, splits, fold_key, out, targets, force=force)
+    inputs = [store, splits, None if targets == "store" else targets]
+    if metrics_out is not None:
+        fsutil.check_not_input(metrics_out, [*inputs, out])
+    with fsutil.output_guard(out, inputs):
+        result = train_unet(cfg, store, splits, fold_key, out, targets, force=force)
     if result is None:
         return
     typer.echo(f"trained U-Net on {fold} ({targets}): {result}")
