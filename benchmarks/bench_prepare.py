@@ -26,7 +26,7 @@ from pathlib import Path
 import nibabel as nib
 
 from ensemblecam.config import PrepareConfig, SynthConfig
-from ensemblecam.layouts import discover
+from ensemblecam.io.layouts import discover
 
 
 def _load(path: str) -> float:
@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--n-cases", type=int, default=40)
     args = ap.parse_args()
 
-    from ensemblecam.prepare import prepare_store
+    from ensemblecam.stages.prepare import prepare_store
 
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
         work = Path(tmp)

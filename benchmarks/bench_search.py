@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from ensemblecam import search as S
-from ensemblecam.evaluate import apply_config
+from ensemblecam.ensemble import search as S
+from ensemblecam.stages.evaluate import apply_config
 
 H = W = 128
 OPS = ["and", "or", "min", "max"]

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from ensemblecam import models, train
-from ensemblecam.store import SliceStore
+from ensemblecam import models
+from ensemblecam.io.store import SliceStore
+from ensemblecam.stages import train
 from store_factory import build_store
 
 

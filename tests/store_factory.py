@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemblecam import fsutil
-from ensemblecam.split import Fold, write_splits
-from ensemblecam.store import MANIFEST, STORE_FORMAT, STORE_VERSION, write_slice_table
+from ensemblecam.io import fsutil
+from ensemblecam.io.split import Fold, write_splits
+from ensemblecam.io.store import MANIFEST, STORE_FORMAT, STORE_VERSION, write_slice_table
 
 
 def build_store(

@@ -27,17 +27,17 @@ import typer
 from typer.testing import CliRunner
 
 from ensemblecam import models
-from ensemblecam import prepare as prep
-from ensemblecam.cam.stage import run_cam
 from ensemblecam.cli import app
 from ensemblecam.cli._common import INTERRUPTED, check_output, one_line_errors
 from ensemblecam.config import MAX_SHOWN, CamConfig, PrepareConfig, load_config
+from ensemblecam.ensemble.search import MAX_CONFIGURATIONS, MAX_GRID_LEVELS, n_configurations
 from ensemblecam.errors import InputError
-from ensemblecam.mapstore import MapSet, write_map_set
-from ensemblecam.prepare import prepare_store
-from ensemblecam.search import MAX_CONFIGURATIONS, MAX_GRID_LEVELS, n_configurations
-from ensemblecam.split import read_splits
-from ensemblecam.store import SliceStore
+from ensemblecam.io.mapstore import MapSet, write_map_set
+from ensemblecam.io.split import read_splits
+from ensemblecam.io.store import SliceStore
+from ensemblecam.stages import prepare as prep
+from ensemblecam.stages.cam import run_cam
+from ensemblecam.stages.prepare import prepare_store
 from nifti_factory import brats_dataset, msd_dataset, write_nifti
 from store_factory import build_store
 
@@ -450,7 +450,7 @@ def test_threshold_grid_and_search_size_caps(tmp_path: Path) -> None:
 
 
 def test_n_configurations_matches_a_search() -> None:
-    from ensemblecam.search import search, subsets_of
+    from ensemblecam.ensemble.search import search, subsets_of
 
     rng = np.random.default_rng(0)
     maps = [rng.random((3, 4, 4)).astype(np.float16) for _ in range(3)]

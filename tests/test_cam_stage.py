@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 
 from ensemblecam import models
 from ensemblecam.cam import CamEngine
-from ensemblecam.cam.stage import run_cam
 from ensemblecam.cli import app
 from ensemblecam.config import CamConfig
-from ensemblecam.mapstore import MapSet
-from ensemblecam.store import SliceStore
+from ensemblecam.io.mapstore import MapSet
+from ensemblecam.io.store import SliceStore
+from ensemblecam.stages.cam import run_cam
 
 
 def _checkpoint(path: Path, channels: list[str], size: list[int], seed: int = 0) -> Path:
@@ -140,8 +140,8 @@ def test_cli_scorecam_bf16_within_tolerance(tiny_store: Path, ckpt: Path, tmp_pa
 
 
 def test_auto_marker_contrasts_with_corner(tmp_path: Path) -> None:
-    from ensemblecam.cam.sanity import auto_marker_values, parse_marker_value, plant_markers
     from ensemblecam.errors import InputError
+    from ensemblecam.stages.sanity import auto_marker_values, parse_marker_value, plant_markers
     from store_factory import build_store
 
     store = build_store(tmp_path / "store", n_cases=2, slices_per_case=4, size=(16, 16),

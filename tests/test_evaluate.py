@@ -10,9 +10,9 @@ from scipy.ndimage import gaussian_filter
 from typer.testing import CliRunner
 
 from ensemblecam.cli import app
-from ensemblecam.evaluate import apply_config, evaluate_arrays
-from ensemblecam.mapstore import write_map_set
-from ensemblecam.store import SliceStore
+from ensemblecam.io.mapstore import write_map_set
+from ensemblecam.io.store import SliceStore
+from ensemblecam.stages.evaluate import apply_config, evaluate_arrays
 
 
 def test_apply_config_operators():

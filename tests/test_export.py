@@ -11,16 +11,22 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from ensemblecam import fsutil
 from ensemblecam.cli import app
 from ensemblecam.errors import InputError
-from ensemblecam.export import (
+from ensemblecam.io import fsutil
+from ensemblecam.io.export import (
     export_cases,
     load_slice_arrays,
     slices_to_volume,
     write_case_nifti,
 )
-from ensemblecam.store import MANIFEST, STORE_FORMAT, STORE_VERSION, SliceStore, write_slice_table
+from ensemblecam.io.store import (
+    MANIFEST,
+    STORE_FORMAT,
+    STORE_VERSION,
+    SliceStore,
+    write_slice_table,
+)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -310,7 +316,7 @@ def test_cli_masks_and_maps_npz(two_case_store, tmp_path: Path) -> None:
 
 
 def test_map_store_member_is_accepted(two_case_store, tmp_path: Path) -> None:
-    from ensemblecam.mapstore import quantise, write_map_set
+    from ensemblecam.io.mapstore import quantise, write_map_set
 
     store, _, _ = two_case_store
     idx = np.arange(store.n_slices)
@@ -430,7 +436,7 @@ def test_real_prepare_ground_truth_round_trip(
     tmp_path: Path, axis: int, crop: str, box: tuple[int, int, int, int] | None,
     slice_range: tuple[int, int] | None,
 ) -> None:
-    prepare = pytest.importorskip("ensemblecam.prepare")
+    prepare = pytest.importorskip("ensemblecam.stages.prepare")
     from ensemblecam.config import PrepareConfig
 
     root = tmp_path / "brats"
@@ -463,7 +469,7 @@ def test_real_prepare_ground_truth_round_trip(
 
 
 def test_real_prepare_kidney_crops_round_trip(tmp_path: Path) -> None:
-    prepare = pytest.importorskip("ensemblecam.prepare")
+    prepare = pytest.importorskip("ensemblecam.stages.prepare")
     from ensemblecam.config import PrepareConfig
 
     shape = (20, 16, 6)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ensemblecam.errors import InputError
-from ensemblecam.layouts import discover
+from ensemblecam.io.layouts import discover
 from nifti_factory import (
     brats_dataset,
     folder_dataset,

@@ -146,7 +146,7 @@ def test_predict_on_scans_without_seg(finished_run: Path, phantom: Path, tmp_pat
 def test_kill_and_resume(phantom: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _config(tmp_path, phantom, run__unet=False, run__pseudo_unet=False,
                   run__report=False, run__export=False)
-    import ensemblecam.cam.stage as cam_stage
+    import ensemblecam.stages.cam as cam_stage
 
     real = cam_stage.run_cam
 

@@ -13,11 +13,11 @@ import pytest
 from nibabel import orientations as nio
 from typer.testing import CliRunner
 
-from ensemblecam import prepare as prep
 from ensemblecam.cli import app
 from ensemblecam.config import PrepareConfig
 from ensemblecam.errors import InputError
-from ensemblecam.store import SliceStore
+from ensemblecam.io.store import SliceStore
+from ensemblecam.stages import prepare as prep
 from nifti_factory import (
     brats_dataset,
     folder_dataset,

@@ -16,16 +16,17 @@ import pytest
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from ensemblecam import fsutil, report
+from ensemblecam import report
 from ensemblecam.cli import app
 from ensemblecam.config import SearchConfig
+from ensemblecam.ensemble.search import _run_search, open_inputs, write_search_outputs
 from ensemblecam.errors import InputError
-from ensemblecam.evaluate import apply_config, evaluate_arrays, score
-from ensemblecam.mapstore import write_map_set
-from ensemblecam.search import _run_search, open_inputs, write_search_outputs
-from ensemblecam.split import read_splits
-from ensemblecam.store import SliceStore
-from ensemblecam.train import (
+from ensemblecam.io import fsutil
+from ensemblecam.io.mapstore import write_map_set
+from ensemblecam.io.split import read_splits
+from ensemblecam.io.store import SliceStore
+from ensemblecam.stages.evaluate import apply_config, evaluate_arrays, score
+from ensemblecam.stages.train import (
     METRIC_COLUMNS,
     classifier_metrics,
     plot_confusion,

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ensemblecam import evaluate, metrics, report
+from ensemblecam import metrics, report
 from ensemblecam.cli import app
 from ensemblecam.config import EvaluateConfig
 from ensemblecam.errors import InputError
+from ensemblecam.stages import evaluate
 from nifti_factory import write_nifti
 from store_factory import build_store
 

@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from ensemblecam import search as S
+from ensemblecam.ensemble import search as S
 from ensemblecam.errors import InputError
-from ensemblecam.evaluate import apply_config, score, slice_counts
+from ensemblecam.stages.evaluate import apply_config, score, slice_counts
 
 
 def brute_force(maps, masks, case_ids, grid, operators, subsets, probs=None, gates=(),
@@ -141,7 +141,7 @@ def test_values_on_grid_edges_are_exact():
 
 
 def test_blob_maps_equal_brute_force(tmp_path):
-    from ensemblecam.store import SliceStore
+    from ensemblecam.io.store import SliceStore
     from store_factory import build_store
 
     store = SliceStore.open(build_store(tmp_path / "s", n_cases=4, slices_per_case=4,

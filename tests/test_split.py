@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from ensemblecam.cli import app
 from ensemblecam.errors import InputError
-from ensemblecam.split import (
+from ensemblecam.io.split import (
     holdout_split,
     kfold_split,
     list_split,

@@ -15,12 +15,13 @@ import pytest
 from sklearn import metrics as skm
 from typer.testing import CliRunner
 
-from ensemblecam import models, train
+from ensemblecam import models
 from ensemblecam.cli import app
 from ensemblecam.config import TrainConfig
 from ensemblecam.errors import InputError
-from ensemblecam.split import Fold, get_fold, write_splits
-from ensemblecam.store import SliceStore
+from ensemblecam.io.split import Fold, get_fold, write_splits
+from ensemblecam.io.store import SliceStore
+from ensemblecam.stages import train
 from store_factory import build_store
 
 FAST = dict(model="simplecnn", model_args={"width": 8}, epochs=2, batch_size=8,
@@ -254,8 +255,8 @@ def test_resnet_learns_on_brats_phantom(tmp_path: Path) -> None:
     (ONEDNN_MAX_CPU_ISA=AVX2); the bound 0.75 lies well below the worst. (The earlier
     3-epoch, 14-case version ranged 0.63-0.98 over seeds: too thin a margin.)"""
     from ensemblecam.config import PrepareConfig, SplitConfig, SynthConfig
-    from ensemblecam.prepare import prepare_store
-    from ensemblecam.split import make_splits
+    from ensemblecam.io.split import make_splits
+    from ensemblecam.stages.prepare import prepare_store
     from ensemblecam.synth import synth_dataset
 
     data = synth_dataset(SynthConfig(out=tmp_path / "phantom", n_cases=20, shape=(64, 64, 24),

@@ -26,10 +26,12 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from ensemblecam import fsutil, models, pipeline, unet
+from ensemblecam import models, pipeline
 from ensemblecam.cli import app
 from ensemblecam.config import Config, UNetConfig
 from ensemblecam.errors import InputError
+from ensemblecam.io import fsutil
+from ensemblecam.stages import unet
 from nifti_factory import brats_dataset
 from store_factory import build_store
 
@@ -155,8 +157,8 @@ def test_payload_is_live_and_every_loader_refuses_it(tmp_path: Path, legacy: boo
 def test_own_checkpoints_hold_plain_data_only(tmp_path: Path, tiny_store: Path) -> None:
     """last.pt (optimizer, scheduler, RNG states, history) loads with weights_only=True,
     and the RNG states round-trip exactly."""
-    from ensemblecam import train
     from ensemblecam.config import TrainConfig
+    from ensemblecam.stages import train
 
     cfg = TrainConfig(store=tiny_store, out=tmp_path / "r", model="simplecnn",
                       model_args={"width": 4}, epochs=2, batch_size=16, optimizer="sgd",

@@ -11,12 +11,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ensemblecam import metrics, models, unet
+from ensemblecam import metrics, models
 from ensemblecam.cli import app
 from ensemblecam.config import UNetConfig
 from ensemblecam.errors import InputError
-from ensemblecam.split import get_fold
-from ensemblecam.store import SliceStore
+from ensemblecam.io.split import get_fold
+from ensemblecam.io.store import SliceStore
+from ensemblecam.stages import unet
 from store_factory import build_store
 
 FAST = dict(channels=[8, 16, 32], strides=[2, 2], num_res_units=1, epochs=4, batch_size=4,

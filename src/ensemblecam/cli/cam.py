@@ -1,4 +1,4 @@
-"""``ensemblecam cam`` and ``ensemblecam sanity`` (see ensemblecam.cam.stage / .sanity)."""
+"""``ensemblecam cam`` and ``ensemblecam sanity`` (see ensemblecam.stages.cam / .sanity)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Annotated
 
 import typer
 
-from ensemblecam import fsutil
 from ensemblecam.cli import app
 from ensemblecam.cli._common import (
     AcceleratorOption,
@@ -28,6 +27,7 @@ from ensemblecam.cli._common import (
     split_csv,
 )
 from ensemblecam.config import section
+from ensemblecam.io import fsutil
 
 Opt = typer.Option
 
@@ -70,7 +70,7 @@ def cam_command(
     force: ForceOption = False,
 ) -> None:
     """CAM maps of every slice of a split, one map-store member per (checkpoint, method)."""
-    from ensemblecam.cam.stage import run_cam
+    from ensemblecam.stages.cam import run_cam
 
     cfg = section(
         config, "cam", store=store, splits=splits,
@@ -121,7 +121,7 @@ def sanity_command(
     """Plant a corner square in every lesion slice (on a copy), train, check CAM peaks.
 
     The square contrasts with the corner by default (bright on dark background)."""
-    from ensemblecam.cam.sanity import parse_marker_value, run_sanity
+    from ensemblecam.stages.sanity import parse_marker_value, run_sanity
 
     marker = parse_marker_value(marker_value)
     opts: dict = {"epochs": epochs}

@@ -21,12 +21,12 @@ from typing import Annotated
 
 import typer
 
-from ensemblecam import fsutil
 from ensemblecam.cli import app
 from ensemblecam.cli._common import ForceOption, one_line_errors
 from ensemblecam.errors import InputError
-from ensemblecam.export import export_cases, ground_truth, load_slice_arrays
-from ensemblecam.store import SliceStore
+from ensemblecam.io import fsutil
+from ensemblecam.io.export import export_cases, ground_truth, load_slice_arrays
+from ensemblecam.io.store import SliceStore
 
 
 @app.command("export")

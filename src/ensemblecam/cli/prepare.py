@@ -9,7 +9,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ensemblecam import fsutil
 from ensemblecam.cli import app
 from ensemblecam.cli._common import (
     ConfigOption,
@@ -20,6 +19,7 @@ from ensemblecam.cli._common import (
 )
 from ensemblecam.config import section
 from ensemblecam.errors import InputError
+from ensemblecam.io import fsutil
 
 
 def _pair(value: str | None, cast: type, n: int, what: str) -> tuple | None:
@@ -104,7 +104,7 @@ def prepare_command(
     force: ForceOption = False,
 ) -> None:
     """Volumes -> 2-D slices in a slice store (resumes an interrupted run)."""
-    from ensemblecam.prepare import prepare_store
+    from ensemblecam.stages.prepare import prepare_store
 
     cfg = section(
         config, "prepare", data=data, layout=layout, labels_csv=labels_csv, out=out,
@@ -120,7 +120,7 @@ def prepare_command(
     check_output(cfg.out)
     with fsutil.output_guard(cfg.out, [cfg.data, cfg.labels_csv]):
         path = prepare_store(cfg, force=force)
-    from ensemblecam.store import SliceStore
+    from ensemblecam.io.store import SliceStore
 
     store = SliceStore.open(path)
     n_pos = int(store.labels.sum())
@@ -160,8 +160,8 @@ def split_command(
     force: ForceOption = False,
 ) -> None:
     """Patient-level splits (k-fold, holdout or a user list) written as a JSON file."""
-    from ensemblecam.split import make_splits, split_summary
-    from ensemblecam.store import SliceStore
+    from ensemblecam.io.split import make_splits, split_summary
+    from ensemblecam.io.store import SliceStore
 
     cfg = section(
         config, "split", store=store, scheme=scheme, folds=folds,

@@ -55,7 +55,7 @@ def run_cmd(
 
 
 def _summary(root: Path) -> None:
-    from ensemblecam import fsutil
+    from ensemblecam.io import fsutil
 
     results = fsutil.read_json(root / "results.json", "results")
     console = Console(width=max(Console().width, 110))
@@ -97,7 +97,7 @@ def demo_cmd(
     """Phantom data -> full run (train, CAMs, search, evaluate, U-Net) -> HTML report."""
     from importlib.resources import files
 
-    from ensemblecam import fsutil
+    from ensemblecam.io import fsutil
     from ensemblecam.pipeline import demo_markdown, run_pipeline
     from ensemblecam.synth import synth_dataset
 

@@ -51,7 +51,7 @@ def score_command(
 ) -> None:
     """Score any folder of NIfTI masks (ours or another tool's) in every convention;
     writes per_case.csv and summary.json."""
-    from ensemblecam.score import score_folder
+    from ensemblecam.stages.score import score_folder
 
     check_output(out)
     summary = score_folder(

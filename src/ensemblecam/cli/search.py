@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from ensemblecam import fsutil
 from ensemblecam.cli import app
 from ensemblecam.cli._common import (
     ConfigOption,
@@ -20,6 +19,7 @@ from ensemblecam.cli._common import (
     split_csv,
 )
 from ensemblecam.config import section
+from ensemblecam.io import fsutil
 
 Opt = typer.Option
 
@@ -59,7 +59,7 @@ def search_cmd(
     every single-member/mean row; elsewhere they are blank. A slice/case objective or
     --top-k 0 computes them for every row.
     """
-    from ensemblecam.search import run_search_stage
+    from ensemblecam.ensemble.search import run_search_stage
 
     cfg = section(config, "search", store=store, splits=splits, fold=fold, part=part, maps=maps,
                   members=split_csv(members), operators=split_csv(operators), grid=grid,
@@ -89,7 +89,7 @@ def evaluate_cmd(
     force: ForceOption = False,
 ) -> None:
     """Apply a chosen configuration to held-out data; write every metric convention."""
-    from ensemblecam.evaluate import evaluate_stage
+    from ensemblecam.stages.evaluate import evaluate_stage
 
     cfg = section(config, "evaluate", config_file=config_file, store=store, splits=splits,
                   fold=fold, part=part, maps=maps, min_lesion_fraction=min_lesion_fraction,

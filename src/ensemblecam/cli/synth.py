@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
-from ensemblecam import fsutil
 from ensemblecam.cli import app
 from ensemblecam.cli._common import ConfigOption, ForceOption, one_line_errors, split_csv
 from ensemblecam.config import section
 from ensemblecam.errors import InputError
+from ensemblecam.io import fsutil
 
 Opt = typer.Option
 

@@ -1,4 +1,4 @@
-"""``ensemblecam train``: a slice classifier on one fold of a store (see ensemblecam.train)."""
+"""``ensemblecam train``: a slice classifier on one fold of a store (stages.train)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from ensemblecam import fsutil
 from ensemblecam.cli import app
 from ensemblecam.cli._common import (
     AcceleratorOption,
@@ -25,6 +24,7 @@ from ensemblecam.cli._common import (
     one_line_errors,
 )
 from ensemblecam.config import section
+from ensemblecam.io import fsutil
 
 Opt = typer.Option
 
@@ -77,7 +77,7 @@ def train_command(
     config: ConfigOption = None,
 ) -> None:
     """Train a slice classifier; writes best.pt, last.pt, metrics.csv, plots and train.json."""
-    from ensemblecam.train import train_classifier
+    from ensemblecam.stages.train import train_classifier
 
     cfg = section(
         config, "train",

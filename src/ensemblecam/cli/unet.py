@@ -1,4 +1,4 @@
-"""``ensemblecam unet``: supervised U-Net on one fold, then scored on a part (ensemblecam.unet)."""
+"""``ensemblecam unet``: supervised U-Net on one fold, then scored on a part (stages.unet)."""
 
 from __future__ import annotations
 
@@ -54,11 +54,11 @@ def unet_command(
     """Train a MONAI U-Net on a fold's training part and score it on --part."""
     import numpy as np
 
-    from ensemblecam import fsutil
-    from ensemblecam.evaluate import score, slice_counts
-    from ensemblecam.split import get_fold
-    from ensemblecam.store import SliceStore
-    from ensemblecam.unet import predict_unet, train_unet
+    from ensemblecam.io import fsutil
+    from ensemblecam.io.split import get_fold
+    from ensemblecam.io.store import SliceStore
+    from ensemblecam.stages.evaluate import score, slice_counts
+    from ensemblecam.stages.unet import predict_unet, train_unet
 
     cfg = section(
         config, "unet", epochs=epochs, batch_size=batch_size, lr=lr, val_targets=val_targets,

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from ensemblecam import fsutil
 from ensemblecam.config import SplitConfig, one_line, short_repr
 from ensemblecam.errors import InputError
-from ensemblecam.store import SliceStore
+from ensemblecam.io import fsutil
+from ensemblecam.io.store import SliceStore
 
 SPLIT_FORMAT = "ensemblecam-splits"
 SPLIT_VERSION = 1

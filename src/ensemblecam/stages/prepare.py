@@ -3,7 +3,7 @@
 Per case: every modality and the seg are reoriented to RAS+ canonical
 (``nibabel.as_closest_canonical``); slice ``s`` is ``moveaxis(volume, axis, 0)[s]``
 and the stored image is the window ``[y0:y1, x0:x1]`` of that slice (zero padding
-where the window leaves the slice; no resampling ever). See :mod:`ensemblecam.store`
+where the window leaves the slice; no resampling ever). See :mod:`ensemblecam.io.store`
 for the format.
 
 Normalisation (per channel, computed on the raw voxels):
@@ -63,16 +63,16 @@ import numpy as np
 from nibabel import orientations as nio
 from tqdm import tqdm
 
-from ensemblecam import fsutil
 from ensemblecam.config import PrepareConfig
 from ensemblecam.errors import InputError
-from ensemblecam.layouts import (
+from ensemblecam.io import fsutil
+from ensemblecam.io.layouts import (
     DEFAULT_LESION_LABELS,
     KIDNEY_LABEL,
     Case,
     discover,
 )
-from ensemblecam.store import (
+from ensemblecam.io.store import (
     MANIFEST,
     STORE_FORMAT,
     STORE_VERSION,

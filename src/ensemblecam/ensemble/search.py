@@ -63,10 +63,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ensemblecam import fsutil, metrics
+from ensemblecam import metrics
 from ensemblecam.config import SearchConfig, short_repr
 from ensemblecam.errors import InputError
-from ensemblecam.mapstore import dequantise
+from ensemblecam.io import fsutil
+from ensemblecam.io.mapstore import dequantise
 
 BASE_OPERATORS = ("and", "or", "min", "max", "vote", "mean")
 DEFAULT_GRID = "0:0.9:0.1"
@@ -1165,8 +1166,8 @@ def annotated_part(
 
     ``n_cases``: keep only N annotated cases of the part, chosen with ``seed``.
     """
-    from ensemblecam.split import get_fold
-    from ensemblecam.store import SliceStore
+    from ensemblecam.io.split import get_fold
+    from ensemblecam.io.store import SliceStore
 
     store = SliceStore.open(store_path)
     if store.masks is None:
@@ -1195,7 +1196,7 @@ def open_inputs(
 
     ``n_cases``: keep only N annotated cases of the part, chosen with ``seed``.
     """
-    from ensemblecam.mapstore import MapSet
+    from ensemblecam.io.mapstore import MapSet
 
     if not members:
         raise InputError("no members given (--members a__gradcam,b__gradcam)")

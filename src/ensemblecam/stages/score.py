@@ -4,9 +4,9 @@ So ensemblecam and other tools can be compared on equal terms, in every conventi
 
 Inputs: ``pred`` holds one mask per case, ``<case>.nii.gz`` or ``<case>.nii`` (what
 ``ensemblecam export`` writes; other files are ignored); the data set ``data`` in a
-``layout`` of :mod:`ensemblecam.layouts` gives the cases and their seg files. Reference
+``layout`` of :mod:`ensemblecam.io.layouts` gives the cases and their seg files. Reference
 lesion = seg labels in ``lesion_labels`` (default: the layout's
-:data:`ensemblecam.layouts.DEFAULT_LESION_LABELS`; any non-zero label if None);
+:data:`ensemblecam.io.layouts.DEFAULT_LESION_LABELS`; any non-zero label if None);
 predicted lesion = every non-zero voxel of the mask.
 
 Checks, all before any voxel is read and before anything is written: every case has a
@@ -17,11 +17,11 @@ one :class:`~ensemblecam.errors.InputError` line naming the file, nothing writte
 
 Conventions (in the scan's voxel grid and spacing, mm from the seg file's affine):
 
-- per case (``per_case.csv``, columns :data:`ensemblecam.evaluate.CASE_COLUMNS`): 3-D
+- per case (``per_case.csv``, columns :data:`ensemblecam.stages.evaluate.CASE_COLUMNS`): 3-D
   Dice and IoU, HD95 and NSD through MONAI, BraTS 2023 lesion-wise Dice/HD95 and lesion
   detection (:func:`ensemblecam.metrics.case_metrics`);
 - over the data set (``summary.json`` "slices"): the seed paper's conventions and the
-  per-slice Dice/IoU (:func:`ensemblecam.evaluate.score`) from per-slice counts of the
+  per-slice Dice/IoU (:func:`ensemblecam.stages.evaluate.score`) from per-slice counts of the
   FULL slices taken along ``axis`` of the RAS+ canonical volume (prepare's default 2 =
   axial; no crop, lesion-free slices included), so they need not equal a run's numbers,
   which are over the store's cropped slices.
@@ -46,10 +46,17 @@ import numpy as np
 from nibabel import orientations as nio
 from nibabel.affines import voxel_sizes
 
-from ensemblecam import fsutil, metrics
+from ensemblecam import metrics
 from ensemblecam.errors import InputError
-from ensemblecam.evaluate import CASE_COLUMNS, case_conventions, case_row, case_summary, score
-from ensemblecam.layouts import DEFAULT_LESION_LABELS, discover
+from ensemblecam.io import fsutil
+from ensemblecam.io.layouts import DEFAULT_LESION_LABELS, discover
+from ensemblecam.stages.evaluate import (
+    CASE_COLUMNS,
+    case_conventions,
+    case_row,
+    case_summary,
+    score,
+)
 
 SCORE_FORMAT = "ensemblecam-score"
 SCORE_VERSION = 1

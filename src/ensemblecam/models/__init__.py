@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ensemblecam import fsutil
 from ensemblecam.errors import InputError
+from ensemblecam.io import fsutil
 
 CHECKPOINT_FORMAT = "ensemblecam-checkpoint"
 CHECKPOINT_VERSION = 1

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from ensemblecam import fsutil
 from ensemblecam.config import short_repr
 from ensemblecam.errors import InputError
+from ensemblecam.io import fsutil
 
 MAP_FORMAT = "ensemblecam-map-store"
 MAP_VERSION = 1

@@ -34,7 +34,7 @@ written last and holds the stage's cache key)::
                "per_fold": {"fold0": {metric: value, ...}, ...},
                "mean": {metric: value}, "std": {metric: value},
                "cases": {per-case means, 95% CIs, paired tests vs the chosen row}}, ...],
-     "case_statistics": {...}}   (see ensemblecam.evaluate.add_case_statistics)
+     "case_statistics": {...}}   (see ensemblecam.stages.evaluate.add_case_statistics)
 
 Metric values are fractions in [0, 1] (the report shows percentages like the paper).
 
@@ -72,10 +72,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ensemblecam import __version__, environment, fsutil
+from ensemblecam import __version__, environment
 from ensemblecam.config import Config, EvaluateConfig, SearchConfig, load_config
+from ensemblecam.ensemble.search import CONFIG_KEYS
 from ensemblecam.errors import InputError
-from ensemblecam.search import CONFIG_KEYS
+from ensemblecam.io import fsutil
 
 STAMP = "stage.json"
 RUN_FILE = "run.json"
@@ -252,8 +253,8 @@ def check_run_config(cfg: Config) -> None:
 
     from ensemblecam import models
     from ensemblecam.cam.methods import METHODS
-    from ensemblecam.train import resolve_recipe
-    from ensemblecam.unet import build_unet, model_args
+    from ensemblecam.stages.train import resolve_recipe
+    from ensemblecam.stages.unet import build_unet, model_args
 
     rc = cfg.run
     if cfg.prepare.data is None:
@@ -328,8 +329,8 @@ def run_pipeline(cfg: Config, force: bool = False, progress: bool | None = None)
 
 def _run_locked(cfg: Config, root: Path, force: bool, progress: bool | None) -> Path:
     """:func:`run_pipeline` once the checks are made and the lock is held."""
-    from ensemblecam.prepare import prepare_store
-    from ensemblecam.split import make_splits, read_splits
+    from ensemblecam.io.split import make_splits, read_splits
+    from ensemblecam.stages.prepare import prepare_store
 
     rc = cfg.run
     _check_run_folder(root, cfg, force)
@@ -364,7 +365,7 @@ def _run_locked(cfg: Config, root: Path, force: bool, progress: bool | None) -> 
         fold_results[folds[k].name] = _run_fold(cfg, runner, store, splits, k, folds[k].name,
                                                 k_split)
     results = aggregate(fold_results, cfg.search.objective)
-    from ensemblecam.evaluate import add_case_statistics
+    from ensemblecam.stages.evaluate import add_case_statistics
 
     add_case_statistics(results, fold_results, root)  # per-case CIs, paired tests
     fsutil.write_json(root / "results.json", results)
@@ -387,7 +388,7 @@ def _run_locked(cfg: Config, root: Path, force: bool, progress: bool | None) -> 
 
 
 def _members(cfg: Config) -> list[str]:
-    from ensemblecam.mapstore import member_name
+    from ensemblecam.io.mapstore import member_name
 
     return [member_name(m, method) for m in cfg.run.models for method in cfg.cam.methods]
 
@@ -395,10 +396,10 @@ def _members(cfg: Config) -> list[str]:
 def _run_fold(cfg: Config, runner: Runner, store: Path, splits: Path, k: int, name: str,
               k_split: str) -> dict[str, Any]:
     """Train, map, search, evaluate (with baselines) one fold; return its result rows."""
-    from ensemblecam.cam.stage import run_cam
-    from ensemblecam.evaluate import evaluate_stage, write_config_masks
-    from ensemblecam.search import run_search_stage
-    from ensemblecam.train import train_classifier
+    from ensemblecam.ensemble.search import run_search_stage
+    from ensemblecam.stages.cam import run_cam
+    from ensemblecam.stages.evaluate import evaluate_stage, write_config_masks
+    from ensemblecam.stages.train import train_classifier
 
     rc = cfg.run
     fdir = runner.root / name
@@ -473,8 +474,8 @@ def _unet_row(cfg: Config, runner: Runner, store: Path, splits: Path, k: int, fd
               kind: str, targets: str | Path, upstream: str, ecfg: EvaluateConfig
               ) -> dict[str, Any]:
     """Train a U-Net on ``targets`` (store masks or pseudo masks) and evaluate it."""
-    from ensemblecam.evaluate import evaluate_unet
-    from ensemblecam.unet import train_unet
+    from ensemblecam.stages.evaluate import evaluate_unet
+    from ensemblecam.stages.unet import train_unet
 
     out = fdir / ("unet" if kind == "unet" else "pseudo")
     key = stable_hash([kind, _options(cfg.unet), k, upstream])
@@ -576,11 +577,11 @@ def aggregate(fold_results: dict[str, dict[str, Any]], objective: str) -> dict[s
 
 def results_csv(results: dict[str, Any]) -> str:
     """One line per row: name, kind, mean and std of every table metric, then the per-case
-    statistics columns (:func:`ensemblecam.evaluate.case_statistics_columns`)."""
+    statistics columns (:func:`ensemblecam.stages.evaluate.case_statistics_columns`)."""
     import csv
     import io
 
-    from ensemblecam.evaluate import case_statistics_columns
+    from ensemblecam.stages.evaluate import case_statistics_columns
 
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -638,8 +639,8 @@ def _fmt(v: float | None) -> str:
 def _export(cfg: Config, runner: Runner, store: Path, fold_dirs: list[Path],
             root: Path) -> None:
     """Masks of every evaluated case (each fold's evaluation part) as NIfTI."""
-    from ensemblecam.export import export_cases, load_slice_arrays
-    from ensemblecam.store import SliceStore
+    from ensemblecam.io.export import export_cases, load_slice_arrays
+    from ensemblecam.io.store import SliceStore
 
     paths = [d / "eval" / "masks.npz" for d in fold_dirs]
     keys = [_read_key(d / "eval" / STAMP) for d in fold_dirs]
@@ -654,7 +655,7 @@ def _export(cfg: Config, runner: Runner, store: Path, fold_dirs: list[Path],
             raise InputError("export: a slice is evaluated in two folds; check run.folds")
         maps = None
         if cfg.run.export_maps:
-            from ensemblecam.mapstore import MapSet, dequantise
+            from ensemblecam.io.mapstore import MapSet, dequantise
 
             first = _members(cfg)[0]
             sets = [MapSet.open(d / "maps" / first) for d in fold_dirs]
@@ -703,7 +704,7 @@ def predict(run_dir: str | Path, input_dir: str | Path, out: str | Path,
     NIfTI masks in each scan's original geometry (``<out>/<case>.nii.gz``).
 
     Checked before any work: ``out`` apart from the run and the scans, and replaceable
-    (see :func:`ensemblecam.fsutil.check_replaceable`); the scratch folder
+    (see :func:`ensemblecam.io.fsutil.check_replaceable`); the scratch folder
     ``.<out>.work`` is removed however the call ends.
     """
     run_dir, out = Path(run_dir), Path(out)
@@ -732,13 +733,13 @@ def _predict_in(run_dir: Path, input_dir: str | Path, out: Path, work: Path, cfg
                 chosen: dict[str, Any], fold: str, layout: str | None, force: bool,
                 progress: bool | None) -> Path:
     """:func:`predict` once the checks are made: prepare, map, combine, export."""
-    from ensemblecam.cam.stage import run_cam
-    from ensemblecam.evaluate import config_masks
-    from ensemblecam.export import export_cases
-    from ensemblecam.mapstore import MapSet
+    from ensemblecam.io.export import export_cases
+    from ensemblecam.io.mapstore import MapSet
+    from ensemblecam.io.store import SliceStore
     from ensemblecam.models import load_checkpoint
-    from ensemblecam.prepare import prepare_store
-    from ensemblecam.store import SliceStore
+    from ensemblecam.stages.cam import run_cam
+    from ensemblecam.stages.evaluate import config_masks
+    from ensemblecam.stages.prepare import prepare_store
 
     shutil.rmtree(work, ignore_errors=True)  # a killed earlier attempt (ours by its name)
     pcfg = cfg.prepare.model_copy(update={

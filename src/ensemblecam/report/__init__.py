@@ -29,7 +29,7 @@ pyplot state), each returning PNG bytes:
   map, each operator's best mask, the chosen ensemble's mask (the paper's Fig. 3).
 
 Learning curves and confusion matrices are the PNGs the train stage wrote (redrawn with
-:mod:`ensemblecam.train`'s plot functions from ``metrics.csv``/``train.json`` if absent).
+:mod:`ensemblecam.stages.train`'s plot functions from ``metrics.csv``/``train.json`` if absent).
 
 Gallery cases: the evaluated (held-out) cases of every fold are pooled and ranked by the
 case Dice of the fold's chosen configuration (``eval/masks.npz`` when present, else
@@ -54,8 +54,8 @@ from typing import Any
 
 import numpy as np
 
-from ensemblecam import fsutil
 from ensemblecam.errors import InputError
+from ensemblecam.io import fsutil
 
 RESULTS_FORMAT = "ensemblecam-results"
 REPORT_DIR = "report"
@@ -558,7 +558,7 @@ def open_run(run_dir: str | Path) -> Run:
     store = None
     store_error = None
     try:
-        from ensemblecam.store import SliceStore
+        from ensemblecam.io.store import SliceStore
 
         store = SliceStore.open(path / "store")
     except InputError as exc:
@@ -905,7 +905,7 @@ def _section_data(rep: _Report, run: Run) -> None:
     rep.add("</div>\n</div>\n")
     split_path = _splits_path(run)
     if split_path is not None:
-        from ensemblecam.split import read_splits, split_summary
+        from ensemblecam.io.split import read_splits, split_summary
 
         summary = split_summary(store, read_splits(split_path))
         if summary:
@@ -1020,7 +1020,7 @@ def _train_figures(d: Path, info: dict[str, Any], fold: str, out_dir: Path
 
 def _redraw_train_figure(d: Path, info: dict[str, Any], fname: str, target: Path) -> None:
     """Redraw a missing train PNG with train.py's own plot functions (into ``target``)."""
-    from ensemblecam import train
+    from ensemblecam.stages import train
 
     if fname == "learning_curve.png" and (d / "metrics.csv").is_file():
         try:
@@ -1325,7 +1325,7 @@ def _heatmap_for(sdir: Path, best: dict[str, Any], fold: str) -> bytes | None:
     values = np.load(npy)
     thresholds = meta.get("thresholds") or (best.get("search") or {}).get("grid_values")
     if thresholds is None:
-        from ensemblecam.search import parse_grid
+        from ensemblecam.ensemble.search import parse_grid
 
         thresholds = parse_grid((best.get("search") or {}).get("grid", "0:0.9:0.1")).tolist()
     return threshold_heatmap(values, thresholds, meta.get("members", members), objective, op,
@@ -1371,7 +1371,7 @@ def _eval_indices(run: Run, fold: str) -> tuple[np.ndarray, Path | None]:
     if npz.is_file():
         with np.load(npz) as z:
             return z["index"].astype(np.int64), npz
-    from ensemblecam.split import get_fold
+    from ensemblecam.io.split import get_fold
 
     splits = _splits_path(run)
     if splits is None:
@@ -1414,8 +1414,8 @@ def _chosen_masks(run: Run, fold: str, best: dict[str, Any], indices: np.ndarray
                   npz: Path | None) -> np.ndarray:
     """The chosen configuration's masks at ``indices``: apply_config on the fold's maps
     (what evaluate did), or rows of eval/masks.npz when the maps are gone."""
-    from ensemblecam.evaluate import apply_config
-    from ensemblecam.mapstore import MapSet
+    from ensemblecam.io.mapstore import MapSet
+    from ensemblecam.stages.evaluate import apply_config
 
     mdir = run.path / fold / "maps"
     if all((mdir / m / "meta.json").is_file() for m in best["members"]):
@@ -1464,8 +1464,8 @@ def _fold_case_scores(run: Run, fold: str) -> tuple[list[_CaseScore], dict[str, 
 
 
 def _gallery_row(run: Run, score: _CaseScore, best: dict[str, Any]) -> GalleryRow:
-    from ensemblecam.evaluate import apply_config
-    from ensemblecam.mapstore import MapSet, dequantise
+    from ensemblecam.io.mapstore import MapSet, dequantise
+    from ensemblecam.stages.evaluate import apply_config
 
     store = run.store
     assert store is not None and store.masks is not None

@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from ensemblecam import fsutil
 from ensemblecam.errors import InputError
+from ensemblecam.io import fsutil
 
 STORE_FORMAT = "ensemblecam-slice-store"
 STORE_VERSION = 1

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from ensemblecam.config import SynthConfig
 from ensemblecam.errors import InputError
-from ensemblecam.fsutil import commit_output_dir, prepare_output_dir, write_json, write_text
+from ensemblecam.io.fsutil import commit_output_dir, prepare_output_dir, write_json, write_text
 
 GENERATOR_VERSION = "1"
 PHANTOM_FILE = "phantom.json"

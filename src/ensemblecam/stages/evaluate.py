@@ -6,7 +6,7 @@ with it exactly); export/predict reuse it. Masks are read only to score.
 Per-case 3-D metrics (:func:`case_row`, columns :data:`CASE_COLUMNS` of ``per_case.csv``
 and ``per_case_empty.csv``): each case's evaluated slices (predicted and reference) are
 put back into the scan's voxel grid with the store's geometry
-(:func:`ensemblecam.export.slices_to_volume`; voxels outside the stored windows are
+(:func:`ensemblecam.io.export.slices_to_volume`; voxels outside the stored windows are
 background in both) and scored in the scan's voxel spacing (mm, from its affine):
 HD95 and NSD through MONAI, BraTS 2023 lesion-wise Dice/HD95, lesion detection
 (:func:`ensemblecam.metrics.case_metrics`).
@@ -29,12 +29,9 @@ import numpy as np
 from nibabel.affines import voxel_sizes
 from tqdm import tqdm
 
-from ensemblecam import fsutil, metrics
+from ensemblecam import metrics
 from ensemblecam.config import EvaluateConfig
-from ensemblecam.errors import InputError
-from ensemblecam.export import slices_to_volume
-from ensemblecam.mapstore import dequantise
-from ensemblecam.search import (
+from ensemblecam.ensemble.search import (
     CONFIG_KEYS,
     Rows,
     _as_rows,
@@ -43,6 +40,10 @@ from ensemblecam.search import (
     open_inputs,
     parse_operator,
 )
+from ensemblecam.errors import InputError
+from ensemblecam.io import fsutil
+from ensemblecam.io.export import slices_to_volume
+from ensemblecam.io.mapstore import dequantise
 
 
 def gate_probs(probs: Sequence[np.ndarray]) -> np.ndarray:
@@ -127,7 +128,7 @@ def score(
     out["n_slices"] = len(tp)
     out["n_cases"] = len(cd)
     if probs is not None and labels is not None:
-        from ensemblecam.train import classifier_metrics  # torch import only when needed
+        from ensemblecam.stages.train import classifier_metrics  # torch import only when needed
 
         out["classifier"] = classifier_metrics(labels, probs, classifier_threshold)
     return out
@@ -413,7 +414,7 @@ def evaluate_masks(cfg: EvaluateConfig, pred: np.ndarray, out: Path, force: bool
 def evaluate_unet(cfg: EvaluateConfig, checkpoint: Path, out: Path,
                   force: bool = False) -> dict[str, Any]:
     """Predict ``cfg``'s part with a U-Net checkpoint and score it (:func:`evaluate_masks`)."""
-    from ensemblecam.unet import predict_unet
+    from ensemblecam.stages.unet import predict_unet
 
     store, idx, _ = _part_with_masks(cfg)
     pred = predict_unet(checkpoint, store, idx)

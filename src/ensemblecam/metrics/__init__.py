@@ -20,7 +20,7 @@ Conventions (DESIGN.md, "Metrics"):
 - ``case_dice``: per-case 3-D Dice of all slices of the case together (BraTS convention);
   a case with empty prediction and empty ground truth scores 1.
 - classifier metrics (accuracy, precision, recall, F1, AUROC, confusion matrix) are
-  ``ensemblecam.train.classifier_metrics``; evaluate reports them.
+  ``ensemblecam.stages.train.classifier_metrics``; evaluate reports them.
 - ``hd95``: per-case 95th-percentile Hausdorff distance between mask surfaces, computed
   by MONAI (equal to its values), in mm with the spacing if given; both empty 0, one
   empty NaN.

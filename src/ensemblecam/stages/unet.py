@@ -39,14 +39,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ensemblecam import __version__, fsutil, models
+from ensemblecam import __version__, models
 from ensemblecam.config import UNetConfig
 from ensemblecam.errors import InputError
-from ensemblecam.evaluate import score, slice_counts
-from ensemblecam.export import check_binary, check_slice_arrays, load_slice_arrays
-from ensemblecam.split import Fold, get_fold
-from ensemblecam.store import SliceStore
-from ensemblecam.train import (
+from ensemblecam.io import fsutil
+from ensemblecam.io.export import check_binary, check_slice_arrays, load_slice_arrays
+from ensemblecam.io.split import Fold, get_fold
+from ensemblecam.io.store import SliceStore
+from ensemblecam.stages.evaluate import score, slice_counts
+from ensemblecam.stages.train import (
     EpochSampler,
     StoreDataset,
     _gather,

@@ -36,11 +36,12 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from ensemblecam import __version__, fsutil, models
+from ensemblecam import __version__, models
 from ensemblecam.config import DeviceConfig, TrainConfig
 from ensemblecam.errors import InputError
-from ensemblecam.split import Fold, get_fold
-from ensemblecam.store import SliceStore
+from ensemblecam.io import fsutil
+from ensemblecam.io.split import Fold, get_fold
+from ensemblecam.io.store import SliceStore
 
 RUN_MARKER = "train.json"
 RUN_FORMAT = "ensemblecam-train-run"

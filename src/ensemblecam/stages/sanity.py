@@ -23,11 +23,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ensemblecam import fsutil, models
+from ensemblecam import models
 from ensemblecam.cam.engine import CamEngine
 from ensemblecam.errors import InputError
-from ensemblecam.split import PARTS, get_fold
-from ensemblecam.store import MANIFEST, SliceStore
+from ensemblecam.io import fsutil
+from ensemblecam.io.split import PARTS, get_fold
+from ensemblecam.io.store import MANIFEST, SliceStore
 
 
 @dataclass
@@ -113,7 +114,7 @@ def run_sanity(
 ) -> SanityResult:
     """Plant markers in a copy of ``store`` under ``work``, train, and check CAM peaks."""
     from ensemblecam.config import TrainConfig
-    from ensemblecam.train import StoreDataset, train_classifier
+    from ensemblecam.stages.train import StoreDataset, train_classifier
 
     src = SliceStore.open(store)
     splits = Path(splits) if splits is not None else src.path / "splits.json"

@@ -3,7 +3,7 @@
 For each checkpoint, every requested method is computed from the same batches (gradient
 methods share one forward/backward pass) on exactly the classifier's training input
 (``train.StoreDataset``: the store's images as float32, no augmentation), and written as
-one map-store member ``<out>/<model_tag>__<method>`` (format: :mod:`ensemblecam.mapstore`).
+one map-store member ``<out>/<model_tag>__<method>`` (format: :mod:`ensemblecam.io.mapstore`).
 
 Resume and sharding: a member is built in ``.<member>.partial``; ``maps.npy`` and
 ``probs.npy`` are ``open_memmap`` files there, and each finished batch is recorded as
@@ -27,13 +27,14 @@ import torch
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
-from ensemblecam import fsutil, mapstore, models
+from ensemblecam import models
 from ensemblecam.cam.engine import CamEngine, find_target_layer, spatial_layers
 from ensemblecam.cam.methods import METHODS
 from ensemblecam.config import CamConfig
 from ensemblecam.errors import InputError
-from ensemblecam.split import PARTS, get_fold
-from ensemblecam.store import SliceStore
+from ensemblecam.io import fsutil, mapstore
+from ensemblecam.io.split import PARTS, get_fold
+from ensemblecam.io.store import SliceStore
 
 PLAN_FILE = "plan.json"
 
@@ -171,7 +172,7 @@ def run_cam(
     ``stop_after_batches`` stops (per process) after that many computed batches as if
     killed, leaving the partial folders for a resume (tests).
     """
-    from ensemblecam.train import make_fabric
+    from ensemblecam.stages.train import make_fabric
 
     plan = plan_cam(cfg)
     return make_fabric(cfg).launch(_run, plan, progress, stop_after_batches)
@@ -218,7 +219,7 @@ def _open_partial(
 
 
 def _run(fabric: Any, plan: CamPlan, progress: bool | None, stop_after: int | None) -> Any:
-    from ensemblecam.train import StoreDataset
+    from ensemblecam.stages.train import StoreDataset
 
     cfg = plan.cfg
     rank, world = fabric.global_rank, fabric.world_size

@@ -1,6 +1,6 @@
 """Export 2-D slice results back to NIfTI volumes in each case's original scan geometry.
 
-The inverse of prepare's geometry (see :mod:`ensemblecam.store`): a stored slice ``i`` of
+The inverse of prepare's geometry (see :mod:`ensemblecam.io.store`): a stored slice ``i`` of
 a case is the window ``[y0:y1, x0:x1]`` of slice ``slice`` taken along ``axis`` of the
 RAS+ canonical volume (``nibabel.as_closest_canonical``). Exporting
 
@@ -40,9 +40,9 @@ import numpy as np
 from nibabel import orientations as nio
 from tqdm import tqdm
 
-from ensemblecam import fsutil
 from ensemblecam.errors import InputError
-from ensemblecam.store import SliceStore
+from ensemblecam.io import fsutil
+from ensemblecam.io.store import SliceStore
 
 EXPORT_FORMAT = "ensemblecam-nifti-export"
 EXPORT_VERSION = 1
@@ -344,7 +344,7 @@ def load_slice_arrays(path: str | os.PathLike[str], key: str) -> tuple[np.ndarra
     path = Path(path)
     if path.is_dir():
         if (path / "meta.json").is_file() and key == "maps":
-            from ensemblecam.mapstore import MapSet, dequantise
+            from ensemblecam.io.mapstore import MapSet, dequantise
 
             ms = MapSet.open(path)
             return ms.index, dequantise(np.asarray(ms.maps))

@@ -1,0 +1,1 @@
+"""Ensembles of thresholded CAMs: operators, grids and the exact search."""

@@ -1,0 +1,1 @@
+"""Files in and out: layouts, slice and map stores, split files, NIfTI export, atomic writes."""

@@ -1,0 +1,1 @@
+"""One module per pipeline stage: the files it reads and writes."""
