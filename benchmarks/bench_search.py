@@ -34,7 +34,8 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from ensemblecam.ensemble import search as S
-from ensemblecam.stages.evaluate import apply_config
+from ensemblecam.ensemble.grid import parse_grid
+from ensemblecam.ensemble.operators import apply_config
 
 H = W = 128
 OPS = ["and", "or", "min", "max"]
@@ -139,8 +140,8 @@ def main() -> None:
     ap.add_argument("--naive-slices", type=int, default=200)
     args = ap.parse_args()
     n = args.slices
-    grid11 = S.parse_grid("0:1:0.1")
-    grid101 = S.parse_grid("0:1:0.01")
+    grid11 = parse_grid("0:1:0.1")
+    grid101 = parse_grid("0:1:0.01")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         maps, gt = make_data(Path(tmp), n)

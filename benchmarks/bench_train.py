@@ -2,7 +2,7 @@
 
 A slice store (float16, like prepare writes it) is built in a temp folder; one ResNet-18
 (MONAI, 2-D, 3 channels) is trained on 128x128 slices with batch 32 from
-``train.StoreDataset`` + ``EpochSampler`` + ``DataLoader`` (the training stage's loader)
+``training.data.StoreDataset`` + ``EpochSampler`` + ``DataLoader`` (the training stage's loader)
 and, alternately, from batches sliced out of a preloaded float32 tensor. Rounds alternate
 to spread the noise of a shared machine; the medians are reported. Goal: ratio >= 0.9.
 The last line is one JSON object.
@@ -25,7 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from ensemblecam import models
 from ensemblecam.io.store import SliceStore
-from ensemblecam.stages import train
+from ensemblecam.training.data import EpochSampler, StoreDataset, batch_loader
 from store_factory import build_store
 
 
@@ -76,9 +76,9 @@ def main() -> None:
         )  # fmt: skip
         store = SliceStore.open(path)  # memory-mapped
         idx = np.arange(store.n_slices)
-        ds = train.StoreDataset(store, idx)
-        sampler = train.EpochSampler(len(ds), seed=0)
-        loader = train.batch_loader(
+        ds = StoreDataset(store, idx)
+        sampler = EpochSampler(len(ds), seed=0)
+        loader = batch_loader(
             ds, args.batch, sampler, num_workers=args.workers,
             persistent_workers=args.workers > 0,
         )  # fmt: skip

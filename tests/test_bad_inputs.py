@@ -30,7 +30,7 @@ from ensemblecam import models
 from ensemblecam.cli import app
 from ensemblecam.cli._common import INTERRUPTED, check_output, one_line_errors
 from ensemblecam.config import MAX_SHOWN, CamConfig, PrepareConfig, load_config
-from ensemblecam.ensemble.search import MAX_CONFIGURATIONS, MAX_GRID_LEVELS, n_configurations
+from ensemblecam.ensemble.grid import MAX_CONFIGURATIONS, MAX_GRID_LEVELS, n_configurations
 from ensemblecam.errors import InputError
 from ensemblecam.io.mapstore import MapSet, write_map_set
 from ensemblecam.io.split import read_splits
@@ -122,9 +122,9 @@ def test_output_that_is_or_lies_under_a_file(tmp_path: Path) -> None:
     commands = {
         "prepare": ["prepare", "--data", tmp_path / "nodata"],
         "train": ["train", "--store", store],
-        "cam": ["cam", "--store", store, "--checkpoint", ck],
+        "cam": ["cam", "--store", store, "--checkpoints", ck],
         "search": ["search", "--store", store, "--maps", tmp_path / "maps", "--members", "a"],
-        "evaluate": ["evaluate", "--store", store, "--config-file", tmp_path / "best.json"],
+        "evaluate": ["evaluate", "--store", store, "--best", tmp_path / "best.json"],
     }
     snap = Snapshot([store, ck, afile], tmp_path)
     for args in commands.values():
@@ -343,7 +343,7 @@ def test_split_with_a_case_in_two_parts_or_two_test_folds(tmp_path: Path) -> Non
     snap = Snapshot([store, both, twice, ck], tmp_path)
     assert_refused(invoke("train", "--store", store, "--splits", both, "--out", tmp_path / "t"),
                    r"both\.json: case 'case_001' is in both train and test of f0")
-    assert_refused(invoke("cam", "--store", store, "--splits", twice, "--checkpoint", ck,
+    assert_refused(invoke("cam", "--store", store, "--splits", twice, "--checkpoints", ck,
                           "--out", tmp_path / "m"), r"twice\.json: case 'case_002'")
     assert_refused(invoke("search", "--store", store, "--splits", both, "--maps",
                           tmp_path / "m", "--members", "x", "--out", tmp_path / "q"),
@@ -368,7 +368,7 @@ def test_maps_of_another_store_are_refused(tmp_path: Path) -> None:
                    rf"m__gradcam/meta\.json: maps were made from slice store .*a \(id "
                    rf"{sa.identity}\), not from .*b \(id {sb.identity}\)")
     assert_refused(invoke("evaluate", "--store", b, "--maps", tmp_path / "maps",
-                          "--config-file", best, "--out", tmp_path / "e"),
+                          "--best", best, "--out", tmp_path / "e"),
                    r"maps were made from slice store")
     snap.unchanged()
     # the same store: accepted, and the search output records the store's identity
@@ -450,7 +450,8 @@ def test_threshold_grid_and_search_size_caps(tmp_path: Path) -> None:
 
 
 def test_n_configurations_matches_a_search() -> None:
-    from ensemblecam.ensemble.search import search, subsets_of
+    from ensemblecam.ensemble.grid import subsets_of
+    from ensemblecam.ensemble.search import search
 
     rng = np.random.default_rng(0)
     maps = [rng.random((3, 4, 4)).astype(np.float16) for _ in range(3)]

@@ -97,15 +97,15 @@ def test_cli_errors(tiny_store: Path, ckpt: Path, tmp_path: Path) -> None:
     base = ["cam", "--store", str(tiny_store), "--out", str(tmp_path / "m"), "--accelerator", "cpu"]
     bad = _checkpoint(tmp_path / "runs" / "bad" / "best.pt", ["flair", "t1"], [32, 32])
     cases = [
-        (["--checkpoint", str(bad)], "trained on channels"),
-        (["--checkpoint", str(ckpt), "--layer", "nope"], "candidates"),
-        (["--checkpoint", str(ckpt), "--methods", "gradcam,foo"], "--methods foo"),
-        (["--checkpoint", str(ckpt), "--part", "trian"], "--part 'trian'"),
-        (["--checkpoint", str(ckpt), "--target", "tumour"], "--target"),
-        (["--checkpoint", str(tmp_path / "none.pt")], "checkpoint not found"),
-        (["--checkpoint", str(ckpt), "--raw", "--dtype", "uint8"], "--raw"),
-        (["--checkpoint", str(ckpt), "--score-precision", "fp16"], "score_precision"),
-        (["--checkpoint", str(ckpt), "--score-tol", "-1"], "score_tol"),
+        (["--checkpoints", str(bad)], "trained on channels"),
+        (["--checkpoints", str(ckpt), "--layer", "nope"], "candidates"),
+        (["--checkpoints", str(ckpt), "--methods", "gradcam,foo"], "--methods foo"),
+        (["--checkpoints", str(ckpt), "--parts", "trian"], "--parts 'trian'"),
+        (["--checkpoints", str(ckpt), "--target", "tumour"], "--target"),
+        (["--checkpoints", str(tmp_path / "none.pt")], "checkpoint not found"),
+        (["--checkpoints", str(ckpt), "--raw", "--dtype", "uint8"], "--raw"),
+        (["--checkpoints", str(ckpt), "--score-precision", "fp16"], "--score-precision 'fp16'"),
+        (["--checkpoints", str(ckpt), "--score-tol", "-1"], "--score-tol '-1'"),
     ]
     for extra, msg in cases:
         r = runner.invoke(app, base + extra)
@@ -113,18 +113,18 @@ def test_cli_errors(tiny_store: Path, ckpt: Path, tmp_path: Path) -> None:
         assert msg in r.output and r.output.count("\n") == 1, r.output
         assert not (tmp_path / "m").exists(), extra  # refused before anything is written
     small = _checkpoint(tmp_path / "runs" / "small" / "best.pt", ["flair"], [16, 16])
-    r = runner.invoke(app, [*base, "--checkpoint", str(small)])
+    r = runner.invoke(app, [*base, "--checkpoints", str(small)])
     assert r.exit_code == 2 and "[16, 16] slices" in r.output
     assert not (tmp_path / "m").exists()
-    r = runner.invoke(app, [*base, "--checkpoint", str(ckpt), "--methods", "cam,xgradcam"])
+    r = runner.invoke(app, [*base, "--checkpoints", str(ckpt), "--methods", "cam,xgradcam"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "m" / "s4__xgradcam" / "meta.json").is_file()
 
 
 def test_cli_scorecam_bf16_within_tolerance(tiny_store: Path, ckpt: Path, tmp_path: Path) -> None:
     runner = CliRunner()
-    base = ["cam", "--store", str(tiny_store), "--checkpoint", str(ckpt), "--accelerator", "cpu",
-            "--methods", "scorecam", "--part", "test", "--dtype", "float32"]  # fmt: skip
+    base = ["cam", "--store", str(tiny_store), "--checkpoints", str(ckpt), "--accelerator", "cpu",
+            "--methods", "scorecam", "--parts", "test", "--dtype", "float32"]  # fmt: skip
     r = runner.invoke(app, [*base, "--out", str(tmp_path / "a")])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, [*base, "--out", str(tmp_path / "b"), "--score-precision", "bf16",

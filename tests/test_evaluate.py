@@ -10,9 +10,10 @@ from scipy.ndimage import gaussian_filter
 from typer.testing import CliRunner
 
 from ensemblecam.cli import app
+from ensemblecam.ensemble.operators import apply_config
 from ensemblecam.io.mapstore import write_map_set
 from ensemblecam.io.store import SliceStore
-from ensemblecam.stages.evaluate import apply_config, evaluate_arrays
+from ensemblecam.stages.evaluate import evaluate_arrays
 
 
 def test_apply_config_operators():
@@ -80,7 +81,7 @@ def test_cli_round_trip(search_setup):
     r2 = runner.invoke(app, args)
     assert r2.exit_code == 2 and "--force" in r2.output
     # evaluating the best config on the calibration part reproduces the search's numbers
-    ev = ["evaluate", "--config-file", str(out / "best.json"), "--store", str(store),
+    ev = ["evaluate", "--best", str(out / "best.json"), "--store", str(store),
           "--fold", "0", "--maps", str(tmp / "maps"), "--hd95"]
     r = runner.invoke(app, [*ev, "--part", "train", "--out", str(tmp / "ev_train")])
     assert r.exit_code == 0, r.output
@@ -147,3 +148,37 @@ def test_cli_top_k_and_slice_objective(search_setup):
     assert vals == sorted(vals, reverse=True)
     best = json.loads((tmp / "sd" / "best.json").read_text())
     assert best["slice_dice_mean"] == pytest.approx(vals[0])
+
+
+def test_ensemble_config_and_masks_file(search_setup):
+    """EnsembleConfig reads best.json's configuration keys (others ignored) and applies as
+    the dict does; write_config_masks' masks.npz reads back (read_masks) as apply_config's
+    masks of the part's annotated slices, in store order."""
+    from ensemblecam.config import EvaluateConfig
+    from ensemblecam.ensemble.operators import EnsembleConfig
+    from ensemblecam.errors import InputError
+    from ensemblecam.io.mapstore import MapSet
+    from ensemblecam.io.masks import read_masks
+    from ensemblecam.stages.evaluate import write_config_masks
+
+    tmp, store = search_setup
+    conf = {"operator": "min", "members": ["a__gradcam", "b__gradcam"],
+            "thresholds": [0.4, 0.6], "gate": 0.3}
+    (tmp / "best.json").write_text(json.dumps({**conf, "paper_miou": 0.5, "search": {}}))
+    ec = EnsembleConfig.read(tmp / "best.json")
+    assert ec == EnsembleConfig("min", ("a__gradcam", "b__gradcam"), (0.4, 0.6), 0.3)
+    assert ec.to_dict() == conf
+    with pytest.raises(InputError, match=r"x\.json: configuration lacks members, gate"):
+        EnsembleConfig.from_dict({"operator": "and", "thresholds": [0.5]}, "x.json")
+    cfg = EvaluateConfig(store=store, fold="0", part="test", maps=tmp / "maps", chunk=3)
+    index, masks = read_masks(write_config_masks(cfg, ec, tmp / "eval" / "masks.npz"))
+    st = SliceStore.open(store)
+    assert index.dtype == np.int64 and np.all(np.diff(index) > 0)
+    assert st.table["has_mask"][index].all() and masks.dtype == np.uint8
+    sets = [MapSet.open(tmp / "maps" / m) for m in conf["members"]]
+    rows = [s.rows_for(index) for s in sets]
+    maps = [np.asarray(s.maps[r]) for s, r in zip(sets, rows, strict=True)]
+    probs = [s.probs[r] for s, r in zip(sets, rows, strict=True)]
+    want = apply_config(maps, conf, probs)
+    assert want.any() and not want.all()
+    assert np.array_equal(masks, want) and np.array_equal(apply_config(maps, ec, probs), want)

@@ -46,7 +46,7 @@ def test_unknown_and_optional_models() -> None:
         models.available_models()
     )
     for pkg in ("torchvision", "timm"):
-        if not models._has_package(pkg):
+        if not models.classifiers._has_package(pkg):
             with pytest.raises(InputError, match=f"optional package '{pkg}'"):
                 models.build_model(f"{pkg}:resnet50", 1)
     with pytest.raises(InputError, match="bad model arguments"):

@@ -203,9 +203,10 @@ def test_shipped_configs_are_valid() -> None:
 def test_keys_cover_only_non_default_options() -> None:
     # a new option added with its default leaves existing keys (and results) valid
     from ensemblecam.config import CamConfig
+    from ensemblecam.pipeline.run import _options
 
-    assert pipeline._options(CamConfig(out=Path("elsewhere"), force=True)) == {}
-    assert pipeline._options(CamConfig(score_precision="bf16")) == {"score_precision": "bf16"}
+    assert _options(CamConfig(out=Path("elsewhere"), force=True)) == {}
+    assert _options(CamConfig(score_precision="bf16")) == {"score_precision": "bf16"}
     base = Config()
     assert pipeline.config_hash(base) == pipeline.config_hash(Config(cam={"score_tol": 1e-3}))
     assert pipeline.config_hash(base) != pipeline.config_hash(Config(cam={"score_tol": 1e-2}))

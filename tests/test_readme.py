@@ -32,3 +32,22 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert commands[0].endswith("ensemblecam demo") and "constraints.txt" in commands[0]
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert commands[1] in ci
+
+
+def test_python_api_examples_run() -> None:
+    """Every ``python`` block of the README's "Python API" section runs, in order, as is."""
+    section = README.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) >= 3
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["pred"].shape == namespace["masks"].shape
+
+
+def test_public_api_names_resolve() -> None:
+    import ensemblecam
+
+    for name in ensemblecam.__all__:
+        assert getattr(ensemblecam, name) is not None, name
+    assert issubclass(ensemblecam.InputError, ValueError)

@@ -4,6 +4,7 @@ search/evaluate functions and writers (the training part is written in train.py'
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import json
 import re
@@ -19,20 +20,28 @@ from typer.testing import CliRunner
 from ensemblecam import report
 from ensemblecam.cli import app
 from ensemblecam.config import SearchConfig
-from ensemblecam.ensemble.search import _run_search, open_inputs, write_search_outputs
+from ensemblecam.ensemble.operators import apply_config
 from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
 from ensemblecam.io.mapstore import write_map_set
 from ensemblecam.io.split import read_splits
 from ensemblecam.io.store import SliceStore
-from ensemblecam.stages.evaluate import apply_config, evaluate_arrays, score
-from ensemblecam.stages.train import (
-    METRIC_COLUMNS,
-    classifier_metrics,
-    plot_confusion,
-    plot_learning_curve,
-    write_metrics_csv,
+from ensemblecam.metrics.classification import classifier_metrics
+from ensemblecam.metrics.conventions import score
+from ensemblecam.pipeline import SUMMARY_METRICS
+from ensemblecam.report.figures import bar_limits, threshold_heatmap
+from ensemblecam.report.reference import (
+    REFERENCE_FIGURES,
+    is_phantom,
+    reference_matches,
+    reference_setting,
+    row_identity,
 )
+from ensemblecam.report.sections import SECTIONS
+from ensemblecam.stages.evaluate import evaluate_arrays
+from ensemblecam.stages.search import open_inputs, run_search, write_search_outputs
+from ensemblecam.stages.train import METRIC_COLUMNS
+from ensemblecam.training.records import plot_confusion, plot_learning_curve, write_metrics_csv
 from store_factory import build_store
 
 MEMBERS = ["resnet34__gradcam", "resnet50__gradcam"]
@@ -69,7 +78,7 @@ def _write_train_run(d: Path, model: str, fold: str, rng: np.random.Generator,
                         **{k: cm[k] for k in METRIC_COLUMNS if k in cm}})
     best = max(history, key=lambda r: r["auroc"])
     d.mkdir(parents=True)
-    write_metrics_csv(d / "metrics.csv", history)
+    write_metrics_csv(d / "metrics.csv", history, METRIC_COLUMNS)
     conf = [[best["tn"], best["fp"]], [best["fn"], best["tp"]]]
     if pngs:
         plot_learning_curve(d / "learning_curve.png", history, best["epoch"])
@@ -108,7 +117,7 @@ def build_run(root: Path) -> Path:
     labels = store.labels
     rows: dict[str, dict[str, Any]] = {}
     folds = [f.name for f in read_splits(run / "splits.json")]
-    for k, fold in enumerate(folds):
+    for fold in folds:
         fdir = run / fold
         for j, m in enumerate(MEMBERS):
             probs = np.clip(labels * 0.6 + rng.random(len(labels)) * 0.5, 0, 1)
@@ -116,7 +125,7 @@ def build_run(root: Path) -> Path:
                           idx, maps[j], probs)
         cfg = SearchConfig(store=store_p, splits=run / "splits.json", fold=fold, part="train",
                            maps=fdir / "maps", members=MEMBERS, out=fdir / "search")
-        res, ranked = _run_search(cfg, None)
+        res, ranked = run_search(cfg, None)
         (fdir / "search").mkdir(parents=True)
         write_search_outputs(fdir / "search", res, ranked, cfg.objective,
                              cfg.model_dump(mode="json"))
@@ -143,23 +152,22 @@ def build_run(root: Path) -> Path:
                 sub = [inp.maps[i].read(0, len(inp.maps[i])) for i in sel]
                 chosen = apply_config(sub, conf, [inp.probs[i] for i in sel])
                 (fdir / "eval" / "ensemble").mkdir(parents=True)
-                if k == 0:  # fold0: masks.npz; fold1: per_case.csv; fold2: from maps
-                    np.savez(fdir / "eval" / "masks.npz", index=inp.indices,
-                             masks=chosen.astype(np.uint8))
-                if k == 1:
-                    lines = ["case,n_slices,tp,fp,fn,dice"]
-                    for c in dict.fromkeys(inp.case_ids.tolist()):
-                        s = inp.case_ids == c
-                        tp, fp, fn = (int(per[x][s].sum()) for x in ("tp", "fp", "fn"))
-                        d = 2 * tp / max(2 * tp + fp + fn, 1)
-                        lines.append(f"{c},{int(s.sum())},{tp},{fp},{fn},{d}")
-                    (fdir / "eval" / "ensemble" / "per_case.csv").write_text("\n".join(lines))
+                # what the evaluation writes: the chosen masks and the per-case Dice
+                np.savez(fdir / "eval" / "masks.npz", index=inp.indices,
+                         masks=chosen.astype(np.uint8))
+                lines = ["case,n_slices,tp,fp,fn,dice"]
+                for c in dict.fromkeys(inp.case_ids.tolist()):
+                    s = inp.case_ids == c
+                    tp, fp, fn = (int(per[x][s].sum()) for x in ("tp", "fp", "fn"))
+                    d = 2 * tp / max(2 * tp + fp + fn, 1)
+                    lines.append(f"{c},{int(s.sum())},{tp},{fp},{fn},{d}")
+                (fdir / "eval" / "ensemble" / "per_case.csv").write_text("\n".join(lines))
         gt = inp.masks.read(0, len(inp.masks)).astype(bool)
         unet = ndimage.binary_erosion(gt, structure=np.ones((1, 3, 3)))
         tp, fp, fn, tn = (np.sum(a, axis=(1, 2)) for a in
                           (unet & gt, unet & ~gt, ~unet & gt, ~unet & ~gt))
         rows.setdefault(UNET, {"kind": "unet", "per_fold": {}, "config": {}})["per_fold"][
-            fold] = _metrics(score(tp, fp, fn, tn, inp.case_ids, None, None, 0.02))
+            fold] = _metrics(score(tp, fp, fn, tn, inp.case_ids, None, 0.02))
         for m in ("resnet34", "resnet50"):
             _write_train_run(fdir / "models" / m, m, fold, rng, pngs=(m == "resnet34"))
     names = sorted(set.intersection(*(set(v) for r in rows.values()
@@ -221,10 +229,73 @@ def test_report_is_self_contained(made: tuple[Path, str], run_dir: Path) -> None
     for name in ("lesion_fraction_histogram.png", "threshold_heatmap_fold0.png",
                  "threshold_heatmap_fold2.png", "gallery_best.png", "gallery_worst.png",
                  "results_paper_miou.png", "fold0_resnet34_learning_curve.png",
-                 "fold1_resnet50_learning_curve.png", "fold2_resnet50_confusion_matrix.png"):
+                 "fold2_resnet34_confusion_matrix.png"):
         assert (out.parent / name).read_bytes().startswith(PNG), name
-    # redrawn train figures go to the report folder, never into the train run folder
-    assert not (run_dir / "fold0" / "models" / "resnet50" / "learning_curve.png").exists()
+
+
+def test_figures_link_to_their_png(made: tuple[Path, str]) -> None:
+    _, doc = made
+    for name in ("gallery_best.png", "results_paper_miou.png", "threshold_heatmap_fold0.png"):
+        assert f'<figure><a href="{name}"' in doc, name  # click: the full-size PNG beside
+
+
+def test_bar_chart_axis_starts_at_zero() -> None:
+    assert bar_limits(np.array([39.0, 52.0])) == (0.0, 57.0)
+    assert bar_limits(np.array([np.nan, 98.0])) == (0.0, 100.0)
+    assert bar_limits(np.array([np.nan])) == (0.0, 5.0)
+
+
+def test_summary_names_rows_not_better_than_empty(made: tuple[Path, str],
+                                                  run_dir: Path) -> None:
+    _, doc = made
+    summary = _section(doc, "summary")
+    res = json.loads((run_dir / "results.json").read_text())
+    empty = next(r for r in res["rows"] if r["kind"] == "empty")
+    ens = next(r for r in res["rows"] if r["kind"] == "ensemble")
+    other = summary[summary.index("In the other headline metrics"):]
+    other = other[: other.index("</p>")]
+    for m in ("paper_dsc", "lesion_dice", "case_dice_mean"):
+        assert (f"{m} {100 * ens['mean'][m]:.1f} ± {100 * ens['std'][m]:.1f} "
+                f"(Empty: {100 * empty['mean'][m]:.1f})") in other, m
+    for m in SUMMARY_METRICS:
+        worse = [r["name"] for r in res["rows"] if r["kind"] != "empty"
+                 and r["mean"][m] <= empty["mean"][m]]
+        head = f"Not better than Empty (all background, {100 * empty['mean'][m]:.1f}) in {m}: "
+        if worse:
+            assert head + html.escape(", ".join(worse)) + "." in summary, m
+        else:
+            assert head not in summary, m
+
+
+def test_missing_train_figures_are_named_not_redrawn(made: tuple[Path, str],
+                                                     run_dir: Path) -> None:
+    out, doc = made
+    note = _section(doc, "classifiers")
+    note = note[note.index("Not written by the train stage"):]
+    note = note[: note.index("</p>")]
+    for fold in ("fold0", "fold1", "fold2"):
+        for fname in ("learning_curve.png", "confusion_matrix.png"):
+            src = run_dir / fold / "models" / "resnet50" / fname
+            assert not src.exists()
+            assert html.escape(str(src)) in note
+            assert not (out.parent / f"{fold}_resnet50_{fname}").exists()
+    assert "resnet34" not in note
+
+
+def test_gallery_names_missing_evaluation_output(made: tuple[Path, str], run_dir: Path,
+                                                 tmp_path: Path) -> None:
+    npz = run_dir / "fold2" / "eval" / "masks.npz"
+    kept = tmp_path / "masks.npz"
+    shutil.move(npz, kept)
+    try:
+        doc = report.write_report(run_dir, tmp_path / "r.html").read_text()
+    finally:
+        shutil.move(kept, npz)
+    gallery = _section(doc, "gallery")
+    assert "Not in the gallery" in gallery and html.escape(str(npz)) in gallery
+    per_case = (run_dir / "fold2" / "eval" / "ensemble" / "per_case.csv").read_text()
+    n_fold2 = sum(int(r["tp"]) + int(r["fn"]) > 0 for r in csv.DictReader(per_case.splitlines()))
+    assert n_fold2 > 0 and f"{9 - n_fold2} evaluated lesion cases" in gallery
 
 
 def test_report_sections_and_text(made: tuple[Path, str]) -> None:
@@ -310,28 +381,28 @@ def test_phantom_is_not_compared(run_dir: Path, tmp_path: Path) -> None:
 
 def test_reference_setting_rules(tmp_path: Path) -> None:
     brats = {"layout": "brats", "modalities": ["flair", "t1ce", "t2"]}
-    assert report.reference_setting(brats, False)[0] == "brats"
-    assert report.reference_setting(brats, True)[0] is None
-    assert report.reference_setting({**brats, "modalities": ["t1"]}, False)[0] is None
-    assert report.reference_setting({"layout": "msd", "modalities": ["adc"]}, False)[0] == (
+    assert reference_setting(brats, False)[0] == "brats"
+    assert reference_setting(brats, True)[0] is None
+    assert reference_setting({**brats, "modalities": ["t1"]}, False)[0] is None
+    assert reference_setting({"layout": "msd", "modalities": ["adc"]}, False)[0] == (
         "prostate")
-    assert report.reference_setting({"layout": "kits", "modalities": ["ct"]}, False)[0] == "kits"
+    assert reference_setting({"layout": "kits", "modalities": ["ct"]}, False)[0] == "kits"
     (tmp_path / "phantom.json").write_text("{}")
-    assert report.is_phantom({"data": str(tmp_path)}) is True
-    assert report.is_phantom({"data": str(tmp_path / "missing")}) is None
-    ident = report.row_identity({"name": "ensemble (and: resnet34__gradcam 0.7 x "
+    assert is_phantom({"data": str(tmp_path)}) is True
+    assert is_phantom({"data": str(tmp_path / "missing")}) is None
+    ident = row_identity({"name": "ensemble (and: resnet34__gradcam 0.7 x "
                                          "resnet50__gradcam 0.6)", "kind": "ensemble"})
     assert ident["operator"] == "and" and len(ident["members"]) == 2
 
 
 def test_threshold_heatmap_shapes() -> None:
     t = [0.0, 0.5]
-    assert report.threshold_heatmap(np.array([0.4, 0.6]), t, ["a"], "paper_miou",
+    assert threshold_heatmap(np.array([0.4, 0.6]), t, ["a"], "paper_miou",
                                      "single").startswith(PNG)
     v3 = np.arange(8, dtype=float).reshape(2, 2, 2) / 10
-    assert report.threshold_heatmap(v3, t, ["a", "b", "c"], "paper_miou", "and").startswith(PNG)
+    assert threshold_heatmap(v3, t, ["a", "b", "c"], "paper_miou", "and").startswith(PNG)
     with pytest.raises(InputError, match="does not fit"):
-        report.threshold_heatmap(np.zeros((3, 3)), t, ["a", "b"], "paper_miou", "and")
+        threshold_heatmap(np.zeros((3, 3)), t, ["a", "b"], "paper_miou", "and")
 
 
 def test_bad_run_folders(tmp_path: Path) -> None:
@@ -357,7 +428,7 @@ def test_bad_run_folders(tmp_path: Path) -> None:
 def test_section_order_and_collapsed_config(made: tuple[Path, str]) -> None:
     _, doc = made
     ids = re.findall(r'<h2 id="(\w+)">', doc)
-    assert ids == [k for k, _ in report.SECTIONS]
+    assert ids == [k for k, _ in SECTIONS]
     assert ids[0] == "summary" and ids[-1] == "configuration"
     nav = re.findall(r'<a href="#(\w+)">', doc[doc.index("<nav>"): doc.index("</nav>")])
     assert nav == ids
@@ -380,7 +451,7 @@ def test_summary_has_headline_numbers(made: tuple[Path, str], run_dir: Path) -> 
     assert set(by_kind) == {"ensemble", "empty", "unet"}
     for row in by_kind.values():
         line = _row_html(summary, row["name"], "headline")
-        for m in report.SUMMARY_METRICS:
+        for m in SUMMARY_METRICS:
             expect = f"{100 * row['mean'][m]:.1f} ± {100 * row['std'][m]:.1f}"
             assert f"<td>{expect}</td>" in line, (row["name"], m)
     assert "single" not in _headers(summary)  # only the headline rows, no singles
@@ -399,23 +470,23 @@ def test_row_identity_per_fold_configs() -> None:
     row = {"name": "and ensemble (best members and thresholds)", "kind": "operator",
            "config": {"fold0": {"operator": "and", "members": ["a__gradcam", "b__gradcam"]},
                       "fold1": {"operator": "and", "members": ["a__gradcam", "c__layercam"]}}}
-    ident = report.row_identity(row)
+    ident = row_identity(row)
     assert ident["operator"] == "and"
     assert [m["model"] for m in ident["members"]] == ["a", "b", "c"]
     mixed = {**row, "kind": "ensemble", "config": {**row["config"], "fold1": {
         "operator": "or", "members": ["a__gradcam", "b__gradcam"]}}}
-    assert report.row_identity(mixed)["operator"] == "mixed"
-    and_ref = next(r for r in report.REFERENCE_FIGURES["brats"] if r.match == {"operator": "and"})
-    assert report.reference_matches(and_ref, ident)
-    assert not report.reference_matches(and_ref, report.row_identity(mixed))
+    assert row_identity(mixed)["operator"] == "mixed"
+    and_ref = next(r for r in REFERENCE_FIGURES["brats"] if r.match == {"operator": "and"})
+    assert reference_matches(and_ref, ident)
+    assert not reference_matches(and_ref, row_identity(mixed))
     single = {"name": "resnet50__gradcam alone (best threshold)", "kind": "single",
               "config": {"fold0": {"operator": "single", "members": ["resnet50__gradcam"]}}}
-    r50 = next(r for r in report.REFERENCE_FIGURES["brats"] if r.method == "ResNet-50 Grad-CAM")
-    r34 = next(r for r in report.REFERENCE_FIGURES["brats"] if r.method == "ResNet-34 Grad-CAM")
-    assert report.reference_matches(r50, report.row_identity(single))
-    assert not report.reference_matches(r34, report.row_identity(single))
+    r50 = next(r for r in REFERENCE_FIGURES["brats"] if r.method == "ResNet-50 Grad-CAM")
+    r34 = next(r for r in REFERENCE_FIGURES["brats"] if r.method == "ResNet-34 Grad-CAM")
+    assert reference_matches(r50, row_identity(single))
+    assert not reference_matches(r34, row_identity(single))
     empty = {"name": "Empty (all background)", "kind": "empty", "config": {"fold0": None}}
-    assert report.row_identity(empty)["members"] == []
+    assert row_identity(empty)["members"] == []
 
 
 def test_captions_name_fold_members_thresholds(made: tuple[Path, str], run_dir: Path) -> None:
@@ -442,9 +513,12 @@ def test_classifier_figures_in_grid(made: tuple[Path, str]) -> None:
     _, doc = made
     cls = _section(doc, "classifiers")
     assert cls.count('<tr class="mean">') == 2  # one mean line per model
-    # one grid per model, one column per fold, with learning curve and confusion matrix
-    for model in ("resnet34", "resnet50"):
+    # one grid per model with figures, one column per fold, with learning curve and
+    # confusion matrix; resnet50's train stage wrote no PNG: no grid (named in a note)
+    assert "<h3>resnet50</h3>" not in cls
+    for model in ("resnet34",):
         block = cls[cls.index(f"<h3>{model}</h3>"):]
         block = block[: block.index("</div>\n</div>") + 1]
         assert block.count('<div class="fold">') == 3
-        assert block.count("learning_curve.png") == 3 and block.count("confusion_matrix") == 3
+        assert block.count("learning_curve.png)</figcaption>") == 3
+        assert block.count("confusion_matrix.png)</figcaption>") == 3

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ensemblecam import metrics, report
+from ensemblecam import metrics
 from ensemblecam.cli import app
 from ensemblecam.config import EvaluateConfig
 from ensemblecam.errors import InputError
+from ensemblecam.metrics import conventions
+from ensemblecam.report.html import Page
+from ensemblecam.report.results import section_case_statistics
+from ensemblecam.report.run import Run
 from ensemblecam.stages import evaluate
 from nifti_factory import write_nifti
 from store_factory import build_store
@@ -213,11 +218,11 @@ def test_evaluate_writes_per_case_3d_tables(tmp_path: Path) -> None:
         sel = cases == case
         # the store factory's geometry: identity affine, slices along axis 2 in order
         g, p = (np.moveaxis(a[sel], 0, 2) for a in (gt, pred))
-        want = evaluate.case_row(p, g, (1.0, 1.0, 1.0), 1.5)
-        for k in evaluate.CASE_COLUMNS:
+        want = conventions.case_row(p, g, (1.0, 1.0, 1.0), 1.5)
+        for k in conventions.CASE_COLUMNS:
             got, ref = float(row[k]), float(want[k])
             assert got == pytest.approx(ref, rel=1e-9, nan_ok=True), (case, k)
-        e = evaluate.case_row(np.zeros_like(g), g, (1.0, 1.0, 1.0), 1.5)
+        e = conventions.case_row(np.zeros_like(g), g, (1.0, 1.0, 1.0), 1.5)
         assert float(empty[case]["lesionwise_dice"]) == e["lesionwise_dice"]
         assert float(empty[case]["dice"]) == (0.0 if g.any() else 1.0)
     lw = [float(r["lesionwise_dice"]) for r in rows.values()]
@@ -308,14 +313,19 @@ def test_report_reads_cis_and_p_values_from_files(tmp_path: Path) -> None:
     results["rows"][4]["cases"]["vs_chosen"]["dice"]["p_value"] = 0.0123
     out = tmp_path / "rep"
     out.mkdir()
-    rep = report._Report(out)
-    report._section_case_statistics(rep, report.Run(run, results, {}, None, None, None))
+    rep = Page(out)
+    section_case_statistics(rep, Run(run, results, {}, None, None, None))
     page = "".join(rep.parts)
     assert "95% confidence" in page and "43.2 [" in page
     assert "p = 0.012" in page and "p = 0.250" in page and "[best single member]" in page
     assert (out / "cases_dice.png").read_bytes().startswith(b"\x89PNG")
+    # every case of the chosen row as stored, lowest case Dice first (c3 0.6 ... c0 0.9)
+    table = page[page.index("Every case of ensemble (best configuration) (4 cases"):]
+    table = table[: table.index("</table>")]
+    cells = re.findall(r"<tr><td>(fold\d)</td><td>(c\d)</td><td>([^<]*)</td>", table)
+    assert cells == [("fold1", "c3", "60.0"), ("fold0", "c1", "70.0"), ("fold1", "c2", "80.0"),
+                     ("fold0", "c0", "90.0")]
     assert (out / "cases_lesionwise_dice.png").is_file()
     (run / "fold1" / "eval" / "op_and" / "per_case.csv").unlink()
     with pytest.raises(InputError, match=r"op_and/per_case\.csv"):
-        report._section_case_statistics(report._Report(out),
-                                        report.Run(run, results, {}, None, None, None))
+        section_case_statistics(Page(out), Run(run, results, {}, None, None, None))

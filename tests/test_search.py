@@ -7,9 +7,13 @@ import itertools
 import numpy as np
 import pytest
 
+from ensemblecam.ensemble import cache as C
 from ensemblecam.ensemble import search as S
+from ensemblecam.ensemble.grid import DEFAULT_GRID, parse_grid, subsets_of
+from ensemblecam.ensemble.operators import apply_config, parse_operator
+from ensemblecam.ensemble.rows import Rows
 from ensemblecam.errors import InputError
-from ensemblecam.stages.evaluate import apply_config, score, slice_counts
+from ensemblecam.metrics.conventions import score, slice_counts
 
 
 def brute_force(maps, masks, case_ids, grid, operators, subsets, probs=None, gates=(),
@@ -24,7 +28,7 @@ def brute_force(maps, masks, case_ids, grid, operators, subsets, probs=None, gat
             p_u = None if probs is None else [probs[i] for i in u]
             label = op
             if op.startswith("vote"):
-                label = f"vote:{S.parse_operator(op, len(u))[1]}"
+                label = f"vote:{parse_operator(op, len(u))[1]}"
             nthr = 1 if op == "mean" else len(u)
             for thr in itertools.product(grid, repeat=nthr):
                 for gate in gate_list:
@@ -33,7 +37,7 @@ def brute_force(maps, masks, case_ids, grid, operators, subsets, probs=None, gat
                     counts = slice_counts(pred, masks.astype(bool))
                     pm = None if p_u is None else np.mean(np.stack(p_u), axis=0)
                     out[(label, u, tuple(float(str(t)) for t in thr), gate)] = score(
-                        *counts, case_ids, pm, None, min_lesion_fraction)
+                        *counts, case_ids, pm, min_lesion_fraction)
     return out
 
 
@@ -102,8 +106,8 @@ def test_random_equals_brute_force(m, grid, dtype, ops, hw, top_k):
     masks[3] = 0  # lesion-free slices count too
     case_ids = np.repeat(np.arange(5), 3)[:n][::-1].copy()  # non-contiguous order
     probs = [rng.random(n).astype(np.float32) for _ in range(m)]
-    g = S.parse_grid(grid)
-    subsets = S.subsets_of(m)
+    g = parse_grid(grid)
+    subsets = subsets_of(m)
     res = S.search(maps, masks, case_ids, g, ops, subsets, probs=probs, gates=[0.3, 0.6],
                    min_lesion_fraction=0.2, chunk=4, progress=False, top_k=top_k)
     exp = brute_force(maps, masks, case_ids, g, ops, subsets, probs, (0.3, 0.6), 0.2)
@@ -118,7 +122,7 @@ def test_min_max_ties_go_to_first_member():
     b = np.zeros((3, 2, 2), np.float32)
     a[:, 0, :] = 0.9  # member a hits the lesion
     b[:, 1, :] = 0.9  # member b misses it
-    grid = S.parse_grid("0.5")
+    grid = parse_grid("0.5")
     res = S.search([a, b], masks, np.zeros(3), grid, ["min", "max"], [(0, 1)], progress=False)
     for cand in res.candidates:
         assert cand.metrics["tp"].ravel()[0] == 6  # member a chosen on every slice
@@ -132,7 +136,7 @@ def test_min_max_ties_go_to_first_member():
 
 def test_values_on_grid_edges_are_exact():
     # map values equal to thresholds: m > t is False at equality.
-    grid = S.parse_grid("0:0.9:0.1")
+    grid = parse_grid("0:0.9:0.1")
     vals = grid.astype(np.float16)
     maps = [np.tile(vals, 4).reshape(2, 4, 5)]
     masks = (maps[0] > np.float16(0.45)).astype(np.uint8)
@@ -156,11 +160,11 @@ def test_blob_maps_equal_brute_force(tmp_path):
         sm = (sm - sm.min()) / (sm.max() - sm.min())
         maps.append(sm.astype(np.float16))
     cases = store.table["case"]
-    g = S.parse_grid(S.DEFAULT_GRID)
+    g = parse_grid(DEFAULT_GRID)
     ops = ["and", "or", "min", "max"]
     res = S.search(maps, store.masks, cases, g, ops, chunk=5, progress=False)  # top_k=20
     assert res.top_k == 20
-    compare(res, brute_force(maps, np.asarray(store.masks), cases, g, ops, S.subsets_of(2)),
+    compare(res, brute_force(maps, np.asarray(store.masks), cases, g, ops, subsets_of(2)),
             top_k=20)
 
 
@@ -204,15 +208,15 @@ def test_bad_inputs():
     with pytest.raises(InputError, match="operator 'xor'"):
         S.search(maps * 2, masks, np.zeros(3), "0.5", ["xor"], progress=False)
     with pytest.raises(InputError, match="threshold grid"):
-        S.parse_grid("0:1:-1")
+        parse_grid("0:1:-1")
     with pytest.raises(InputError, match="vote:5"):
-        S.parse_operator("vote:5", 2)
+        parse_operator("vote:5", 2)
     with pytest.raises(InputError, match="too fine"):  # refused before any pass over the maps
         S.search(maps * 3, masks, np.zeros(3), "0:1:0.002", ["and"], [(0, 1, 2)],
                  progress=False)
 
 
-class CountingRows(S.Rows):
+class CountingRows(Rows):
     """Rows that count how many map slices the search reads."""
 
     def __init__(self, array, log):
@@ -250,12 +254,12 @@ def test_slice_cache_equals_reread(monkeypatch, ops, hw, reads):
     masks[[2, 9]] = 0
     case_ids = (np.arange(n) * 7) % 5  # cases interleaved across chunks
     probs = [rng.random(n).astype(np.float32) for _ in range(m)]
-    g = S.parse_grid("0.1:0.7:0.3")
-    subsets = S.subsets_of(m)
+    g = parse_grid("0.1:0.7:0.3")
+    subsets = subsets_of(m)
     out = {}
-    monkeypatch.setattr(S._SliceCache, "MAX_READ", 64)  # cached rows read 1-2 at a time
+    monkeypatch.setattr(C.SliceCache, "MAX_READ", 64)  # cached rows read 1-2 at a time
     for budget in (0, 2**40):
-        monkeypatch.setattr(S, "SLICE_CACHE_BYTES", budget)
+        monkeypatch.setattr(C, "SLICE_CACHE_BYTES", budget)
         log: list[int] = []
         res = S.search([CountingRows(a, log) for a in maps], masks, case_ids, g, ops, subsets,
                        probs=probs, gates=[0.5], min_lesion_fraction=0.1, chunk=3,

@@ -168,3 +168,18 @@ def test_stored_orientation_round_trips_to_canonical(tmp_path: Path, layout: str
     assert nib.aff2axcodes(canon.affine) == ("R", "A", "S")
     np.testing.assert_array_equal(np.asarray(canon.dataobj), case[expect])
     assert not np.allclose(img.affine, np.eye(4))
+
+
+def test_tumour_free_fraction_applies_to_every_layout(tmp_path: Path) -> None:
+    """A lesion-free case has no target voxel in every layout (msd: no gland at all);
+    phantom.json says which."""
+    for layout in ("brats", "msd", "kits"):
+        root = synth_dataset(SynthConfig(layout=layout, out=tmp_path / layout, n_cases=4,
+                                         shape=(48, 48, 16), seed=1, workers=1,
+                                         tumour_free_fraction=0.5))
+        cases = json.loads((root / "phantom.json").read_text())["cases"]
+        assert sum(c["lesion_free"] for c in cases) == 2
+        assert all(c["lesion_voxels"] == 0 for c in cases if c["lesion_free"]), layout
+        assert any(c["lesion_voxels"] > 0 for c in cases if not c["lesion_free"]), layout
+    free = make_msd_case((32, 32, 8), case_rng(0, 0), lesion=False)
+    assert free["label"].max() == 0 and free["image"].std() > 0

@@ -21,7 +21,10 @@ from ensemblecam.config import TrainConfig
 from ensemblecam.errors import InputError
 from ensemblecam.io.split import Fold, get_fold, write_splits
 from ensemblecam.io.store import SliceStore
+from ensemblecam.metrics.classification import auroc, classifier_metrics
 from ensemblecam.stages import train
+from ensemblecam.training.data import EpochSampler, StoreDataset, batch_loader, blur_augment
+from ensemblecam.training.records import read_metrics_csv
 from store_factory import build_store
 
 FAST = dict(model="simplecnn", model_args={"width": 8}, epochs=2, batch_size=8,
@@ -41,7 +44,7 @@ def test_classifier_metrics_match_sklearn(seed: int) -> None:
     y = rng.integers(0, 2, 200)
     prob = np.round(np.clip(0.3 * y + rng.random(200) * 0.7, 0, 1), 1)  # many ties
     for thr in (0.3, 0.5, 0.8):
-        got = train.classifier_metrics(y, prob, thr)
+        got = classifier_metrics(y, prob, thr)
         pred = prob >= thr
         assert got["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
         assert got["precision"] == pytest.approx(skm.precision_score(y, pred, zero_division=0))
@@ -52,11 +55,11 @@ def test_classifier_metrics_match_sklearn(seed: int) -> None:
 
 
 def test_classifier_metrics_edge_cases() -> None:
-    m = train.classifier_metrics(np.array([0, 0, 1]), np.array([0.1, 0.2, 0.3]))
+    m = classifier_metrics(np.array([0, 0, 1]), np.array([0.1, 0.2, 0.3]))
     assert (m["precision"], m["recall"], m["f1"]) == (0.0, 0.0, 0.0)  # nothing predicted
     assert m["auroc"] == 1.0
-    assert np.isnan(train.auroc(np.zeros(4), np.random.rand(4)))
-    assert train.auroc(np.array([0, 1, 0, 1]), np.full(4, 0.5)) == 0.5
+    assert np.isnan(auroc(np.zeros(4), np.random.rand(4)))
+    assert auroc(np.array([0, 1, 0, 1]), np.full(4, 0.5)) == 0.5
 
 
 # --------------------------------------------------------------------------- data
@@ -65,7 +68,7 @@ def test_classifier_metrics_edge_cases() -> None:
 def test_store_dataset_reads_the_store(tiny_store: Path) -> None:
     store = SliceStore.open(tiny_store)
     idx = np.array([40, 3, 17, 90, 5])
-    ds = train.StoreDataset(store, idx)
+    ds = StoreDataset(store, idx)
     x, y = ds[2]
     assert x.dtype.is_floating_point and x.shape == (1, 32, 32)
     np.testing.assert_array_equal(x.numpy(), store.images[17].astype(np.float32))
@@ -73,28 +76,28 @@ def test_store_dataset_reads_the_store(tiny_store: Path) -> None:
     bx, by = ds[[4, 0, 3]]  # unsorted store indices, batched read
     np.testing.assert_array_equal(bx.numpy(), store.images[[5, 40, 90]].astype(np.float32))
     np.testing.assert_array_equal(by.numpy(), store.labels[[5, 40, 90]])
-    batches = list(train.batch_loader(ds, 2, train.EpochSampler(len(ds), 0), drop_last=True))
+    batches = list(batch_loader(ds, 2, EpochSampler(len(ds), 0), drop_last=True))
     assert [tuple(b[0].shape) for b in batches] == [(2, 1, 32, 32)] * 2
     got = np.concatenate([b[1].numpy() for b in batches])
-    np.testing.assert_array_equal(got, ds.labels[list(train.EpochSampler(len(ds), 0))[:4]])
-    blur = train.StoreDataset(store, idx, train.blur_augment((1.0, 1.0), 1.0, seed=0))
+    np.testing.assert_array_equal(got, ds.labels[list(EpochSampler(len(ds), 0))[:4]])
+    blur = StoreDataset(store, idx, blur_augment((1.0, 1.0), 1.0, seed=0))
     bx, _ = blur[0]
     assert bx.shape == (1, 32, 32) and not np.allclose(bx.numpy(), ds[0][0].numpy())
     with pytest.raises(InputError, match="out of range"):
-        train.StoreDataset(store, [store.n_slices])
+        StoreDataset(store, [store.n_slices])
 
 
 def test_epoch_sampler_is_deterministic_and_partitions() -> None:
-    a = list(train.EpochSampler(10, seed=3))
-    assert sorted(a) == list(range(10)) and a == list(train.EpochSampler(10, seed=3))
-    s = train.EpochSampler(10, seed=3)
+    a = list(EpochSampler(10, seed=3))
+    assert sorted(a) == list(range(10)) and a == list(EpochSampler(10, seed=3))
+    s = EpochSampler(10, seed=3)
     s.set_epoch(1)
     assert list(s) != a
-    ranks = [train.EpochSampler(10, 3, rank=r, world=3) for r in range(3)]
+    ranks = [EpochSampler(10, 3, rank=r, world=3) for r in range(3)]
     got = [i for r in ranks for i in r]
     assert len(got) == 12 and set(got) == set(range(10))
     w = np.where(np.arange(10) < 2, 100.0, 1.0)  # weighted sampler favours 0, 1
-    drawn = list(train.EpochSampler(10, 0, weights=w))
+    drawn = list(EpochSampler(10, 0, weights=w))
     assert sum(i < 2 for i in drawn) > 5
 
 
@@ -127,7 +130,7 @@ def test_small_resnet_learns(tmp_path: Path) -> None:
     ]  # fmt: skip
     for png in ("learning_curve.png", "confusion_matrix.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    history = train.read_metrics_csv(out / "metrics.csv")
+    history = read_metrics_csv(out / "metrics.csv")
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]  # it is learning
     summary = json.loads((out / "train.json").read_text())
@@ -135,13 +138,13 @@ def test_small_resnet_learns(tmp_path: Path) -> None:
 
     # held-out cases (the fold's test part, never seen in training or selection)
     s = SliceStore.open(store)
-    test_ds = train.StoreDataset(s, s.indices_for_cases(get_fold(store / "splits.json", 0).test))
+    test_ds = StoreDataset(s, s.indices_for_cases(get_fold(store / "splits.json", 0).test))
     model, info = models.load_checkpoint(out / "best.pt")
     assert info["epoch"] == summary["best_epoch"] and info["channels"] == ["flair"]
     assert info["model_args"] == {"widen_factor": 0.25, "in_channels": 1, "num_classes": 2}
     assert info["size"] == [32, 32] and info["prepare"] == {"layout": "test-factory"}
     prob, y = train.predict(model, test_ds)
-    m = train.classifier_metrics(y, prob)
+    m = classifier_metrics(y, prob)
     assert m["auroc"] > 0.8
     assert m["accuracy"] > max(y.mean(), 1 - y.mean()) + 0.1  # beats the majority class
 
@@ -150,8 +153,8 @@ def test_reproducible_and_resume_continues(tmp_path: Path, tiny_store: Path) -> 
     cols = ["train_loss", "val_loss", "accuracy", "f1", "auroc", "tp", "fp"]
     full = train.train_classifier(_cfg(tiny_store, tmp_path / "a"), progress=False)
     again = train.train_classifier(_cfg(tiny_store, tmp_path / "b"), progress=False)
-    ha = train.read_metrics_csv(full / "metrics.csv")
-    hb = train.read_metrics_csv(again / "metrics.csv")
+    ha = read_metrics_csv(full / "metrics.csv")
+    hb = read_metrics_csv(again / "metrics.csv")
     assert [[r[c] for c in cols] for r in ha] == [[r[c] for c in cols] for r in hb]
 
     # "killed" after epoch 1: nothing under the final name, last.pt in the partial folder
@@ -165,7 +168,7 @@ def test_reproducible_and_resume_continues(tmp_path: Path, tiny_store: Path) -> 
     resumed = train.train_classifier(cfg.model_copy(update={"resume": True}), progress=False)
     assert resumed is not None and not partial.exists()
     assert json.loads((resumed / "train.json").read_text())["resumed_from"] == 1
-    hc = train.read_metrics_csv(resumed / "metrics.csv")
+    hc = read_metrics_csv(resumed / "metrics.csv")
     assert [r["epoch"] for r in hc] == [1, 2]
     np.testing.assert_allclose([[r[c] for c in cols] for r in hc],
                                [[r[c] for c in cols] for r in ha], rtol=1e-6)  # fmt: skip
@@ -270,8 +273,8 @@ def test_resnet_learns_on_brats_phantom(tmp_path: Path) -> None:
     )  # fmt: skip
     out = train.train_classifier(cfg, progress=False)
     s = SliceStore.open(store)
-    test_ds = train.StoreDataset(s, s.indices_for_cases(get_fold(store / "splits.json", 0).test))
+    test_ds = StoreDataset(s, s.indices_for_cases(get_fold(store / "splits.json", 0).test))
     model, _ = models.load_checkpoint(out / "best.pt")
     prob, y = train.predict(model, test_ds)
     assert 0 < y.mean() < 1
-    assert train.classifier_metrics(y, prob)["auroc"] > 0.75
+    assert classifier_metrics(y, prob)["auroc"] > 0.75

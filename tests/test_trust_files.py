@@ -31,6 +31,7 @@ from ensemblecam.cli import app
 from ensemblecam.config import Config, UNetConfig
 from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
+from ensemblecam.models.segmenters import load_unet
 from ensemblecam.stages import unet
 from nifti_factory import brats_dataset
 from store_factory import build_store
@@ -146,7 +147,7 @@ def test_payload_is_live_and_every_loader_refuses_it(tmp_path: Path, legacy: boo
     live = tmp_path / "LIVE"
     torch.load(payload_checkpoint(tmp_path / "live.pt", live, legacy), weights_only=False)
     assert live.exists()
-    for load in (models.read_checkpoint, models.load_checkpoint, unet.load_unet,
+    for load in (models.read_checkpoint, models.load_checkpoint, load_unet,
                  lambda p: models.load_pretrained(models.build_model("simplecnn", 1), p)):
         with pytest.raises(InputError, match=REFUSED) as exc:
             load(bad)
@@ -159,6 +160,7 @@ def test_own_checkpoints_hold_plain_data_only(tmp_path: Path, tiny_store: Path) 
     and the RNG states round-trip exactly."""
     from ensemblecam.config import TrainConfig
     from ensemblecam.stages import train
+    from ensemblecam.training.fabric import rng_state, set_rng_state
 
     cfg = TrainConfig(store=tiny_store, out=tmp_path / "r", model="simplecnn",
                       model_args={"width": 4}, epochs=2, batch_size=16, optimizer="sgd",
@@ -168,9 +170,9 @@ def test_own_checkpoints_hold_plain_data_only(tmp_path: Path, tiny_store: Path) 
     assert state["epoch"] == 1 and state["scheduler"]["last_epoch"] == 1
     np.random.seed(5)
     np.random.normal()  # a cached Gaussian is part of numpy's state
-    saved = train._rng_state()
+    saved = rng_state()
     a = (np.random.random(4), np.random.normal(), torch.rand(2))
-    train._set_rng_state(saved)
+    set_rng_state(saved)
     b = (np.random.random(4), np.random.normal(), torch.rand(2))
     np.testing.assert_array_equal(a[0], b[0])
     assert a[1] == b[1] and torch.equal(a[2], b[2])
@@ -180,8 +182,8 @@ def test_cli_entry_points_refuse_a_payload(tmp_path: Path, tiny_store: Path) -> 
     marker = tmp_path / "PWNED"
     bad = payload_checkpoint(tmp_path / "in" / "bad.pt", marker)
     common = ["--store", tiny_store]
-    # cam --checkpoint
-    refused(["cam", *common, "--checkpoint", bad, "--part", "val", "--out", tmp_path / "maps"],
+    # cam --checkpoints
+    refused(["cam", *common, "--checkpoints", bad, "--parts", "val", "--out", tmp_path / "maps"],
             [bad, "unpickling arbitrary objects"], [tiny_store, bad], [tmp_path / "maps"],
             [tmp_path])
     # train --weights, and train --resume from a planted last.pt
@@ -281,7 +283,7 @@ def test_refusals_leave_nothing(tmp_path: Path, tiny_store: Path) -> None:
     refused(["search", "--store", tiny_store, "--maps", tmp_path / "nomaps", "--members",
              "s4__gradcam", "--out", tmp_path / "se"], [], keep,
             [tmp_path / "se", tmp_path / ".se.partial"], [tmp_path])
-    refused(["cam", "--store", tiny_store, "--checkpoint", ck, "--target", "99", "--out",
+    refused(["cam", "--store", tiny_store, "--checkpoints", ck, "--target", "99", "--out",
              tmp_path / "maps"], ["--target 99"], keep, [tmp_path / "maps"], [tmp_path])
     # a truncated volume: refused, no store and no partial left
     data = tmp_path / "data"
@@ -367,7 +369,9 @@ def test_finished_run_sweeps_leftovers(tmp_path: Path) -> None:
     for f in left + kept:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text("x")
-    removed = pipeline._sweep(root)
+    from ensemblecam.pipeline.run import _sweep
+
+    removed = _sweep(root)
     assert len(removed) == 5
     assert not any(f.exists() for f in left) and all(f.exists() for f in kept)
 

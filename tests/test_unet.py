@@ -17,7 +17,9 @@ from ensemblecam.config import UNetConfig
 from ensemblecam.errors import InputError
 from ensemblecam.io.split import get_fold
 from ensemblecam.io.store import SliceStore
+from ensemblecam.models.segmenters import build_unet, load_unet, logits_to_mask
 from ensemblecam.stages import unet
+from ensemblecam.training.data import MaskDataset
 from store_factory import build_store
 
 FAST = dict(channels=[8, 16, 32], strides=[2, 2], num_res_units=1, epochs=4, batch_size=4,
@@ -81,7 +83,7 @@ def test_run_folder_and_checkpoint_round_trip(trained: tuple[Path, Path]) -> Non
     assert rows[0].split(",") == unet.METRIC_COLUMNS and len(rows) == 5
     dice = [float(r.split(",")[3]) for r in rows[1:]]
     assert summary["best_epoch"] == int(np.argmax(dice)) + 1  # best val lesion Dice kept
-    model, info = unet.load_unet(out / "best.pt")
+    model, info = load_unet(out / "best.pt")
     assert info["model"] == "unet" and info["channels"] == ["flair"] and info["size"] == [32, 32]
     assert info["epoch"] == summary["best_epoch"]
     raw = models.read_checkpoint(out / "best.pt")
@@ -90,7 +92,7 @@ def test_run_folder_and_checkpoint_round_trip(trained: tuple[Path, Path]) -> Non
     store = SliceStore.open(store_path)
     x = torch.from_numpy(store.images[:4].astype(np.float32))
     with torch.inference_mode():
-        expect = unet.logits_to_mask(model(x)).numpy()
+        expect = logits_to_mask(model(x)).numpy()
     np.testing.assert_array_equal(unet.predict_unet(out / "best.pt", store, np.arange(4)), expect)
     # refuse to overwrite a finished run without force
     with pytest.raises(InputError, match="already holds a finished U-Net run"):
@@ -130,7 +132,7 @@ def test_mask_dataset_maps_npz_rows(tiny_store: Path) -> None:
     idx = np.array([5, 17, 30, 40])
     kept, src, rows = unet._targets(store, idx, "npz", (index, masks))
     np.testing.assert_array_equal(kept, [5, 17, 30])
-    ds = unet.MaskDataset(store, kept, src, rows)
+    ds = MaskDataset(store, kept, src, rows)
     x, y = ds[[2, 0]]
     np.testing.assert_array_equal(x.numpy(), store.images[[30, 5]].astype(np.float32))
     np.testing.assert_array_equal(y.numpy(), masks[[0, 1]])
@@ -158,10 +160,10 @@ def test_killed_run_resumes(tmp_path: Path) -> None:
 
 
 def test_odd_slice_size_is_padded() -> None:
-    model = unet.build_unet(2, 2, channels=[4, 8, 8], strides=[2, 2], num_res_units=0)
+    model = build_unet(2, 2, channels=[4, 8, 8], strides=[2, 2], num_res_units=0)
     assert tuple(model(torch.zeros(3, 2, 30, 27)).shape) == (3, 2, 30, 27)
-    one = unet.build_unet(1, 1, channels=[4, 8], strides=[2])
-    assert tuple(unet.logits_to_mask(one(torch.zeros(2, 1, 9, 9))).shape) == (2, 9, 9)
+    one = build_unet(1, 1, channels=[4, 8], strides=[2])
+    assert tuple(logits_to_mask(one(torch.zeros(2, 1, 9, 9))).shape) == (2, 9, 9)
 
 
 def _maskless(path: Path) -> Path:

@@ -50,38 +50,47 @@ class PrepareConfig(Section):
     data: Path | None = Field(None, description="data set root folder")
     layout: Literal["brats", "msd", "kits", "folder"] = Field("brats", description="data layout")
     labels_csv: Path | None = Field(
-        None, description="CSV of image-level labels (case,slice,label) for data without masks"
+        None, description="CSV case,slice,label of image-level labels for data without masks "
+        "(slice = index along the canonical slice axis)"
     )
     out: Path = Field(Path("store"), description="slice store folder to write")
     masks: bool = Field(
-        True, description="read seg files; false: unlabelled scans (labels -1, for predict)"
+        True, description="read seg files; off: unlabelled scans, slice labels unknown (-1, "
+        "for predict)"
     )
     modalities: list[str] | None = Field(
-        None, description="modalities in channel order (default per layout; paper: flair,t1ce,t2)"
+        None, description="modalities in channel order (default per layout: brats "
+        "flair,t1ce,t2 as in the paper; msd adc; kits ct; folder all found)"
     )
-    axis: int = Field(2, ge=0, le=2, description="slice axis of the RAS+ canonical volume")
+    axis: int = Field(
+        2, ge=0, le=2, description="slice axis of the RAS+ canonical volume (2 = axial)"
+    )
     normalise: Literal["minmax_slice", "zscore_volume", "percentile"] = Field(
-        "minmax_slice", description="intensity normalisation"
+        "minmax_slice", description="intensity normalisation (paper: minmax_slice)"
     )
     percentiles: tuple[float, float] = Field(
         (0.5, 99.5), description="clip range for 'percentile' normalisation"
     )
     crop: Literal["none", "fixed", "bbox", "kidney"] = Field("none", description="crop mode")
     crop_box: tuple[int, int, int, int] | None = Field(
-        None, description="fixed crop y0,y1,x0,x1 (paper: 56,184,56,184)"
+        None, description="fixed crop y0,y1,x0,x1 (paper: 56,184,56,184); may reach outside "
+        "the slice (zero padding)"
     )
     crop_size: tuple[int, int] | None = Field(
-        None, description="window size for bbox and kidney crops (thesis: 150,150)"
+        None, description="h,w window of bbox crops (default: the largest bbox, a multiple of "
+        "8) and kidney crops (default and thesis: 150,150)"
     )
     slice_range: tuple[int, int] | None = Field(
         None, description="first,last slice kept, inclusive (paper: 13,140)"
     )
-    every_nth: int = Field(1, ge=1, description="keep every n-th slice")
+    every_nth: int = Field(1, ge=1, description="keep every n-th slice (thesis: 5)")
     lesion_labels: list[int] | None = Field(
-        None, description="seg labels merged into lesion (default per layout)"
+        None, description="seg labels merged into the lesion (default per layout: brats "
+        "1,2,4; msd 1,2; kits 2,3; folder any non-zero)"
     )
     min_lesion_fraction: float = Field(
-        0.0, ge=0.0, le=1.0, description="slice label 1 only above this lesion fraction"
+        0.0, ge=0.0, le=1.0, description="slice label 1 only if lesion pixels / crop pixels "
+        "exceed this"
     )
     dtype: Literal["float16", "float32"] = Field("float16", description="image dtype on disk")
     nonfinite: Literal["error", "replace"] = Field(
@@ -102,9 +111,13 @@ class SplitConfig(Section):
         (0.6, 0.2, 0.2), description="train,val,test fractions for holdout (thesis: 60/20/20)"
     )
     val_fraction: float = Field(
-        0.2, ge=0.0, lt=1.0, description="k-fold: share of training cases kept for validation"
+        0.2, ge=0.0, lt=1.0, description="k-fold: share of the non-test cases kept for "
+        "validation (0: none)"
     )
-    list_file: Path | None = Field(None, description="user split: JSON or CSV (case,part[,fold])")
+    list_file: Path | None = Field(
+        None, description="user split for scheme list: JSON {train,val,test} (or a list of "
+        "them) or CSV case,part[,fold]"
+    )
     stratify: bool = Field(True, description="stratify by lesion presence per case")
     seed: int = Field(0, description="shuffle seed")
 
@@ -113,16 +126,42 @@ class DeviceConfig(Section):
     """Devices through Lightning Fabric (shared by train, cam and unet)."""
 
     accelerator: str = Field("auto", description="cpu, gpu, cuda, mps or auto")
-    devices: int | str = Field(1, description="devices per node (int, list or 'auto')")
+    devices: int | str = Field(
+        1, description="devices per node: a number, a list of indices such as 0,1, or auto"
+    )
     num_nodes: int = Field(1, ge=1, description="number of nodes")
-    strategy: str = Field("auto", description="auto, ddp, ddp_spawn, ...")
+    strategy: str = Field(
+        "auto", description="auto, ddp, ddp_spawn, ... (auto: ddp if more than one device)"
+    )
     precision: str = Field("32-true", description="32-true, 16-mixed, bf16-mixed, ...")
+
+
+#: Named training recipes (``train.preset``); any recipe field set in the config overrides
+#: the preset's value.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(
+        optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=0.0, batch_size=32, epochs=10,
+        scheduler="none", step_size=40, gamma=0.1, augment="none",
+    ),
+    "thesis": dict(
+        optimizer="adam", lr=1e-2, momentum=0.0, weight_decay=0.0, batch_size=60, epochs=50,
+        scheduler="step", step_size=40, gamma=0.1, augment="none",
+    ),
+}  # fmt: skip
+
+
+def _describe_presets() -> str:
+    """``paper = optimizer sgd, lr 0.001, ...; thesis = ...`` (the help of ``--preset``)."""
+    return "; ".join(f"{name} = " + ", ".join(f"{k} {v}" for k, v in recipe.items())
+                     for name, recipe in PRESETS.items())
+
+
+_FROM_PRESET = "(default: from the preset)"
 
 
 class TrainConfig(DeviceConfig):
     """``ensemblecam train``: a slice classifier on one fold; recipe fields left None come
-    from ``preset`` (paper: SGD 1e-3 momentum 0.9, batch 32, 10 epochs; thesis: Adam 1e-2,
-    batch 60, x0.1 step decay at epoch 40)."""
+    from ``preset`` (see ``PRESETS``)."""
 
     store: Path = Field(Path("store"), description="slice store to train on")
     splits: Path | None = Field(None, description="split file (default <store>/splits.json)")
@@ -131,22 +170,41 @@ class TrainConfig(DeviceConfig):
         "val", description="split part used for validation/checkpoint selection"
     )
     out: Path = Field(Path("runs/train"), description="run output folder")
-    model: str = Field("resnet34", description="model name (resnet18/34/50/101, vgg19, ...)")
-    model_args: dict[str, Any] = Field(
-        default_factory=dict, description="extra model keyword arguments"
+    model: str = Field(
+        "resnet34", description="model name: resnet18/34/50/101, vgg19, simplecnn, timm:<name>, ..."
     )
-    weights: Path | None = Field(None, description="local pretrained weights file (optional)")
-    preset: Literal["paper", "thesis"] = Field("paper", description="named training recipe")
-    epochs: int | None = Field(None, ge=1, description="epochs (preset)")
-    batch_size: int | None = Field(None, ge=1, description="batch size per device (preset)")
-    lr: float | None = Field(None, gt=0, description="learning rate (preset)")
-    optimizer: Literal["sgd", "adam", "adamw"] | None = Field(None, description="(preset)")
-    momentum: float | None = Field(None, ge=0, description="SGD momentum (preset)")
-    weight_decay: float | None = Field(None, ge=0, description="weight decay (preset)")
-    scheduler: Literal["none", "step", "cosine"] | None = Field(None, description="(preset)")
-    step_size: int | None = Field(None, ge=1, description="step decay every n epochs (preset)")
-    gamma: float | None = Field(None, gt=0, description="step decay factor (preset)")
-    augment: Literal["none", "blur"] | None = Field(None, description="augmentation (preset)")
+    model_args: dict[str, Any] = Field(
+        default_factory=dict, description='extra model keyword arguments, e.g. '
+        '{"widen_factor": 0.5}'
+    )
+    weights: Path | None = Field(
+        None, description="local pretrained weights file (optional; nothing is downloaded)"
+    )
+    preset: Literal["paper", "thesis"] = Field(
+        "paper", description="named training recipe; the recipe options below that are not "
+        f"set take its values: {_describe_presets()}"
+    )
+    epochs: int | None = Field(None, ge=1, description=f"training epochs {_FROM_PRESET}")
+    batch_size: int | None = Field(
+        None, ge=1, description=f"batch size per device {_FROM_PRESET}"
+    )
+    lr: float | None = Field(None, gt=0, description=f"learning rate {_FROM_PRESET}")
+    optimizer: Literal["sgd", "adam", "adamw"] | None = Field(
+        None, description=f"optimizer {_FROM_PRESET}"
+    )
+    momentum: float | None = Field(None, ge=0, description=f"SGD momentum {_FROM_PRESET}")
+    weight_decay: float | None = Field(None, ge=0, description=f"weight decay {_FROM_PRESET}")
+    scheduler: Literal["none", "step", "cosine"] | None = Field(
+        None, description="learning-rate schedule: none, step decay (step_size, gamma) or "
+        f"cosine {_FROM_PRESET}"
+    )
+    step_size: int | None = Field(
+        None, ge=1, description=f"step decay every n epochs {_FROM_PRESET}"
+    )
+    gamma: float | None = Field(None, gt=0, description=f"step decay factor {_FROM_PRESET}")
+    augment: Literal["none", "blur"] | None = Field(
+        None, description=f"augmentation: none or Gaussian blur {_FROM_PRESET}"
+    )
     blur_sigma: tuple[float, float] = Field((0.25, 1.0), description="Gaussian blur sigma range")
     blur_prob: float = Field(0.5, ge=0, le=1, description="probability of blurring a slice")
     imbalance: Literal["none", "weighted_loss", "weighted_sampler"] = Field(
@@ -170,7 +228,9 @@ class SearchConfig(Section):
     fold: str = Field("0", description="fold position or name")
     part: Literal["train", "val", "test"] = Field("train", description="calibration part")
     maps: Path = Field(Path("maps"), description="map store root (one folder per member)")
-    members: list[str] = Field(default_factory=list, description="member folder names")
+    members: list[str] = Field(
+        default_factory=list, description="member folder names, e.g. resnet34__gradcam"
+    )
     operators: list[str] = Field(
         ["and", "or", "min", "max"], description="and, or, min, max, vote[:k], mean"
     )
@@ -200,13 +260,17 @@ class SearchConfig(Section):
 class EvaluateConfig(Section):
     """``ensemblecam evaluate``: a chosen configuration on held-out data, every metric."""
 
-    config_file: Path = Field(Path("search/best.json"), description="chosen configuration")
+    config_file: Path = Field(
+        Path("search/best.json"), description="chosen configuration (best.json of search)"
+    )
     store: Path = Field(Path("store"), description="slice store (masks read only to score)")
     splits: Path | None = Field(None, description="split file (default <store>/splits.json)")
     fold: str = Field("0", description="fold position or name")
     part: Literal["train", "val", "test"] = Field("test", description="evaluated part")
     maps: Path = Field(Path("maps"), description="map store root")
-    min_lesion_fraction: float = Field(0.02, ge=0.0, lt=1.0, description="see search")
+    min_lesion_fraction: float = Field(
+        0.02, ge=0.0, lt=1.0, description="slice_*_large: lesion > this share (thesis 2%)"
+    )
     classifier_threshold: float = Field(0.5, description="prob >= this: slice called positive")
     hd95: bool = Field(False, description="also compute HD95 per case (voxels)")
     nsd_tolerance_mm: float = Field(1.0, ge=0.0, allow_inf_nan=False,
@@ -221,8 +285,12 @@ class CamConfig(DeviceConfig):
     store: Path = Field(Path("store"), description="slice store")
     splits: Path | None = Field(None, description="split file (default <store>/splits.json)")
     fold: int | str = Field(0, description="fold position or name in the split file")
-    parts: list[str] = Field(["train", "val", "test"], description="split parts, or ['all']")
-    checkpoints: list[Path] = Field(default_factory=list, description="classifier checkpoints")
+    parts: list[str] = Field(
+        ["train", "val", "test"], description="split parts (train, val, test) or all"
+    )
+    checkpoints: list[Path] = Field(
+        default_factory=list, description="classifier checkpoints (best.pt of train)"
+    )
     tags: list[str] | None = Field(
         None, description="model tag per checkpoint (default: the checkpoint's folder name)"
     )
@@ -447,14 +515,3 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     except ValidationError as exc:
         raise InputError(_format_error(exc, str(path))) from exc
 
-
-def section(config_path: str | os.PathLike[str] | None, name: str, **overrides: Any) -> Any:
-    """The ``name`` section of the config at ``config_path`` with non-None overrides applied."""
-    cfg = load_config(config_path)
-    sec = getattr(cfg, name)
-    data = sec.model_dump()
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return type(sec).model_validate(data)
-    except ValidationError as exc:
-        raise InputError(_format_error(exc, f"--{name} options")) from exc

@@ -1,6 +1,6 @@
 """CAM weights and post-processing as plain functions on tensors (N-D: 2-D and 3-D alike).
 
-Notation (DESIGN.md, "CAM methods"): ``A`` activations at the target layer, shape
+Notation: ``A`` activations at the target layer, shape
 (B, K, *S); ``g = dS/dA`` gradients of the target-class logit S, same shape; sums run
 over every spatial dimension of ``S``. Each ``*_weights`` function returns either
 per-channel weights (B, K) or element-wise weights (B, K, *S); :func:`combine` turns
@@ -39,12 +39,19 @@ def _expand(w: Tensor, like: Tensor) -> Tensor:
 
 
 def cam_weights(fc_weight: Tensor, target: Tensor) -> Tensor:
-    """CAM: ``w_k = W[c, k]``, the final linear layer's row of each image's target class c."""
+    """CAM: ``w_k = W[c, k]``, the final linear layer's row of each image's target class c.
+
+    Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016.
+    """
     return fc_weight[target]
 
 
 def gradcam_weights(acts: Tensor, grads: Tensor) -> Tensor:
-    """Grad-CAM: ``w_k = mean_ij g^k_ij``."""
+    """Grad-CAM: ``w_k = mean_ij g^k_ij``.
+
+    Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
+    Localization", ICCV 2017.
+    """
     return grads.mean(dim=spatial_dims(grads))
 
 
@@ -56,6 +63,11 @@ def gradcampp_weights(acts: Tensor, g2: Tensor, g3: Tensor, g: Tensor) -> Tensor
     ``g3 = g^3`` of one pass this is Grad-CAM++; with their means over noisy inputs it is
     Smooth Grad-CAM++. The paper's ``exp(S)`` factor is a positive per-image scale that
     cancels under min-max normalisation and is omitted.
+
+    Chattopadhay et al., "Grad-CAM++: Generalized Gradient-based Visual Explanations for
+    Deep Convolutional Networks", WACV 2018; Omeiza et al., "Smooth Grad-CAM++: An Enhanced
+    Inference Level Visualization Technique for Deep Convolutional Neural Network Models",
+    arXiv:1908.01224, 2019.
     """
     dims = spatial_dims(acts)
     denom = 2.0 * g2 + acts.sum(dim=dims, keepdim=True) * g3
@@ -65,7 +77,11 @@ def gradcampp_weights(acts: Tensor, g2: Tensor, g3: Tensor, g: Tensor) -> Tensor
 
 
 def xgradcam_weights(acts: Tensor, grads: Tensor) -> Tensor:
-    """XGrad-CAM: ``w_k = sum_ij (A^k_ij / sum_ab A^k_ab) g^k_ij`` (0 where sum_ab A^k_ab = 0)."""
+    """XGrad-CAM: ``w_k = sum_ij (A^k_ij / sum_ab A^k_ab) g^k_ij`` (0 where sum_ab A^k_ab = 0).
+
+    Fu et al., "Axiom-based Grad-CAM: Towards Accurate Visualization and Explanation of
+    CNNs", BMVC 2020.
+    """
     dims = spatial_dims(acts)
     num = (acts * grads).sum(dim=dims)
     den = acts.sum(dim=dims)
@@ -74,7 +90,11 @@ def xgradcam_weights(acts: Tensor, grads: Tensor) -> Tensor:
 
 
 def layercam_weights(acts: Tensor, grads: Tensor) -> Tensor:
-    """LayerCAM: element-wise weights ``relu(g^k_ij)``."""
+    """LayerCAM: element-wise weights ``relu(g^k_ij)``; map ``relu(sum_k relu(g^k) * A^k)``.
+
+    Jiang et al., "LayerCAM: Exploring Hierarchical Class Activation Maps for
+    Localization", IEEE Transactions on Image Processing 30, 2021.
+    """
     return torch.relu(grads)
 
 

@@ -141,6 +141,10 @@ def scorecam_weights(
     ``forward`` maps a batch of inputs to logits; ``target`` (B,) holds each image's class.
     ``coarse``: a faster, less precise forward that scores every masked input first;
     channels are then re-scored by ``forward`` until the estimated map error is <= ``tol``.
+
+    ``w = softmax_k(S(x * M_k))`` with ``M_k = upsample(minmax(A^k))`` (module docstring).
+    Wang et al., "Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural
+    Networks", CVPR Workshops 2020.
     """
     stats = stats if stats is not None else ScoreStats()
     b, k = acts.shape[:2]

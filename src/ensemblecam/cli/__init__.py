@@ -1,7 +1,8 @@
 """The ``ensemblecam`` command line: one subcommand per stage, a thin layer over the modules.
 
 Each stage's command lives in ``ensemblecam.cli.<stage>`` and registers itself on
-``app``; every command accepts ``--config FILE.yaml`` and flags that override it.
+``app``; a stage command's flags are generated from its config section
+(``ensemblecam.cli.options``): ``--config FILE.yaml`` and one flag per field that overrides it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain help: wraps at the terminal width (at most 120 columns), no truncated cells
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},
 )
 
 

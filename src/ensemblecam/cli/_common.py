@@ -32,26 +32,6 @@ from ensemblecam.errors import InputError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="YAML config; flags given here override it."),
-]
-StoreOption = Annotated[Path | None, typer.Option("--store", help="Slice store folder.")]
-SplitsOption = Annotated[
-    Path | None, typer.Option("--splits", help="Split file (default <store>/splits.json).")
-]
-FoldOption = Annotated[str | None, typer.Option("--fold", help="Fold position or name.")]
-AcceleratorOption = Annotated[
-    str | None, typer.Option("--accelerator", help="cpu, gpu, cuda, mps or auto.")
-]
-DevicesOption = Annotated[
-    str | None, typer.Option("--devices", help="Devices per node: N or auto.")
-]
-NumNodesOption = Annotated[int | None, typer.Option("--num-nodes", help="Number of nodes.")]
-StrategyOption = Annotated[
-    str | None,
-    typer.Option("--strategy", help="auto, ddp, ddp_spawn, ... (auto: ddp if >1 device)"),
-]
 ForceOption = Annotated[
     bool, typer.Option("--force", help="Replace existing results in the output folder.")
 ]

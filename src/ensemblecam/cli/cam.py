@@ -10,78 +10,19 @@ from typing import Annotated
 import typer
 
 from ensemblecam.cli import app
-from ensemblecam.cli._common import (
-    AcceleratorOption,
-    ConfigOption,
-    DevicesOption,
-    FoldOption,
-    ForceOption,
-    NumNodesOption,
-    SplitsOption,
-    StoreOption,
-    StrategyOption,
-    check_output,
-    int_or_str,
-    json_object,
-    one_line_errors,
-    split_csv,
-)
-from ensemblecam.config import section
+from ensemblecam.cli._common import check_output, int_or_str, json_object, one_line_errors
+from ensemblecam.cli.options import config_command
+from ensemblecam.config import CamConfig
 from ensemblecam.io import fsutil
 
 Opt = typer.Option
 
 
-@app.command("cam")
-@one_line_errors
-def cam_command(
-    store: StoreOption = None,
-    splits: SplitsOption = None,
-    fold: FoldOption = None,
-    part: Annotated[str | None, Opt("--part", help="train,val,test or all.")] = None,
-    checkpoint: Annotated[
-        list[Path] | None, Opt("--checkpoint", help="Classifier checkpoint (repeatable).")
-    ] = None,
-    tag: Annotated[list[str] | None, Opt("--tag", help="Model tag per checkpoint.")] = None,
-    methods: Annotated[
-        str | None,
-        Opt("--methods", help="cam,gradcam,gradcampp,smoothgradcampp,xgradcam,layercam,scorecam"),
-    ] = None,
-    out: Annotated[Path | None, Opt("--out", help="Map store root.")] = None,
-    layer: Annotated[str | None, Opt("--layer", help="Target layer (dotted name).")] = None,
-    target: Annotated[str | None, Opt("--target", help="lesion, predicted or an int.")] = None,
-    dtype: Annotated[str | None, Opt("--dtype", help="float16 or uint8 (float32).")] = None,
-    raw: Annotated[bool | None, Opt("--raw/--normalised", help="Store un-normalised maps.")] = None,
-    batch_size: Annotated[int | None, Opt("--batch-size", help="Slices per batch.")] = None,
-    top_k: Annotated[int | None, Opt("--top-k", help="Score-CAM: keep top-k channels.")] = None,
-    score_precision: Annotated[
-        str | None, Opt("--score-precision", help="Score-CAM passes: fp32 (exact) or bf16.")
-    ] = None,
-    score_tol: Annotated[
-        float | None, Opt("--score-tol", help="Score-CAM bf16: max map error (inf: none).")
-    ] = None,
-    smooth_n: Annotated[int | None, Opt("--smooth-n", help="Smooth Grad-CAM++ samples.")] = None,
-    smooth_sigma: Annotated[float | None, Opt("--smooth-sigma", help="Noise std.")] = None,
-    accelerator: AcceleratorOption = None,
-    devices: DevicesOption = None,
-    num_nodes: NumNodesOption = None,
-    strategy: StrategyOption = None,
-    config: ConfigOption = None,
-    force: ForceOption = False,
-) -> None:
+@config_command(app, "cam")
+def cam_command(cfg: CamConfig) -> None:
     """CAM maps of every slice of a split, one map-store member per (checkpoint, method)."""
     from ensemblecam.stages.cam import run_cam
 
-    cfg = section(
-        config, "cam", store=store, splits=splits,
-        fold=int_or_str(fold),
-        parts=split_csv(part), checkpoints=checkpoint or None, tags=tag or None,
-        methods=split_csv(methods), out=out, layer=layer, target=target, dtype=dtype, raw=raw,
-        batch_size=batch_size, top_k=top_k, score_precision=score_precision,
-        score_tol=score_tol, smooth_n=smooth_n, smooth_sigma=smooth_sigma,
-        accelerator=accelerator, devices=int_or_str(devices), num_nodes=num_nodes,
-        strategy=strategy, force=force or None,
-    )  # fmt: skip
     check_output(cfg.out)
     with fsutil.output_guard(cfg.out, [cfg.store, cfg.splits, *cfg.checkpoints],
                              replaces=False):

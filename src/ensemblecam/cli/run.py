@@ -11,7 +11,8 @@ from rich.table import Table
 
 from ensemblecam.cli import app
 from ensemblecam.cli._common import ForceOption, check_output, one_line_errors
-from ensemblecam.config import load_config
+from ensemblecam.cli.options import config_command
+from ensemblecam.config import RunConfig, load_config
 from ensemblecam.errors import InputError
 
 Opt = typer.Option
@@ -31,12 +32,12 @@ def results_table(results: dict, title: str) -> Table:
     return table
 
 
-@app.command("run")
-@one_line_errors
+@config_command(app, "run")
 def run_cmd(
+    cfg: RunConfig,
     config: Annotated[Path, typer.Argument(help="YAML config (sections: prepare, split, train, "
-                                           "cam, search, evaluate, unet, run).")],
-    out: Annotated[Path | None, Opt("--out", help="Run folder (overrides run.out).")] = None,
+                                           "cam, search, evaluate, unet, run); the flags "
+                                           "below override its 'run:' section.")],
     data: Annotated[Path | None, Opt("--data", help="Data root (overrides prepare.data).")] = None,
     force: Annotated[bool, Opt("--force", help="Accept a run folder made by another config; "
                                "only the stages whose options changed are rerun.")] = False,
@@ -44,13 +45,12 @@ def run_cmd(
     """Every stage of the protocol for every fold: cached, resumable, one results table."""
     from ensemblecam.pipeline import run_pipeline
 
-    cfg = load_config(config)
-    if out is not None:
-        cfg.run.out = out
+    full = load_config(config)
+    full.run = cfg
     if data is not None:
-        cfg.prepare.data = data
-    check_output(cfg.run.out)
-    root = run_pipeline(cfg, force=force)
+        full.prepare.data = data
+    check_output(cfg.out)
+    root = run_pipeline(full, force=force)
     _summary(root)
 
 

@@ -8,22 +8,16 @@ from typing import Annotated
 import typer
 
 from ensemblecam.cli import app
-from ensemblecam.cli._common import (
-    AcceleratorOption,
-    ConfigOption,
-    DevicesOption,
-    ForceOption,
-    int_or_str,
-    one_line_errors,
-)
-from ensemblecam.config import section
+from ensemblecam.cli._common import ForceOption, int_or_str
+from ensemblecam.cli.options import config_command
+from ensemblecam.config import UNetConfig
 
 Opt = typer.Option
 
 
-@app.command("unet")
-@one_line_errors
+@config_command(app, "unet")
 def unet_command(
+    cfg: UNetConfig,
     store: Annotated[Path, Opt("--store", help="Slice store folder.")] = Path("store"),
     splits: Annotated[
         Path | None, Opt("--splits", help="Split file (default <store>/splits.json).")
@@ -39,17 +33,7 @@ def unet_command(
     metrics_out: Annotated[
         Path | None, Opt("--metrics-out", help="Also write the scores of --part as JSON here.")
     ] = None,
-    epochs: Annotated[int | None, Opt("--epochs", help="Training epochs.")] = None,
-    batch_size: Annotated[int | None, Opt("--batch-size", help="Batch size per device.")] = None,
-    lr: Annotated[float | None, Opt("--lr", help="Adam learning rate.")] = None,
-    val_targets: Annotated[
-        str | None, Opt("--val-targets", help="Validation masks: same, store or none.")
-    ] = None,
-    seed: Annotated[int | None, Opt("--seed", help="Seed of init and data order.")] = None,
-    accelerator: AcceleratorOption = None,
-    devices: DevicesOption = None,
     force: ForceOption = False,
-    config: ConfigOption = None,
 ) -> None:
     """Train a MONAI U-Net on a fold's training part and score it on --part."""
     import numpy as np
@@ -57,13 +41,9 @@ def unet_command(
     from ensemblecam.io import fsutil
     from ensemblecam.io.split import get_fold
     from ensemblecam.io.store import SliceStore
-    from ensemblecam.stages.evaluate import score, slice_counts
+    from ensemblecam.metrics.conventions import score, slice_counts
     from ensemblecam.stages.unet import predict_unet, train_unet
 
-    cfg = section(
-        config, "unet", epochs=epochs, batch_size=batch_size, lr=lr, val_targets=val_targets,
-        seed=seed, accelerator=accelerator, devices=int_or_str(devices),
-    )  # fmt: skip
     fold_key = int_or_str(fold)
     assert fold_key is not None
     inputs = [store, splits, None if targets == "store" else targets]

@@ -5,7 +5,7 @@ threshold combination) and get arrays back. A ratio whose denominator is 0 means
 prediction and ground truth are empty for that class; it is defined as 1.0 (perfect
 agreement), never NaN.
 
-Conventions (DESIGN.md, "Metrics"):
+Conventions (each reported under its own name):
 
 - ``paper_miou``: ONE confusion matrix accumulated over all pixels of all evaluated slices
   (lesion-free slices included); IoU_bg = TN/(TN+FP+FN), IoU_lesion = TP/(TP+FP+FN);
@@ -41,6 +41,9 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+
+from ensemblecam.metrics.classification import auroc as auroc
+from ensemblecam.metrics.classification import classifier_metrics as classifier_metrics
 
 Array = np.ndarray
 

@@ -1,447 +1,51 @@
-"""Classifier registry, pretrained-weight loading and checkpoints.
+"""Models: classifiers built by name (:mod:`.classifiers`), weights files and checkpoints
+(:mod:`.checkpoints`), the segmentation U-Net (:mod:`.segmenters`).
 
-Models are built by name with :func:`build_model`; every model maps a (B, C, H, W) float
-batch to (B, num_classes) logits, class index 1 = lesion. Built-in names:
-
-- ``resnet10/18/34/50/101``: MONAI's ResNet with ``spatial_dims=2``. Defaults differ from
-  MONAI's 3-D ones to match the torchvision/ImageNet layout (``conv1_t_stride=2``,
-  ``bias_downsample=False``), so an ImageNet ResNet state dict loads key for key
-  (conv1, bn1, layer1..4, fc). Any MONAI ``ResNet`` keyword can be passed
-  (e.g. ``widen_factor=0.25`` for a small test model).
-- ``vgg19`` (``batch_norm=False``, ``head="gap"`` or ``"torchvision"``): written from torch
-  layers with torchvision's ``features``/``avgpool``/``classifier`` layout, so the feature
-  weights of an ImageNet VGG-19 load; the default ``gap`` head is global average pooling
-  + one linear layer (CAM-compatible and small).
-- ``simplecnn`` (``width=16``): three conv blocks, global pooling, linear head; for tests
-  and CPU runs.
-- ``torchvision:<name>`` / ``timm:<name>``: any model of these optional packages, only
-  when the package is installed (nothing is ever downloaded: no pretrained flag).
-
-Pretrained weights come only from an explicit local file (:func:`load_pretrained`). The
-head (the top-level module holding the last ``nn.Linear``) is re-initialised when its
-shape does not fit; a checkpoint whose first convolution has k input channels is adapted
-to a 1-channel model by summing its weights over the input channels,
-``W1[o, 0] = sum_c Wk[o, c]`` (an image with equal channels x gives the same response).
-
-A checkpoint (:func:`save_checkpoint`) is a ``torch.save`` dict
-``{"format": "ensemblecam-checkpoint", "version": 1, "info": {...}, "state_dict": {...}}``
-(+ ``"train_state"`` for resuming); ``info["model"]`` and ``info["model_args"]`` rebuild
-the model with :func:`build_model` alone. Everything in it is a tensor or plain data
-(dict, list, tuple, str, int, float, bool, None), so it loads with
-``torch.load(weights_only=True)``; a file needing any other object is refused.
+Every classifier maps a (B, C, H, W) float batch to (B, num_classes) logits, class index
+1 = lesion; a checkpoint holds tensors and plain data only (``weights_only=True``).
 """
 
-from __future__ import annotations
-
-import importlib.util
-import os
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
-
-from ensemblecam.errors import InputError
-from ensemblecam.io import fsutil
-
-CHECKPOINT_FORMAT = "ensemblecam-checkpoint"
-CHECKPOINT_VERSION = 1
-
-#: MONAI ResNet depths: (block, layers).
-_RESNETS: dict[str, tuple[str, list[int]]] = {
-    "resnet10": ("basic", [1, 1, 1, 1]),
-    "resnet18": ("basic", [2, 2, 2, 2]),
-    "resnet34": ("basic", [3, 4, 6, 3]),
-    "resnet50": ("bottleneck", [3, 4, 6, 3]),
-    "resnet101": ("bottleneck", [3, 4, 23, 3]),
-}
-
-#: VGG-19 configuration (torchvision's "E"): conv widths, "M" = 2x2 max pooling.
-_VGG19_CFG: list[int | str] = [
-    64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
-    512, 512, 512, 512, "M", 512, 512, 512, 512, "M",
-]  # fmt: skip
-
-
-def _build_resnet(name: str) -> Callable[..., nn.Module]:
-    block, layers = _RESNETS[name]
-
-    def build(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
-        from monai.networks.nets import ResNet
-
-        args: dict[str, Any] = {"conv1_t_stride": 2, "bias_downsample": False}
-        args.update(kwargs)
-        model = ResNet(
-            block=block,
-            layers=layers,
-            block_inplanes=[64, 128, 256, 512],
-            spatial_dims=2,
-            n_input_channels=in_channels,
-            num_classes=num_classes,
-            **args,
-        )
-        model.cam_layer = "layer4"  # type: ignore[assignment]
-        return model
-
-    return build
-
-
-class VGG19(nn.Module):
-    """VGG-19 with torchvision's module layout; ``head="gap"``: avg-pool to 1x1 + Linear."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        num_classes: int = 2,
-        batch_norm: bool = False,
-        head: str = "gap",
-        dropout: float = 0.5,
-    ) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        c = in_channels
-        for v in _VGG19_CFG:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-                continue
-            assert isinstance(v, int)
-            layers.append(nn.Conv2d(c, v, 3, padding=1))
-            if batch_norm:
-                layers.append(nn.BatchNorm2d(v))
-            layers.append(nn.ReLU(inplace=True))
-            c = v
-        self.features = nn.Sequential(*layers)
-        #: last ReLU before the final pooling: the usual Grad-CAM layer.
-        self.cam_layer = f"features.{len(layers) - 2}"
-        if head == "gap":
-            self.avgpool: nn.Module = nn.AdaptiveAvgPool2d(1)
-            self.classifier: nn.Module = nn.Sequential(nn.Linear(512, num_classes))
-        elif head == "torchvision":
-            self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
-            self.classifier = nn.Sequential(
-                nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(dropout),
-                nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(dropout),
-                nn.Linear(4096, num_classes),
-            )  # fmt: skip
-        else:
-            raise InputError(f"vgg19 head {head!r}: expected 'gap' or 'torchvision'")
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
-
-
-class SimpleCNN(nn.Module):
-    """Three conv-BN-ReLU blocks (widths w, 2w, 4w; 2x2 pooling between), GAP, linear head."""
-
-    def __init__(self, in_channels: int, num_classes: int = 2, width: int = 16) -> None:
-        super().__init__()
-
-        def block(i: int, o: int) -> list[nn.Module]:
-            return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(True)]
-
-        self.features = nn.Sequential(
-            *block(in_channels, width), nn.MaxPool2d(2),
-            *block(width, 2 * width), nn.MaxPool2d(2),
-            *block(2 * width, 4 * width),
-        )  # fmt: skip
-        self.cam_layer = "features"
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4 * width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
-
-
-def _build_vgg19(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
-    return VGG19(in_channels, num_classes, **kwargs)
-
-
-def _build_simplecnn(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
-    return SimpleCNN(in_channels, num_classes, **kwargs)
-
-
-_BUILTIN: dict[str, Callable[..., nn.Module]] = {
-    **{name: _build_resnet(name) for name in _RESNETS},
-    "vgg19": _build_vgg19,
-    "simplecnn": _build_simplecnn,
-}
-
-
-def _has_package(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
-
-
-def available_models() -> list[str]:
-    """Built-in model names, plus ``torchvision:<name>`` / ``timm:<name>`` when installed."""
-    names = list(_BUILTIN)
-    names += [f"{pkg}:<name>" for pkg in ("torchvision", "timm") if _has_package(pkg)]
-    return names
-
-
-def _unknown(name: str) -> InputError:
-    extra = "" if _has_package("torchvision") and _has_package("timm") else (
-        "; torchvision:<name> / timm:<name> need that package installed"
-    )
-    return InputError(f"unknown model {name!r}; known: {', '.join(available_models())}{extra}")
-
-
-def build_model(name: str, in_channels: int, num_classes: int = 2, **kwargs: Any) -> nn.Module:
-    """A freshly initialised classifier ``name`` for ``in_channels``-channel 2-D input."""
-    if in_channels < 1 or num_classes < 1:
-        raise InputError(f"model {name!r}: in_channels and num_classes must be >= 1")
-    try:
-        if name in _BUILTIN:
-            return _BUILTIN[name](in_channels, num_classes, **kwargs)
-        pkg, _, sub = name.partition(":")
-        if pkg == "torchvision" and sub:
-            return _build_torchvision(sub, in_channels, num_classes, **kwargs)
-        if pkg == "timm" and sub:
-            return _build_timm(sub, in_channels, num_classes, **kwargs)
-    except TypeError as exc:  # a keyword the model does not take
-        raise InputError(f"model {name!r}: bad model arguments {kwargs} ({exc})") from exc
-    raise _unknown(name)
-
-
-def _require(pkg: str, name: str) -> Any:
-    if not _has_package(pkg):
-        raise InputError(f"model {name!r} needs the optional package {pkg!r}, not installed")
-    return importlib.import_module(pkg if pkg == "timm" else "torchvision.models")
-
-
-def _build_torchvision(sub: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
-    tvm = _require("torchvision", f"torchvision:{sub}")
-    if sub not in tvm.list_models():
-        raise InputError(f"model 'torchvision:{sub}': torchvision has no model {sub!r}")
-    model = tvm.get_model(sub, weights=None, num_classes=num_classes, **kwargs)
-    if in_channels != 3:
-        _replace_first_conv(model, in_channels)
-    return model
-
-
-def _build_timm(sub: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
-    timm = _require("timm", f"timm:{sub}")
-    if not timm.list_models(sub):
-        raise InputError(f"model 'timm:{sub}': timm has no model {sub!r}")
-    return timm.create_model(
-        sub, pretrained=False, in_chans=in_channels, num_classes=num_classes, **kwargs
-    )
-
-
-def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
-    """Name and module of the first ``nn.Conv2d`` (in registration order)."""
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            return name, m
-    raise InputError(f"{type(model).__name__}: no Conv2d layer")
-
-
-def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
-    name, conv = first_conv(model)
-    new = nn.Conv2d(
-        in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups if conv.groups == 1 else in_channels, conv.bias is not None,
-    )  # fmt: skip
-    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    setattr(parent, name.rpartition(".")[2], new)
-
-
-def head_prefix(model: nn.Module) -> str:
-    """State-dict prefix of the classification head: the top-level child holding the last Linear."""
-    last = None
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            last = name
-    return "" if last is None else last.split(".")[0] + "."
-
-
-def _clean_keys(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix) :]
-        out[k] = v
-    return out
-
-
-def safe_torch_load(path: Path, what: str, map_location: Any = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)``: tensors and plain data only, never code.
-
-    A file that would need any other object (arbitrary unpickling, a possible code
-    payload) is refused with one InputError line, and so is an unreadable file.
-    """
-    import pickle
-    import warnings
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "GLOBAL" in str(exc):  # an object other than tensors and plain data
-            raise InputError(
-                f"{path}: {what} refused: loading it would need unpickling arbitrary objects "
-                "(only tensors and plain data are loaded)"
-            ) from exc
-        raise InputError(f"{path}: unreadable {what} ({_first_line(exc)})") from exc
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise InputError(f"{path}: unreadable {what} ({_first_line(exc)})") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0][:200] if lines else "") or type(exc).__name__
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise InputError(f"{path}: weights file not found")
-    obj = safe_torch_load(path, "torch weights file")
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "model_state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise InputError(f"{path}: holds no state dict of tensors")
-    return _clean_keys(obj)
-
-
-def load_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, list[str]]:
-    """Load local weights into ``model`` (in place); return the re-initialised/adapted keys.
-
-    Every non-head tensor must be present with the model's shape; the head is kept
-    freshly initialised where it does not fit (another class count); a first conv with
-    k input channels is summed over them for a 1-channel model. Anything else that does
-    not fit raises one InputError line.
-    """
-    path = Path(path)
-    src = _read_state_dict(path)
-    target = model.state_dict()
-    head = head_prefix(model)
-    conv_name, conv = first_conv(model)
-    conv_key = f"{conv_name}.weight"
-    new: dict[str, torch.Tensor] = {}
-    skipped: list[str] = []
-    adapted: list[str] = []
-    for key, want in target.items():
-        in_head = bool(head) and key.startswith(head)
-        if key not in src:
-            if in_head:
-                skipped.append(key)
-                continue
-            raise InputError(f"{path}: weights file does not fit the model: no tensor {key!r}")
-        have = src[key]
-        if key == conv_key and have.shape != want.shape and have.ndim == 4:
-            if have.shape[1] != conv.in_channels and conv.in_channels == 1:
-                have = have.sum(dim=1, keepdim=True)
-                adapted.append(key)
-            elif have.shape[1] != conv.in_channels:
-                raise InputError(
-                    f"{path}: first conv {key!r} takes {have.shape[1]} input channels, the "
-                    f"store has {conv.in_channels} (only adaptation to 1 channel is supported)"
-                )
-        if have.shape != want.shape:
-            if in_head:
-                skipped.append(key)
-                continue
-            raise InputError(
-                f"{path}: weights file does not fit the model: {key!r} has shape "
-                f"{tuple(have.shape)}, model needs {tuple(want.shape)}"
-            )
-        new[key] = have.to(want.dtype)
-    extra = [k for k in src if k not in target and not (head and k.startswith(head))]
-    if extra:
-        raise InputError(
-            f"{path}: weights file does not fit the model: unexpected tensor {extra[0]!r}"
-            f" (+{len(extra) - 1} more)"
-        )
-    model.load_state_dict(new, strict=False)
-    return {"adapted": adapted, "reinitialised": skipped}
-
-
-def cam_layer(model: nn.Module) -> str | None:
-    """Default Grad-CAM target layer name of a built-in model (None if unknown)."""
-    name = getattr(model, "cam_layer", None)
-    return name if isinstance(name, str) else None
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside Fabric/DDP/compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
-#: per-epoch log columns that measure time, not the model (kept out of checkpoints' info)
-WALL_CLOCK = ("images_per_s", "time_s")
-
-
-def save_checkpoint(
-    path: str | os.PathLike[str],
-    model: nn.Module,
-    info: dict[str, Any],
-    train_state: dict[str, Any] | None = None,
-) -> None:
-    """Save ``model``'s weights with ``info`` (and optional resume state) atomically.
-
-    Wall-clock figures (:data:`WALL_CLOCK` in ``info["metrics"]``) are left out, so the same
-    seed and versions give byte-identical checkpoints; they stay in the training logs.
-    """
-    metrics = info.get("metrics")
-    if isinstance(metrics, dict):
-        info = {**info, "metrics": {k: v for k, v in metrics.items() if k not in WALL_CLOCK}}
-    obj: dict[str, Any] = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "info": info,
-        "state_dict": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-    }
-    if train_state is not None:
-        obj["train_state"] = train_state
-    with fsutil.atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
-    """The raw checkpoint dict (info, state_dict, train_state if any); bad files -> InputError."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found")
-    obj = safe_torch_load(path, "checkpoint", map_location)
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path}: not an ensemblecam checkpoint")
-    if obj.get("version") != CHECKPOINT_VERSION:
-        raise InputError(f"{path}: checkpoint version {obj.get('version')} is not supported")
-    return obj
-
-
-def load_checkpoint(
-    path: str | os.PathLike[str], map_location: Any = "cpu"
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model of a checkpoint from its info alone; return (model in eval mode, info)."""
-    obj = read_checkpoint(path, map_location)
-    info = obj["info"]
-    try:
-        name, args = info["model"], dict(info["model_args"])
-    except (KeyError, TypeError) as exc:
-        raise InputError(f"{path}: checkpoint info lacks model name/arguments") from exc
-    model = build_model(name, **args)
-    try:
-        model.load_state_dict(_clean_keys(obj["state_dict"]))
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:3])[:300]
-        raise InputError(f"{path}: weights do not fit model {name!r} ({detail})") from exc
-    model.to(map_location if isinstance(map_location, torch.device | str) else "cpu")
-    return model.eval(), info
+from ensemblecam.models.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    WALL_CLOCK,
+    load_checkpoint,
+    load_pretrained,
+    read_checkpoint,
+    safe_torch_load,
+    save_checkpoint,
+    unwrap,
+)
+from ensemblecam.models.classifiers import (
+    VGG19,
+    SimpleCNN,
+    available_models,
+    build_model,
+    cam_layer,
+    first_conv,
+    head_prefix,
+)
+from ensemblecam.models.segmenters import UNet2D, build_unet, load_unet, logits_to_mask
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "VGG19",
+    "WALL_CLOCK",
+    "SimpleCNN",
+    "UNet2D",
+    "available_models",
+    "build_model",
+    "build_unet",
+    "cam_layer",
+    "first_conv",
+    "head_prefix",
+    "load_checkpoint",
+    "load_pretrained",
+    "load_unet",
+    "logits_to_mask",
+    "read_checkpoint",
+    "safe_torch_load",
+    "save_checkpoint",
+    "unwrap",
+]

@@ -2,8 +2,9 @@
 
 For each checkpoint, every requested method is computed from the same batches (gradient
 methods share one forward/backward pass) on exactly the classifier's training input
-(``train.StoreDataset``: the store's images as float32, no augmentation), and written as
-one map-store member ``<out>/<model_tag>__<method>`` (format: :mod:`ensemblecam.io.mapstore`).
+(:class:`ensemblecam.training.data.StoreDataset`: the store's images as float32, no
+augmentation), and written as one map-store member ``<out>/<model_tag>__<method>``
+(format: :mod:`ensemblecam.io.mapstore`).
 
 Resume and sharding: a member is built in ``.<member>.partial``; ``maps.npy`` and
 ``probs.npy`` are ``open_memmap`` files there, and each finished batch is recorded as
@@ -35,6 +36,8 @@ from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil, mapstore
 from ensemblecam.io.split import PARTS, get_fold
 from ensemblecam.io.store import SliceStore
+from ensemblecam.training.data import StoreDataset, part_indices
+from ensemblecam.training.fabric import make_fabric
 
 PLAN_FILE = "plan.json"
 
@@ -100,7 +103,7 @@ def split_indices(store: SliceStore, cfg: CamConfig) -> np.ndarray:
     """Ascending store indices of the requested split parts (``all``: every slice)."""
     parts = [p.strip() for p in cfg.parts if p.strip()]
     if not parts:
-        raise InputError("--part: no split part given")
+        raise InputError("--parts: no split part given")
     if parts == ["all"]:
         return np.arange(store.n_slices, dtype=np.int64)
     splits = cfg.splits if cfg.splits is not None else Path(cfg.store) / "splits.json"
@@ -108,11 +111,8 @@ def split_indices(store: SliceStore, cfg: CamConfig) -> np.ndarray:
     idx: list[np.ndarray] = []
     for part in parts:
         if part not in PARTS:
-            raise InputError(f"--part {part!r}: expected {', '.join(PARTS)} or all")
-        try:
-            idx.append(store.indices_for_cases(fold.part(part)))
-        except InputError as exc:
-            raise InputError(f"{splits}: {fold.name} {part}: {exc}") from exc
+            raise InputError(f"--parts {part!r}: expected {', '.join(PARTS)} or all")
+        idx.append(part_indices(store, Path(splits), fold, part))
     out = np.unique(np.concatenate(idx)).astype(np.int64)
     if out.size == 0:
         raise InputError(f"{splits}: {fold.name} parts {','.join(parts)} hold no slices")
@@ -131,16 +131,16 @@ def plan_cam(cfg: CamConfig) -> CamPlan:
             f"--methods {','.join(bad) or '(none)'}: expected any of {', '.join(METHODS)}"
         )
     if not cfg.checkpoints:
-        raise InputError("--checkpoint: give at least one classifier checkpoint")
+        raise InputError("--checkpoints: give at least one classifier checkpoint")
     if cfg.raw and cfg.dtype == "uint8":
         raise InputError("--raw maps are not in [0, 1]: use --dtype float16 or float32")
     _target(cfg.target)
     indices = split_indices(store, cfg)
     tags = list(cfg.tags) if cfg.tags else [model_tag(Path(c)) for c in cfg.checkpoints]
     if len(tags) != len(cfg.checkpoints):
-        raise InputError(f"--tag: {len(tags)} tags for {len(cfg.checkpoints)} checkpoints")
+        raise InputError(f"--tags: {len(tags)} tags for {len(cfg.checkpoints)} checkpoints")
     if len(set(tags)) != len(tags):
-        raise InputError(f"model tags {tags} are not unique; pass --tag for each checkpoint")
+        raise InputError(f"model tags {tags} are not unique; pass --tags, one per checkpoint")
     shape = (len(store.channels), *store.size)
     layers, members = [], []
     for ck, tag in zip(cfg.checkpoints, tags, strict=True):
@@ -172,8 +172,6 @@ def run_cam(
     ``stop_after_batches`` stops (per process) after that many computed batches as if
     killed, leaving the partial folders for a resume (tests).
     """
-    from ensemblecam.stages.train import make_fabric
-
     plan = plan_cam(cfg)
     return make_fabric(cfg).launch(_run, plan, progress, stop_after_batches)
 
@@ -219,8 +217,8 @@ def _open_partial(
 
 
 def _run(fabric: Any, plan: CamPlan, progress: bool | None, stop_after: int | None) -> Any:
-    from ensemblecam.stages.train import StoreDataset
-
+    """One process: rank r computes batches r, r + world, ... of every member (skipping
+    batches already done); rank 0 then commits each complete member."""
     cfg = plan.cfg
     rank, world = fabric.global_rank, fabric.world_size
     store = SliceStore.open(cfg.store)
@@ -258,8 +256,7 @@ def _run(fabric: Any, plan: CamPlan, progress: bool | None, stop_after: int | No
                 continue
             lo, hi = batches[b]
             idx = plan.indices[lo:hi]
-            ds = StoreDataset(store, idx)
-            x = torch.stack([ds[i][0] for i in range(len(ds))])
+            x, _ = StoreDataset(store, idx)[np.arange(len(idx))]  # one batch read
             engine.methods = [methods[i] for i in todo]
             res = engine(x.to(fabric.device), keys=idx.tolist(), raw=cfg.raw)
             for i in todo:
@@ -275,32 +272,39 @@ def _run(fabric: Any, plan: CamPlan, progress: bool | None, stop_after: int | No
         del maps, probs
         fabric.barrier()
         if rank == 0 and not stopped:
-            for p, partial, method, rec in zip(
-                plan.members[k], partials, methods, records, strict=True
-            ):
-                missing = [
-                    b for b in range(len(batches)) if not (partial / "done" / str(b)).exists()
-                ]
-                if missing:
-                    raise InputError(f"{partial}: batches {missing[:5]} were not written")
-                fsutil.save_npy(partial / "index.npy", plan.indices)
-                meta = {
-                    "format": mapstore.MAP_FORMAT, "version": mapstore.MAP_VERSION,
-                    "member": p.name, "checkpoint": rec["checkpoint"], "model": info.get("model"),
-                    "method": method, "layer": plan.layers[k], "target": _target(cfg.target),
-                    "dtype": map_dtype, "normalised": not cfg.raw, "store": rec["store"],
-                    "store_id": store.identity, "store_n_slices": store.n_slices,
-                    "n": n, "size": list(store.size), "parts": list(cfg.parts),
-                    "fold": cfg.fold, "splits": None if cfg.splits is None else str(cfg.splits),
-                    "smooth_n": cfg.smooth_n, "smooth_sigma": cfg.smooth_sigma,
-                    "top_k": cfg.top_k, "score": "logit" if method == "scorecam" else None,
-                    "score_precision": cfg.score_precision if method == "scorecam" else None,
-                    "score_tol": cfg.score_tol if method == "scorecam" else None,
-                }  # fmt: skip
-                shutil.rmtree(partial / "done")
-                (partial / PLAN_FILE).unlink()
-                fsutil.write_json(partial / mapstore.MAP_META, meta)
-                fsutil.commit_output_dir(partial, p, stage="cam")
+            for p, method, rec in zip(plan.members[k], methods, records, strict=True):
+                _commit_member(plan, k, p, method, rec, info, store, len(batches), map_dtype)
                 done_paths.append(p)
         fabric.barrier()
     return {"members": done_paths, "computed": computed, "stopped": stopped}
+
+
+def _commit_member(
+    plan: CamPlan, k: int, path: Path, method: str, rec: dict[str, Any], info: dict[str, Any],
+    store: SliceStore, n_batches: int, map_dtype: str,
+) -> None:
+    """Rank 0: check every batch of member ``path`` is written, add index.npy and
+    meta.json (last), rename ``.<member>.partial`` to the member."""
+    cfg = plan.cfg
+    partial = path.with_name(f".{path.name}.partial")
+    missing = [b for b in range(n_batches) if not (partial / "done" / str(b)).exists()]
+    if missing:
+        raise InputError(f"{partial}: batches {missing[:5]} were not written")
+    fsutil.save_npy(partial / "index.npy", plan.indices)
+    meta = {
+        "format": mapstore.MAP_FORMAT, "version": mapstore.MAP_VERSION,
+        "member": path.name, "checkpoint": rec["checkpoint"], "model": info.get("model"),
+        "method": method, "layer": plan.layers[k], "target": _target(cfg.target),
+        "dtype": map_dtype, "normalised": not cfg.raw, "store": rec["store"],
+        "store_id": store.identity, "store_n_slices": store.n_slices,
+        "n": len(plan.indices), "size": list(store.size), "parts": list(cfg.parts),
+        "fold": cfg.fold, "splits": None if cfg.splits is None else str(cfg.splits),
+        "smooth_n": cfg.smooth_n, "smooth_sigma": cfg.smooth_sigma,
+        "top_k": cfg.top_k, "score": "logit" if method == "scorecam" else None,
+        "score_precision": cfg.score_precision if method == "scorecam" else None,
+        "score_tol": cfg.score_tol if method == "scorecam" else None,
+    }  # fmt: skip
+    shutil.rmtree(partial / "done")
+    (partial / PLAN_FILE).unlink()
+    fsutil.write_json(partial / mapstore.MAP_META, meta)
+    fsutil.commit_output_dir(partial, path, stage="cam")

@@ -1,10 +1,12 @@
 """Apply a chosen ensemble configuration to held-out maps and score it in every convention.
 
-:func:`apply_config` is the reference semantics of the operators (search.py must agree
-with it exactly); export/predict reuse it. Masks are read only to score.
+The operators' reference semantics: :func:`ensemblecam.ensemble.operators.apply_config`.
+Masks are read only to score; scores from per-slice counts:
+:mod:`ensemblecam.metrics.conventions`.
 
-Per-case 3-D metrics (:func:`case_row`, columns :data:`CASE_COLUMNS` of ``per_case.csv``
-and ``per_case_empty.csv``): each case's evaluated slices (predicted and reference) are
+Per-case 3-D metrics (:func:`~ensemblecam.metrics.conventions.case_row`, columns
+:data:`~ensemblecam.metrics.conventions.CASE_COLUMNS` of ``per_case.csv`` and
+``per_case_empty.csv``): each case's evaluated slices (predicted and reference) are
 put back into the scan's voxel grid with the store's geometry
 (:func:`ensemblecam.io.export.slices_to_volume`; voxels outside the stored windows are
 background in both) and scored in the scan's voxel spacing (mm, from its affine):
@@ -31,107 +33,23 @@ from tqdm import tqdm
 
 from ensemblecam import metrics
 from ensemblecam.config import EvaluateConfig
-from ensemblecam.ensemble.search import (
-    CONFIG_KEYS,
-    Rows,
-    _as_rows,
-    annotated_part,
-    mean_map,
-    open_inputs,
-    parse_operator,
-)
+from ensemblecam.ensemble.operators import EnsembleConfig, apply_config, gate_probs
+from ensemblecam.ensemble.rows import Rows, as_rows
 from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
 from ensemblecam.io.export import slices_to_volume
-from ensemblecam.io.mapstore import dequantise
-
-
-def gate_probs(probs: Sequence[np.ndarray]) -> np.ndarray:
-    """Gating probability of a configuration: mean of its members' probabilities."""
-    return np.mean(np.stack([np.asarray(p, np.float64) for p in probs]), axis=0)
-
-
-def apply_config(
-    maps: Sequence[np.ndarray],
-    config: dict[str, Any],
-    probs: Sequence[np.ndarray] | None = None,
-) -> np.ndarray:
-    """Binary masks (S, H, W) of the configuration on the members' maps (in config order).
-
-    ``config``: {"operator": and|or|min|max|vote:k|mean|single, "thresholds": [t_i] (one
-    per member; one for mean), "gate": None or g}. ``m_i = dequantise(map_i) > float32(t_i)``;
-    min/max pick per slice the member mask with fewest/most positives, ties to the first;
-    gating empties slices with mean member probability < g.
-    """
-    op = config["operator"]
-    thr = [np.float32(t) for t in config["thresholds"]]
-    m = len(maps)
-    if op == "mean":
-        if len(thr) != 1:
-            raise InputError(f"operator mean takes one threshold, got {len(thr)}")
-        out = mean_map(maps) > thr[0]
-    else:
-        if op == "single":
-            kind, k = "vote", 1
-            if m != 1:
-                raise InputError(f"operator single takes one member, got {m}")
-        else:
-            kind, k = parse_operator(op, m)
-        if len(thr) != m:
-            raise InputError(f"configuration has {m} members but {len(thr)} thresholds")
-        bins = [dequantise(np.asarray(mp)) > t for mp, t in zip(maps, thr, strict=True)]
-        if kind in ("min", "max"):
-            out = bins[0].copy()
-            best = bins[0].sum(axis=(1, 2))
-            for b in bins[1:]:
-                pos = b.sum(axis=(1, 2))
-                better = pos < best if kind == "min" else pos > best
-                out[better] = b[better]
-                best = np.where(better, pos, best)
-        else:
-            votes = np.sum(np.stack(bins), axis=0)
-            out = votes >= k
-    gate = config.get("gate")
-    if gate is not None:
-        if probs is None:
-            raise InputError("configuration uses a gate but no classifier probabilities given")
-        out[gate_probs(probs) < gate] = False
-    return out
-
-
-def slice_counts(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Per-slice (TP, FP, FN, TN) of (S, H, W) masks."""
-    return metrics.confusion(pred, gt, axis=(1, 2))
-
-
-def score(
-    tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, tn: np.ndarray,
-    case_ids: np.ndarray,
-    probs: np.ndarray | None = None,
-    labels: np.ndarray | None = None,
-    min_lesion_fraction: float = 0.0,
-    classifier_threshold: float = 0.5,
-) -> dict[str, Any]:
-    """Every metric convention from per-slice counts (see metrics.py)."""
-    tp, fp, fn, tn = (np.asarray(a, np.int64) for a in (tp, fp, fn, tn))
-    out: dict[str, Any] = {k: float(v) for k, v in metrics.dataset_metrics(
-        tp.sum(), fp.sum(), fn.sum(), tn.sum()).items()}
-    out.update(tp=int(tp.sum()), fp=int(fp.sum()), fn=int(fn.sum()), tn=int(tn.sum()))
-    gt_pix = tp + fn
-    npix = int((tp + fp + fn + tn)[0]) if len(tp) else 0
-    sel = metrics.slice_selection(gt_pix, npix, min_lesion_fraction, probs, classifier_threshold)
-    out.update(metrics.slice_metrics(tp, fp, fn, sel))
-    _, cid = np.unique(case_ids, return_inverse=True)
-    ctp, cfp, cfn = metrics.case_counts(cid, int(cid.max()) + 1, tp, fp, fn)
-    cd = metrics.case_dice(ctp, cfp, cfn)
-    out["case_dice_mean"], out["case_dice_std"] = (float(v) for v in metrics.mean_std(cd))
-    out["n_slices"] = len(tp)
-    out["n_cases"] = len(cd)
-    if probs is not None and labels is not None:
-        from ensemblecam.stages.train import classifier_metrics  # torch import only when needed
-
-        out["classifier"] = classifier_metrics(labels, probs, classifier_threshold)
-    return out
+from ensemblecam.io.masks import write_masks
+from ensemblecam.metrics.classification import classifier_metrics
+from ensemblecam.metrics.conventions import (
+    STAT_METRICS,
+    case_conventions,
+    case_row,
+    case_summary,
+    empty_baseline,
+    score,
+    slice_counts,
+)
+from ensemblecam.stages.search import annotated_part, open_inputs
 
 
 def evaluate_arrays(
@@ -150,8 +68,8 @@ def evaluate_arrays(
 
     The Empty baseline (all-background prediction) is scored alongside under "empty".
     """
-    srcs = [_as_rows(a) for a in maps]
-    gts = _as_rows(masks)
+    srcs = [as_rows(a) for a in maps]
+    gts = as_rows(masks)
     n = len(gts)
     if n == 0:
         raise InputError("empty evaluation set: no slices to score")
@@ -171,8 +89,10 @@ def evaluate_arrays(
             parts[k].append(v)
     per = {k: np.concatenate(v) for k, v in parts.items()}
     p = None if probs is None else gate_probs(probs)
-    res = score(per["tp"], per["fp"], per["fn"], per["tn"], case_ids, p, labels,
+    res = score(per["tp"], per["fp"], per["fn"], per["tn"], case_ids, p,
                 min_lesion_fraction, classifier_threshold)
+    if p is not None and labels is not None:
+        res["classifier"] = classifier_metrics(labels, p, classifier_threshold)
     empty = empty_baseline(per, case_ids, min_lesion_fraction, classifier_threshold)
     return {"config": config, "metrics": res, "empty_baseline": empty}, per
 
@@ -183,41 +103,9 @@ def case_hd95(pred_volume: np.ndarray, gt_volume: np.ndarray,
     return metrics.hd95(pred_volume, gt_volume, spacing)
 
 
-#: Per-case 3-D columns of :func:`case_row` (volumes in scan spacing; HD95 in mm).
-CASE_COLUMNS = ("dice", "iou", "hd95_mm", "nsd", "lesionwise_dice", "lesionwise_hd95_mm",
-                "lesion_sensitivity", "ref_lesions", "detected_lesions", "missed_lesions",
-                "fp_lesions", "small_ref_lesions", "ref_voxels", "pred_voxels")
-_MM = {"hd95": "hd95_mm", "lesionwise_hd95": "lesionwise_hd95_mm"}
-#: Per-case metrics given with a bootstrap CI and a paired test, and their direction.
-STAT_METRICS = {"dice": "higher", "nsd": "higher", "hd95_mm": "lower",
-                "lesionwise_dice": "higher", "lesionwise_hd95_mm": "lower",
-                "lesion_sensitivity": "higher", "fp_lesions": "lower"}
 #: Bootstrap resamples and seed of every CI (fixed: results are reproducible).
 N_BOOT = 2000
 BOOT_SEED = 0
-
-
-def case_row(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
-             nsd_tolerance_mm: float = 1.0, **lesion_options: Any) -> dict[str, Any]:
-    """:func:`ensemblecam.metrics.case_metrics` of one case's volumes in scan ``spacing``
-    (mm), keyed by :data:`CASE_COLUMNS` (the HD95 columns named ``_mm``)."""
-    m = metrics.case_metrics(pred, gt, spacing, nsd_tolerance_mm, **lesion_options)
-    return {_MM.get(k, k): v for k, v in m.items()}
-
-
-def case_conventions(nsd_tolerance_mm: float, **lesion_options: Any) -> dict[str, Any]:
-    """The parameters behind the per-case columns (written beside them)."""
-    lw = {"dilation": metrics.BRATS_DILATION, "dilation_connectivity": 18,
-          "connectivity": 26, "min_volume_mm3": metrics.BRATS_MIN_VOLUME,
-          "fp_hd95_mm": metrics.BRATS_FP_HD95}
-    names = {"min_volume": "min_volume_mm3", "fp_hd95": "fp_hd95_mm"}
-    lw.update({names.get(k, k): v for k, v in lesion_options.items()})
-    return {"space": "3-D per case, scan voxel grid and spacing (mm)",
-            "nsd_tolerance_mm": nsd_tolerance_mm,
-            "hd95": "MONAI compute_hausdorff_distance(percentile=95); both empty 0, one "
-                    "empty undefined (null)",
-            "nsd": "MONAI compute_surface_dice (voxel surfaces); both empty 1, one empty 0",
-            "lesionwise": {"rules": "BraTS 2023", **lw}}
 
 
 def _volume_columns(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
@@ -225,27 +113,6 @@ def _volume_columns(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
     """case_row without the columns per_case.csv already has from the slice counts."""
     row = case_row(pred, gt, spacing, nsd_tolerance_mm)
     return {k: v for k, v in row.items() if k != "dice"}
-
-
-def case_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Means and population stds over cases of the per-case 3-D columns (finite values
-    only; ``case_<m>_n``: cases with a defined value) and pooled lesion counts."""
-    out: dict[str, Any] = {}
-    for m in STAT_METRICS:
-        if m == "dice" or not rows or m not in rows[0]:
-            continue
-        v = np.array([np.nan if r[m] is None else r[m] for r in rows], float)
-        ok = v[np.isfinite(v)]
-        out[f"case_{m}_mean"] = float(ok.mean()) if ok.size else None
-        out[f"case_{m}_std"] = float(ok.std()) if ok.size else None
-        out[f"case_{m}_n"] = int(ok.size)
-    if rows and "ref_lesions" in rows[0]:
-        ref = sum(int(r["ref_lesions"]) for r in rows)
-        det = sum(int(r["detected_lesions"]) for r in rows)
-        out.update(lesions_ref=ref, lesions_detected=det,
-                   lesions_fp=sum(int(r["fp_lesions"]) for r in rows),
-                   lesion_sensitivity_pooled=det / ref if ref else None)
-    return out
 
 
 def _csv_float(value: Any) -> float:
@@ -361,13 +228,10 @@ def evaluate_stage(cfg: EvaluateConfig, chosen: dict[str, Any], out: Path, force
                    source: str = "") -> dict[str, Any]:
     """Apply ``chosen`` (operator, members, thresholds, gate) to ``cfg``'s part; write
     metrics.json (every convention + the Empty baseline), per_slice.csv, per_case.csv."""
-    missing = [k for k in CONFIG_KEYS if k not in chosen]
-    if missing:
-        raise InputError(f"{source}: configuration lacks {', '.join(missing)}")
+    conf = EnsembleConfig.from_dict(chosen, source).to_dict()
     partial = fsutil.prepare_output_dir(out, force, "metrics.json")
-    inp = open_inputs(cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, chosen["members"],
+    inp = open_inputs(cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, conf["members"],
                       what="evaluation")
-    conf = {k: chosen[k] for k in CONFIG_KEYS}
     result, per = evaluate_arrays(inp.maps, inp.masks, inp.case_ids, conf, inp.probs,
                                   inp.labels, cfg.min_lesion_fraction,
                                   cfg.classifier_threshold, cfg.chunk)
@@ -400,7 +264,7 @@ def evaluate_masks(cfg: EvaluateConfig, pred: np.ndarray, out: Path, force: bool
             parts[k].append(v)
     per = {k: np.concatenate(v) for k, v in parts.items()}
     case_ids = store.table["case"][idx]
-    res = score(per["tp"], per["fp"], per["fn"], per["tn"], case_ids, None, None,
+    res = score(per["tp"], per["fp"], per["fn"], per["tn"], case_ids, None,
                 cfg.min_lesion_fraction, cfg.classifier_threshold)
     result = {"config": None, "metrics": res, "empty_baseline": empty_baseline(
                   per, case_ids, cfg.min_lesion_fraction, cfg.classifier_threshold),
@@ -422,12 +286,12 @@ def evaluate_unet(cfg: EvaluateConfig, checkpoint: Path, out: Path,
 
 
 def config_masks(maps: Sequence[np.ndarray | Rows], probs: Sequence[np.ndarray],
-                 chosen: dict[str, Any], chunk: int = 256) -> np.ndarray:
+                 chosen: EnsembleConfig | dict[str, Any], chunk: int = 256) -> np.ndarray:
     """uint8 masks (S, H, W) of configuration ``chosen`` over aligned member maps (stored
     dtype) and probabilities, applied chunk by chunk (:func:`apply_config`)."""
-    srcs = [_as_rows(m) for m in maps]
+    srcs = [as_rows(m) for m in maps]
     n = len(srcs[0])
-    conf = {k: chosen[k] for k in CONFIG_KEYS}
+    conf = chosen if isinstance(chosen, EnsembleConfig) else EnsembleConfig.from_dict(chosen)
     first = srcs[0].read(0, 1)
     masks = np.zeros((n, *first.shape[1:]), np.uint8)
     for s in range(0, n, chunk):
@@ -437,32 +301,20 @@ def config_masks(maps: Sequence[np.ndarray | Rows], probs: Sequence[np.ndarray],
     return masks
 
 
-def write_config_masks(cfg: EvaluateConfig, chosen: dict[str, Any], path: Path) -> Path:
-    """The configuration's masks of ``cfg``'s part as ``masks.npz`` (arrays ``index`` int64
-    store indices, ``masks`` uint8 0/1), the format export and pseudo-label training read."""
-    inp = open_inputs(cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, chosen["members"],
+def write_config_masks(cfg: EvaluateConfig, chosen: EnsembleConfig | dict[str, Any],
+                       path: Path) -> Path:
+    """The configuration's masks of ``cfg``'s part as ``masks.npz``
+    (:func:`ensemblecam.io.masks.write_masks`), the format export and pseudo-label
+    training read."""
+    conf = chosen if isinstance(chosen, EnsembleConfig) else EnsembleConfig.from_dict(chosen)
+    inp = open_inputs(cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, conf.members,
                       what="mask export")
-    masks = config_masks(inp.maps, inp.probs, chosen, cfg.chunk)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with fsutil.atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, index=inp.indices.astype(np.int64), masks=masks)
-    return path
+    return write_masks(path, inp.indices, config_masks(inp.maps, inp.probs, conf, cfg.chunk))
 
 
 def _part_with_masks(cfg: EvaluateConfig) -> tuple[Any, np.ndarray, Rows]:
     store, _, idx = annotated_part(cfg.store, cfg.splits, cfg.fold, cfg.part, "evaluation")
     return store, idx, Rows(store.masks, idx)
-
-
-def empty_baseline(per: dict[str, np.ndarray], case_ids: np.ndarray,
-                   min_lesion_fraction: float = 0.0, classifier_threshold: float = 0.5
-                   ) -> dict[str, Any]:
-    """Scores of the Empty prediction (all background) on the slices of ``per``."""
-    gt_pix = per["tp"] + per["fn"]
-    npix = gt_pix + per["fp"] + per["tn"]
-    zero = np.zeros_like(gt_pix)
-    return score(zero, zero, gt_pix, npix - gt_pix, case_ids, None, None,
-                 min_lesion_fraction, classifier_threshold)
 
 
 def _write_evaluation(partial: Path, cfg: EvaluateConfig, store: Any, idx: np.ndarray,

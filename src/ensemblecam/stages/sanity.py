@@ -114,7 +114,8 @@ def run_sanity(
 ) -> SanityResult:
     """Plant markers in a copy of ``store`` under ``work``, train, and check CAM peaks."""
     from ensemblecam.config import TrainConfig
-    from ensemblecam.stages.train import StoreDataset, train_classifier
+    from ensemblecam.stages.train import train_classifier
+    from ensemblecam.training.data import StoreDataset
 
     src = SliceStore.open(store)
     splits = Path(splits) if splits is not None else src.path / "splits.json"

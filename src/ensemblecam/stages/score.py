@@ -17,12 +17,13 @@ one :class:`~ensemblecam.errors.InputError` line naming the file, nothing writte
 
 Conventions (in the scan's voxel grid and spacing, mm from the seg file's affine):
 
-- per case (``per_case.csv``, columns :data:`ensemblecam.stages.evaluate.CASE_COLUMNS`): 3-D
-  Dice and IoU, HD95 and NSD through MONAI, BraTS 2023 lesion-wise Dice/HD95 and lesion
-  detection (:func:`ensemblecam.metrics.case_metrics`);
+- per case (``per_case.csv``, columns
+  :data:`ensemblecam.metrics.conventions.CASE_COLUMNS`): 3-D Dice and IoU, HD95 and NSD
+  through MONAI, BraTS 2023 lesion-wise Dice/HD95 and lesion detection
+  (:func:`ensemblecam.metrics.case_metrics`);
 - over the data set (``summary.json`` "slices"): the seed paper's conventions and the
-  per-slice Dice/IoU (:func:`ensemblecam.stages.evaluate.score`) from per-slice counts of the
-  FULL slices taken along ``axis`` of the RAS+ canonical volume (prepare's default 2 =
+  per-slice Dice/IoU (:func:`ensemblecam.metrics.conventions.score`) from per-slice
+  counts of the FULL slices taken along ``axis`` of the RAS+ canonical volume (prepare's default 2 =
   axial; no crop, lesion-free slices included), so they need not equal a run's numbers,
   which are over the store's cropped slices.
 
@@ -50,7 +51,7 @@ from ensemblecam import metrics
 from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
 from ensemblecam.io.layouts import DEFAULT_LESION_LABELS, discover
-from ensemblecam.stages.evaluate import (
+from ensemblecam.metrics.conventions import (
     CASE_COLUMNS,
     case_conventions,
     case_row,

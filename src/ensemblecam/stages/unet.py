@@ -27,8 +27,6 @@ argmax of 2 softmax channels, or sigmoid > 0.5 of 1 channel.
 from __future__ import annotations
 
 import hashlib
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,144 +44,28 @@ from ensemblecam.io import fsutil
 from ensemblecam.io.export import check_binary, check_slice_arrays, load_slice_arrays
 from ensemblecam.io.split import Fold, get_fold
 from ensemblecam.io.store import SliceStore
-from ensemblecam.stages.evaluate import score, slice_counts
-from ensemblecam.stages.train import (
+from ensemblecam.metrics.conventions import score, slice_counts
+from ensemblecam.models.segmenters import UNET, build_unet, load_unet, logits_to_mask, model_args
+from ensemblecam.training.data import (
     EpochSampler,
+    MaskDataset,
     StoreDataset,
-    _gather,
-    _rng_state,
-    _set_rng_state,
-    _worker_init,
     batch_loader,
-    make_fabric,
-    plot_learning_curve,
-    start_run,
-    train_one_epoch,
-    write_metrics_csv,
+    part_indices,
+    train_loader,
 )
+from ensemblecam.training.fabric import gather, make_fabric
+from ensemblecam.training.loop import EpochData, Task, eval_batches, fit
+from ensemblecam.training.records import plot_learning_curve, write_metrics_csv
 
 RUN_MARKER = "unet.json"
 RUN_FORMAT = "ensemblecam-unet-run"
-MODEL_NAME = "unet"
 
 UNET_SCORES = (("lesion_dice", "val lesion Dice"), ("paper_miou", "val paper mIoU"))
 METRIC_COLUMNS = [
     "epoch", "train_loss", "val_loss", "lesion_dice", "lesion_iou", "paper_miou",
     "case_dice_mean", "lr", "images_per_s", "time_s",
 ]  # fmt: skip
-
-
-# --------------------------------------------------------------------------- model
-
-
-class UNet2D(nn.Module):
-    """MONAI 2-D U-Net; input zero-padded to a multiple of prod(strides), output cropped back."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        num_classes: int = 2,
-        channels: tuple[int, ...] | list[int] = (16, 32, 64, 128),
-        strides: tuple[int, ...] | list[int] = (2, 2, 2),
-        num_res_units: int = 2,
-        norm: str = "instance",
-        dropout: float = 0.0,
-    ) -> None:
-        super().__init__()
-        from monai.networks.nets import UNet
-
-        if len(strides) != len(channels) - 1:
-            raise InputError(
-                f"unet: {len(channels)} channel levels need {len(channels) - 1} strides, "
-                f"got {len(strides)}"
-            )
-        self.multiple = int(np.prod(strides))
-        self.net = UNet(
-            spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
-            channels=tuple(channels), strides=tuple(strides), num_res_units=num_res_units,
-            norm=norm, dropout=dropout,
-        )  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        ph, pw = (-h) % self.multiple, (-w) % self.multiple
-        if ph or pw:
-            x = nn.functional.pad(x, (0, pw, 0, ph))
-        return self.net(x)[..., :h, :w]
-
-
-def build_unet(in_channels: int, num_classes: int = 2, **kwargs: Any) -> nn.Module:
-    """A fresh :class:`UNet2D` (same signature as a models.build_model builder)."""
-    try:
-        return UNet2D(in_channels, num_classes, **kwargs)
-    except TypeError as exc:
-        raise InputError(f"unet: bad model arguments {kwargs} ({exc})") from exc
-
-
-def model_args(cfg: UNetConfig, in_channels: int) -> dict[str, Any]:
-    """The keyword arguments of :func:`build_unet` for ``cfg`` (stored in checkpoints)."""
-    return {
-        "in_channels": in_channels, "num_classes": cfg.out_channels,
-        "channels": list(cfg.channels), "strides": list(cfg.strides),
-        "num_res_units": cfg.num_res_units, "norm": cfg.norm, "dropout": cfg.dropout,
-    }  # fmt: skip
-
-
-def load_unet(checkpoint: str | Path, map_location: Any = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a U-Net checkpoint written by :func:`train_unet`; (model in eval mode, info)."""
-    checkpoint = Path(checkpoint)
-    obj = models.read_checkpoint(checkpoint, map_location)
-    info = obj["info"]
-    if info.get("model") != MODEL_NAME or not isinstance(info.get("model_args"), dict):
-        raise InputError(f"{checkpoint}: not a U-Net checkpoint (model {info.get('model')!r})")
-    model = build_unet(**info["model_args"])
-    try:
-        model.load_state_dict(obj["state_dict"])
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).strip().splitlines()[:2])[:300]
-        raise InputError(f"{checkpoint}: weights do not fit the U-Net ({detail})") from exc
-    return model.eval(), info
-
-
-def logits_to_mask(logits: torch.Tensor) -> torch.Tensor:
-    """(B, K, H, W) logits -> (B, H, W) bool lesion mask: argmax (K=2) or sigmoid > 0.5 (K=1)."""
-    if logits.shape[1] == 1:
-        return logits[:, 0] > 0  # sigmoid(z) > 0.5  <=>  z > 0
-    return logits.argmax(dim=1) == 1
-
-
-# --------------------------------------------------------------------------- data
-
-
-class MaskDataset(StoreDataset):
-    """Store slices with segmentation targets: ``ds[list]`` = (x (B, C, H, W), y (B, H, W) long).
-
-    ``mask_source`` is the store's memory-mapped masks.npy or an in-memory (n, H, W) array;
-    ``mask_rows[k]`` is the row of ``mask_source`` holding the target of position ``k``.
-    """
-
-    def __init__(
-        self,
-        store: SliceStore,
-        indices: np.ndarray,
-        mask_source: np.ndarray,
-        mask_rows: np.ndarray,
-    ) -> None:
-        super().__init__(store, indices)
-        self.mask_source = mask_source
-        self.mask_rows = np.asarray(mask_rows, dtype=np.int64)
-        self.labels = np.zeros(len(self.indices), np.int64)  # unused by segmentation
-
-    def __getitem__(self, i: Any) -> tuple[torch.Tensor, Any]:
-        pos = np.atleast_1d(np.asarray(i, dtype=np.int64))
-        x, _ = super().__getitem__(pos)
-        rows = self.mask_rows[pos]
-        order = np.argsort(rows, kind="stable")
-        y = np.empty((len(pos), *self.mask_source.shape[1:]), np.int64)
-        y[order] = self.mask_source[rows[order]]
-        if np.ndim(i) == 0:
-            return x[0], torch.from_numpy(y[0])
-        return x, torch.from_numpy(y)
 
 
 def read_pseudo_masks(path: str | Path, store: SliceStore) -> tuple[np.ndarray, np.ndarray]:
@@ -241,13 +123,6 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _part(store: SliceStore, splits: Path, fold: Fold, part: str) -> np.ndarray:
-    try:
-        return store.indices_for_cases(fold.part(part))
-    except InputError as exc:
-        raise InputError(f"{splits}: {fold.name} {part}: {exc}") from exc
-
-
 def plan_unet(
     cfg: UNetConfig,
     store_path: str | Path,
@@ -268,7 +143,7 @@ def plan_unet(
             "pseudo-label masks.npz)"
         )
     pseudo = None if source == "store" else read_pseudo_masks(targets, store)
-    train_all = _part(store, splits, f, "train")
+    train_all = part_indices(store, splits, f, "train")
     train_idx, _, _ = _targets(store, train_all, source, pseudo)
     if len(train_idx) == 0:
         where = store.path if source == "store" else targets
@@ -279,7 +154,7 @@ def plan_unet(
         raise InputError(f"{store.path}: store has no masks for val_targets 'store'")
     val_idx = np.zeros(0, np.int64)
     if val_source is not None:
-        val_idx, _, _ = _targets(store, _part(store, splits, f, "val"), val_source, pseudo)
+        val_idx, _, _ = _targets(store, part_indices(store, splits, f, "val"), val_source, pseudo)
     if len(val_idx) == 0:
         val_source = None
     args = model_args(cfg, len(store.channels))
@@ -291,7 +166,7 @@ def plan_unet(
         raise InputError(f"{out}: already holds a finished U-Net run; use --force to replace")
     fsutil.check_replaceable(out, force, RUN_MARKER)
     info = {
-        "model": MODEL_NAME,
+        "model": UNET,
         "model_args": args,
         "channels": store.channels,
         "size": list(store.size),
@@ -384,22 +259,18 @@ def _validate(
     n_total: int, case_ids: np.ndarray,
 ) -> dict[str, float]:  # fmt: skip
     """Val loss (slice-weighted mean of batch losses) and segmentation metrics of the part."""
-    model.eval()
     parts: list[list[torch.Tensor]] = [[], [], [], []]
     loss_sum = torch.zeros((), device=fabric.device)
     n_seen = torch.zeros((), device=fabric.device)
-    with torch.no_grad():
-        for batch in loader:
-            x, y = fabric.to_device(batch)
-            logits = model(x).float()
-            loss_sum += _loss(criterion, logits, y) * len(y)
-            n_seen += len(y)
-            counts = slice_counts(logits_to_mask(logits).cpu().numpy(), y.cpu().numpy() > 0)
-            for p, c in zip(parts, counts, strict=True):
-                p.append(torch.from_numpy(c).to(fabric.device))
+    for logits, y in eval_batches(fabric, model, loader):
+        loss_sum += _loss(criterion, logits, y) * len(y)
+        n_seen += len(y)
+        counts = slice_counts(logits_to_mask(logits).cpu().numpy(), y.cpu().numpy() > 0)
+        for p, c in zip(parts, counts, strict=True):
+            p.append(torch.from_numpy(c).to(fabric.device))
     cat = [torch.cat(p) if p else torch.zeros(0, dtype=torch.int64, device=fabric.device)
            for p in parts]  # fmt: skip
-    tp, fp, fn, tn = (_gather(fabric, c, n_total) for c in cat)
+    tp, fp, fn, tn = (gather(fabric, c, n_total) for c in cat)
     loss_sum = fabric.all_reduce(loss_sum, reduce_op="sum")
     n_seen = fabric.all_reduce(n_seen, reduce_op="sum")
     res = score(tp, fp, fn, tn, case_ids)
@@ -407,108 +278,54 @@ def _validate(
     return res
 
 
-def _run(fabric: Any, plan: UNetPlan, progress: bool | None, stop_after_epoch: int | None) -> str:
-    """Training loop of one process: "done" (rank 0, run complete), "stopped" or "worker"."""
-    cfg, info = plan.cfg, dict(plan.info)
-    rank0 = fabric.global_rank == 0
+def _data(fabric: Any, plan: UNetPlan) -> EpochData:
+    """This process's training batches, the DiceCE loss and its shard of the validation
+    part (None without validation)."""
+    cfg = plan.cfg
+    rank, world = fabric.global_rank, fabric.world_size
     store = SliceStore.open(plan.store)
-    start_run(fabric, cfg.seed, plan.partial, resuming=plan.resume_from is not None,
-              stage="unet")
-
-    model = build_unet(**info["model_args"])
-    state: dict[str, Any] | None = None
-    if plan.resume_from is not None:
-        ck = models.read_checkpoint(plan.resume_from)
-        model.load_state_dict(ck["state_dict"])
-        state = ck["train_state"]
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    model, optimizer = fabric.setup(model, optimizer)
-    history: list[dict[str, Any]] = []
-    best_key: tuple[float, float] | None = None
-    best_epoch, start = 0, 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        history, best_epoch = state["history"], int(state["best_epoch"])
-        best_key = _key(history[best_epoch - 1], plan.val_source is not None)
-        start = int(state["epoch"])
-        _set_rng_state(state["rng"])
-        if rank0:
-            fabric.print(f"resuming {plan.out} after epoch {start}")
-
     uses_npz = "npz" in (plan.source, plan.val_source)
     pseudo = read_pseudo_masks(plan.targets, store) if uses_npz else None
     train_ds = _dataset(store, plan.train_idx, plan.source, pseudo)
-    sampler = EpochSampler(len(train_ds), cfg.seed, fabric.global_rank, fabric.world_size)
+    sampler = EpochSampler(len(train_ds), cfg.seed, rank, world)
     gpu = fabric.device.type == "cuda"
-    bs = cfg.batch_size
-    train_loader = batch_loader(
-        train_ds, bs, sampler, drop_last=len(sampler) > bs, num_workers=cfg.workers,
-        pin_memory=gpu, worker_init_fn=_worker_init, persistent_workers=cfg.workers > 0,
-    )  # fmt: skip
-    val_loader = None
-    if plan.val_source is not None:
-        shard = np.arange(len(plan.val_idx))[fabric.global_rank :: fabric.world_size]
-        val_ds = _dataset(store, plan.val_idx[shard], plan.val_source, pseudo)
-        val_loader = batch_loader(val_ds, bs, num_workers=cfg.workers, pin_memory=gpu)
-    case_ids = store.table["case"][plan.val_idx]
+    loader = train_loader(train_ds, cfg.batch_size, sampler, cfg.workers, gpu)
     criterion = _make_loss(cfg)
+    validate = None
+    if plan.val_source is not None:
+        shard = np.arange(len(plan.val_idx))[rank::world]
+        val_ds = _dataset(store, plan.val_idx[shard], plan.val_source, pseudo)
+        val_loader = batch_loader(val_ds, cfg.batch_size, num_workers=cfg.workers,
+                                  pin_memory=gpu)  # fmt: skip
+        n_val, case_ids = len(plan.val_idx), store.table["case"][plan.val_idx]
 
-    for epoch in range(start + 1, cfg.epochs + 1):
-        sampler.set_epoch(epoch)
-        t0 = time.perf_counter()
-        train_loss, n_seen, train_time = train_one_epoch(
-            fabric, model, train_loader, optimizer, lambda z, y: _loss(criterion, z, y), bs,
-            f"unet epoch {epoch}/{cfg.epochs}", progress)
-        row: dict[str, Any] = {
-            "epoch": epoch, "train_loss": train_loss,
-            "lr": optimizer.param_groups[0]["lr"], "images_per_s": n_seen / train_time,
-        }  # fmt: skip
-        if val_loader is not None:
-            val = _validate(fabric, model, val_loader, criterion, len(plan.val_idx), case_ids)
-            row.update({k: val[k] for k in METRIC_COLUMNS if k in val})
-        row["time_s"] = time.perf_counter() - t0
-        history.append(row)
-        key = _key(row, val_loader is not None)
-        improved = best_key is None or key > best_key
-        if improved:
-            best_key, best_epoch = key, epoch
-        if rank0:
-            info_e = {**info, "epoch": epoch, "metrics": row}
-            if improved:
-                models.save_checkpoint(plan.partial / "best.pt", model, info_e)
-            train_state = {
-                "optimizer": optimizer.state_dict(), "epoch": epoch, "rng": _rng_state(),
-                "history": history, "best_epoch": best_epoch,
-            }  # fmt: skip
-            models.save_checkpoint(plan.partial / "last.pt", model, info_e, train_state)
-            write_metrics_csv(plan.partial / "metrics.csv", history, METRIC_COLUMNS)
-            val_msg = (
-                ""
-                if val_loader is None
-                else (f" val_loss {row['val_loss']:.4f} lesion_dice {row['lesion_dice']:.4f}")
-            )
-            fabric.print(f"unet epoch {epoch}/{cfg.epochs}: train_loss {row['train_loss']:.4f}"
-                         f"{val_msg}{' *' if improved else ''}")  # fmt: skip
-        fabric.barrier()
-        if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < cfg.epochs:
-            return "stopped"
+        def validate(model: nn.Module) -> dict[str, Any]:
+            return _validate(fabric, model, val_loader, criterion, n_val, case_ids)
 
-    if rank0:
-        _finish(plan, history, best_epoch)
-    fabric.barrier()
-    return "done" if rank0 else "worker"
+    return EpochData(sampler, loader, lambda z, y: _loss(criterion, z, y), validate)
 
 
-def _key(row: dict[str, Any], validated: bool) -> tuple[float, float]:
-    """Sort key of an epoch (higher is better): val lesion Dice, then lower val loss;
-    without validation the epoch number (last epoch wins)."""
-    if not validated:
-        return (float(row["epoch"]), 0.0)
-    dice = float(row["lesion_dice"])
-    return (-math.inf if math.isnan(dice) else dice, -float(row["val_loss"]))
+def _run(fabric: Any, plan: UNetPlan, progress: bool | None, stop_after_epoch: int | None) -> str:
+    """One process of the run: the shared loop on the U-Net task ("done", "stopped" or
+    "worker", see :func:`ensemblecam.training.loop.fit`). best.pt: highest val lesion Dice,
+    ties to the lower val loss; without validation the last epoch."""
+    cfg = plan.cfg
+    task = Task(
+        stage="unet", out=plan.out, partial=plan.partial, resume_from=plan.resume_from,
+        seed=cfg.seed, epochs=cfg.epochs, batch_size=cfg.batch_size, info=dict(plan.info),
+        columns=METRIC_COLUMNS, monitor=None if plan.val_source is None else "lesion_dice",
+        build_model=lambda: build_unet(**plan.info["model_args"]),
+        make_optimizer=lambda model: torch.optim.Adam(
+            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+        make_data=lambda fab: _data(fab, plan),
+        finish=lambda history, best_epoch: _finish(plan, history, best_epoch),
+        log_keys=("val_loss", "lesion_dice"), prefix="unet ",
+    )  # fmt: skip
+    return fit(fabric, task, progress, stop_after_epoch)
 
 
 def _finish(plan: UNetPlan, history: list[dict[str, Any]], best_epoch: int) -> None:
+    """Rank 0, after the last epoch: learning curve, unet.json; rename the folder."""
     best = models.read_checkpoint(plan.partial / "best.pt")["info"]["metrics"]
     write_metrics_csv(plan.partial / "metrics.csv", history, METRIC_COLUMNS)
     plot_learning_curve(plan.partial / "learning_curve.png", history, best_epoch,
@@ -528,9 +345,6 @@ def _finish(plan: UNetPlan, history: list[dict[str, Any]], best_epoch: int) -> N
     }
     fsutil.write_json(plan.partial / RUN_MARKER, summary)
     fsutil.commit_output_dir(plan.partial, plan.out, "unet")
-
-
-# --------------------------------------------------------------------------- records
 
 
 # --------------------------------------------------------------------------- prediction

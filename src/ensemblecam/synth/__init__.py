@@ -317,8 +317,10 @@ def make_msd_case(
 
     Pelvis = elliptical body with fat rim, muscle, bladder (anterior), rectum (posterior);
     the prostate spans only the central ~40% of slices; PZ (posterior crescent) is bright
-    on T2 and has high ADC, TZ (central) is darker on T2 and lower on ADC. ``lesion`` is
-    accepted for a uniform signature; every case has a prostate, as in the real data.
+    on T2 and has high ADC, TZ (central) is darker on T2 and lower on ADC. The target
+    (PZ + TZ, merged into one lesion class by the prostate protocol) exists only with
+    ``lesion``: without it the case is a pelvis without a gland, so that
+    ``tumour_free_fraction`` gives target-free cases in this layout as in the others.
     """
     shape = _check_shape(shape)
     x, y, z = _warped_grid(shape, rng, scale=(0.92, 1.08), rot_deg=5.0, deform=0.03)
@@ -336,7 +338,7 @@ def make_msd_case(
     pr = np.sqrt((x / (0.24 * size)) ** 2 + ((y + 0.12) / (0.18 * size)) ** 2
                  + ((z - pz_c) / zext) ** 2)
     lob = smooth_noise(shape, max(shape) / 8.0, rng)
-    m_prost = _sigmoid_edge(1.0 - pr + 0.05 * lob, 0.04)
+    m_prost = _sigmoid_edge(1.0 - pr + 0.05 * lob, 0.04) * F32(lesion)
     tz = np.sqrt((x / (0.15 * size)) ** 2 + ((y + 0.06) / (0.11 * size)) ** 2
                  + ((z - pz_c) / (zext * 0.8)) ** 2)
     m_tz = _sigmoid_edge(1.0 - tz + 0.05 * lob, 0.05) * m_prost
@@ -586,8 +588,6 @@ def synth_dataset(cfg: SynthConfig, force: bool = False) -> Path:
         (partial / "imagesTr").mkdir()
         (partial / "labelsTr").mkdir()
     free = lesion_free_cases(cfg.seed, cfg.n_cases, cfg.tumour_free_fraction)
-    if cfg.layout == "msd":
-        free = set()
     jobs = [(cfg.layout, partial, n, i, cfg.seed, shape, i not in free)
             for i, n in enumerate(names)]
     workers = min(cfg.workers, len(jobs), os.cpu_count() or 1)

@@ -1,0 +1,221 @@
+"""Where everything lives in a run folder of ``ensemblecam run`` (one place for every path).
+
+::
+
+    <run>/
+      run.json              config hash, package versions, seeds, per-stage timings
+      config.yaml           the configuration the run was made with
+      store/                slice store (prepare), shared by all folds
+      split/splits.json     patient-level split file
+      fold<k>/
+        models/<model>/     classifier training runs (best.pt, metrics.csv, PNGs, train.json)
+        maps/<model>__<method>/  map sets for the calibration and evaluation parts
+        search/             ranking.csv/json, best.json, grid_<operator>.npy/json (search)
+        unet/               supervised U-Net (fully supervised upper bound)
+        pseudo_targets/     the chosen ensemble's masks of the training part (masks.npz)
+        pseudo/             U-Net trained on those pseudo-labels (second stage)
+        eval/<row>/         metrics.json, per_slice.csv, per_case.csv for each result row
+                            (+ per_case_empty.csv: the Empty prediction on the same cases)
+        eval/masks.npz      the chosen configuration's masks of the evaluation part
+                            (arrays ``index`` int64 store indices, ``masks`` uint8)
+      results.json          the results table (format :data:`RESULTS_FORMAT`)
+      results.csv           the same, one line per row, mean and std per metric
+      results.md            the summary table as Markdown
+      export/               NIfTI masks of every evaluated case (original scan geometry)
+      report/report.html    self-contained HTML report + PNGs
+
+Every stage folder gets ``stage.json`` (:data:`STAMP`, its cache key) when it completes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+#: ``format`` of results.json
+RESULTS_FORMAT = "ensemblecam-results"
+#: ``format`` of run.json
+RUN_FORMAT = "ensemblecam-run"
+#: a finished stage folder's record (its cache key), written last
+STAMP = "stage.json"
+#: the evaluation row of the chosen configuration (``eval/<slug>``)
+CHOSEN_SLUG = "ensemble"
+#: the PNGs the train stage writes in a classifier's folder: file name -> what it shows
+TRAIN_FIGURES = {"learning_curve.png": "learning curve",
+                 "confusion_matrix.png": "val. confusion matrix"}
+
+
+@dataclass(frozen=True)
+class FoldLayout:
+    """The paths of one fold's folder ``<run>/<name>``."""
+
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def models(self) -> Path:
+        return self.dir / "models"
+
+    def model(self, tag: str) -> Path:
+        """A classifier's training run folder."""
+        return self.models / tag
+
+    def checkpoint(self, tag: str) -> Path:
+        return self.model(tag) / "best.pt"
+
+    def train_record(self, tag: str) -> Path:
+        """train.json, written last by the train stage."""
+        return self.model(tag) / "train.json"
+
+    def train_metrics(self, tag: str) -> Path:
+        """metrics.csv: one line per epoch (losses, validation metrics)."""
+        return self.model(tag) / "metrics.csv"
+
+    def train_figure(self, tag: str, name: str) -> Path:
+        """A PNG of the train stage: :data:`TRAIN_FIGURES` names."""
+        return self.model(tag) / name
+
+    @property
+    def maps(self) -> Path:
+        return self.dir / "maps"
+
+    def map_set(self, member: str) -> Path:
+        return self.maps / member
+
+    @property
+    def search(self) -> Path:
+        return self.dir / "search"
+
+    @property
+    def best(self) -> Path:
+        """search/best.json: the chosen configuration."""
+        return self.search / "best.json"
+
+    @property
+    def best_per_candidate(self) -> Path:
+        return self.search / "best_per_candidate.json"
+
+    @property
+    def ranking_csv(self) -> Path:
+        return self.search / "ranking.csv"
+
+    def grid(self, name: str) -> tuple[Path, Path]:
+        """search/<name>.npy and .json: one operator's objective over the threshold grid."""
+        return self.search / f"{name}.npy", self.search / f"{name}.json"
+
+    @property
+    def eval(self) -> Path:
+        return self.dir / "eval"
+
+    def eval_row(self, slug: str) -> Path:
+        """eval/<slug>: metrics.json, per_slice.csv, per_case.csv of one result row."""
+        return self.eval / slug
+
+    def eval_metrics(self, slug: str) -> Path:
+        return self.eval_row(slug) / "metrics.json"
+
+    def per_case(self, slug: str) -> Path:
+        """eval/<slug>/per_case.csv: the row's per-case values (3-D Dice, NSD, HD95 ...)."""
+        return self.eval_row(slug) / "per_case.csv"
+
+    @property
+    def eval_masks(self) -> Path:
+        """eval/masks.npz: the chosen configuration's masks of the evaluated part."""
+        return self.eval / "masks.npz"
+
+    def unet(self, kind: str) -> Path:
+        """U-Net training folder: ``unet`` (store masks) or ``pseudo`` (pseudo-labels)."""
+        return self.dir / ("unet" if kind == "unet" else "pseudo")
+
+    def unet_record(self, kind: str) -> Path:
+        return self.unet(kind) / "unet.json"
+
+    def unet_checkpoint(self, kind: str) -> Path:
+        return self.unet(kind) / "best.pt"
+
+    def unet_learning_curve(self, kind: str) -> Path:
+        return self.unet(kind) / "learning_curve.png"
+
+    @property
+    def pseudo_targets(self) -> Path:
+        return self.dir / "pseudo_targets"
+
+    @property
+    def pseudo_masks(self) -> Path:
+        return self.pseudo_targets / "masks.npz"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of a run folder ``root``; stage-internal files are the stages' own."""
+
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def run_record(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def results_json(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def results_csv(self) -> Path:
+        return self.root / "results.csv"
+
+    @property
+    def results_md(self) -> Path:
+        return self.root / "results.md"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def store_manifest(self) -> Path:
+        return self.store / "store.json"
+
+    @property
+    def split_dir(self) -> Path:
+        return self.root / "split"
+
+    @property
+    def splits(self) -> Path:
+        return self.split_dir / "splits.json"
+
+    def splits_candidates(self) -> list[Path]:
+        """Where a run's splits.json may be: the run's own (older runs: at the top) first."""
+        return [self.root / "splits.json", self.splits, self.store / "splits.json"]
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def export_index(self) -> Path:
+        return self.export / "index.json"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def report(self) -> Path:
+        return self.report_dir / "report.html"
+
+    def fold(self, name: str) -> FoldLayout:
+        return FoldLayout(self.root / name)
+
+    def fold_dirs(self) -> list[Path]:
+        """Fold folders present (``fold*``), sorted by name."""
+        return sorted(p for p in self.root.glob("fold*") if p.is_dir())

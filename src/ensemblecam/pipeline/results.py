@@ -1,0 +1,185 @@
+"""Results of a run: the rows evaluated per fold, their aggregate over folds, and the
+files written from it (results.json, results.csv, results.md, the demo's table).
+
+``results.json``::
+
+    {"format": "ensemblecam-results", "version": 1, "objective": "paper_miou",
+     "folds": ["fold0", ...], "metric_names": [...],
+     "rows": [{"name": "ensemble (best configuration)", "kind": "ensemble" | "operator" |
+               "single" | "empty" | "unet" | "pseudo_unet",
+               "config": {"fold0": {"operator", "members", "thresholds", "gate"} | null, ...},
+               "per_fold": {"fold0": {metric: value, ...}, ...},
+               "mean": {metric: value}, "std": {metric: value},
+               "cases": {per-case means, 95% CIs, paired tests vs the chosen row}}, ...],
+     "case_statistics": {...}}   (see ensemblecam.stages.evaluate.add_case_statistics)
+
+Metric values are fractions in [0, 1] (the report shows percentages like the paper).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ensemblecam.ensemble.operators import CONFIG_KEYS
+from ensemblecam.io import fsutil
+from ensemblecam.io.runlayout import CHOSEN_SLUG, RESULTS_FORMAT, FoldLayout
+
+#: metrics aggregated over folds into the results table (all in [0, 1], higher is better)
+TABLE_METRICS = (
+    "paper_miou", "paper_dsc", "background_iou", "lesion_iou", "lesion_dice",
+    "slice_dice_mean", "slice_iou_mean", "slice_dice_large_mean", "slice_dice_correct_mean",
+    "case_dice_mean",
+)  # fmt: skip
+
+
+def describe_config(conf: dict[str, Any]) -> str:
+    ths = ", ".join(f"{m} > {t:g}" for m, t in zip(conf["members"], conf["thresholds"],
+                                                    strict=False))
+    if conf["operator"] == "mean":
+        ths = f"mean({', '.join(conf['members'])}) > {conf['thresholds'][0]:g}"
+    gate = f", gate p >= {conf['gate']:g}" if conf.get("gate") is not None else ""
+    return f"{conf['operator']}: {ths}{gate}"
+
+
+def result_rows(fold: FoldLayout) -> list[dict[str, Any]]:
+    """Rows evaluated per fold, each chosen on calibration data only: the ensemble (the best
+    configuration overall), each operator's best (over member subsets and thresholds), each
+    single member at its best threshold, and the Empty prediction (read from the chosen
+    row's evaluation, ``empty_baseline``)."""
+    best = fsutil.read_json(fold.best, "search result")
+    per = fsutil.read_json(fold.best_per_candidate, "search result")
+    objective = best.get("objective", "paper_miou")
+    keys = CONFIG_KEYS
+    rows = [{"name": "ensemble (best configuration)", "kind": "ensemble", "slug": CHOSEN_SLUG,
+             "config": {k: best[k] for k in keys}}]
+    by_op: dict[str, tuple[dict[str, Any], float]] = {}
+    singles = []
+    for cand in per:  # best row of every (operator, member subset), best first
+        conf = {k: cand[k] for k in keys}
+        if conf["operator"] == "single":
+            singles.append(conf)
+        elif conf["operator"] not in by_op or _value(cand[objective]) > by_op[conf["operator"]][1]:
+            by_op[conf["operator"]] = (conf, _value(cand[objective]))
+    for op, (conf, _) in by_op.items():
+        rows.append({"name": f"{op} ensemble (best members and thresholds)",
+                     "kind": "operator", "slug": "op_" + op.replace(":", ""), "config": conf})
+    for conf in sorted(singles, key=lambda c: c["members"][0]):
+        member = conf["members"][0]
+        rows.append({"name": f"{member} alone (best threshold)", "kind": "single",
+                     "slug": f"single_{member}", "config": conf})
+    rows.append({"name": "Empty (all background)", "kind": "empty", "slug": CHOSEN_SLUG,
+                 "config": None})
+    return rows
+
+
+def _value(v: Any) -> float:
+    """A metric read back from JSON for ranking: null (undefined) ranks last."""
+    return -np.inf if v is None or not np.isfinite(v) else float(v)
+
+
+def with_metrics(rows: list[dict[str, Any]], fold: FoldLayout) -> list[dict[str, Any]]:
+    """``rows`` with the :data:`TABLE_METRICS` of their evaluation (eval/<slug>/metrics.json;
+    the Empty row: that file's ``empty_baseline``)."""
+    out = []
+    for row in rows:
+        res = fsutil.read_json(fold.eval_metrics(row["slug"]), "evaluation")
+        metrics = res["empty_baseline"] if row["kind"] == "empty" else res["metrics"]
+        out.append({**row, "metrics": {m: metrics.get(m) for m in TABLE_METRICS}})
+    return out
+
+
+def aggregate(fold_results: dict[str, dict[str, Any]], objective: str) -> dict[str, Any]:
+    """Mean and std (ddof=0) over folds of every row; rows matched by kind and slug.
+
+    The configuration behind a row (thresholds, members) is chosen per fold on that fold's
+    calibration data, so a row is a protocol ("the best 'and' ensemble"), and ``config``
+    holds the configuration of each fold.
+    """
+    order: list[tuple[str, str]] = []
+    table: dict[tuple[str, str], dict[str, Any]] = {}
+    for fold, res in fold_results.items():
+        for row in res["rows"]:
+            key = (row["kind"], row["slug"])
+            if key not in table:
+                order.append(key)
+                table[key] = {"name": row["name"], "kind": row["kind"], "per_fold": {},
+                              "config": {}}
+            table[key]["per_fold"][fold] = row["metrics"]
+            table[key]["config"][fold] = row["config"]
+    rows = []
+    for key in order:
+        entry = table[key]
+        mean, std = {}, {}
+        for m in TABLE_METRICS:
+            vals = [v[m] for v in entry["per_fold"].values() if v.get(m) is not None]
+            vals = [v for v in vals if np.isfinite(v)]
+            mean[m] = float(np.mean(vals)) if vals else None
+            std[m] = float(np.std(vals)) if vals else None
+        rows.append({**entry, "mean": mean, "std": std})
+    return {"format": RESULTS_FORMAT, "version": 1, "objective": objective,
+            "folds": list(fold_results), "metric_names": list(TABLE_METRICS), "rows": rows}
+
+
+def results_csv(results: dict[str, Any]) -> str:
+    """One line per row: name, kind, mean and std of every table metric, then the per-case
+    statistics columns (:func:`ensemblecam.stages.evaluate.case_statistics_columns`)."""
+    import csv
+    import io
+
+    from ensemblecam.stages.evaluate import case_statistics_columns
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    extra_head, extra = case_statistics_columns(results)  # per-case CIs and p-values
+    w.writerow(["name", "kind", *[f"{m}_{s}" for m in results["metric_names"]
+                                  for s in ("mean", "std")], *extra_head])
+    for row, more in zip(results["rows"], extra, strict=True):
+        vals = []
+        for m in results["metric_names"]:
+            vals += [_fmt(row["mean"][m]), _fmt(row["std"][m])]
+        w.writerow([row["name"], row["kind"], *vals, *more])
+    return buf.getvalue()
+
+
+#: the metrics of the printed summary table (``ensemblecam run``/``demo``, results.md)
+SUMMARY_METRICS = ("paper_miou", "paper_dsc", "lesion_dice", "case_dice_mean")
+
+
+def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the summary table: each metric as ``mean ± std`` over folds, in %."""
+    rows = []
+    for row in results["rows"]:
+        cells = [row["name"]]
+        for m in SUMMARY_METRICS:
+            mu, sd = row["mean"].get(m), row["std"].get(m)
+            cells.append("-" if mu is None else f"{100 * mu:.1f} ± {100 * sd:.1f}")
+        rows.append(cells)
+    return ["method", *SUMMARY_METRICS], rows
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """The summary table as Markdown (written as results.md; the README quotes the demo's)."""
+    header, rows = summary_rows(results)
+    lines = [f"| {' | '.join(header)} |", f"|---|{'---:|' * (len(header) - 1)}"]
+    lines += [f"| {' | '.join(r)} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def demo_markdown(results: dict[str, Any], run_record: dict[str, Any]) -> str:
+    """The demo's summary table with the machine and time it was measured on (demo.md)."""
+    env = run_record.get("environment", {})
+    cpu, thr = env.get("cpu", {}), env.get("threads", {})
+    minutes = sum(run_record.get("timings", {}).values()) / 60
+    return results_markdown(results) + (
+        f"\nMeasured on {cpu.get('model') or cpu.get('machine')} "
+        f"({thr.get('torch_threads')} threads, PyTorch CPU kernels "
+        f"{cpu.get('torch_cpu_capability')}): the stages took {minutes:.0f} min.\n"
+    )
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.6f}"
+
+

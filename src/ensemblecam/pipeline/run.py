@@ -1,0 +1,503 @@
+"""``ensemblecam run``: the whole protocol from one config, cached, resumable, per fold.
+
+Run folder layout: :class:`ensemblecam.io.runlayout.RunLayout` (every file written
+atomically; a stage folder's ``stage.json`` is written last and holds the stage's cache key).
+The results table: :mod:`ensemblecam.pipeline.results`.
+
+Caching. Each stage folder gets ``stage.json`` = {"key": hash of the stage's options and
+of the keys of every stage it reads} when it completes. A rerun skips a stage whose key
+matches, reruns (replacing the old results) a stage whose key changed, and resumes a
+stage that was interrupted (``.<folder>.pending.json`` beside the stage's ``.partial``
+folder holds the key of the attempt; each stage resumes from its own ``.partial`` files).
+A partial is resumed only by the same key: one left by an attempt with another key (or
+an unknown one) is removed, with a notice, before the stage starts afresh. The run folder
+remembers the hash of the whole configuration; another configuration is refused unless
+``--force``, and even then only the stages whose keys changed are recomputed.
+
+Safety. The whole configuration is checked before any work (:func:`check_run_config`);
+the run folder may not be, hold or lie inside an input; it carries ensemblecam's marker
+file (a folder without it is never used, not even with ``--force``) and is locked while
+a run works in it (``.<run>.lock`` beside it; a second run is refused). A refused stage
+leaves no ``.partial`` it created, and a finished run sweeps every leftover partial,
+pending record and temporary file out of the run folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from ensemblecam import __version__, environment
+from ensemblecam.config import Config, EvaluateConfig, SearchConfig, load_config
+from ensemblecam.errors import InputError
+from ensemblecam.io import fsutil
+from ensemblecam.io.runlayout import RUN_FORMAT, STAMP, FoldLayout, RunLayout
+from ensemblecam.pipeline.results import (
+    aggregate,
+    result_rows,
+    results_csv,
+    results_markdown,
+    with_metrics,
+)
+
+# options that name files or control how (not what) a stage computes: not part of keys
+_NOT_KEYED = {"store", "splits", "out", "data", "force", "resume", "workers", "config_file",
+              "maps", "checkpoints", "tags", "members", "fold", "part", "parts", "chunk"}
+
+
+def stable_hash(obj: Any) -> str:
+    """16 hex digits of sha256 over canonical JSON of ``obj``."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _options(section: Any) -> dict[str, Any]:
+    """Keyed options that differ from their defaults (a new option with a default leaves
+    existing keys, and so existing results, valid; changing a default needs a new key)."""
+    opts = section.model_dump(mode="json", exclude_defaults=True)
+    return {k: v for k, v in opts.items() if k not in _NOT_KEYED}
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of a whole configuration's non-default values."""
+    return stable_hash(cfg.model_dump(mode="json", exclude_defaults=True))
+
+
+@dataclass
+class Runner:
+    """Runs stages into a run folder with caching by key; records timings."""
+
+    root: Path
+    progress: bool | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    ran: list[str] = field(default_factory=list)
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.root)
+
+    def stage(self, name: str, folder: Path, key: str, marker: str | None,
+              fn: Callable[[bool], Any]) -> bool:
+        """Run ``fn(force)`` for ``folder`` unless its stamp holds ``key``; True if it ran."""
+        stamp = folder / STAMP
+        pending = folder.with_name(f".{folder.name}.pending.json")
+        old = _read_key(stamp)
+        if old == key:
+            return False
+        attempt = _read_key(pending)
+        if old is None and attempt == key and marker is not None and (folder / marker).exists():
+            _stamp(stamp, name, key, 0.0)  # finished just before an interruption
+            pending.unlink(missing_ok=True)
+            return False
+        stale = sorted(p for p in _stage_partials(folder) if p.exists())
+        if stale and attempt != key:
+            why = "an unknown key" if attempt is None else f"stage key {attempt}"
+            print(f"note: {name}: removing the unfinished attempt made with other settings "
+                  f"({why}, now {key}): {', '.join(map(str, stale))}")
+            for p in stale:
+                shutil.rmtree(p)
+        force = old is not None or (attempt != key and folder.exists())
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        before = {p for p in _stage_partials(folder) if p.exists()}
+        fsutil.write_json(pending, {"key": key, "stage": name})
+        t0 = time.perf_counter()
+        try:
+            fn(force)
+        except (InputError, OSError):  # refused: leave no partial this attempt started
+            for p in _stage_partials(folder) - before:
+                shutil.rmtree(p, ignore_errors=True)
+            if not before:
+                pending.unlink(missing_ok=True)
+            raise
+        seconds = time.perf_counter() - t0
+        _stamp(stamp, name, key, seconds)
+        pending.unlink(missing_ok=True)
+        self.timings[name] = round(seconds, 2)
+        self.ran.append(name)
+        return True
+
+
+def _stage_partials(folder: Path) -> set[Path]:
+    """Build folders of a stage: ``.<folder>.partial`` beside it and ``.<x>.partial``
+    directly inside it (map-set members, evaluation rows)."""
+    inner = set(folder.glob(".*.partial")) if folder.is_dir() else set()
+    return {fsutil.partial_dir(folder)} | inner
+
+
+_LEFTOVER = re.compile(r"^\..+\.(partial|pending\.json|old-\d+|tmp-\d+)$")
+
+
+def _sweep(root: Path) -> list[Path]:
+    """Remove what interrupted or refused attempts left in a finished run folder:
+    ``.partial`` folders, pending records, ``.old-<pid>`` and ``.tmp-<pid>`` names."""
+    found = sorted((p for p in root.rglob(".*") if _LEFTOVER.match(p.name)),
+                   key=lambda p: len(p.parts))
+    removed: list[Path] = []
+    for p in found:
+        if any(r in p.parents for r in removed) or not p.exists():
+            continue
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        removed.append(p)
+    return removed
+
+
+def _read_key(path: Path) -> str | None:
+    try:
+        return str(json.loads(path.read_text())["key"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _stamp(path: Path, name: str, key: str, seconds: float) -> None:
+    fsutil.write_json(path, {"stage": name, "key": key, "seconds": round(seconds, 2),
+                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _check_run_folder(root: Path, cfg: Config, force: bool) -> None:
+    """A run folder belongs to one configuration; another one needs ``force``."""
+    run_file = RunLayout(root).run_record
+    stage = fsutil.owner_stage(root)
+    if root.is_dir() and any(root.iterdir()) and stage != "run":
+        why = (f"not written by ensemblecam: no {fsutil.OWNER_MARKER} file" if stage is None
+               else f"it holds ensemblecam's {stage} output")
+        raise InputError(f"{root}: folder is not empty and is not a run folder ({why}); it "
+                         "is never used as one, not even with --force")
+    if not run_file.is_file():
+        return
+    old = fsutil.read_json(run_file, "run record")
+    changed = environment.changes(old.get("environment", {"packages": old.get("packages", {})}),
+                                  environment.environment_record())
+    if changed:
+        print(f"warning: {root}: made with other versions ({', '.join(changed)}); results of "
+              "rerun stages may differ from the cached ones", file=sys.stderr)
+    new = config_hash(cfg)
+    if old.get("config_hash") != new and not force:
+        raise InputError(
+            f"{root}: run folder was made by another configuration "
+            f"(hash {old.get('config_hash')} vs {new}); use --force to rerun what changed"
+        )
+
+
+def _write_run_record(root: Path, cfg: Config, runner: Runner, started: float,
+                      status: str) -> None:
+    record = RunLayout(root).run_record
+    old = fsutil.read_json(record, "run record") if record.is_file() else {}
+    timings = {**old.get("timings", {}), **runner.timings}
+    env = environment.environment_record()
+    fsutil.write_json(record, {
+        "format": RUN_FORMAT, "version": 1, "status": status,
+        "config_hash": config_hash(cfg),
+        "ensemblecam": __version__, "python": env["python"], "packages": env["packages"],
+        "platform": env["platform"], "environment": env,
+        "seeds": {"split": cfg.split.seed, "train": cfg.train.seed, "cam": cfg.cam.seed,
+                  "search": cfg.search.seed, "synth": cfg.synth.seed},
+        "timings": timings, "ran_this_time": runner.ran,
+        "wall_s_this_time": round(time.perf_counter() - started, 2),
+    })
+
+
+def check_run_config(cfg: Config) -> None:
+    """Every check of a run configuration that needs no stage output, made before any
+    work: data folder, models (built on the meta device: names and arguments), folds,
+    CAM methods and target, pretrained weights, training recipe, U-Net architecture."""
+    import torch
+
+    from ensemblecam import models
+    from ensemblecam.cam.methods import METHODS
+    from ensemblecam.models.segmenters import build_unet, model_args
+    from ensemblecam.stages.train import resolve_recipe
+
+    rc = cfg.run
+    if cfg.prepare.data is None:
+        raise InputError("config: prepare.data is not set (the data set root folder)")
+    if not Path(cfg.prepare.data).is_dir():
+        raise InputError(f"{cfg.prepare.data}: data folder not found")
+    if not rc.models:
+        raise InputError("config: run.models is empty")
+    if len(set(rc.models)) != len(rc.models):
+        raise InputError(f"config: run.models {rc.models} has duplicates")
+    n_ch = len(cfg.prepare.modalities) if cfg.prepare.modalities else 1
+    for name in rc.models:
+        try:
+            try:
+                with torch.device("meta"):  # no memory, no initialisation cost
+                    models.build_model(name, n_ch, 2, **cfg.train.model_args)
+            except InputError:
+                raise
+            except Exception:  # a model reading tensor values while built: build it for real
+                models.build_model(name, n_ch, 2, **cfg.train.model_args)
+        except InputError as exc:
+            raise InputError(f"config: run.models: {exc}") from exc
+        except Exception as exc:  # a model's own argument checks
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InputError(f"config: run.models {name!r}: bad train.model_args "
+                             f"{cfg.train.model_args} ({first})") from exc
+    if rc.folds is not None:
+        n_folds = {"kfold": cfg.split.folds, "holdout": 1}.get(cfg.split.scheme)
+        for k in rc.folds:
+            if k < 0 or (n_folds is not None and k >= n_folds):
+                has = "" if n_folds is None else f"; the split has {n_folds} fold(s) (0..)"
+                raise InputError(f"config: run.folds has {k}: not a fold position{has}")
+        if len(set(rc.folds)) != len(rc.folds):
+            raise InputError(f"config: run.folds {rc.folds} has duplicates")
+    bad = [m for m in cfg.cam.methods if m not in METHODS]
+    if bad or not cfg.cam.methods:
+        raise InputError(f"config: cam.methods {','.join(bad) or '(none)'}: expected any of "
+                         f"{', '.join(METHODS)}")
+    if cfg.cam.target not in ("lesion", "predicted", "0", "1"):
+        raise InputError(f"config: cam.target {cfg.cam.target!r}: expected lesion, predicted, "
+                         "0 or 1 (the classifiers have 2 classes)")
+    if cfg.train.weights is not None and not Path(cfg.train.weights).is_file():
+        raise InputError(f"{cfg.train.weights}: weights file not found (train.weights)")
+    resolve_recipe(cfg.train)
+    if rc.unet or rc.pseudo_unet:
+        with torch.device("meta"):
+            build_unet(**model_args(cfg.unet, n_ch))
+
+
+def run_pipeline(cfg: Config, force: bool = False, progress: bool | None = None) -> Path:
+    """Run every stage of ``cfg`` into ``cfg.run.out``; return the run folder.
+
+    The configuration and the run folder are checked first (:func:`check_run_config`,
+    no overlap with the inputs, ensemblecam's marker); the run folder is locked while
+    the stages run. A run folder this call created is removed again if a stage is
+    refused before any stage finished.
+    """
+    root = Path(cfg.run.out)
+    check_run_config(cfg)
+    pc = cfg.prepare
+    fsutil.check_not_input(root, [pc.data, pc.labels_csv, cfg.split.list_file,
+                                  cfg.train.weights])
+    created = not root.exists()
+    with fsutil.output_guard(root):
+        try:
+            return _run_locked(cfg, root, force, progress)
+        except (InputError, OSError):
+            if created and root.is_dir() and not any(root.rglob(STAMP)):
+                shutil.rmtree(root, ignore_errors=True)
+            raise
+
+
+def _run_locked(cfg: Config, root: Path, force: bool, progress: bool | None) -> Path:
+    """:func:`run_pipeline` once the checks are made and the lock is held."""
+    from ensemblecam.io.split import make_splits, read_splits
+    from ensemblecam.stages.prepare import prepare_store
+
+    rc = cfg.run
+    lay = RunLayout(root)
+    _check_run_folder(root, cfg, force)
+    root.mkdir(parents=True, exist_ok=True)
+    fsutil.write_owner_marker(root, "run")
+    fsutil.write_text(lay.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    runner = Runner(root, progress)
+    started = time.perf_counter()
+    _write_run_record(root, cfg, runner, started, "running")
+
+    store = lay.store
+    pcfg = cfg.prepare.model_copy(update={"out": store})
+    k_store = stable_hash(["prepare", _options(cfg.prepare), str(cfg.prepare.data)])
+    runner.stage("prepare", store, k_store, lay.store_manifest.name,
+                 lambda force: prepare_store(pcfg, force=force))
+
+    splits = lay.splits
+    scfg = cfg.split.model_copy(update={"store": store, "out": splits})
+    k_split = stable_hash(["split", _options(cfg.split), str(cfg.split.list_file), k_store])
+    runner.stage("split", lay.split_dir, k_split, splits.name,
+                 lambda force: make_splits(scfg, force=force))
+    folds = read_splits(splits)
+    chosen = rc.folds if rc.folds is not None else list(range(len(folds)))
+    for k in chosen:
+        if not 0 <= k < len(folds):
+            raise InputError(f"config: run.folds has {k}; the split has {len(folds)} folds")
+
+    fold_results = {}
+    for k in chosen:
+        fold_results[folds[k].name] = _run_fold(cfg, runner, store, splits, k, folds[k].name,
+                                                k_split)
+    results = aggregate(fold_results, cfg.search.objective)
+    from ensemblecam.stages.evaluate import add_case_statistics
+
+    add_case_statistics(results, fold_results, root)  # per-case CIs, paired tests
+    fsutil.write_json(lay.results_json, results)
+    fsutil.write_text(lay.results_csv, results_csv(results))
+    fsutil.write_text(lay.results_md, results_markdown(results))
+
+    if rc.export:
+        _export(cfg, runner, [lay.fold(f) for f in fold_results])
+    _write_run_record(root, cfg, runner, started, "complete")
+    if rc.report:
+        from ensemblecam.report import write_report
+
+        t0 = time.perf_counter()
+        write_report(root, force=True)
+        runner.timings["report"] = round(time.perf_counter() - t0, 2)
+        _write_run_record(root, cfg, runner, started, "complete")
+    for p in _sweep(root):
+        print(f"note: removed the leftover {p}")
+    return root
+
+
+def _members(cfg: Config) -> list[str]:
+    from ensemblecam.io.mapstore import member_name
+
+    return [member_name(m, method) for m in cfg.run.models for method in cfg.cam.methods]
+
+
+def _run_fold(cfg: Config, runner: Runner, store: Path, splits: Path, k: int, name: str,
+              k_split: str) -> dict[str, Any]:
+    """Train, map, search, evaluate (with baselines) one fold; return its result rows."""
+    from ensemblecam.stages.cam import run_cam
+    from ensemblecam.stages.evaluate import evaluate_stage, write_config_masks
+    from ensemblecam.stages.search import run_search_stage
+    from ensemblecam.stages.train import train_classifier
+
+    rc = cfg.run
+    fold = runner.layout.fold(name)
+    train_keys = []
+    for model in rc.models:
+        out = fold.model(model)
+        tcfg = cfg.train.model_copy(update={"store": store, "splits": splits, "fold": k,
+                                            "model": model, "out": out})
+        key = stable_hash(["train", _options(cfg.train), model, k, k_split])
+        train_keys.append(key)
+        runner.stage(f"{name}/train/{model}", out, key, fold.train_record(model).name,
+                     lambda force, t=tcfg: train_classifier(
+                         t.model_copy(update={"force": force, "resume": not force}),
+                         progress=runner.progress))
+
+    parts = list(dict.fromkeys([rc.calibration_part, rc.eval_part]))
+    if rc.pseudo_unet and "train" not in parts:
+        parts.append("train")
+    maps = fold.maps
+    ccfg = cfg.cam.model_copy(update={
+        "store": store, "splits": splits, "fold": k, "parts": parts, "out": maps,
+        "checkpoints": [fold.checkpoint(m) for m in rc.models],
+        "tags": list(rc.models)})
+    k_cam = stable_hash(["cam", _options(cfg.cam), parts, train_keys])
+    runner.stage(f"{name}/cam", maps, k_cam, None,
+                 lambda force: run_cam(ccfg.model_copy(update={"force": force}),
+                                       progress=runner.progress))
+
+    search_dir = fold.search
+    qcfg: SearchConfig = cfg.search.model_copy(update={
+        "store": store, "splits": splits, "fold": str(k), "part": rc.calibration_part,
+        "maps": maps, "members": _members(cfg), "out": search_dir})
+    k_search = stable_hash(["search", _options(cfg.search), rc.calibration_part, k_cam])
+    runner.stage(f"{name}/search", search_dir, k_search, fold.best.name,
+                 lambda force: run_search_stage(qcfg, force=force))
+
+    eval_dir = fold.eval
+    ecfg: EvaluateConfig = cfg.evaluate.model_copy(update={
+        "store": store, "splits": splits, "fold": str(k), "part": rc.eval_part, "maps": maps})
+    rows = result_rows(fold)
+    k_eval = stable_hash(["evaluate", _options(cfg.evaluate), rc.eval_part, k_search,
+                          [(r["slug"], r["config"]) for r in rows]])
+
+    def evaluate_all(force: bool) -> None:
+        keep = {r["slug"] for r in rows} | {"unet", "pseudo_unet"}
+        if eval_dir.is_dir():  # rows of an earlier search that are no longer evaluated
+            for stale in eval_dir.iterdir():
+                if stale.is_dir() and stale.name not in keep:
+                    shutil.rmtree(stale)
+        for row in rows:
+            if row["config"] is not None:
+                evaluate_stage(ecfg, row["config"], fold.eval_row(row["slug"]), force=True)
+        write_config_masks(ecfg, rows[0]["config"], fold.eval_masks)
+
+    runner.stage(f"{name}/evaluate", eval_dir, k_eval, None, evaluate_all)
+    if rc.unet:
+        rows.append(_unet_row(cfg, runner, store, splits, k, fold, "unet", "store",
+                              k_split, ecfg))
+    if rc.pseudo_unet:
+        tcfg_e = ecfg.model_copy(update={"part": "train"})
+        k_pt = stable_hash(["pseudo_targets", k_search, _options(cfg.evaluate)])
+        runner.stage(f"{name}/pseudo_targets", fold.pseudo_targets, k_pt, None,
+                     lambda force: write_config_masks(tcfg_e, rows[0]["config"],
+                                                      fold.pseudo_masks))
+        rows.append(_unet_row(cfg, runner, store, splits, k, fold, "pseudo_unet",
+                              fold.pseudo_masks, k_pt, ecfg))
+    return {"dir": fold.dir, "rows": with_metrics(rows, fold)}
+
+
+def _unet_row(cfg: Config, runner: Runner, store: Path, splits: Path, k: int, fold: FoldLayout,
+              kind: str, targets: str | Path, upstream: str, ecfg: EvaluateConfig
+              ) -> dict[str, Any]:
+    """Train a U-Net on ``targets`` (store masks or pseudo masks) and evaluate it."""
+    from ensemblecam.stages.evaluate import evaluate_unet
+    from ensemblecam.stages.unet import train_unet
+
+    out = fold.unet(kind)
+    key = stable_hash([kind, _options(cfg.unet), k, upstream])
+    runner.stage(f"{fold.name}/{kind}", out, key, fold.unet_record(kind).name,
+                 lambda force: train_unet(cfg.unet, store, splits, k, out, targets=targets,
+                                          force=force, progress=runner.progress))
+    ev = fold.eval_row(kind)
+    k_ev = stable_hash([kind, "evaluate", key, _options(cfg.evaluate), ecfg.part])
+    runner.stage(f"{fold.name}/{kind}/evaluate", ev, k_ev, fold.eval_metrics(kind).name,
+                 lambda force: evaluate_unet(ecfg, fold.unet_checkpoint(kind), ev,
+                                             force=force))
+    label = "U-Net, fully supervised" if kind == "unet" else "U-Net on ensemble pseudo-labels"
+    return {"name": label, "kind": kind, "slug": kind, "config": None}
+
+
+def _export(cfg: Config, runner: Runner, folds: list[FoldLayout]) -> None:
+    """Masks of every evaluated case (each fold's evaluation part) as NIfTI."""
+    from ensemblecam.io.export import export_cases
+    from ensemblecam.io.masks import read_masks
+    from ensemblecam.io.store import SliceStore
+
+    lay = runner.layout
+    paths = [f.eval_masks for f in folds]
+    keys = [_read_key(f.eval / STAMP) for f in folds]
+    out = lay.export
+
+    def run(force: bool) -> None:
+        st = SliceStore.open(lay.store)
+        idx, masks = zip(*(read_masks(p) for p in paths), strict=True)
+        index = np.concatenate(idx)
+        order = np.argsort(index, kind="stable")
+        if len(np.unique(index)) != len(index):
+            raise InputError("export: a slice is evaluated in two folds; check run.folds")
+        maps = None
+        if cfg.run.export_maps:
+            from ensemblecam.io.mapstore import MapSet, dequantise
+
+            first = _members(cfg)[0]
+            sets = [MapSet.open(f.map_set(first)) for f in folds]
+            maps = (index[order], np.concatenate(
+                [dequantise(ms.maps[ms.rows_for(i)]) for ms, i in zip(sets, idx, strict=True)]
+            )[order])
+        export_cases(st, index[order], np.concatenate(masks)[order], out, kind="mask",
+                     maps=maps, force=True, source={"command": "ensemblecam run",
+                     "run": str(lay.root), "folds": [f.name for f in folds]},
+                     progress=runner.progress)
+
+    runner.stage("export", out, stable_hash(["export", keys, cfg.run.export_maps]),
+                 lay.export_index.name, run)
+
+
+def load_run_config(path: str | Path) -> Config:
+    """The config a run folder was made with (``<run>/config.yaml``)."""
+    config = RunLayout(path).config
+    if not config.is_file():
+        raise InputError(f"{path}: not a run folder (no config.yaml); run `ensemblecam run`")
+    return load_config(config)
+
+

@@ -1,0 +1,257 @@
+"""Figures of the report: plain functions on arrays (matplotlib ``Figure`` + Agg canvas,
+no pyplot state), each returning PNG bytes."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ensemblecam.errors import InputError
+
+
+def figure_png(fig: Any, dpi: int = 100) -> bytes:
+    """PNG bytes of a matplotlib ``Figure`` rendered with the Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def lesion_fraction_histogram(
+    fractions: np.ndarray, log: bool | None = None, bins: int = 40, mark: float | None = 0.02
+) -> bytes:
+    """Histogram of lesion share per slice (percent of the slice), lesion slices only.
+
+    Slices with fraction 0 are left out (thesis Fig. 3.4); ``log``: log-scaled counts
+    (None: log when the fullest bin holds more than 20 times the emptiest non-empty one);
+    ``mark``: a dashed line at that share (thesis: 2%).
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
+
+    f = np.asarray(fractions, dtype=np.float64)
+    f = f[f > 0] * 100.0
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
+    if f.size:
+        counts, _ = np.histogram(f, bins=bins)
+        nz = counts[counts > 0]
+        if log is None:
+            log = bool(nz.max() > 20 * nz.min())
+        ax.hist(f, bins=bins, color="#4c72b0", edgecolor="white", log=log)
+        if log:
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+    else:
+        ax.text(0.5, 0.5, "no lesion slice", ha="center", va="center", transform=ax.transAxes)
+    if mark is not None and f.size:
+        ax.axvline(mark * 100, color="grey", ls="--", lw=1, label=f"{mark:.0%} of the slice")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("lesion share of the slice (%)")
+    ax.set_ylabel("lesion slices" + (" (log scale)" if log else ""))
+    ax.set_title(f"{f.size} lesion slices", fontsize=9)
+    return figure_png(fig)
+
+
+def threshold_heatmap(
+    values: np.ndarray,
+    thresholds: Sequence[float],
+    members: Sequence[str],
+    objective: str,
+    operator: str,
+    title: str = "",
+) -> bytes:
+    """Objective over the threshold grid (the paper's Fig. 4), best point marked.
+
+    ``values``: shape (L,) (one member, or ``mean``) or (L,)*M, axis i = member i's
+    threshold index. 2 members: member 1 on y, member 2 on x, value (%) in each cell.
+    M > 2: the (member 1, member 2) slice through the best point, other members fixed.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    v = np.asarray(values, dtype=np.float64)
+    t = np.asarray(thresholds, dtype=np.float64)
+    if v.size == 0 or v.shape[0] != t.size or any(s != t.size for s in v.shape):
+        raise InputError(f"threshold grid of {operator}: shape {v.shape} does not fit "
+                         f"{t.size} thresholds")
+    finite = np.where(np.isfinite(v), v, -np.inf)
+    best = np.unravel_index(int(np.argmax(finite)), v.shape)
+    head = title or f"{operator}: {objective}"
+    if v.ndim == 1:
+        fig = Figure(figsize=(5, 3.2))
+        ax = fig.subplots()
+        ax.plot(t, v * 100, "o-")
+        ax.plot(t[best[0]], v[best] * 100, "r*", ms=14, label=f"best {t[best[0]]:g}")
+        ax.set_xlabel(f"threshold ({members[0] if len(members) == 1 else operator})")
+        ax.set_ylabel(f"{objective} (%)")
+        ax.legend(fontsize=8)
+        ax.set_title(head, fontsize=9)
+        return figure_png(fig)
+    fixed = ""
+    if v.ndim > 2:
+        idx = (slice(None), slice(None), *best[2:])
+        fixed = ", ".join(f"{m} = {t[b]:g}" for m, b in zip(members[2:], best[2:], strict=False))
+        v = v[idx]
+    n = t.size
+    fig = Figure(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
+    ax = fig.subplots()
+    im = ax.imshow(v * 100, origin="lower", cmap="viridis", aspect="auto")
+    fig.colorbar(im, ax=ax, label=f"{objective} (%)")
+    if n <= 16:
+        lo, hi = np.nanmin(v), np.nanmax(v)
+        for (i, j), x in np.ndenumerate(v):
+            light = np.isfinite(x) and hi > lo and (x - lo) / (hi - lo) < 0.55
+            ax.text(j, i, "-" if not np.isfinite(x) else f"{x * 100:.1f}", ha="center",
+                    va="center", fontsize=7, color="white" if light else "black")
+    ax.add_patch(Rectangle((best[1] - 0.5, best[0] - 0.5), 1, 1, fill=False, ec="red", lw=2.5))
+    labels = [f"{x:g}" for x in t]
+    ax.set_xticks(range(n), labels, fontsize=7)
+    ax.set_yticks(range(n), labels, fontsize=7)
+    ax.set_xlabel(f"threshold {members[1]}")
+    ax.set_ylabel(f"threshold {members[0]}")
+    ax.set_title(head + (f"\n(slice at {fixed})" if fixed else ""), fontsize=9)
+    return figure_png(fig)
+
+
+def results_bar_chart(
+    names: Sequence[str], means: Sequence[float], stds: Sequence[float], metric: str
+) -> bytes:
+    """Horizontal bars of ``metric`` (%) per result row, mean +- std over folds."""
+    from matplotlib.figure import Figure
+
+    m = np.asarray(means, dtype=np.float64) * 100
+    s = np.nan_to_num(np.asarray(stds, dtype=np.float64) * 100)
+    fig = Figure(figsize=(7, 0.8 + 0.35 * max(len(names), 1)))
+    ax = fig.subplots()
+    y = np.arange(len(names))
+    ax.barh(y, np.nan_to_num(m), xerr=s, color="#55a868", capsize=3)
+    ax.set_yticks(y, [n if len(n) <= 60 else n[:57] + "..." for n in names], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{metric} (%), mean +- std over folds")
+    ax.set_xlim(*bar_limits(m + s))
+    return figure_png(fig)
+
+
+def bar_limits(ends: np.ndarray) -> tuple[float, float]:
+    """x-range (%) of the results bar chart: from 0 (a bar's length is its value, so no
+    row looks like a fraction of another it nearly equals) to 5 past the longest bar end
+    (mean + std), at most 100."""
+    finite = np.asarray(ends, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    top = float(finite.max()) if finite.size else 0.0
+    return 0.0, min(100.0, max(top + 5.0, 5.0))
+
+
+def case_box_plot(names: Sequence[str], values: Sequence[Sequence[float]], label: str,
+                  seed: int = 0) -> bytes:
+    """Per-case values of one metric per result row: a horizontal box (median, quartiles,
+    whiskers at 1.5 IQR) with every case as a jittered dot (seeded); non-finite values are
+    left out and the number of cases shown is given per row."""
+    import inspect
+
+    from matplotlib.figure import Figure
+
+    vals = [np.asarray(v, dtype=np.float64) for v in values]
+    vals = [v[np.isfinite(v)] for v in vals]
+    fig = Figure(figsize=(7, 0.8 + 0.4 * max(len(names), 1)))
+    ax = fig.subplots()
+    pos = np.arange(1, len(names) + 1)
+    horizontal = ({"orientation": "horizontal"}
+                  if "orientation" in inspect.signature(ax.boxplot).parameters
+                  else {"vert": False})
+    ax.boxplot([v if v.size else [np.nan] for v in vals], positions=pos, widths=0.6,
+               showfliers=False, **horizontal)
+    rng = np.random.default_rng(seed)
+    for p, v in zip(pos, vals, strict=True):
+        ax.scatter(v, p + rng.uniform(-0.18, 0.18, v.size), s=9, alpha=0.6, color="#4c72b0",
+                   zorder=3)
+    ax.set_yticks(pos, [f"{n if len(n) <= 72 else n[:69] + '...'} (n={v.size})"
+                        for n, v in zip(names, vals, strict=True)], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(label)
+    return figure_png(fig)
+
+
+@dataclass
+class GalleryRow:
+    """One gallery slice: image (H, W), ground truth, member maps and named masks."""
+
+    title: str
+    image: np.ndarray
+    gt: np.ndarray
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # column -> text under the cell
+
+
+def gallery_figure(rows: Sequence[GalleryRow], title: str = "") -> bytes:
+    """The paper's Fig. 3: image | ground truth | member maps | masks, one row per slice.
+
+    Maps are drawn as a jet heatmap in [0, 1] over the image; masks in red over the image
+    with the ground-truth outline in yellow. Columns are the union over rows (a missing
+    entry stays blank); ``notes`` (e.g. thresholds) are printed under their cell.
+    """
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    if not rows:
+        raise InputError("gallery: no slice to show")
+    map_cols = list(dict.fromkeys(k for r in rows for k in r.maps))
+    mask_cols = list(dict.fromkeys(k for r in rows for k in r.masks))
+    cols = ["image", "ground truth", *map_cols, *mask_cols]
+    size = 1.7
+    note_lines = max((n.count("\n") + 1 for r in rows for n in r.notes.values()), default=0)
+    gap = 0.15 * note_lines + 0.15  # inches under each row for the notes
+    fig = Figure(figsize=(size * len(cols), (size + gap) * len(rows) + (0.4 if title else 0.1)))
+    axes = np.asarray(fig.subplots(len(rows), len(cols), squeeze=False,
+                                   gridspec_kw={"hspace": gap / size + 0.05, "wspace": 0.05}))
+    red = ListedColormap(["red"])
+    green = ListedColormap(["lime"])
+    for i, row in enumerate(rows):
+        img = np.asarray(row.image, dtype=np.float32)
+        lo, hi = np.percentile(img, [1, 99]) if img.size else (0.0, 1.0)
+        gt = np.asarray(row.gt, dtype=bool)
+
+        def base(ax: Any, img: np.ndarray = img, lo: float = lo, hi: float = hi) -> None:
+            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+
+        def outline(ax: Any, gt: np.ndarray = gt) -> None:
+            if gt.any() and not gt.all():
+                ax.contour(gt.astype(np.float32), levels=[0.5], colors="yellow",
+                           linewidths=0.8)
+
+        for j, col in enumerate(cols):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(col if len(col) <= 24 else col[:22] + "..", fontsize=8.5)
+            if j == 0:
+                base(ax)
+                ax.set_ylabel(row.title, fontsize=8)
+            elif j == 1:
+                base(ax)
+                ax.imshow(np.ma.masked_where(~gt, gt), cmap=green, alpha=0.5, vmin=0, vmax=1)
+            elif col in row.maps:
+                base(ax)
+                ax.imshow(np.asarray(row.maps[col], np.float32), cmap="jet", alpha=0.5,
+                          vmin=0, vmax=1)
+                outline(ax)
+            elif col in row.masks:
+                mk = np.asarray(row.masks[col], dtype=bool)
+                base(ax)
+                ax.imshow(np.ma.masked_where(~mk, mk), cmap=red, alpha=0.5, vmin=0, vmax=1)
+                outline(ax)
+            else:
+                ax.axis("off")
+            if col in row.notes:
+                ax.set_xlabel(row.notes[col], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return figure_png(fig)

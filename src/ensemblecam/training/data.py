@@ -1,0 +1,192 @@
+"""Training data: store slices as tensors, a (seed, epoch) sampler, batch loaders.
+
+Data order depends only on (seed, epoch), so a resumed run sees the same batches as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+
+from ensemblecam.errors import InputError
+from ensemblecam.io.split import Fold
+from ensemblecam.io.store import SliceStore
+
+
+def part_indices(store: SliceStore, splits: Path, fold: Fold, part: str) -> np.ndarray:
+    """Ascending store indices of the cases of ``fold``'s ``part``; a case the store lacks
+    is one InputError naming the split file, fold and part."""
+    try:
+        return store.indices_for_cases(fold.part(part))
+    except InputError as exc:
+        raise InputError(f"{splits}: {fold.name} {part}: {exc}") from exc
+
+
+class StoreDataset(Dataset):
+    """Slices of a store as (float32 tensor (C, H, W), int label), read from the memory map.
+
+    ``ds[i]`` is one sample; ``ds[[i, j, ...]]`` is a whole batch (x (B, C, H, W), y (B,))
+    read with one sorted fancy index, which :func:`batch_loader` uses: no per-sample
+    collation (torch.stack of many small tensors is slow on CPU).
+    """
+
+    def __init__(
+        self,
+        store: SliceStore,
+        indices: Sequence[int] | np.ndarray,
+        augment: Callable[[torch.Tensor], Any] | None = None,
+    ) -> None:
+        self.store = store
+        self.indices = np.asarray(indices, dtype=np.int64)
+        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= store.n_slices):
+            raise InputError(f"{store.path}: slice index out of range 0..{store.n_slices - 1}")
+        self.images = store.images
+        self.labels = store.labels[self.indices]
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _aug(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(self.augment(x)).as_subclass(torch.Tensor)  # type: ignore[misc]
+
+    def __getitem__(self, i: Any) -> tuple[torch.Tensor, Any]:
+        if np.ndim(i) == 0:
+            x = torch.from_numpy(np.asarray(self.images[self.indices[i]], dtype=np.float32))
+            return (x if self.augment is None else self._aug(x)), int(self.labels[i])
+        pos = np.asarray(i, dtype=np.int64)
+        idx = self.indices[pos]
+        order = np.argsort(idx, kind="stable")
+        block = np.empty((len(pos), *self.images.shape[1:]), np.float32)
+        block[order] = self.images[idx[order]]
+        x = torch.from_numpy(block)
+        if self.augment is not None:
+            for k in range(len(x)):
+                x[k] = self._aug(x[k])
+        return x, torch.from_numpy(self.labels[pos])
+
+
+class MaskDataset(StoreDataset):
+    """Store slices with segmentation targets: ``ds[list]`` = (x (B, C, H, W), y (B, H, W) long).
+
+    ``mask_source`` is the store's memory-mapped masks.npy or an in-memory (n, H, W) array;
+    ``mask_rows[k]`` is the row of ``mask_source`` holding the target of position ``k``.
+    """
+
+    def __init__(
+        self,
+        store: SliceStore,
+        indices: np.ndarray,
+        mask_source: np.ndarray,
+        mask_rows: np.ndarray,
+    ) -> None:
+        super().__init__(store, indices)
+        self.mask_source = mask_source
+        self.mask_rows = np.asarray(mask_rows, dtype=np.int64)
+        self.labels = np.zeros(len(self.indices), np.int64)  # unused by segmentation
+
+    def __getitem__(self, i: Any) -> tuple[torch.Tensor, Any]:
+        pos = np.atleast_1d(np.asarray(i, dtype=np.int64))
+        x, _ = super().__getitem__(pos)
+        rows = self.mask_rows[pos]
+        order = np.argsort(rows, kind="stable")
+        y = np.empty((len(pos), *self.mask_source.shape[1:]), np.int64)
+        y[order] = self.mask_source[rows[order]]
+        if np.ndim(i) == 0:
+            return x[0], torch.from_numpy(y[0])
+        return x, torch.from_numpy(y)
+
+
+def batch_loader(
+    dataset: StoreDataset,
+    batch_size: int,
+    sampler: Sampler[int] | None = None,
+    drop_last: bool = False,
+    **kwargs: Any,
+) -> DataLoader:
+    """DataLoader yielding (x, y) batches read in one piece (``dataset[list]``).
+
+    ``sampler`` orders the samples (default: sequential); ``kwargs`` go to DataLoader
+    (num_workers, pin_memory, worker_init_fn, ...).
+    """
+    order = sampler if sampler is not None else range(len(dataset))
+    batches = BatchSampler(order, batch_size, drop_last)  # type: ignore[arg-type]
+    return DataLoader(dataset, batch_size=None, sampler=batches, **kwargs)
+
+
+def train_loader(
+    dataset: StoreDataset, batch_size: int, sampler: EpochSampler, workers: int, gpu: bool
+) -> DataLoader:
+    """The training loader: ``sampler``'s order, the last short batch dropped when the rank
+    has more than one batch, seeded workers kept alive across epochs."""
+    return batch_loader(
+        dataset, batch_size, sampler, drop_last=len(sampler) > batch_size,
+        num_workers=workers, pin_memory=gpu, worker_init_fn=worker_init,
+        persistent_workers=workers > 0,
+    )  # fmt: skip
+
+
+def blur_augment(sigma: tuple[float, float], prob: float, seed: int) -> Callable[..., Any]:
+    """MONAI random Gaussian blur of a (C, H, W) slice, sigma ~ U(sigma) per axis, with ``prob``."""
+    from monai.transforms import RandGaussianSmooth
+
+    t = RandGaussianSmooth(sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=prob)
+    t.set_random_state(seed)
+    return t
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled (or class-weighted, with replacement) order drawn from (seed, epoch) alone.
+
+    With ``world > 1`` the epoch's order is padded to a multiple of ``world`` and rank ``r``
+    takes positions ``r, r + world, ...`` (as torch's DistributedSampler).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        weights: np.ndarray | None = None,
+    ) -> None:
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        self.epoch = 0
+        self.per_rank = math.ceil(n / world)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        total = self.per_rank * self.world
+        if total > self.n:
+            order = torch.cat([order, order[: total - self.n]])
+        return iter(order[self.rank : total : self.world].tolist())
+
+
+def worker_init(worker_id: int) -> None:
+    """Seed numpy/random and a MONAI augmentation in a DataLoader worker from torch's seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    aug = getattr(info.dataset, "augment", None) if info is not None else None
+    if aug is not None and hasattr(aug, "set_random_state"):
+        aug.set_random_state(seed)
