@@ -60,8 +60,9 @@ def main() -> None:
             from ensemblecam.synth import synth_dataset
 
             t0 = time.perf_counter()
-            data = synth_dataset(SynthConfig(out=work / "phantom", n_cases=args.n_cases,
-                                             workers=args.workers))
+            data = synth_dataset(
+                SynthConfig(out=work / "phantom", n_cases=args.n_cases, workers=args.workers)
+            )
             print(f"phantom: {args.n_cases} cases in {time.perf_counter() - t0:.1f} s")
         found = discover("brats", data)
         files = [str(p) for c in found.cases for p in [*c.images.values(), c.seg]]
@@ -74,13 +75,16 @@ def main() -> None:
             for ckpt, times in ((True, t_prep), (False, t_nockpt)):
                 out = work / f"store_{r}_{int(ckpt)}"
                 t0 = time.perf_counter()
-                prepare_store(PrepareConfig(data=data, out=out, workers=args.workers),
-                              checkpoint=ckpt)
+                prepare_store(
+                    PrepareConfig(data=data, out=out, workers=args.workers), checkpoint=ckpt
+                )
                 times.append(time.perf_counter() - t0)
                 n_slices = json.loads((out / "store.json").read_text())["n_slices"]
                 shutil.rmtree(out)
-            print(f"repeat {r}: nibabel load {t_load[-1]:.2f} s, prepare {t_prep[-1]:.2f} s, "
-                  f"prepare without resume records {t_nockpt[-1]:.2f} s")
+            print(
+                f"repeat {r}: nibabel load {t_load[-1]:.2f} s, prepare {t_prep[-1]:.2f} s, "
+                f"prepare without resume records {t_nockpt[-1]:.2f} s"
+            )
     load_s, prep_s, nockpt_s = (statistics.median(t) for t in (t_load, t_prep, t_nockpt))
     result = {
         "bench": "prepare",
@@ -96,8 +100,10 @@ def main() -> None:
         "ratio_vs_nibabel_load": round(prep_s / load_s, 3),
         "resume_records_overhead": round(prep_s / nockpt_s - 1, 3),
     }
-    print(f"prepare: {result['slices_per_s']} slices/s; prepare / nibabel load = "
-          f"{result['ratio_vs_nibabel_load']} (goal <= 1.5)")
+    print(
+        f"prepare: {result['slices_per_s']} slices/s; prepare / nibabel load = "
+        f"{result['ratio_vs_nibabel_load']} (goal <= 1.5)"
+    )
     print(json.dumps(result))
 
 

@@ -56,8 +56,10 @@ def make_data(folder: Path, n: int, seed: int = 0) -> tuple[list[np.ndarray], np
         for i, sigma in enumerate((4.0, 8.0)):
             m = gaussian_filter(gts[b] + 0.5 * rng.random((H, W)), sigma)
             maps[i, b] = (m - m.min()) / max(m.max() - m.min(), 1e-6)
-    mm = [np.lib.format.open_memmap(folder / f"m{i}.npy", "w+", np.float16, (n, H, W))
-          for i in range(2)]
+    mm = [
+        np.lib.format.open_memmap(folder / f"m{i}.npy", "w+", np.float16, (n, H, W))
+        for i in range(2)
+    ]
     gt = np.lib.format.open_memmap(folder / "gt.npy", "w+", np.uint8, (n, H, W))
     for s in range(0, n, 1000):
         e = min(s + 1000, n)
@@ -68,8 +70,10 @@ def make_data(folder: Path, n: int, seed: int = 0) -> tuple[list[np.ndarray], np
             mm[i][s:e] = np.roll(maps[i, pick], shift, axis=(1, 2))
     for a in [*mm, gt]:
         a.flush()
-    return ([np.load(folder / f"m{i}.npy", mmap_mode="r") for i in range(2)],
-            np.load(folder / "gt.npy", mmap_mode="r"))
+    return (
+        [np.load(folder / f"m{i}.npy", mmap_mode="r") for i in range(2)],
+        np.load(folder / "gt.npy", mmap_mode="r"),
+    )
 
 
 def run_search(maps, gt, cases, grid) -> S.SearchResult:
@@ -79,9 +83,9 @@ def run_search(maps, gt, cases, grid) -> S.SearchResult:
 def plain_pass(maps, gt, chunk: int = 128) -> float:
     tot = 0.0
     for s in range(0, len(gt), chunk):
-        tot += float(np.asarray(gt[s:s + chunk]).sum(dtype=np.int64))
+        tot += float(np.asarray(gt[s : s + chunk]).sum(dtype=np.int64))
         for m in maps:
-            tot += float(np.asarray(m[s:s + chunk]).sum(dtype=np.float32))
+            tot += float(np.asarray(m[s : s + chunk]).sum(dtype=np.float32))
     return tot
 
 
@@ -145,31 +149,45 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         maps, gt = make_data(Path(tmp), n)
-        print(f"data: 2 members x {n} slices of {H}x{W} float16 + uint8 masks "
-              f"({time.perf_counter() - t0:.1f} s to generate)")
+        print(
+            f"data: 2 members x {n} slices of {H}x{W} float16 + uint8 masks "
+            f"({time.perf_counter() - t0:.1f} s to generate)"
+        )
         cases = np.arange(n) // 128
         plain_pass(maps, gt)  # warm the page cache
-        wall, cpu = interleaved({
-            "plain": lambda: plain_pass(maps, gt),
-            "s11": lambda: run_search(maps, gt, cases, grid11),
-            "s101": lambda: run_search(maps, gt, cases, grid101)}, args.repeat)
+        wall, cpu = interleaved(
+            {
+                "plain": lambda: plain_pass(maps, gt),
+                "s11": lambda: run_search(maps, gt, cases, grid11),
+                "s101": lambda: run_search(maps, gt, cases, grid101),
+            },
+            args.repeat,
+        )
         t_plain = statistics.median(wall["plain"])
         t_search = statistics.median(wall["s11"])
         t_search101 = statistics.median(wall["s101"])
         over_plain = med_ratio(wall["s11"], wall["plain"])
         g101 = med_ratio(wall["s101"], wall["s11"])
-        print(f"per round (wall s): plain {[round(v, 2) for v in wall['plain']]}, 11x11 "
-              f"{[round(v, 2) for v in wall['s11']]}, 101x101 "
-              f"{[round(v, 2) for v in wall['s101']]}")
+        print(
+            f"per round (wall s): plain {[round(v, 2) for v in wall['plain']]}, 11x11 "
+            f"{[round(v, 2) for v in wall['s11']]}, 101x101 "
+            f"{[round(v, 2) for v in wall['s101']]}"
+        )
         t_naive_sub = timed(lambda: naive(maps, gt, grid11, args.naive_slices), 1)
         t_naive = t_naive_sub * n / args.naive_slices
-        print(f"plain read pass: {t_plain:.2f} s; search 11x11: {t_search:.2f} s "
-              f"(x{over_plain:.2f} of the plain pass, median of per-round ratios; CPU time "
-              f"x{med_ratio(cpu['s11'], cpu['plain']):.2f})")
-        print(f"naive loop on {args.naive_slices} slices: {t_naive_sub:.2f} s, scaled "
-              f"linearly to {n}: {t_naive:.0f} s -> speed-up x{t_naive / t_search:.0f}")
-        print(f"search 101x101: {t_search101:.2f} s (x{g101:.2f} of 11x11; CPU time "
-              f"x{med_ratio(cpu['s101'], cpu['s11']):.2f})")
+        print(
+            f"plain read pass: {t_plain:.2f} s; search 11x11: {t_search:.2f} s "
+            f"(x{over_plain:.2f} of the plain pass, median of per-round ratios; CPU time "
+            f"x{med_ratio(cpu['s11'], cpu['plain']):.2f})"
+        )
+        print(
+            f"naive loop on {args.naive_slices} slices: {t_naive_sub:.2f} s, scaled "
+            f"linearly to {n}: {t_naive:.0f} s -> speed-up x{t_naive / t_search:.0f}"
+        )
+        print(
+            f"search 101x101: {t_search101:.2f} s (x{g101:.2f} of 11x11; CPU time "
+            f"x{med_ratio(cpu['s101'], cpu['s11']):.2f})"
+        )
         peaks = {}
         for k in (n // 4, n):
             tracemalloc.start()
@@ -180,21 +198,31 @@ def main() -> None:
         res = run_search(maps, gt, cases, grid11)
         best = res.ranked("paper_miou")[0]
         print(f"best: {best['operator']} {best['thresholds']} paper_miou {best['paper_miou']:.4f}")
-    print(json.dumps({
-        "bench": "search",
-        "slices": n, "size": [H, W], "members": 2, "operators": OPS, "grid": "11x11",
-        "plain_pass_s": round(t_plain, 3), "search_s": round(t_search, 3),
-        "search_over_plain": round(over_plain, 2),
-        "search_over_plain_cpu": round(med_ratio(cpu["s11"], cpu["plain"]), 2),
-        "naive_s_scaled": round(t_naive, 1), "naive_measured_slices": args.naive_slices,
-        "speedup_vs_naive": round(t_naive / t_search, 1),
-        "search_101x101_s": round(t_search101, 3),
-        "grid101_over_grid11": round(g101, 2),
-        "grid101_over_grid11_cpu": round(med_ratio(cpu["s101"], cpu["s11"]), 2),
-        "repeats": args.repeat,
-        "peak_mib": {str(k): round(v, 1) for k, v in peaks.items()},
-        "best": {k: best[k] for k in ("operator", "thresholds", "paper_miou")},
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "search",
+                "slices": n,
+                "size": [H, W],
+                "members": 2,
+                "operators": OPS,
+                "grid": "11x11",
+                "plain_pass_s": round(t_plain, 3),
+                "search_s": round(t_search, 3),
+                "search_over_plain": round(over_plain, 2),
+                "search_over_plain_cpu": round(med_ratio(cpu["s11"], cpu["plain"]), 2),
+                "naive_s_scaled": round(t_naive, 1),
+                "naive_measured_slices": args.naive_slices,
+                "speedup_vs_naive": round(t_naive / t_search, 1),
+                "search_101x101_s": round(t_search101, 3),
+                "grid101_over_grid11": round(g101, 2),
+                "grid101_over_grid11_cpu": round(med_ratio(cpu["s101"], cpu["s11"]), 2),
+                "repeats": args.repeat,
+                "peak_mib": {str(k): round(v, 1) for k, v in peaks.items()},
+                "best": {k: best[k] for k in ("operator", "thresholds", "paper_miou")},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

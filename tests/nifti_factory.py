@@ -13,9 +13,7 @@ import nibabel as nib
 import numpy as np
 
 #: A non-trivial default affine (LPS-like: x and y flipped), as BraTS files have.
-DEFAULT_AFFINE = np.array(
-    [[-1.0, 0, 0, 23.0], [0, -1.0, 0, 23.0], [0, 0, 2.0, 0], [0, 0, 0, 1]]
-)
+DEFAULT_AFFINE = np.array([[-1.0, 0, 0, 23.0], [0, -1.0, 0, 23.0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
 
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
@@ -53,8 +51,12 @@ def image(body: np.ndarray, seg: np.ndarray, level: float, seed: int) -> np.ndar
 
 
 def brats_dataset(
-    root: Path, n_cases: int = 3, shape: tuple[int, int, int] = (24, 24, 8), year: int = 2020,
-    modalities: tuple[str, ...] = ("t1", "t1ce", "t2", "flair"), affine: np.ndarray | None = None,
+    root: Path,
+    n_cases: int = 3,
+    shape: tuple[int, int, int] = (24, 24, 8),
+    year: int = 2020,
+    modalities: tuple[str, ...] = ("t1", "t1ce", "t2", "flair"),
+    affine: np.ndarray | None = None,
 ) -> list[str]:
     """BraTS 2020 (``BraTS20_Training_001``) or 2021 (``BraTS2021_00000``) names."""
     names = []
@@ -62,15 +64,19 @@ def brats_dataset(
         name = f"BraTS20_Training_{c + 1:03d}" if year == 2020 else f"BraTS2021_{c:05d}"
         body, seg = body_and_seg(shape, c, lesion=c < n_cases - 1)
         for m, mod in enumerate(modalities):
-            write_nifti(root / name / f"{name}_{mod}.nii.gz",
-                        image(body, seg, 100.0 * (m + 1), seed=10 * c + m), affine)
+            write_nifti(
+                root / name / f"{name}_{mod}.nii.gz",
+                image(body, seg, 100.0 * (m + 1), seed=10 * c + m),
+                affine,
+            )
         write_nifti(root / name / f"{name}_seg.nii.gz", seg, affine)
         names.append(name)
     return names
 
 
-def msd_dataset(root: Path, n_cases: int = 3, shape: tuple[int, int, int] = (24, 24, 8)
-                ) -> list[str]:
+def msd_dataset(
+    root: Path, n_cases: int = 3, shape: tuple[int, int, int] = (24, 24, 8)
+) -> list[str]:
     """Decathlon prostate: 4-D imagesTr (T2, ADC), labelsTr, dataset.json."""
     names, training = [], []
     for c in range(n_cases):
@@ -80,25 +86,32 @@ def msd_dataset(root: Path, n_cases: int = 3, shape: tuple[int, int, int] = (24,
         adc = image(body, seg, 1000.0, seed=100 + c) * 0.5 + 7.0  # distinguishable from T2
         write_nifti(root / "imagesTr" / f"{name}.nii.gz", np.stack([t2, adc], axis=-1))
         write_nifti(root / "labelsTr" / f"{name}.nii.gz", seg)
-        training.append({"image": f"./imagesTr/{name}.nii.gz",
-                         "label": f"./labelsTr/{name}.nii.gz"})
+        training.append(
+            {"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"}
+        )
         names.append(name)
-    meta = {"name": "Prostate", "modality": {"0": "T2", "1": "ADC"},
-            "labels": {"0": "background", "1": "PZ", "2": "TZ"},
-            "numTraining": n_cases, "training": training}
+    meta = {
+        "name": "Prostate",
+        "modality": {"0": "T2", "1": "ADC"},
+        "labels": {"0": "background", "1": "PZ", "2": "TZ"},
+        "numTraining": n_cases,
+        "training": training,
+    }
     (root / "dataset.json").write_text(json.dumps(meta))
     return names
 
 
-def kits_dataset(root: Path, n_cases: int = 3, shape: tuple[int, int, int] = (48, 24, 8),
-                 version: int = 21) -> list[str]:
+def kits_dataset(
+    root: Path, n_cases: int = 3, shape: tuple[int, int, int] = (48, 24, 8), version: int = 21
+) -> list[str]:
     """KiTS: ``case_XXXXX/imaging.nii.gz`` (HU) + seg (1 kidney, 2 tumour, 3 cyst in 21)."""
     names = []
     x, y, z = np.indices(shape)
     for c in range(n_cases):
         name = f"case_{c:05d}"
         body = ((x - shape[0] / 2) / (0.45 * shape[0])) ** 2 + (
-            (y - shape[1] / 2) / (0.4 * shape[1])) ** 2 <= 1
+            (y - shape[1] / 2) / (0.4 * shape[1])
+        ) ** 2 <= 1
         seg = np.zeros(shape, np.uint8)
         for kx in (shape[0] * 0.3 + c, shape[0] * 0.7 - c):  # a kidney in each half
             seg[(np.hypot(x - kx, y - shape[1] / 2) <= 3) & (z >= 1) & (z <= 6)] = 1
@@ -116,16 +129,23 @@ def kits_dataset(root: Path, n_cases: int = 3, shape: tuple[int, int, int] = (48
     return names
 
 
-def folder_dataset(root: Path, n_cases: int = 3, shape: tuple[int, int, int] = (24, 24, 8),
-                   modalities: tuple[str, ...] = ("t1", "t2"), labels: bool = True,
-                   case_names: list[str] | None = None) -> list[str]:
+def folder_dataset(
+    root: Path,
+    n_cases: int = 3,
+    shape: tuple[int, int, int] = (24, 24, 8),
+    modalities: tuple[str, ...] = ("t1", "t2"),
+    labels: bool = True,
+    case_names: list[str] | None = None,
+) -> list[str]:
     """Generic ``images/<case>_<modality>.nii.gz`` + ``labels/<case>.nii.gz``."""
     names = case_names or [f"case{c}" for c in range(n_cases)]
     for c, name in enumerate(names):
         body, seg = body_and_seg(shape, c, lesion=c < len(names) - 1, labels=(1,))
         for m, mod in enumerate(modalities):
-            write_nifti(root / "images" / f"{name}_{mod}.nii.gz",
-                        image(body, seg, 50.0 * (m + 1), seed=c * 7 + m))
+            write_nifti(
+                root / "images" / f"{name}_{mod}.nii.gz",
+                image(body, seg, 50.0 * (m + 1), seed=c * 7 + m),
+            )
         if labels:
             write_nifti(root / "labels" / f"{name}.nii.gz", seg)
     return names

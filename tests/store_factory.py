@@ -49,8 +49,19 @@ def build_store(
             images[i, :] = img
             frac = float(masks[i].mean())
             rows.append(
-                dict(index=i, case=name, slice=s, part="", y0=0, y1=h, x0=0, x1=w,
-                     label=int(frac > 0), lesion_fraction=frac, has_mask=1)
+                dict(
+                    index=i,
+                    case=name,
+                    slice=s,
+                    part="",
+                    y0=0,
+                    y1=h,
+                    x0=0,
+                    x1=w,
+                    label=int(frac > 0),
+                    lesion_fraction=frac,
+                    has_mask=1,
+                )
             )
             i += 1
         cases[name] = {

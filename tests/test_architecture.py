@@ -40,8 +40,10 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods
-                           else node.module for a in node.names]
+                targets = [
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods else node.module
+                    for a in node.names
+                ]
             for t in targets:
                 if t in mods and t != name and not name.startswith(t + "."):
                     graph[name].add(t)
@@ -57,7 +59,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                return [*stack[stack.index(n):], n]
+                return [*stack[stack.index(n) :], n]
             if n not in state and (found := visit(n)):
                 return found
         stack.pop()

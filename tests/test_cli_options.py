@@ -47,8 +47,9 @@ def _help(args: list[str], columns: int) -> str:
     """``ensemblecam ARGS --help`` in a terminal of ``columns`` (CliRunner forces 80)."""
     out = io.StringIO()
     with mock.patch.dict(os.environ, {"COLUMNS": str(columns)}), redirect_stdout(out):
-        typer.main.get_command(app).main([*args, "--help"], prog_name="ensemblecam",
-                                         standalone_mode=False)
+        typer.main.get_command(app).main(
+            [*args, "--help"], prog_name="ensemblecam", standalone_mode=False
+        )
     return out.getvalue()
 
 
@@ -94,8 +95,10 @@ def _recorder(section: str) -> tuple[typer.Typer, list]:
 
 def test_flags_override_yaml_and_unset_flags_keep_it(tmp_path: Path) -> None:
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("train:\n  epochs: 7\n  lr: 0.5\n  devices: 2\n  model_args: {a: 1}\n"
-                        "  resume: true\n  blur_sigma: [0.3, 0.4]\n")
+    cfg_file.write_text(
+        "train:\n  epochs: 7\n  lr: 0.5\n  devices: 2\n  model_args: {a: 1}\n"
+        "  resume: true\n  blur_sigma: [0.3, 0.4]\n"
+    )
     rec_app, seen = _recorder("train")
     r = CliRunner().invoke(rec_app, [
         "go", "--config", str(cfg_file), "--lr", "0.1", "--devices", "auto", "--fold", "fold-a",
@@ -143,11 +146,13 @@ def test_list_literal_and_str_fold_flags(tmp_path: Path) -> None:
     (["--model-args", "[1]"], "error: --model-args '[1]': not a JSON object"),
     (["--lr", "fast"], "error: --lr 'fast': Input should be a valid number"),
 ])  # fmt: skip
-def test_bad_flag_value_is_one_line_before_any_work(tmp_path: Path, args: list[str],
-                                                   message: str) -> None:
+def test_bad_flag_value_is_one_line_before_any_work(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
     out = tmp_path / "run"
-    r = CliRunner().invoke(app, ["train", "--store", str(tmp_path / "none"), "--out", str(out),
-                                 *args])
+    r = CliRunner().invoke(
+        app, ["train", "--store", str(tmp_path / "none"), "--out", str(out), *args]
+    )
     assert r.exit_code == 2, r.output
     assert r.output.startswith(message) and r.output.count("\n") == 1, r.output
     assert not out.exists()
@@ -157,8 +162,22 @@ def test_synth_flag_over_yaml_end_to_end(tmp_path: Path) -> None:
     cfg_file = tmp_path / "s.yaml"
     cfg_file.write_text("synth:\n  n_cases: 3\n  seed: 5\n  layout: msd\n")
     out = tmp_path / "ph"
-    r = CliRunner().invoke(app, ["synth", "-c", str(cfg_file), "--n-cases", "1", "--shape",
-                                 "32,32,8", "--workers", "1", "--out", str(out)])
+    r = CliRunner().invoke(
+        app,
+        [
+            "synth",
+            "-c",
+            str(cfg_file),
+            "--n-cases",
+            "1",
+            "--shape",
+            "32,32,8",
+            "--workers",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "wrote 1 msd phantom cases (32x32x8)" in r.output
     record = json.loads(next(out.rglob("phantom.json")).read_text())
@@ -194,8 +213,11 @@ def test_help_is_readable(columns: int) -> None:
 
 def test_help_snapshots() -> None:
     cam = _help(["cam"], 100)
-    assert re.search(r"--methods <str,\.\.\.>\s+cam, gradcam, gradcampp, smoothgradcampp, "
-                     r"xgradcam, layercam,\s+scorecam \[default: gradcam\]", cam), cam
+    assert re.search(
+        r"--methods <str,\.\.\.>\s+cam, gradcam, gradcampp, smoothgradcampp, "
+        r"xgradcam, layercam,\s+scorecam \[default: gradcam\]",
+        cam,
+    ), cam
     assert re.search(r"--raw / --no-raw\s+store un-normalised maps .*\[default: off\]", cam)
     assert "--score-precision <fp32|bf16>" in cam and "--fold <int|str>" in cam
     assert "--checkpoints <path,...>" in cam and "[default: train,val,test]" in cam
@@ -213,8 +235,13 @@ def test_help_snapshots() -> None:
 def test_console_script_help_at_100_columns() -> None:
     """The real entry point (a subprocess, COLUMNS=100) wraps at 100 columns, cuts nothing."""
     code = "from ensemblecam.cli import main; main()"
-    r = subprocess.run([sys.executable, "-c", code, "cam", "--help"], capture_output=True,
-                       text=True, env={**os.environ, "COLUMNS": "100"}, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code, "cam", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "100"},
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert max(map(len, lines)) <= 100 and max(map(len, lines)) > 90

@@ -41,8 +41,9 @@ def test_pipeline_twice_gives_identical_files(
     """Store, split, checkpoints (best.pt), maps, search, evaluations, results and exported
     NIfTI masks of two runs of one configuration are byte-identical; resuming a run folder
     made with other package versions warns in one line naming them."""
-    phantom = synth_dataset(SynthConfig(out=tmp_path / "ph", n_cases=6, shape=(48, 48, 12),
-                                        seed=3, workers=1))
+    phantom = synth_dataset(
+        SynthConfig(out=tmp_path / "ph", n_cases=6, shape=(48, 48, 12), seed=3, workers=1)
+    )
     data = json.loads(json.dumps(TINY))
     data["prepare"]["data"] = str(phantom)
     data["run"].update(out=str(tmp_path / "run"), pseudo_unet=False, report=False)
@@ -51,8 +52,16 @@ def test_pipeline_twice_gives_identical_files(
     shutil.move(first, tmp_path / "first")
     second = pipeline.run_pipeline(cfg, progress=False)  # same path: paths inside files agree
     a, b = _hashes(tmp_path / "first"), _hashes(second)
-    for kind in ("store/", "split/", "/best.pt", "/maps/", "/search/", "/eval/", "export/",
-                 "results.json"):
+    for kind in (
+        "store/",
+        "split/",
+        "/best.pt",
+        "/maps/",
+        "/search/",
+        "/eval/",
+        "export/",
+        "results.json",
+    ):
         assert any(kind in k for k in a), kind  # each kind of output is compared
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
@@ -84,16 +93,22 @@ def test_phantom_independent_of_threads_and_workers(tmp_path: Path, layout: str)
     for name, (workers, threads) in runs.items():
         env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
         if threads is not None:
-            env |= {k: threads for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                         "MKL_NUM_THREADS")}
+            env |= {
+                k: threads for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+            }
         out = tmp_path / name
-        subprocess.run([sys.executable, "-c", _SYNTH, str(out), layout, workers], env=env,
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-c", _SYNTH, str(out), layout, workers],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         arrays[name] = {}
         for f in sorted(out.rglob("*.nii.gz")):
             img = nib.load(f)
             arrays[name][str(f.relative_to(out))] = (
-                np.asarray(img.dataobj).tobytes() + np.asarray(img.affine).tobytes())
+                np.asarray(img.dataobj).tobytes() + np.asarray(img.affine).tobytes()
+            )
     assert arrays["serial"] and arrays["serial"] == arrays["parallel"]
 
 
@@ -106,11 +121,11 @@ def test_run_record_names_versions_threads_and_lock(tmp_path: Path) -> None:
     assert rec["lock"]["sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
     old = json.loads(json.dumps(rec))
     old["packages"]["numpy"] = "1.0.0"
-    old["cpu"]["torch_cpu_capability"] = "AVX2" if rec["cpu"]["torch_cpu_capability"] != "AVX2" \
-        else "AVX512"
+    old["cpu"]["torch_cpu_capability"] = (
+        "AVX2" if rec["cpu"]["torch_cpu_capability"] != "AVX2" else "AVX512"
+    )
     assert environment.changes(old, rec) == [
         f"numpy 1.0.0 -> {np.__version__}",
-        f"CPU kernels {old['cpu']['torch_cpu_capability']} -> "
-        f"{rec['cpu']['torch_cpu_capability']}",
+        f"CPU kernels {old['cpu']['torch_cpu_capability']} -> {rec['cpu']['torch_cpu_capability']}",
     ]
     assert environment.changes(rec, rec) == []

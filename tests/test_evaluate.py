@@ -26,8 +26,9 @@ def test_apply_config_operators():
     assert (apply_config([a, b], {**cfg, "operator": "max"}) == (b > 0.5)).all()
     mean = apply_config([a, b], {"operator": "mean", "thresholds": [0.6], "gate": None})
     assert mean.sum() == 1  # only the pixel where both are 0.9
-    gated = apply_config([a, b], {**cfg, "operator": "or", "gate": 0.5},
-                         [np.array([0.3]), np.array([0.6])])
+    gated = apply_config(
+        [a, b], {**cfg, "operator": "or", "gate": 0.5}, [np.array([0.3]), np.array([0.6])]
+    )
     assert gated.sum() == 0  # mean prob 0.45 < 0.5
 
 
@@ -37,9 +38,13 @@ def test_empty_baseline_anchor():
     masks = np.zeros((2, 2, 2), np.uint8)
     masks[0, 0, 0] = 1
     maps = [np.zeros((2, 2, 2), np.float32)]
-    res, _ = evaluate_arrays(maps, masks, np.array([0, 0]),
-                             {"operator": "single", "thresholds": [0.5], "gate": None},
-                             progress=False)
+    res, _ = evaluate_arrays(
+        maps,
+        masks,
+        np.array([0, 0]),
+        {"operator": "single", "thresholds": [0.5], "gate": None},
+        progress=False,
+    )
     for r in (res["metrics"], res["empty_baseline"]):
         assert r["paper_miou"] == pytest.approx(7 / 16)
         assert r["paper_dsc"] == pytest.approx(14 / 23)
@@ -58,31 +63,68 @@ def search_setup(tmp_path):
     for name, sigma in (("a__gradcam", 1.0), ("b__gradcam", 2.0)):
         m = gaussian_filter(gt + 0.4 * rng.random(gt.shape), sigma=(0, sigma, sigma))
         m = (m - m.min()) / (m.max() - m.min())
-        write_map_set(tmp_path / "maps" / name, {"method": "gradcam"}, idx,
-                      m.astype(np.float16), (gt.reshape(len(gt), -1).max(1) * 0.8 + 0.1))
+        write_map_set(
+            tmp_path / "maps" / name,
+            {"method": "gradcam"},
+            idx,
+            m.astype(np.float16),
+            (gt.reshape(len(gt), -1).max(1) * 0.8 + 0.1),
+        )
     return tmp_path, store_path
 
 
 def test_cli_round_trip(search_setup):
     tmp, store = search_setup
     runner = CliRunner()
-    args = ["search", "--store", str(store), "--fold", "0", "--part", "train", "--maps",
-            str(tmp / "maps"), "--members", "a__gradcam,b__gradcam", "--operators",
-            "and,or,min,max", "--gate", "--out", str(tmp / "search"),
-            "--calibration-cases", "2,all"]
+    args = [
+        "search",
+        "--store",
+        str(store),
+        "--fold",
+        "0",
+        "--part",
+        "train",
+        "--maps",
+        str(tmp / "maps"),
+        "--members",
+        "a__gradcam,b__gradcam",
+        "--operators",
+        "and,or,min,max",
+        "--gate",
+        "--out",
+        str(tmp / "search"),
+        "--calibration-cases",
+        "2,all",
+    ]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     out = tmp / "search"
-    for f in ("ranking.csv", "ranking.json", "best.json", "grid_and.npy", "grid_min.json",
-              "calibration_curve.csv"):
+    for f in (
+        "ranking.csv",
+        "ranking.json",
+        "best.json",
+        "grid_and.npy",
+        "grid_min.json",
+        "calibration_curve.csv",
+    ):
         assert (out / f).is_file(), f
     assert np.load(out / "grid_and.npy").shape == (10, 10)
     best = json.loads((out / "best.json").read_text())
     r2 = runner.invoke(app, args)
     assert r2.exit_code == 2 and "--force" in r2.output
     # evaluating the best config on the calibration part reproduces the search's numbers
-    ev = ["evaluate", "--best", str(out / "best.json"), "--store", str(store),
-          "--fold", "0", "--maps", str(tmp / "maps"), "--hd95"]
+    ev = [
+        "evaluate",
+        "--best",
+        str(out / "best.json"),
+        "--store",
+        str(store),
+        "--fold",
+        "0",
+        "--maps",
+        str(tmp / "maps"),
+        "--hd95",
+    ]
     r = runner.invoke(app, [*ev, "--part", "train", "--out", str(tmp / "ev_train")])
     assert r.exit_code == 0, r.output
     m = json.loads((tmp / "ev_train" / "metrics.json").read_text())["metrics"]
@@ -99,8 +141,7 @@ def test_cli_round_trip(search_setup):
 def test_cli_bad_inputs(search_setup):
     tmp, store = search_setup
     runner = CliRunner()
-    base = ["search", "--store", str(store), "--maps", str(tmp / "maps"),
-            "--out", str(tmp / "o")]
+    base = ["search", "--store", str(store), "--maps", str(tmp / "maps"), "--out", str(tmp / "o")]
     r = runner.invoke(app, [*base, "--members", "a__gradcam,zz"])
     assert r.exit_code == 2 and "member 'zz'" in r.output
     r = runner.invoke(app, [*base, "--members", "a__gradcam", "--operators", "xor"])
@@ -113,13 +154,15 @@ def test_cli_bad_inputs(search_setup):
     r = runner.invoke(app, [*base, "--members", "a__gradcam,short__gradcam"])
     assert r.exit_code == 2 and "short__gradcam" in r.output and "no maps for" in r.output
     # maps of another size
-    write_map_set(tmp / "maps" / "big__x", {}, np.arange(24), np.zeros((24, 8, 8), np.float16),
-                  np.zeros(24))
+    write_map_set(
+        tmp / "maps" / "big__x", {}, np.arange(24), np.zeros((24, 8, 8), np.float16), np.zeros(24)
+    )
     r = runner.invoke(app, [*base, "--members", "big__x"])
     assert r.exit_code == 2 and "shape" in r.output
     # a store without masks
     (store / "store.json").write_text(
-        (store / "store.json").read_text().replace('"has_masks": true', '"has_masks": false'))
+        (store / "store.json").read_text().replace('"has_masks": true', '"has_masks": false')
+    )
     r = runner.invoke(app, [*base, "--members", "a__gradcam"])
     assert r.exit_code == 2 and "no masks" in r.output
 
@@ -129,8 +172,21 @@ def test_cli_top_k_and_slice_objective(search_setup):
 
     tmp, store = search_setup
     runner = CliRunner()
-    base = ["search", "--store", str(store), "--fold", "0", "--part", "train", "--maps",
-            str(tmp / "maps"), "--members", "a__gradcam,b__gradcam", "--operators", "and,min"]
+    base = [
+        "search",
+        "--store",
+        str(store),
+        "--fold",
+        "0",
+        "--part",
+        "train",
+        "--maps",
+        str(tmp / "maps"),
+        "--members",
+        "a__gradcam,b__gradcam",
+        "--operators",
+        "and,min",
+    ]
     r = runner.invoke(app, [*base, "--top-k", "3", "--out", str(tmp / "k3")])
     assert r.exit_code == 0, r.output
     rows = list(csv.DictReader((tmp / "k3" / "ranking.csv").open()))
@@ -162,8 +218,12 @@ def test_ensemble_config_and_masks_file(search_setup):
     from ensemblecam.stages.evaluate import write_config_masks
 
     tmp, store = search_setup
-    conf = {"operator": "min", "members": ["a__gradcam", "b__gradcam"],
-            "thresholds": [0.4, 0.6], "gate": 0.3}
+    conf = {
+        "operator": "min",
+        "members": ["a__gradcam", "b__gradcam"],
+        "thresholds": [0.4, 0.6],
+        "gate": 0.3,
+    }
     (tmp / "best.json").write_text(json.dumps({**conf, "paper_miou": 0.5, "search": {}}))
     ec = EnsembleConfig.read(tmp / "best.json")
     assert ec == EnsembleConfig("min", ("a__gradcam", "b__gradcam"), (0.4, 0.6), 0.3)

@@ -111,9 +111,21 @@ def _build_store(
                     assert win.shape == size
                 masks.append(win)
                 images.append(win[None].astype(np.float32))
-                rows.append(dict(index=len(rows), case=name, slice=s, part=part, y0=y0, y1=y1,
-                                 x0=x0, x1=x1, label=int(win.any()),
-                                 lesion_fraction=float(win.mean()), has_mask=1))
+                rows.append(
+                    dict(
+                        index=len(rows),
+                        case=name,
+                        slice=s,
+                        part=part,
+                        y0=y0,
+                        y1=y1,
+                        x0=x0,
+                        x1=x1,
+                        label=int(win.any()),
+                        lesion_fraction=float(win.mean()),
+                        has_mask=1,
+                    )
+                )
         cases[name] = {
             "shape": list(img.shape),
             "affine": img.affine.tolist(),
@@ -136,11 +148,19 @@ def _build_store(
     np.save(store_dir / "masks.npy", np.stack(masks))
     write_slice_table(store_dir / "slices.csv", rows)
     fsutil.write_json(store_dir / "cases.json", cases)
-    fsutil.write_json(store_dir / MANIFEST, {
-        "format": STORE_FORMAT, "version": STORE_VERSION, "n_slices": len(rows),
-        "channels": ["seg"], "size": list(shapes.pop()), "dtype": "float16",
-        "has_masks": True, "prepare": {"layout": "test"},
-    })
+    fsutil.write_json(
+        store_dir / MANIFEST,
+        {
+            "format": STORE_FORMAT,
+            "version": STORE_VERSION,
+            "n_slices": len(rows),
+            "channels": ["seg"],
+            "size": list(shapes.pop()),
+            "dtype": "float16",
+            "has_masks": True,
+            "prepare": {"layout": "test"},
+        },
+    )
     return SliceStore.open(store_dir), expected
 
 
@@ -157,6 +177,7 @@ def _errors(result: object) -> list[str]:
 
 # --------------------------------------------------------------------------- core
 
+
 @pytest.mark.parametrize("affine_name", list(AFFINES))
 @pytest.mark.parametrize("axis", [0, 1, 2])
 @pytest.mark.parametrize("crop", ["none", "inside", "outside"])
@@ -166,8 +187,10 @@ def test_slices_to_volume_undoes_canonical_slicing_and_crop(
     seg = _seg((9, 10, 7), seed=axis)
     path = _write_nifti(tmp_path / "c.nii.gz", seg, AFFINES[affine_name])
     store, expected = _build_store(tmp_path / "store", {"c": path}, axis=axis, crop=crop)
-    rows = [{k: store.table[k][i] for k in ("slice", "part", "y0", "y1", "x0", "x1")}
-            for i in range(store.n_slices)]
+    rows = [
+        {k: store.table[k][i] for k in ("slice", "part", "y0", "y1", "x0", "x1")}
+        for i in range(store.n_slices)
+    ]
     vol = slices_to_volume(store.cases["c"], rows, np.asarray(store.masks))
     assert vol.shape == seg.shape and vol.dtype == np.uint8
     np.testing.assert_array_equal(vol, expected["c"])
@@ -183,8 +206,9 @@ def test_slices_not_given_stay_zero_and_fill_dtype(tmp_path: Path) -> None:
     store, _ = _build_store(tmp_path / "store", {"c": path})
     geo = store.cases["c"]
     rows = [{"slice": 3, "part": "", "y0": 0, "y1": 4, "x0": 0, "x1": 5}]
-    vol = slices_to_volume(geo, rows, np.full((1, 4, 5), 0.25, np.float32), fill=-1.0,
-                           dtype=np.float32)
+    vol = slices_to_volume(
+        geo, rows, np.full((1, 4, 5), 0.25, np.float32), fill=-1.0, dtype=np.float32
+    )
     assert vol.dtype == np.float32
     assert (vol[..., 3] == 0.25).all()  # LPS: third axis is not flipped
     assert (np.delete(vol, 3, axis=2) == -1.0).all()
@@ -210,8 +234,7 @@ def test_kidney_windows_overlap_or_for_masks_max_for_maps(tmp_path: Path) -> Non
     only_left = np.asarray(store.masks).copy()
     only_left[store.table["part"] == "right"] = 0
     only_left[store.table["part"] == "left"] = 1
-    rows = [{k: store.table[k][i] for k in ("slice", "part", "y0", "y1", "x0", "x1")}
-            for i in idx]
+    rows = [{k: store.table[k][i] for k in ("slice", "part", "y0", "y1", "x0", "x1")} for i in idx]
     vol = slices_to_volume(store.cases["k"], rows, only_left)
     canon = nib.as_closest_canonical(nib.load(path))
     left_cover = np.zeros(canon.shape, np.uint8)
@@ -222,7 +245,8 @@ def test_kidney_windows_overlap_or_for_masks_max_for_maps(tmp_path: Path) -> Non
     np.testing.assert_array_equal(vol, nib.orientations.apply_orientation(left_cover, inv))
     # maps: max of the two windows where they overlap
     maps = np.where(store.table["part"] == "left", 0.3, 0.7)[:, None, None] * np.ones(
-        (1, 6, 6), np.float32)
+        (1, 6, 6), np.float32
+    )
     vol = slices_to_volume(store.cases["k"], rows, maps.astype(np.float32))
     canon_vol = np.zeros(canon.shape, np.float32)
     canon_vol[0:6, 0:4, :] = 0.3
@@ -231,10 +255,16 @@ def test_kidney_windows_overlap_or_for_masks_max_for_maps(tmp_path: Path) -> Non
 
 
 def test_write_case_nifti_header_and_atomic(tmp_path: Path) -> None:
-    geo = {"shape": [3, 4, 5], "affine": OBLIQUE.tolist(), "canonical_shape": [3, 4, 5],
-           "axis": 2, "ornt": nib.orientations.io_orientation(OBLIQUE).tolist()}
+    geo = {
+        "shape": [3, 4, 5],
+        "affine": OBLIQUE.tolist(),
+        "canonical_shape": [3, 4, 5],
+        "axis": 2,
+        "ornt": nib.orientations.io_orientation(OBLIQUE).tolist(),
+    }
     geo["canonical_shape"] = list(
-        nib.orientations.apply_orientation(np.zeros((3, 4, 5)), np.asarray(geo["ornt"])).shape)
+        nib.orientations.apply_orientation(np.zeros((3, 4, 5)), np.asarray(geo["ornt"])).shape
+    )
     vol = np.zeros((3, 4, 5), np.float64)
     vol[1, 2, 3] = 1
     p = write_case_nifti(tmp_path / "m.nii.gz", vol, geo, "mask")
@@ -255,6 +285,7 @@ def test_write_case_nifti_header_and_atomic(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- CLI / files
+
 
 @pytest.fixture
 def two_case_store(tmp_path: Path) -> tuple[SliceStore, dict[str, np.ndarray], dict[str, Path]]:
@@ -281,7 +312,8 @@ def test_cli_ground_truth_round_trip(two_case_store, tmp_path: Path) -> None:
         assert got.shape == orig.shape
         np.testing.assert_array_equal(got.affine, orig.affine)
         np.testing.assert_array_equal(
-            np.asanyarray(got.dataobj), (np.asanyarray(orig.dataobj) > 0).astype(np.uint8))
+            np.asanyarray(got.dataobj), (np.asanyarray(orig.dataobj) > 0).astype(np.uint8)
+        )
         np.testing.assert_array_equal(np.asanyarray(got.dataobj), expected[name])
     assert not any(p.name.startswith(".") for p in out.parent.iterdir())
 
@@ -295,13 +327,26 @@ def test_cli_masks_and_maps_npz(two_case_store, tmp_path: Path) -> None:
     np.savez(tmp_path / "masks.npz", index=sel.astype(np.int64), masks=masks)
     np.savez(tmp_path / "maps.npz", index=sel[::-1].astype(np.int64), maps=maps[::-1])
     out = tmp_path / "pred"
-    res = _cli(["--store", str(store.path), "--masks", str(tmp_path), "--maps",
-                str(tmp_path / "maps.npz"), "--out", str(out)])
+    res = _cli(
+        [
+            "--store",
+            str(store.path),
+            "--masks",
+            str(tmp_path),
+            "--maps",
+            str(tmp_path / "maps.npz"),
+            "--out",
+            str(out),
+        ]
+    )
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in out.iterdir()) == [".ensemblecam", "index.json",
-                                                     "perm.nii.gz", "perm_map.nii.gz"]
-    rows = [{k: store.table[k][i] for k in ("slice", "part", "y0", "y1", "x0", "x1")}
-            for i in sel]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".ensemblecam",
+        "index.json",
+        "perm.nii.gz",
+        "perm_map.nii.gz",
+    ]
+    rows = [{k: store.table[k][i] for k in ("slice", "part", "y0", "y1", "x0", "x1")} for i in sel]
     geo = store.cases["perm"]
     m = nib.load(out / "perm.nii.gz")
     f = nib.load(out / "perm_map.nii.gz")
@@ -321,24 +366,52 @@ def test_map_store_member_is_accepted(two_case_store, tmp_path: Path) -> None:
     store, _, _ = two_case_store
     idx = np.arange(store.n_slices)
     maps = np.random.default_rng(1).random((len(idx), *store.size)).astype(np.float32)
-    write_map_set(tmp_path / "maps" / "m__gradcam", {}, idx, quantise(maps, "uint8"),
-                  np.zeros(len(idx)))
+    write_map_set(
+        tmp_path / "maps" / "m__gradcam", {}, idx, quantise(maps, "uint8"), np.zeros(len(idx))
+    )
     got_idx, got = load_slice_arrays(tmp_path / "maps" / "m__gradcam", "maps")
     np.testing.assert_array_equal(got_idx, idx)
     assert np.abs(got - maps).max() <= 1 / 510 + 1e-6
-    res = _cli(["--store", str(store.path), "--maps", str(tmp_path / "maps" / "m__gradcam"),
-                "--out", str(tmp_path / "o")])
+    res = _cli(
+        [
+            "--store",
+            str(store.path),
+            "--maps",
+            str(tmp_path / "maps" / "m__gradcam"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
-        ".ensemblecam", "index.json", "lps_map.nii.gz", "perm_map.nii.gz"]
+        ".ensemblecam",
+        "index.json",
+        "lps_map.nii.gz",
+        "perm_map.nii.gz",
+    ]
 
 
-def _bad(tmp_path: Path, store: SliceStore, index: np.ndarray, masks: np.ndarray,
-         extra: tuple[str, ...] = (), out: Path | None = None) -> object:
+def _bad(
+    tmp_path: Path,
+    store: SliceStore,
+    index: np.ndarray,
+    masks: np.ndarray,
+    extra: tuple[str, ...] = (),
+    out: Path | None = None,
+) -> object:
     np.savez(tmp_path / "bad.npz", index=index, masks=masks)
     out = out or tmp_path / "bad_out"
-    return _cli(["--store", str(store.path), "--masks", str(tmp_path / "bad.npz"),
-                 "--out", str(out), *extra])
+    return _cli(
+        [
+            "--store",
+            str(store.path),
+            "--masks",
+            str(tmp_path / "bad.npz"),
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def test_bad_inputs_one_error_line_nothing_written(two_case_store, tmp_path: Path) -> None:
@@ -359,12 +432,28 @@ def test_bad_inputs_one_error_line_nothing_written(two_case_store, tmp_path: Pat
         assert len(errs) == 1 and message in errs[0], (message, res.output)
         assert not (tmp_path / "bad_out").exists()
         assert not (tmp_path / ".bad_out.partial").exists()
-    res = _cli(["--store", str(store.path), "--masks", str(tmp_path / "nope.npz"),
-                "--out", str(tmp_path / "bad_out")])
+    res = _cli(
+        [
+            "--store",
+            str(store.path),
+            "--masks",
+            str(tmp_path / "nope.npz"),
+            "--out",
+            str(tmp_path / "bad_out"),
+        ]
+    )
     assert res.exit_code == 2 and "not found" in _errors(res)[0]
     np.savez(tmp_path / "wrongkeys.npz", idx=np.arange(2))
-    res = _cli(["--store", str(store.path), "--masks", str(tmp_path / "wrongkeys.npz"),
-                "--out", str(tmp_path / "bad_out")])
+    res = _cli(
+        [
+            "--store",
+            str(store.path),
+            "--masks",
+            str(tmp_path / "wrongkeys.npz"),
+            "--out",
+            str(tmp_path / "bad_out"),
+        ]
+    )
     assert res.exit_code == 2 and "expected arrays" in _errors(res)[0]
     res = _cli(["--store", str(tmp_path / "nostore"), "--ground-truth", "--out", "x"])
     assert res.exit_code == 2 and len(_errors(res)) == 1
@@ -397,6 +486,7 @@ def test_existing_output_needs_force(two_case_store, tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- real prepare
 
+
 def _brats_case(root: Path, name: str, seg: np.ndarray, affine: np.ndarray) -> Path:
     folder = root / name
     folder.mkdir(parents=True)
@@ -407,8 +497,12 @@ def _brats_case(root: Path, name: str, seg: np.ndarray, affine: np.ndarray) -> P
     return _write_nifti(folder / f"{name}_seg.nii.gz", seg, affine)
 
 
-def _expected_in_region(seg_path: Path, axis: int, box: tuple[int, int, int, int] | None,
-                        slice_range: tuple[int, int] | None) -> np.ndarray:
+def _expected_in_region(
+    seg_path: Path,
+    axis: int,
+    box: tuple[int, int, int, int] | None,
+    slice_range: tuple[int, int] | None,
+) -> np.ndarray:
     """Merged lesion of the seg file, zeroed outside the crop box / slice range.
 
     The region is built in canonical space and taken back to the original voxel order with
@@ -423,8 +517,9 @@ def _expected_in_region(seg_path: Path, axis: int, box: tuple[int, int, int, int
     y0, y1, x0, x1 = box or (0, view.shape[1], 0, view.shape[2])
     view[first : last + 1, max(y0, 0) : y1, max(x0, 0) : x1] = True
     lesion[~region] = 0
-    inv = nib.orientations.ornt_transform(nib.orientations.io_orientation(canon.affine),
-                                          nib.orientations.io_orientation(img.affine))
+    inv = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(canon.affine), nib.orientations.io_orientation(img.affine)
+    )
     return nib.orientations.apply_orientation(lesion, inv)
 
 
@@ -433,7 +528,10 @@ def _expected_in_region(seg_path: Path, axis: int, box: tuple[int, int, int, int
     [(2, "none", None, None), (0, "none", None, None), (2, "fixed", (2, 9, 3, 14), (2, 6))],
 )
 def test_real_prepare_ground_truth_round_trip(
-    tmp_path: Path, axis: int, crop: str, box: tuple[int, int, int, int] | None,
+    tmp_path: Path,
+    axis: int,
+    crop: str,
+    box: tuple[int, int, int, int] | None,
     slice_range: tuple[int, int] | None,
 ) -> None:
     prepare = pytest.importorskip("ensemblecam.stages.prepare")
@@ -442,13 +540,23 @@ def test_real_prepare_ground_truth_round_trip(
     root = tmp_path / "brats"
     # LPS (10, 12, 9) and PERMUTED (9, 12, 10) both have canonical shape (10, 12, 9)
     segs = {
-        "BraTS20_Training_001": _brats_case(root, "BraTS20_Training_001",
-                                            _seg((10, 12, 9), 5), LPS),
-        "BraTS20_Training_002": _brats_case(root, "BraTS20_Training_002",
-                                            _seg((9, 12, 10), 6), PERMUTED),
+        "BraTS20_Training_001": _brats_case(
+            root, "BraTS20_Training_001", _seg((10, 12, 9), 5), LPS
+        ),
+        "BraTS20_Training_002": _brats_case(
+            root, "BraTS20_Training_002", _seg((9, 12, 10), 6), PERMUTED
+        ),
     }
-    cfg = PrepareConfig(data=root, layout="brats", out=tmp_path / "store", axis=axis,
-                        crop=crop, crop_box=box, slice_range=slice_range, workers=1)
+    cfg = PrepareConfig(
+        data=root,
+        layout="brats",
+        out=tmp_path / "store",
+        axis=axis,
+        crop=crop,
+        crop_box=box,
+        slice_range=slice_range,
+        workers=1,
+    )
     store_path = prepare.prepare_store(cfg)
     out = tmp_path / "gt"
     res = _cli(["--store", str(store_path), "--ground-truth", "--out", str(out)])
@@ -484,8 +592,14 @@ def test_real_prepare_kidney_crops_round_trip(tmp_path: Path) -> None:
     case.mkdir(parents=True)
     _write_nifti(case / "imaging.nii.gz", ct, LPS)
     seg_path = _write_nifti(case / "segmentation.nii.gz", seg, LPS)
-    cfg = PrepareConfig(data=tmp_path / "kits", layout="kits", out=tmp_path / "store",
-                        crop="kidney", crop_size=(12, 12), workers=1)
+    cfg = PrepareConfig(
+        data=tmp_path / "kits",
+        layout="kits",
+        out=tmp_path / "store",
+        crop="kidney",
+        crop_size=(12, 12),
+        workers=1,
+    )
     store = SliceStore.open(prepare.prepare_store(cfg))
     assert set(store.table["part"].tolist()) == {"left", "right"}
     out = tmp_path / "gt"
@@ -499,10 +613,12 @@ def test_real_prepare_kidney_crops_round_trip(tmp_path: Path) -> None:
     covered = np.zeros(canon.shape, bool)
     t = store.table
     for i in range(store.n_slices):
-        covered[max(t["y0"][i], 0) : t["y1"][i], max(t["x0"][i], 0) : t["x1"][i],
-                t["slice"][i]] = True
-    inv = nib.orientations.ornt_transform(nib.orientations.io_orientation(canon.affine),
-                                          nib.orientations.io_orientation(LPS))
+        covered[max(t["y0"][i], 0) : t["y1"][i], max(t["x0"][i], 0) : t["x1"][i], t["slice"][i]] = (
+            True
+        )
+    inv = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(canon.affine), nib.orientations.io_orientation(LPS)
+    )
     expected = nib.orientations.apply_orientation((lesion & covered).astype(np.uint8), inv)
     np.testing.assert_array_equal(np.asanyarray(got.dataobj), expected)
     assert np.array_equal(expected, np.isin(seg, [2, 3]))  # both lesions lie in the windows

@@ -43,8 +43,9 @@ def test_brats_missing_modality_and_seg(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="missing seg file"):
         discover("brats", tmp_path, ["flair"])
     # without masks (labels CSV) the seg is not needed
-    assert all(c.seg is None for c in discover("brats", tmp_path, ["flair"], require_seg=False)
-               .cases)
+    assert all(
+        c.seg is None for c in discover("brats", tmp_path, ["flair"], require_seg=False).cases
+    )
 
 
 def test_brats_file_in_wrong_case_folder(tmp_path: Path) -> None:
@@ -88,7 +89,9 @@ def test_kits_layouts(tmp_path: Path, version: int) -> None:
             (case / "segmentation.nii.gz").rename(case / "aggregated_MAJ_seg.nii.gz")
     found = discover("kits", tmp_path)
     assert found.modalities == ["ct"] and [c.name for c in found.cases] == [
-        "case_00000", "case_00001"]
+        "case_00000",
+        "case_00001",
+    ]
     assert all(c.seg is not None and c.seg.parent.name == c.name for c in found.cases)
     for case in root.iterdir():
         for f in case.glob("*seg*"):
@@ -107,11 +110,13 @@ def test_folder_pairs_by_name_not_sorted_position(tmp_path: Path) -> None:
     found = discover("folder", tmp_path)
     assert found.modalities == ["t1", "t2"] and found.allowed_labels is None
     for case in found.cases:
-        assert case.images == {m: tmp_path / "images" / f"{case.name}_{m}.nii.gz"
-                               for m in ("t1", "t2")}
+        assert case.images == {
+            m: tmp_path / "images" / f"{case.name}_{m}.nii.gz" for m in ("t1", "t2")
+        }
         assert case.seg == tmp_path / "labels" / f"{case.name}.nii.gz"
     assert discover("folder", tmp_path, ["T2"]).cases[0].images == {
-        "t2": tmp_path / "images" / "B_t2.nii.gz"}
+        "t2": tmp_path / "images" / "B_t2.nii.gz"
+    }
 
 
 def test_folder_missing_files(tmp_path: Path) -> None:

@@ -64,15 +64,16 @@ def test_monai_cross_check():
     g = torch.as_tensor(gt[:, None].astype(np.float32))
     dm = DiceMetric(include_background=True, reduction="none")
     dm(p, g)
-    np.testing.assert_allclose(M.lesion_dice(tp, fp, fn), dm.aggregate().numpy().ravel(),
-                               rtol=1e-6)
-    np.testing.assert_allclose(M.lesion_iou(tp, fp, fn), compute_iou(p, g).numpy().ravel(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(M.lesion_dice(tp, fp, fn), dm.aggregate().numpy().ravel(), rtol=1e-6)
+    np.testing.assert_allclose(
+        M.lesion_iou(tp, fp, fn), compute_iou(p, g).numpy().ravel(), rtol=1e-6
+    )
     # 3-D case dice: one volume
     vol = DiceMetric(include_background=True, reduction="none")
     vol(p.permute(1, 0, 2, 3)[None], g.permute(1, 0, 2, 3)[None])
     assert M.case_dice(tp.sum(), fp.sum(), fn.sum()) == pytest.approx(
-        float(vol.aggregate()), rel=1e-6)
+        float(vol.aggregate()), rel=1e-6
+    )
     # paper_miou = MONAI mean IoU over the two classes of the pooled volume
     onehot_p = torch.stack([1 - p.flatten(), p.flatten()])[None, :, :, None]
     onehot_g = torch.stack([1 - g.flatten(), g.flatten()])[None, :, :, None]

@@ -15,7 +15,7 @@ SHAPE = (20, 20, 20)
 
 def cube(lo: tuple[int, int, int], hi: tuple[int, int, int]) -> np.ndarray:
     m = np.zeros(SHAPE, bool)
-    m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+    m[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = True
     return m
 
 
@@ -23,11 +23,15 @@ def two_lesions_case() -> tuple[np.ndarray, np.ndarray]:
     """Reference: L1 = 4^3 cube (64 voxels), L2 = 4^3 cube far away, L3 = 3^3 cube (27,
     small), L4 = one voxel (small). Prediction: P1 = L1 grown by one layer along z (80
     voxels), P2 = 3^3 cube far from every lesion (false positive), P3 = L3 exactly."""
-    gt = cube((2, 2, 2), (6, 6, 6)) | cube((12, 12, 12), (16, 16, 16)) \
+    gt = (
+        cube((2, 2, 2), (6, 6, 6))
+        | cube((12, 12, 12), (16, 16, 16))
         | cube((2, 14, 14), (5, 17, 17))
+    )
     gt[18, 2, 18] = True
-    pred = cube((2, 2, 2), (6, 6, 7)) | cube((12, 2, 2), (15, 5, 5)) \
-        | cube((2, 14, 14), (5, 17, 17))
+    pred = (
+        cube((2, 2, 2), (6, 6, 7)) | cube((12, 2, 2), (15, 5, 5)) | cube((2, 14, 14), (5, 17, 17))
+    )
     return pred, gt
 
 
@@ -118,8 +122,9 @@ def test_connectivity_volume_units_and_parameters() -> None:
         M.lesion_wise(two, empty, connectivity=5)
 
 
-def _challenge_procedure(pred: np.ndarray, gt: np.ndarray, dil: int, thresh: float,
-                         spacing: tuple[float, ...]) -> tuple[float, float, int]:
+def _challenge_procedure(
+    pred: np.ndarray, gt: np.ndarray, dil: int, thresh: float, spacing: tuple[float, ...]
+) -> tuple[float, float, int]:
     """The challenge code's steps literally on the FULL arrays (scipy labels in place of
     cc3d, MONAI HD95 in place of DeepMind's surface distance, as documented)."""
     from monai.metrics import compute_hausdorff_distance
@@ -145,9 +150,15 @@ def _challenge_procedure(pred: np.ndarray, gt: np.ndarray, dil: int, thresh: flo
         pm = np.isin(pred_cc, inter)
         dice = 2 * (pm & gt_tmp).sum() / (pm.sum() + gt_tmp.sum())
         if pm.any():
-            hd = float(compute_hausdorff_distance(
-                pm[None, None].astype(np.float32), gt_tmp[None, None].astype(np.float32),
-                include_background=True, percentile=95, spacing=list(spacing))[0, 0])
+            hd = float(
+                compute_hausdorff_distance(
+                    pm[None, None].astype(np.float32),
+                    gt_tmp[None, None].astype(np.float32),
+                    include_background=True,
+                    percentile=95,
+                    spacing=list(spacing),
+                )[0, 0]
+            )
         else:
             hd = np.inf
         pairs.append((gt_tmp.sum() * vox, dice, hd))
@@ -194,13 +205,13 @@ def test_hd95_and_nsd_equal_monai_on_full_arrays(seed: int) -> None:
     g = torch.as_tensor(gt[None, None].astype(np.float32))
     for spacing in (None, (1.0, 0.7, 2.5)):
         sp = None if spacing is None else list(spacing)
-        ref = compute_hausdorff_distance(p, g, include_background=True, percentile=95,
-                                         spacing=sp)
+        ref = compute_hausdorff_distance(p, g, include_background=True, percentile=95, spacing=sp)
         assert M.hd95(pred, gt, spacing) == float(ref[0, 0])
         for tol in (0.0, 1.0, 2.2):
-            for sub in ((False, True) if spacing is not None else (False,)):
-                ref = compute_surface_dice(p, g, [tol], include_background=True, spacing=sp,
-                                           use_subvoxels=sub)
+            for sub in (False, True) if spacing is not None else (False,):
+                ref = compute_surface_dice(
+                    p, g, [tol], include_background=True, spacing=sp, use_subvoxels=sub
+                )
                 assert M.nsd(pred, gt, tol, spacing, subvoxels=sub) == float(ref[0, 0])
 
 

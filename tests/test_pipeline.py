@@ -22,12 +22,25 @@ from ensemblecam.synth import synth_dataset
 TINY: dict[str, Any] = {
     "prepare": {"layout": "brats", "workers": 1},
     "split": {"scheme": "kfold", "folds": 2, "val_fraction": 0.25, "seed": 0},
-    "train": {"model_args": {"width": 8}, "epochs": 2, "batch_size": 16, "optimizer": "adam",
-              "lr": 3e-3, "accelerator": "cpu", "monitor": "val_loss"},
+    "train": {
+        "model_args": {"width": 8},
+        "epochs": 2,
+        "batch_size": 16,
+        "optimizer": "adam",
+        "lr": 3e-3,
+        "accelerator": "cpu",
+        "monitor": "val_loss",
+    },
     "cam": {"methods": ["gradcam", "layercam"], "batch_size": 64, "accelerator": "cpu"},
     "search": {"operators": ["and", "or", "min", "max"], "grid": "0:0.8:0.2"},
-    "unet": {"epochs": 1, "channels": [4, 8], "strides": [2], "num_res_units": 0,
-             "batch_size": 32, "accelerator": "cpu"},
+    "unet": {
+        "epochs": 1,
+        "channels": [4, 8],
+        "strides": [2],
+        "num_res_units": 0,
+        "batch_size": 32,
+        "accelerator": "cpu",
+    },
     "run": {"models": ["simplecnn"], "unet": True, "pseudo_unet": True, "report": True},
 }
 
@@ -116,8 +129,7 @@ def test_rerun_skips_everything_and_changed_option_reruns_dependents(
     pipeline.run_pipeline(changed, force=True, progress=False)
     ran = json.loads((finished_run / "run.json").read_text())["ran_this_time"]
     assert "fold0/search" in ran and "fold1/evaluate" in ran
-    assert not any("/train/" in r or r.endswith("/cam") or r in ("prepare", "split")
-                   for r in ran)
+    assert not any("/train/" in r or r.endswith("/cam") or r in ("prepare", "split") for r in ran)
     assert not any(r.endswith("/unet") for r in ran)  # the supervised U-Net does not depend on it
 
 
@@ -136,16 +148,32 @@ def test_predict_on_scans_without_seg(finished_run: Path, phantom: Path, tmp_pat
     # a case lacking a modality the models were trained on
     bad = tmp_path / "bad"
     shutil.copytree(new, bad, ignore=shutil.ignore_patterns("*_t1ce.nii.gz"))
-    result = CliRunner().invoke(app, ["predict", "--run", str(finished_run), "--input", str(bad),
-                                      "--out", str(tmp_path / "bad_out")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            "--run",
+            str(finished_run),
+            "--input",
+            str(bad),
+            "--out",
+            str(tmp_path / "bad_out"),
+        ],
+    )
     assert result.exit_code == 2
     assert result.output.strip().startswith("error:") and "t1ce" in result.output
     assert not (tmp_path / "bad_out").exists()
 
 
 def test_kill_and_resume(phantom: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = _config(tmp_path, phantom, run__unet=False, run__pseudo_unet=False,
-                  run__report=False, run__export=False)
+    cfg = _config(
+        tmp_path,
+        phantom,
+        run__unet=False,
+        run__pseudo_unet=False,
+        run__report=False,
+        run__export=False,
+    )
     import ensemblecam.stages.cam as cam_stage
 
     real = cam_stage.run_cam

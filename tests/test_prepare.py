@@ -85,8 +85,9 @@ def test_brats_default_store(tmp_path: Path) -> None:
 @pytest.mark.parametrize("crop_box", [None, (-3, 20, 5, 30)])
 def test_geometry_round_trip(tmp_path: Path, crop_box: tuple[int, ...] | None) -> None:
     """Masks put back through cases.json + slices.csv give the original merged seg."""
-    brats_dataset(tmp_path / "d", n_cases=2, shape=(24, 20, 8), modalities=("flair",),
-                  affine=PERMUTED_AFFINE)
+    brats_dataset(
+        tmp_path / "d", n_cases=2, shape=(24, 20, 8), modalities=("flair",), affine=PERMUTED_AFFINE
+    )
     kw: dict[str, Any] = {"modalities": ["flair"]}
     if crop_box is not None:
         kw.update(crop="fixed", crop_box=crop_box)
@@ -99,7 +100,7 @@ def test_geometry_round_trip(tmp_path: Path, crop_box: tuple[int, ...] | None) -
         if crop_box is not None:  # only the in-slice part of the box is recoverable
             region = np.zeros(geo["canonical_shape"], bool)
             y0, y1, x0, x1 = crop_box
-            region[max(y0, 0):y1, max(x0, 0):x1, :] = True
+            region[max(y0, 0) : y1, max(x0, 0) : x1, :] = True
             region = nio.apply_orientation(region, nio.ornt_transform(RAS, np.asarray(geo["ornt"])))
             expected = expected * region
         np.testing.assert_array_equal(reconstruct(st, case), expected)
@@ -107,13 +108,15 @@ def test_geometry_round_trip(tmp_path: Path, crop_box: tuple[int, ...] | None) -
 
 def test_msd_adc_channel(tmp_path: Path) -> None:
     names = msd_dataset(tmp_path / "d", n_cases=3)
-    st = run(tmp_path / "d", tmp_path / "s", layout="msd", normalise="zscore_volume",
-             dtype="float32")
+    st = run(
+        tmp_path / "d", tmp_path / "s", layout="msd", normalise="zscore_volume", dtype="float32"
+    )
     assert st.channels == ["adc"] and st.images.dtype == np.float32
     adc = canonical(tmp_path / "d" / "imagesTr" / f"{names[0]}.nii.gz")[..., 1]
     nz = adc[adc != 0]
-    np.testing.assert_allclose(st.images[:8, 0], np.moveaxis((adc - nz.mean()) / nz.std(), 2, 0),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        st.images[:8, 0], np.moveaxis((adc - nz.mean()) / nz.std(), 2, 0), rtol=1e-4, atol=1e-4
+    )
     assert st.cases[names[0]]["volume_index"] == {"adc": 1}
     assert st.manifest["prepare"]["lesion_labels"] == [1, 2]
     assert st.labels.sum() == 8
@@ -121,8 +124,9 @@ def test_msd_adc_channel(tmp_path: Path) -> None:
 
 def test_kits_kidney_crop(tmp_path: Path) -> None:
     kits_dataset(tmp_path / "d", n_cases=3)
-    st = run(tmp_path / "d", tmp_path / "s", layout="kits", crop="kidney", crop_size=(10, 12),
-             workers=2)
+    st = run(
+        tmp_path / "d", tmp_path / "s", layout="kits", crop="kidney", crop_size=(10, 12), workers=2
+    )
     t = st.table
     assert st.n_slices == 3 * 8 * 2 and st.size == (10, 12) and st.channels == ["ct"]
     assert t["part"].tolist()[:4] == ["left", "right", "left", "right"]
@@ -172,12 +176,19 @@ def test_folder_layout_pairs_channels_by_name(tmp_path: Path) -> None:
 
 def test_axis_slice_range_every_nth(tmp_path: Path) -> None:
     brats_dataset(tmp_path / "d", n_cases=2, shape=(24, 20, 8), modalities=("flair",))
-    st = run(tmp_path / "d", tmp_path / "s", modalities=["flair"], axis=0,
-             slice_range=(3, 30), every_nth=5)
+    st = run(
+        tmp_path / "d",
+        tmp_path / "s",
+        modalities=["flair"],
+        axis=0,
+        slice_range=(3, 30),
+        every_nth=5,
+    )
     assert st.size == (20, 8)
     assert st.table["slice"].tolist() == [3, 8, 13, 18, 23] * 2
-    st2 = run(tmp_path / "d", tmp_path / "s2", modalities=["flair"], slice_range=(2, 6),
-              every_nth=2)
+    st2 = run(
+        tmp_path / "d", tmp_path / "s2", modalities=["flair"], slice_range=(2, 6), every_nth=2
+    )
     assert st2.table["slice"].tolist() == [2, 4, 6] * 2
 
 
@@ -191,14 +202,20 @@ def test_normalisations_and_constant_slices(tmp_path: Path) -> None:
         write_nifti(p, data, img.affine)
     st = run(tmp_path / "d", tmp_path / "a", modalities=["flair"])
     assert np.isfinite(st.images).all() and not st.images[0].any()
-    st = run(tmp_path / "d", tmp_path / "b", modalities=["flair"], normalise="percentile",
-             percentiles=(1.0, 99.0))
+    st = run(
+        tmp_path / "d",
+        tmp_path / "b",
+        modalities=["flair"],
+        normalise="percentile",
+        percentiles=(1.0, 99.0),
+    )
     assert np.isfinite(st.images).all()
     assert float(st.images.min()) == 0.0 and float(st.images.max()) == 1.0
     vol = canonical(tmp_path / "d" / "BraTS20_Training_001" / "BraTS20_Training_001_flair.nii.gz")
     lo, hi = np.percentile(vol, [1, 99])
-    np.testing.assert_allclose(st.images[4, 0], np.clip((vol[..., 4] - lo) / (hi - lo), 0, 1),
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        st.images[4, 0], np.clip((vol[..., 4] - lo) / (hi - lo), 0, 1), atol=1e-3
+    )
     assert prep.minmax_slices(np.ones((2, 3, 3))).sum() == 0
 
 
@@ -228,8 +245,7 @@ def test_bbox_crop(tmp_path: Path) -> None:
         y0, y1, x0, x1 = (int(st.table[k][i]) for k in ("y0", "y1", "x0", "x1"))
         assert y0 <= ys.min() and ys.max() < y1 and x0 <= xs.min() and xs.max() < x1
         assert abs((y0 + y1) / 2 - (ys.min() + ys.max() + 1) / 2) <= 0.5
-    st = run(tmp_path / "d", tmp_path / "b", modalities=["flair"], crop="bbox",
-             crop_size=(50, 10))
+    st = run(tmp_path / "d", tmp_path / "b", modalities=["flair"], crop="bbox", crop_size=(50, 10))
     assert st.size == (50, 10) and (st.table["y0"] < 0).all()  # window leaves the slice
 
 
@@ -238,8 +254,14 @@ def test_labels_csv_without_masks(tmp_path: Path) -> None:
     rows = [f"{c},{s},{int(s % 2)}" for c in names for s in range(4)]
     csv = tmp_path / "labels.csv"
     csv.write_text("case,slice,label\n" + "\n".join(rows) + "\n")
-    st = run(tmp_path / "d", tmp_path / "s", layout="folder", labels_csv=csv, every_nth=2,
-             slice_range=(1, 3))
+    st = run(
+        tmp_path / "d",
+        tmp_path / "s",
+        layout="folder",
+        labels_csv=csv,
+        every_nth=2,
+        slice_range=(1, 3),
+    )
     assert st.masks is None and st.manifest["has_masks"] is False
     assert st.table["slice"].tolist() == [1, 3, 1, 3] and st.labels.tolist() == [1, 1, 1, 1]
     assert (st.table["has_mask"] == 0).all() and np.isnan(st.table["lesion_fraction"]).all()
@@ -289,7 +311,8 @@ def test_resume_after_kill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     np.testing.assert_array_equal(st.images, ref.images)
     np.testing.assert_array_equal(st.masks, ref.masks)
     assert (tmp_path / "s" / "slices.csv").read_text() == (
-        tmp_path / "ref" / "slices.csv").read_text()
+        tmp_path / "ref" / "slices.csv"
+    ).read_text()
     assert not partial.exists() and not (tmp_path / "s" / "done").exists()
     # different settings: start over
     monkeypatch.setattr(prep, "process_case", dies_on_third)
@@ -328,20 +351,29 @@ def test_bad_truncated_nifti(brats: Path, tmp_path: Path) -> None:
     raw = p.read_bytes()
     p.write_bytes(raw[: len(raw) // 2])
     out = tmp_path / "s"
-    assert_error(cli("--data", str(brats), "--out", str(out)),
-                 r"BraTS20_Training_002_t1ce\.nii\.gz: unreadable", out)
+    assert_error(
+        cli("--data", str(brats), "--out", str(out)),
+        r"BraTS20_Training_002_t1ce\.nii\.gz: unreadable",
+        out,
+    )
     assert not out.exists()
     p.write_bytes(b"not a nifti at all")
-    assert_error(cli("--data", str(brats), "--out", str(out)),
-                 r"BraTS20_Training_002_t1ce\.nii\.gz: unreadable NIfTI", out)
+    assert_error(
+        cli("--data", str(brats), "--out", str(out)),
+        r"BraTS20_Training_002_t1ce\.nii\.gz: unreadable NIfTI",
+        out,
+    )
 
 
 def test_bad_shape_and_affine(brats: Path, tmp_path: Path) -> None:
     p = brats / "BraTS20_Training_001" / "BraTS20_Training_001_t2.nii.gz"
     write_nifti(p, np.zeros((12, 12, 5), np.float32))
     out = tmp_path / "s"
-    assert_error(cli("--data", str(brats), "--out", str(out)),
-                 r"_001_t2\.nii\.gz: shape \[12, 12, 5\] differs", out)
+    assert_error(
+        cli("--data", str(brats), "--out", str(out)),
+        r"_001_t2\.nii\.gz: shape \[12, 12, 5\] differs",
+        out,
+    )
     write_nifti(p, np.zeros((12, 12, 4), np.float32), np.diag([2.0, 1, 1, 1]))
     assert_error(cli("--data", str(brats), "--out", str(out)), r"_001_t2\.nii\.gz: affine", out)
 
@@ -350,14 +382,21 @@ def test_bad_missing_files_and_empty(brats: Path, tmp_path: Path) -> None:
     out = tmp_path / "s"
     (tmp_path / "empty").mkdir()
     assert_error(cli("--data", str(tmp_path / "empty"), "--out", str(out)), "empty data set", out)
-    assert_error(cli("--data", str(brats), "--out", str(out), "--slice-range", "50,60"),
-                 "empty data set", out)
+    assert_error(
+        cli("--data", str(brats), "--out", str(out), "--slice-range", "50,60"),
+        "empty data set",
+        out,
+    )
     (brats / "BraTS20_Training_002" / "BraTS20_Training_002_flair.nii.gz").unlink()
-    assert_error(cli("--data", str(brats), "--out", str(out)),
-                 r"_002_flair\.nii\.gz: missing flair", out)
+    assert_error(
+        cli("--data", str(brats), "--out", str(out)), r"_002_flair\.nii\.gz: missing flair", out
+    )
     (brats / "BraTS20_Training_001" / "BraTS20_Training_001_seg.nii.gz").unlink()
-    assert_error(cli("--data", str(brats), "--out", str(out), "--modalities", "t1"),
-                 r"_001_seg\.nii\.gz: missing seg", out)
+    assert_error(
+        cli("--data", str(brats), "--out", str(out), "--modalities", "t1"),
+        r"_001_seg\.nii\.gz: missing seg",
+        out,
+    )
 
 
 def test_bad_label_values(brats: Path, tmp_path: Path) -> None:
@@ -366,8 +405,11 @@ def test_bad_label_values(brats: Path, tmp_path: Path) -> None:
     seg[0, 0, 0] = 3
     write_nifti(p, seg)
     out = tmp_path / "s"
-    assert_error(cli("--data", str(brats), "--out", str(out)),
-                 r"_002_seg\.nii\.gz: unexpected label value\(s\) 3", out)
+    assert_error(
+        cli("--data", str(brats), "--out", str(out)),
+        r"_002_seg\.nii\.gz: unexpected label value\(s\) 3",
+        out,
+    )
     write_nifti(p, seg.astype(np.float32) + 0.5)
     assert_error(cli("--data", str(brats), "--out", str(out)), r"_002_seg.*non-integer", out)
 
@@ -375,14 +417,23 @@ def test_bad_label_values(brats: Path, tmp_path: Path) -> None:
 def test_bad_labels_csv(brats: Path, tmp_path: Path) -> None:
     out, csv = tmp_path / "s", tmp_path / "labels.csv"
     csv.write_text("case,slice,label\nBraTS20_Training_009,0,1\n")
-    assert_error(cli("--data", str(brats), "--out", str(out), "--labels-csv", str(csv)),
-                 r"labels\.csv: line 2: unknown case 'BraTS20_Training_009'", out)
+    assert_error(
+        cli("--data", str(brats), "--out", str(out), "--labels-csv", str(csv)),
+        r"labels\.csv: line 2: unknown case 'BraTS20_Training_009'",
+        out,
+    )
     csv.write_text("case,slice,label\nBraTS20_Training_001,4,1\n")
-    assert_error(cli("--data", str(brats), "--out", str(out), "--labels-csv", str(csv)),
-                 r"labels\.csv: line 2: case 'BraTS20_Training_001' has no slice 4", out)
+    assert_error(
+        cli("--data", str(brats), "--out", str(out), "--labels-csv", str(csv)),
+        r"labels\.csv: line 2: case 'BraTS20_Training_001' has no slice 4",
+        out,
+    )
     csv.write_text("case,slice\nBraTS20_Training_001,1\n")
-    assert_error(cli("--data", str(brats), "--out", str(out), "--labels-csv", str(csv)),
-                 r"labels\.csv: missing column\(s\) label", out)
+    assert_error(
+        cli("--data", str(brats), "--out", str(out), "--labels-csv", str(csv)),
+        r"labels\.csv: missing column\(s\) label",
+        out,
+    )
 
 
 def test_existing_store_and_force(brats: Path, tmp_path: Path) -> None:
@@ -397,20 +448,35 @@ def test_existing_store_and_force(brats: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0 and SliceStore.open(out).images.dtype == np.float32
 
 
-@pytest.mark.parametrize("box, msg", [("10,5,0,8", "invalid"), ("20,30,0,8", "entirely outside"),
-                                      ("1,2,3", "expected 4")])
+@pytest.mark.parametrize(
+    "box, msg",
+    [("10,5,0,8", "invalid"), ("20,30,0,8", "entirely outside"), ("1,2,3", "expected 4")],
+)
 def test_bad_crop_box(brats: Path, tmp_path: Path, box: str, msg: str) -> None:
     out = tmp_path / "s"
-    assert_error(cli("--data", str(brats), "--out", str(out), "--crop", "fixed",
-                     "--crop-box", box), msg, out)
+    assert_error(
+        cli("--data", str(brats), "--out", str(out), "--crop", "fixed", "--crop-box", box), msg, out
+    )
 
 
 def test_cli_options_and_config(brats: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("prepare:\n  modalities: [t2]\n  crop: fixed\n  crop_box: [56, 184, 56, 184]\n")
     out = tmp_path / "s"
-    res = cli("--config", str(cfg), "--data", str(brats), "--out", str(out),
-              "--crop-box", "2,10,-2,6", "--slice-range", "1,2", "--workers", "2")
+    res = cli(
+        "--config",
+        str(cfg),
+        "--data",
+        str(brats),
+        "--out",
+        str(out),
+        "--crop-box",
+        "2,10,-2,6",
+        "--slice-range",
+        "1,2",
+        "--workers",
+        "2",
+    )
     assert res.exit_code == 0, res.output
     st = SliceStore.open(out)
     assert st.channels == ["t2"] and st.size == (8, 8) and st.n_slices == 4

@@ -53,10 +53,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def _maps(masks: np.ndarray, sigma: float, shift: int, rng: np.random.Generator) -> np.ndarray:
     """CAM-like maps: blurred, shifted lesion + smooth noise, per-slice min-max."""
-    m = ndimage.gaussian_filter(np.roll(masks.astype(np.float32), shift, axis=2),
-                                sigma=(0, sigma, sigma))
-    m += 0.15 * ndimage.gaussian_filter(rng.random(masks.shape, dtype=np.float32),
-                                        sigma=(0, 3, 3))
+    m = ndimage.gaussian_filter(
+        np.roll(masks.astype(np.float32), shift, axis=2), sigma=(0, sigma, sigma)
+    )
+    m += 0.15 * ndimage.gaussian_filter(rng.random(masks.shape, dtype=np.float32), sigma=(0, 3, 3))
     lo = m.min(axis=(1, 2), keepdims=True)
     hi = m.max(axis=(1, 2), keepdims=True)
     return ((m - lo) / np.where(hi > lo, hi - lo, 1)).astype(np.float16)
@@ -66,16 +66,23 @@ def _metrics(result: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in result.items() if isinstance(v, float)}
 
 
-def _write_train_run(d: Path, model: str, fold: str, rng: np.random.Generator,
-                     pngs: bool) -> None:
+def _write_train_run(d: Path, model: str, fold: str, rng: np.random.Generator, pngs: bool) -> None:
     history = []
     for epoch in range(1, 4):
         y = rng.integers(0, 2, 40)
         p = np.clip(y * 0.5 + rng.random(40) * 0.6, 0, 1)
         cm = classifier_metrics(y, p)
-        history.append({"epoch": epoch, "train_loss": 1.0 / epoch, "val_loss": 1.1 / epoch,
-                        "lr": 1e-3, "images_per_s": 100.0, "time_s": 1.0,
-                        **{k: cm[k] for k in METRIC_COLUMNS if k in cm}})
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": 1.0 / epoch,
+                "val_loss": 1.1 / epoch,
+                "lr": 1e-3,
+                "images_per_s": 100.0,
+                "time_s": 1.0,
+                **{k: cm[k] for k in METRIC_COLUMNS if k in cm},
+            }
+        )
     best = max(history, key=lambda r: r["auroc"])
     d.mkdir(parents=True)
     write_metrics_csv(d / "metrics.csv", history, METRIC_COLUMNS)
@@ -83,31 +90,60 @@ def _write_train_run(d: Path, model: str, fold: str, rng: np.random.Generator,
     if pngs:
         plot_learning_curve(d / "learning_curve.png", history, best["epoch"])
         plot_confusion(d / "confusion_matrix.png", conf, f"{model} {fold}")
-    fsutil.write_json(d / "train.json", {
-        "format": "ensemblecam-train-run", "version": 1, "model": model, "fold": fold,
-        "epochs": 3, "monitor": "auroc", "best_epoch": best["epoch"],
-        "best_value": best["auroc"], "best": {**best, "confusion": conf},
-        "last": history[-1], "n_train": 40, "n_val": 40})
+    fsutil.write_json(
+        d / "train.json",
+        {
+            "format": "ensemblecam-train-run",
+            "version": 1,
+            "model": model,
+            "fold": fold,
+            "epochs": 3,
+            "monitor": "auroc",
+            "best_epoch": best["epoch"],
+            "best_value": best["auroc"],
+            "best": {**best, "confusion": conf},
+            "last": history[-1],
+            "n_train": 40,
+            "n_val": 40,
+        },
+    )
 
 
 def build_run(root: Path) -> Path:
     """A 3-fold run folder in the pipeline's layout (see pipeline.py's docstring)."""
     run = root / "run"
-    store_p = build_store(run / "store", n_cases=9, slices_per_case=6, size=(32, 32),
-                          channels=("flair", "t1ce", "t2"), folds=3, seed=3)
+    store_p = build_store(
+        run / "store",
+        n_cases=9,
+        slices_per_case=6,
+        size=(32, 32),
+        channels=("flair", "t1ce", "t2"),
+        folds=3,
+        seed=3,
+    )
     data = root / "BraTS2020"  # a real-looking data folder: no phantom.json
     data.mkdir()
     man = json.loads((store_p / "store.json").read_text())
-    man["prepare"] = {"layout": "brats", "modalities": ["flair", "t1ce", "t2"],
-                      "data": str(data), "crop_size": [32, 32]}
+    man["prepare"] = {
+        "layout": "brats",
+        "modalities": ["flair", "t1ce", "t2"],
+        "data": str(data),
+        "crop_size": [32, 32],
+    }
     fsutil.write_json(store_p / "store.json", man)
     shutil.copy(store_p / "splits.json", run / "splits.json")
-    (run / "config.yaml").write_text("search:\n  operators: [and, or, min, max]\n"
-                                     "note: <b>escaped</b>\n")
-    fsutil.write_json(run / "run.json", {"config_hash": "abc123", "seeds": {"split": 0},
-                                         "versions": {"numpy": np.__version__},
-                                         "timings": {"fold0": {"search": 0.5},
-                                                     "prepare": 1.25}})
+    (run / "config.yaml").write_text(
+        "search:\n  operators: [and, or, min, max]\nnote: <b>escaped</b>\n"
+    )
+    fsutil.write_json(
+        run / "run.json",
+        {
+            "config_hash": "abc123",
+            "seeds": {"split": 0},
+            "versions": {"numpy": np.__version__},
+            "timings": {"fold0": {"search": 0.5}, "prepare": 1.25},
+        },
+    )
     store = SliceStore.open(store_p)
     assert store.masks is not None
     rng = np.random.default_rng(0)
@@ -121,40 +157,66 @@ def build_run(root: Path) -> Path:
         fdir = run / fold
         for j, m in enumerate(MEMBERS):
             probs = np.clip(labels * 0.6 + rng.random(len(labels)) * 0.5, 0, 1)
-            write_map_set(fdir / "maps" / m, {"model": m.split("__")[0], "method": "gradcam"},
-                          idx, maps[j], probs)
-        cfg = SearchConfig(store=store_p, splits=run / "splits.json", fold=fold, part="train",
-                           maps=fdir / "maps", members=MEMBERS, out=fdir / "search")
+            write_map_set(
+                fdir / "maps" / m,
+                {"model": m.split("__")[0], "method": "gradcam"},
+                idx,
+                maps[j],
+                probs,
+            )
+        cfg = SearchConfig(
+            store=store_p,
+            splits=run / "splits.json",
+            fold=fold,
+            part="train",
+            maps=fdir / "maps",
+            members=MEMBERS,
+            out=fdir / "search",
+        )
         res, ranked = run_search(cfg, None)
         (fdir / "search").mkdir(parents=True)
-        write_search_outputs(fdir / "search", res, ranked, cfg.objective,
-                             cfg.model_dump(mode="json"))
+        write_search_outputs(
+            fdir / "search", res, ranked, cfg.objective, cfg.model_dump(mode="json")
+        )
         best = ranked[0]
-        inp = open_inputs(store_p, run / "splits.json", fold, "test", fdir / "maps", MEMBERS,
-                          what="evaluation")
+        inp = open_inputs(
+            store_p, run / "splits.json", fold, "test", fdir / "maps", MEMBERS, what="evaluation"
+        )
         # row names and per-fold configs as pipeline.py writes them
         confs: dict[str, tuple[str, dict[str, Any]]] = {ENSEMBLE: ("ensemble", best)}
         for r in ranked:
-            key = (f"{r['members'][0]} alone (best threshold)" if r["operator"] == "single"
-                   else f"{r['operator']} ensemble (best members and thresholds)")
+            key = (
+                f"{r['members'][0]} alone (best threshold)"
+                if r["operator"] == "single"
+                else f"{r['operator']} ensemble (best members and thresholds)"
+            )
             confs.setdefault(key, ("single" if r["operator"] == "single" else "operator", r))
         for name, (kind, conf) in confs.items():
             sel = [MEMBERS.index(m) for m in conf["members"]]
             plain = {k2: conf[k2] for k2 in ("operator", "members", "thresholds", "gate")}
-            out, per = evaluate_arrays([inp.maps[i] for i in sel], inp.masks, inp.case_ids,
-                                       plain, [inp.probs[i] for i in sel], inp.labels, 0.02)
+            out, per = evaluate_arrays(
+                [inp.maps[i] for i in sel],
+                inp.masks,
+                inp.case_ids,
+                plain,
+                [inp.probs[i] for i in sel],
+                inp.labels,
+                0.02,
+            )
             row = rows.setdefault(name, {"kind": kind, "per_fold": {}, "config": {}})
             row["per_fold"][fold] = _metrics(out["metrics"])
             row["config"][fold] = plain
-            rows.setdefault(EMPTY, {"kind": "empty", "per_fold": {}, "config": {}})[
-                "per_fold"][fold] = _metrics(out["empty_baseline"])
+            rows.setdefault(EMPTY, {"kind": "empty", "per_fold": {}, "config": {}})["per_fold"][
+                fold
+            ] = _metrics(out["empty_baseline"])
             if kind == "ensemble":
                 sub = [inp.maps[i].read(0, len(inp.maps[i])) for i in sel]
                 chosen = apply_config(sub, conf, [inp.probs[i] for i in sel])
                 (fdir / "eval" / "ensemble").mkdir(parents=True)
                 # what the evaluation writes: the chosen masks and the per-case Dice
-                np.savez(fdir / "eval" / "masks.npz", index=inp.indices,
-                         masks=chosen.astype(np.uint8))
+                np.savez(
+                    fdir / "eval" / "masks.npz", index=inp.indices, masks=chosen.astype(np.uint8)
+                )
                 lines = ["case,n_slices,tp,fp,fn,dice"]
                 for c in dict.fromkeys(inp.case_ids.tolist()):
                     s = inp.case_ids == c
@@ -164,25 +226,42 @@ def build_run(root: Path) -> Path:
                 (fdir / "eval" / "ensemble" / "per_case.csv").write_text("\n".join(lines))
         gt = inp.masks.read(0, len(inp.masks)).astype(bool)
         unet = ndimage.binary_erosion(gt, structure=np.ones((1, 3, 3)))
-        tp, fp, fn, tn = (np.sum(a, axis=(1, 2)) for a in
-                          (unet & gt, unet & ~gt, ~unet & gt, ~unet & ~gt))
-        rows.setdefault(UNET, {"kind": "unet", "per_fold": {}, "config": {}})["per_fold"][
-            fold] = _metrics(score(tp, fp, fn, tn, inp.case_ids, None, 0.02))
+        tp, fp, fn, tn = (
+            np.sum(a, axis=(1, 2)) for a in (unet & gt, unet & ~gt, ~unet & gt, ~unet & ~gt)
+        )
+        rows.setdefault(UNET, {"kind": "unet", "per_fold": {}, "config": {}})["per_fold"][fold] = (
+            _metrics(score(tp, fp, fn, tn, inp.case_ids, None, 0.02))
+        )
         for m in ("resnet34", "resnet50"):
             _write_train_run(fdir / "models" / m, m, fold, rng, pngs=(m == "resnet34"))
-    names = sorted(set.intersection(*(set(v) for r in rows.values()
-                                      for v in r["per_fold"].values())))
+    names = sorted(
+        set.intersection(*(set(v) for r in rows.values() for v in r["per_fold"].values()))
+    )
     out_rows = []
     for name, r in rows.items():
         vals = {m: [r["per_fold"][f][m] for f in folds] for m in names}
         cfg_ = {f: r["config"].get(f) for f in folds}
-        out_rows.append({"name": name, "kind": r["kind"], "config": cfg_,
-                         "per_fold": r["per_fold"],
-                         "mean": {m: float(np.mean(v)) for m, v in vals.items()},
-                         "std": {m: float(np.std(v)) for m, v in vals.items()}})
-    fsutil.write_json(run / "results.json", {
-        "format": "ensemblecam-results", "version": 1, "objective": "paper_miou",
-        "folds": folds, "metric_names": names, "rows": out_rows})
+        out_rows.append(
+            {
+                "name": name,
+                "kind": r["kind"],
+                "config": cfg_,
+                "per_fold": r["per_fold"],
+                "mean": {m: float(np.mean(v)) for m, v in vals.items()},
+                "std": {m: float(np.std(v)) for m, v in vals.items()},
+            }
+        )
+    fsutil.write_json(
+        run / "results.json",
+        {
+            "format": "ensemblecam-results",
+            "version": 1,
+            "objective": "paper_miou",
+            "folds": folds,
+            "metric_names": names,
+            "rows": out_rows,
+        },
+    )
     return run
 
 
@@ -201,14 +280,14 @@ def _row_html(doc: str, name: str, table: str = "results") -> str:
     """The row ``name`` of the first table with class ``table``."""
     start = doc.index(f'<table class="{table}">')
     start = doc.index(f"<tr><td>{html.escape(name)}</td>", start)
-    return doc[start: doc.index("</tr>", start)]
+    return doc[start : doc.index("</tr>", start)]
 
 
 def _section(doc: str, ident: str) -> str:
     """HTML of one section: from its h2 to the next h2."""
     start = doc.index(f'<h2 id="{ident}">')
     end = doc.find("<h2 ", start + 1)
-    return doc[start: end if end >= 0 else len(doc)]
+    return doc[start : end if end >= 0 else len(doc)]
 
 
 def _headers(doc: str) -> list[str]:
@@ -226,10 +305,16 @@ def test_report_is_self_contained(made: tuple[Path, str], run_dir: Path) -> None
         assert base64.b64decode(b64).startswith(PNG)
     pngs = sorted(out.parent.glob("*.png"))
     assert len(pngs) == len(images)
-    for name in ("lesion_fraction_histogram.png", "threshold_heatmap_fold0.png",
-                 "threshold_heatmap_fold2.png", "gallery_best.png", "gallery_worst.png",
-                 "results_paper_miou.png", "fold0_resnet34_learning_curve.png",
-                 "fold2_resnet34_confusion_matrix.png"):
+    for name in (
+        "lesion_fraction_histogram.png",
+        "threshold_heatmap_fold0.png",
+        "threshold_heatmap_fold2.png",
+        "gallery_best.png",
+        "gallery_worst.png",
+        "results_paper_miou.png",
+        "fold0_resnet34_learning_curve.png",
+        "fold2_resnet34_confusion_matrix.png",
+    ):
         assert (out.parent / name).read_bytes().startswith(PNG), name
 
 
@@ -245,21 +330,25 @@ def test_bar_chart_axis_starts_at_zero() -> None:
     assert bar_limits(np.array([np.nan])) == (0.0, 5.0)
 
 
-def test_summary_names_rows_not_better_than_empty(made: tuple[Path, str],
-                                                  run_dir: Path) -> None:
+def test_summary_names_rows_not_better_than_empty(made: tuple[Path, str], run_dir: Path) -> None:
     _, doc = made
     summary = _section(doc, "summary")
     res = json.loads((run_dir / "results.json").read_text())
     empty = next(r for r in res["rows"] if r["kind"] == "empty")
     ens = next(r for r in res["rows"] if r["kind"] == "ensemble")
-    other = summary[summary.index("In the other headline metrics"):]
+    other = summary[summary.index("In the other headline metrics") :]
     other = other[: other.index("</p>")]
     for m in ("paper_dsc", "lesion_dice", "case_dice_mean"):
-        assert (f"{m} {100 * ens['mean'][m]:.1f} ± {100 * ens['std'][m]:.1f} "
-                f"(Empty: {100 * empty['mean'][m]:.1f})") in other, m
+        assert (
+            f"{m} {100 * ens['mean'][m]:.1f} ± {100 * ens['std'][m]:.1f} "
+            f"(Empty: {100 * empty['mean'][m]:.1f})"
+        ) in other, m
     for m in SUMMARY_METRICS:
-        worse = [r["name"] for r in res["rows"] if r["kind"] != "empty"
-                 and r["mean"][m] <= empty["mean"][m]]
+        worse = [
+            r["name"]
+            for r in res["rows"]
+            if r["kind"] != "empty" and r["mean"][m] <= empty["mean"][m]
+        ]
         head = f"Not better than Empty (all background, {100 * empty['mean'][m]:.1f}) in {m}: "
         if worse:
             assert head + html.escape(", ".join(worse)) + "." in summary, m
@@ -267,11 +356,10 @@ def test_summary_names_rows_not_better_than_empty(made: tuple[Path, str],
             assert head not in summary, m
 
 
-def test_missing_train_figures_are_named_not_redrawn(made: tuple[Path, str],
-                                                     run_dir: Path) -> None:
+def test_missing_train_figures_are_named_not_redrawn(made: tuple[Path, str], run_dir: Path) -> None:
     out, doc = made
     note = _section(doc, "classifiers")
-    note = note[note.index("Not written by the train stage"):]
+    note = note[note.index("Not written by the train stage") :]
     note = note[: note.index("</p>")]
     for fold in ("fold0", "fold1", "fold2"):
         for fname in ("learning_curve.png", "confusion_matrix.png"):
@@ -282,8 +370,9 @@ def test_missing_train_figures_are_named_not_redrawn(made: tuple[Path, str],
     assert "resnet34" not in note
 
 
-def test_gallery_names_missing_evaluation_output(made: tuple[Path, str], run_dir: Path,
-                                                 tmp_path: Path) -> None:
+def test_gallery_names_missing_evaluation_output(
+    made: tuple[Path, str], run_dir: Path, tmp_path: Path
+) -> None:
     npz = run_dir / "fold2" / "eval" / "masks.npz"
     kept = tmp_path / "masks.npz"
     shutil.move(npz, kept)
@@ -300,18 +389,32 @@ def test_gallery_names_missing_evaluation_output(made: tuple[Path, str], run_dir
 
 def test_report_sections_and_text(made: tuple[Path, str]) -> None:
     _, doc = made
-    for heading in ("Summary", "Configuration", "Data", "Classifiers", "Results",
-                    "Threshold search (the paper&#x27;s Fig. 4)",
-                    "Gallery (the paper&#x27;s Fig. 3)", "Every metric convention",
-                    "Metric conventions", "Split parts (splits.json)"):
+    for heading in (
+        "Summary",
+        "Configuration",
+        "Data",
+        "Classifiers",
+        "Results",
+        "Threshold search (the paper&#x27;s Fig. 4)",
+        "Gallery (the paper&#x27;s Fig. 3)",
+        "Every metric convention",
+        "Metric conventions",
+        "Split parts (splits.json)",
+    ):
         assert f">{heading}</h" in doc, heading
     assert "&lt;b&gt;escaped&lt;/b&gt;" in doc and "<b>escaped</b>" not in doc
     assert "abc123" in doc and np.__version__ in doc
     assert "not a measured Dice" in doc
     assert "9 evaluated lesion cases" in doc
     headers = _headers(doc)
-    for metric in ("paper_miou", "paper_dsc", "lesion_iou", "lesion_dice", "slice_dice_mean",
-                   "case_dice_mean"):
+    for metric in (
+        "paper_miou",
+        "paper_dsc",
+        "lesion_iou",
+        "lesion_dice",
+        "slice_dice_mean",
+        "case_dice_mean",
+    ):
         assert metric in headers, metric
 
 
@@ -334,11 +437,10 @@ def test_published_figures_beside_matching_rows(made: tuple[Path, str]) -> None:
     assert "published paper_miou" in _headers(doc)
     assert "47.7 (Empty)" in _row_html(doc, EMPTY)
     assert "54.2 ± 0.8 (Ensemble ResNet-34x50 &#x27;and&#x27;)" in _row_html(
-        doc, "and ensemble (best members and thresholds)")
-    assert "50.7 (ResNet-34 Grad-CAM)" in _row_html(doc, "resnet34__gradcam alone (best "
-                                                         "threshold)")
-    assert "52.1 (ResNet-50 Grad-CAM)" in _row_html(doc, "resnet50__gradcam alone (best "
-                                                         "threshold)")
+        doc, "and ensemble (best members and thresholds)"
+    )
+    assert "50.7 (ResNet-34 Grad-CAM)" in _row_html(doc, "resnet34__gradcam alone (best threshold)")
+    assert "52.1 (ResNet-50 Grad-CAM)" in _row_html(doc, "resnet50__gradcam alone (best threshold)")
     assert "69.2 (Fully supervised (FSSS))" in _row_html(doc, UNET)
     # the published 'or' figure is not put beside the 'and' row, nor Grad-CAM beside Empty
     assert "&#x27;or&#x27;" not in _row_html(doc, "and ensemble (best members and thresholds)")
@@ -355,8 +457,9 @@ def test_existing_report_refused_then_forced(made: tuple[Path, str], run_dir: Pa
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "--force" in lines[0]
     alt = run_dir.parent / "elsewhere" / "r.html"
-    res = runner.invoke(app, ["report", "--run", str(run_dir), "--out", str(alt),
-                              "--cases", "1", "--force"])
+    res = runner.invoke(
+        app, ["report", "--run", str(run_dir), "--out", str(alt), "--cases", "1", "--force"]
+    )
     assert res.exit_code == 0, res.output
     assert alt.is_file() and (alt.parent / "gallery_best.png").is_file()
 
@@ -384,21 +487,23 @@ def test_reference_setting_rules(tmp_path: Path) -> None:
     assert reference_setting(brats, False)[0] == "brats"
     assert reference_setting(brats, True)[0] is None
     assert reference_setting({**brats, "modalities": ["t1"]}, False)[0] is None
-    assert reference_setting({"layout": "msd", "modalities": ["adc"]}, False)[0] == (
-        "prostate")
+    assert reference_setting({"layout": "msd", "modalities": ["adc"]}, False)[0] == ("prostate")
     assert reference_setting({"layout": "kits", "modalities": ["ct"]}, False)[0] == "kits"
     (tmp_path / "phantom.json").write_text("{}")
     assert is_phantom({"data": str(tmp_path)}) is True
     assert is_phantom({"data": str(tmp_path / "missing")}) is None
-    ident = row_identity({"name": "ensemble (and: resnet34__gradcam 0.7 x "
-                                         "resnet50__gradcam 0.6)", "kind": "ensemble"})
+    ident = row_identity(
+        {
+            "name": "ensemble (and: resnet34__gradcam 0.7 x resnet50__gradcam 0.6)",
+            "kind": "ensemble",
+        }
+    )
     assert ident["operator"] == "and" and len(ident["members"]) == 2
 
 
 def test_threshold_heatmap_shapes() -> None:
     t = [0.0, 0.5]
-    assert threshold_heatmap(np.array([0.4, 0.6]), t, ["a"], "paper_miou",
-                                     "single").startswith(PNG)
+    assert threshold_heatmap(np.array([0.4, 0.6]), t, ["a"], "paper_miou", "single").startswith(PNG)
     v3 = np.arange(8, dtype=float).reshape(2, 2, 2) / 10
     assert threshold_heatmap(v3, t, ["a", "b", "c"], "paper_miou", "and").startswith(PNG)
     with pytest.raises(InputError, match="does not fit"):
@@ -430,15 +535,15 @@ def test_section_order_and_collapsed_config(made: tuple[Path, str]) -> None:
     ids = re.findall(r'<h2 id="(\w+)">', doc)
     assert ids == [k for k, _ in SECTIONS]
     assert ids[0] == "summary" and ids[-1] == "configuration"
-    nav = re.findall(r'<a href="#(\w+)">', doc[doc.index("<nav>"): doc.index("</nav>")])
+    nav = re.findall(r'<a href="#(\w+)">', doc[doc.index("<nav>") : doc.index("</nav>")])
     assert nav == ids
     conf = _section(doc, "configuration")
     assert "<details>" in conf and "<details open" not in doc
-    details = conf[conf.index("<details>"): conf.index("</details>")]
+    details = conf[conf.index("<details>") : conf.index("</details>")]
     assert "config.yaml" in details and "operators: [and, or, min, max]" in details
     # run.json timings: ONE table of (stage, seconds), nested keys joined, with a total
     assert conf.count("<table") == 2
-    timings = conf[conf.index("<h3>Timings</h3>"):]
+    timings = conf[conf.index("<h3>Timings</h3>") :]
     assert "<td>fold0/search</td><td>0.5</td>" in timings
     assert "<td>total</td><td>1.8</td>" in timings
 
@@ -461,26 +566,41 @@ def test_summary_has_headline_numbers(made: tuple[Path, str], run_dir: Path) -> 
     # the chosen configuration of every fold, with members and thresholds
     for fold in res["folds"]:
         cfg = by_kind["ensemble"]["config"][fold]
-        pairs = ", ".join(f"{m} &gt; {t:g}" for m, t in zip(cfg["members"], cfg["thresholds"],
-                                                              strict=True))
+        pairs = ", ".join(
+            f"{m} &gt; {t:g}" for m, t in zip(cfg["members"], cfg["thresholds"], strict=True)
+        )
         assert f"{fold}: {cfg['operator']}: {pairs}" in summary
 
 
 def test_row_identity_per_fold_configs() -> None:
-    row = {"name": "and ensemble (best members and thresholds)", "kind": "operator",
-           "config": {"fold0": {"operator": "and", "members": ["a__gradcam", "b__gradcam"]},
-                      "fold1": {"operator": "and", "members": ["a__gradcam", "c__layercam"]}}}
+    row = {
+        "name": "and ensemble (best members and thresholds)",
+        "kind": "operator",
+        "config": {
+            "fold0": {"operator": "and", "members": ["a__gradcam", "b__gradcam"]},
+            "fold1": {"operator": "and", "members": ["a__gradcam", "c__layercam"]},
+        },
+    }
     ident = row_identity(row)
     assert ident["operator"] == "and"
     assert [m["model"] for m in ident["members"]] == ["a", "b", "c"]
-    mixed = {**row, "kind": "ensemble", "config": {**row["config"], "fold1": {
-        "operator": "or", "members": ["a__gradcam", "b__gradcam"]}}}
+    mixed = {
+        **row,
+        "kind": "ensemble",
+        "config": {
+            **row["config"],
+            "fold1": {"operator": "or", "members": ["a__gradcam", "b__gradcam"]},
+        },
+    }
     assert row_identity(mixed)["operator"] == "mixed"
     and_ref = next(r for r in REFERENCE_FIGURES["brats"] if r.match == {"operator": "and"})
     assert reference_matches(and_ref, ident)
     assert not reference_matches(and_ref, row_identity(mixed))
-    single = {"name": "resnet50__gradcam alone (best threshold)", "kind": "single",
-              "config": {"fold0": {"operator": "single", "members": ["resnet50__gradcam"]}}}
+    single = {
+        "name": "resnet50__gradcam alone (best threshold)",
+        "kind": "single",
+        "config": {"fold0": {"operator": "single", "members": ["resnet50__gradcam"]}},
+    }
     r50 = next(r for r in REFERENCE_FIGURES["brats"] if r.method == "ResNet-50 Grad-CAM")
     r34 = next(r for r in REFERENCE_FIGURES["brats"] if r.method == "ResNet-34 Grad-CAM")
     assert reference_matches(r50, row_identity(single))
@@ -493,11 +613,11 @@ def test_captions_name_fold_members_thresholds(made: tuple[Path, str], run_dir: 
     _, doc = made
     for fold in ("fold0", "fold1", "fold2"):
         best = json.loads((run_dir / fold / "search" / "best.json").read_text())
-        caption = re.search(rf"<figcaption[^>]*>({fold}: [^<]*threshold_heatmap_{fold}\.png)",
-                            doc)
+        caption = re.search(rf"<figcaption[^>]*>({fold}: [^<]*threshold_heatmap_{fold}\.png)", doc)
         assert caption is not None, fold
-        pairs = ", ".join(f"{m} &gt; {t:g}" for m, t in zip(best["members"], best["thresholds"],
-                                                              strict=True))
+        pairs = ", ".join(
+            f"{m} &gt; {t:g}" for m, t in zip(best["members"], best["thresholds"], strict=True)
+        )
         assert f"chosen {best['operator']}: {pairs}" in caption.group(1)
     gallery = _section(doc, "gallery")
     best_cap = re.search(r"Best \d case\(s\) by case Dice: ([^<]*)", gallery)
@@ -517,7 +637,7 @@ def test_classifier_figures_in_grid(made: tuple[Path, str]) -> None:
     # confusion matrix; resnet50's train stage wrote no PNG: no grid (named in a note)
     assert "<h3>resnet50</h3>" not in cls
     for model in ("resnet34",):
-        block = cls[cls.index(f"<h3>{model}</h3>"):]
+        block = cls[cls.index(f"<h3>{model}</h3>") :]
         block = block[: block.index("</div>\n</div>") + 1]
         assert block.count('<div class="fold">') == 3
         assert block.count("learning_curve.png)</figcaption>") == 3

@@ -33,7 +33,7 @@ SHAPE = (20, 20, 20)
 
 def _cube(lo: tuple[int, ...], hi: tuple[int, ...]) -> np.ndarray:
     m = np.zeros(SHAPE, np.uint8)
-    m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 1
+    m[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = 1
     return m
 
 
@@ -53,13 +53,21 @@ def dataset(tmp_path: Path) -> tuple[Path, Path]:
     test_metrics_lesionwise. fp_only: empty reference, one predicted cube. empty: both
     empty."""
     data, pred = tmp_path / "data", tmp_path / "pred"
-    gt_two = _cube((2, 2, 2), (6, 6, 6)) + _cube((12, 12, 12), (16, 16, 16)) \
+    gt_two = (
+        _cube((2, 2, 2), (6, 6, 6))
+        + _cube((12, 12, 12), (16, 16, 16))
         + 2 * _cube((2, 14, 14), (5, 17, 17))
-    pr_two = _cube((2, 2, 2), (6, 6, 7)) + _cube((12, 2, 2), (15, 5, 5)) \
+    )
+    pr_two = (
+        _cube((2, 2, 2), (6, 6, 7))
+        + _cube((12, 2, 2), (15, 5, 5))
         + _cube((2, 14, 14), (5, 17, 17))
-    cases = {"two": (gt_two, pr_two),
-             "fp_only": (np.zeros(SHAPE, np.uint8), _cube((3, 3, 3), (6, 6, 6))),
-             "empty": (np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8))}
+    )
+    cases = {
+        "two": (gt_two, pr_two),
+        "fp_only": (np.zeros(SHAPE, np.uint8), _cube((3, 3, 3), (6, 6, 6))),
+        "empty": (np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8)),
+    }
     for name, (gt, pr) in cases.items():
         write_nifti(data / "images" / f"{name}_t1.nii.gz", np.zeros(SHAPE, np.float32), LPS)
         write_nifti(data / "labels" / f"{name}.nii.gz", gt, LPS)
@@ -77,12 +85,10 @@ def _rows(path: Path) -> dict[str, dict[str, str]]:
         return {r["case"]: r for r in csv.DictReader(fh)}
 
 
-def test_score_hand_computed_every_convention(dataset: tuple[Path, Path], tmp_path: Path
-                                              ) -> None:
+def test_score_hand_computed_every_convention(dataset: tuple[Path, Path], tmp_path: Path) -> None:
     data, pred = dataset
     out = tmp_path / "scores"
-    r = _invoke("--pred", str(pred), "--data", str(data), "--layout", "folder",
-                "--out", str(out))
+    r = _invoke("--pred", str(pred), "--data", str(data), "--layout", "folder", "--out", str(out))
     assert r.exit_code == 0, r.output
     rows = _rows(out / "per_case.csv")
     two = {k: float(v) for k, v in rows["two"].items() if k != "case"}
@@ -90,23 +96,41 @@ def test_score_hand_computed_every_convention(dataset: tuple[Path, Path], tmp_pa
     assert two["dice"] == pytest.approx(2 * tp / (64 + 64 + 27 + 80 + 27 + 27))
     assert two["lesionwise_dice"] == pytest.approx((8 / 9 + 0 + 0) / 3)
     assert two["lesionwise_hd95_mm"] == pytest.approx((1 + 374 + 374) / 3)
-    assert (two["ref_lesions"], two["detected_lesions"], two["fp_lesions"],
-            two["small_ref_lesions"], two["lesion_sensitivity"]) == (2, 1, 1, 1, 0.5)
+    assert (
+        two["ref_lesions"],
+        two["detected_lesions"],
+        two["fp_lesions"],
+        two["small_ref_lesions"],
+        two["lesion_sensitivity"],
+    ) == (2, 1, 1, 1, 0.5)
     fp = rows["fp_only"]
-    assert (float(fp["dice"]), float(fp["nsd"]), float(fp["lesionwise_dice"]),
-            float(fp["lesionwise_hd95_mm"]), int(fp["fp_lesions"])) == (0, 0, 0, 374, 1)
+    assert (
+        float(fp["dice"]),
+        float(fp["nsd"]),
+        float(fp["lesionwise_dice"]),
+        float(fp["lesionwise_hd95_mm"]),
+        int(fp["fp_lesions"]),
+    ) == (0, 0, 0, 374, 1)
     assert math.isnan(float(fp["hd95_mm"])) and math.isnan(float(fp["lesion_sensitivity"]))
     empty = rows["empty"]
-    assert (float(empty["dice"]), float(empty["hd95_mm"]), float(empty["nsd"]),
-            float(empty["lesionwise_dice"]), float(empty["lesionwise_hd95_mm"])) == (1, 0, 1, 1, 0)
+    assert (
+        float(empty["dice"]),
+        float(empty["hd95_mm"]),
+        float(empty["nsd"]),
+        float(empty["lesionwise_dice"]),
+        float(empty["lesionwise_hd95_mm"]),
+    ) == (1, 0, 1, 1, 0)
     # HD95 and NSD are MONAI's on the case's volumes (scan spacing 1 mm)
-    gt = (np.asarray(_load(data / "labels" / "two.nii.gz")) > 0)
+    gt = np.asarray(_load(data / "labels" / "two.nii.gz")) > 0
     pm = np.asarray(_load(pred / "two.nii.gz")) > 0
     assert two["hd95_mm"] == pytest.approx(metrics.hd95(pm, gt, (1, 1, 1)), rel=1e-6)
     assert two["nsd"] == pytest.approx(metrics.nsd(pm, gt, 1.0, (1, 1, 1)), rel=1e-6)
     summary = _strict((out / "summary.json").read_text())  # strict JSON: NaN -> null
-    assert summary["format"] == "ensemblecam-score" and summary["cases"] == ["empty",
-                                                                            "fp_only", "two"]
+    assert summary["format"] == "ensemblecam-score" and summary["cases"] == [
+        "empty",
+        "fp_only",
+        "two",
+    ]
     m = summary["metrics"]
     assert m["lesionwise_dice"]["mean"] == pytest.approx((8 / 27 + 0 + 1) / 3)
     assert m["hd95_mm"]["n"] == 2  # undefined for fp_only
@@ -114,11 +138,23 @@ def test_score_hand_computed_every_convention(dataset: tuple[Path, Path], tmp_pa
     assert summary["conventions"]["lesionwise"]["min_volume_mm3"] == 50.0
     assert summary["slices"]["n_cases"] == 3 and summary["slices"]["tp"] == tp
     # rerun refused without --force, replaced with it
-    r = _invoke("--pred", str(pred), "--data", str(data), "--layout", "folder",
-                "--out", str(out))
+    r = _invoke("--pred", str(pred), "--data", str(data), "--layout", "folder", "--out", str(out))
     assert r.exit_code == 2 and "--force" in r.output
-    r = _invoke("--pred", str(pred), "--data", str(data), "--layout", "folder",
-                "--out", str(out), "--force", "--min-lesion-volume", "0", "--cases", "two")
+    r = _invoke(
+        "--pred",
+        str(pred),
+        "--data",
+        str(data),
+        "--layout",
+        "folder",
+        "--out",
+        str(out),
+        "--force",
+        "--min-lesion-volume",
+        "0",
+        "--cases",
+        "two",
+    )
     assert r.exit_code == 0, r.output
     two = _rows(out / "per_case.csv")["two"]
     assert list(_rows(out / "per_case.csv")) == ["two"]
@@ -131,8 +167,7 @@ def _load(path: Path) -> np.ndarray:
     return np.asanyarray(nib.load(str(path)).dataobj)
 
 
-def test_score_of_the_ground_truth_is_perfect(dataset: tuple[Path, Path], tmp_path: Path
-                                              ) -> None:
+def test_score_of_the_ground_truth_is_perfect(dataset: tuple[Path, Path], tmp_path: Path) -> None:
     data, _ = dataset
     perfect = tmp_path / "perfect"
     perfect.mkdir()
@@ -142,9 +177,14 @@ def test_score_of_the_ground_truth_is_perfect(dataset: tuple[Path, Path], tmp_pa
     assert r.exit_code == 0, r.output
     rows = _rows(tmp_path / "perfect_score" / "per_case.csv")  # default: <pred>_score
     for row in rows.values():
-        assert (float(row["dice"]), float(row["hd95_mm"]), float(row["nsd"]),
-                float(row["lesionwise_dice"]), float(row["lesionwise_hd95_mm"]),
-                int(row["fp_lesions"])) == (1, 0, 1, 1, 0, 0)
+        assert (
+            float(row["dice"]),
+            float(row["hd95_mm"]),
+            float(row["nsd"]),
+            float(row["lesionwise_dice"]),
+            float(row["lesionwise_hd95_mm"]),
+            int(row["fp_lesions"]),
+        ) == (1, 0, 1, 1, 0, 0)
 
 
 def _refused(r: Any, *words: str) -> None:
@@ -163,8 +203,7 @@ def test_score_refuses_mismatched_geometry(dataset: tuple[Path, Path], tmp_path:
     before = {p: p.read_bytes() for p in pred.iterdir()}
     # another shape
     write_nifti(pred / "fp_only.nii.gz", np.zeros((20, 20, 19), np.uint8), LPS)
-    _refused(_invoke(*args), str(pred / "fp_only.nii.gz"), "shape [20, 20, 19]",
-             "[20, 20, 20]")
+    _refused(_invoke(*args), str(pred / "fp_only.nii.gz"), "shape [20, 20, 19]", "[20, 20, 20]")
     assert not out.exists() and not (tmp_path / ".o.partial").exists()
     # same shape, another affine (0.5 mm shift)
     shifted = LPS.copy()
@@ -180,8 +219,9 @@ def test_score_refuses_mismatched_geometry(dataset: tuple[Path, Path], tmp_path:
     assert {p.name for p in pred.iterdir()} == {p.name for p in before}
 
 
-def test_score_refuses_missing_cases_and_bad_options(dataset: tuple[Path, Path],
-                                                     tmp_path: Path) -> None:
+def test_score_refuses_missing_cases_and_bad_options(
+    dataset: tuple[Path, Path], tmp_path: Path
+) -> None:
     data, pred = dataset
     out = tmp_path / "o"
     args = ("--pred", str(pred), "--data", str(data), "--layout", "folder", "--out", str(out))
@@ -190,10 +230,32 @@ def test_score_refuses_missing_cases_and_bad_options(dataset: tuple[Path, Path],
     _refused(_invoke(*args, "--cases", "empty,nine"), "'nine'", "not in the folder data set")
     r = _invoke(*args, "--cases", "empty,fp_only")  # the subset that exists is fine
     assert r.exit_code == 0, r.output
-    _refused(_invoke("--pred", str(pred), "--data", str(data), "--layout", "folder",
-                     "--out", str(pred / "inside")), "input")
-    _refused(_invoke("--pred", str(tmp_path / "nope"), "--data", str(data), "--layout",
-                     "folder", "--out", str(tmp_path / "o2")), "prediction folder not found")
+    _refused(
+        _invoke(
+            "--pred",
+            str(pred),
+            "--data",
+            str(data),
+            "--layout",
+            "folder",
+            "--out",
+            str(pred / "inside"),
+        ),
+        "input",
+    )
+    _refused(
+        _invoke(
+            "--pred",
+            str(tmp_path / "nope"),
+            "--data",
+            str(data),
+            "--layout",
+            "folder",
+            "--out",
+            str(tmp_path / "o2"),
+        ),
+        "prediction folder not found",
+    )
     _refused(_invoke(*args, "--force", "--connectivity", "5"), "connectivity 5")
     _refused(_invoke(*args, "--force", "--nsd-tolerance", "-1"), "NSD tolerance")
     _refused(_invoke(*args, "--force", "--layout", "nifti"), "layout 'nifti'")
@@ -238,37 +300,61 @@ def _fake_run(tmp_path: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """Two folds, rows ensemble / op_and / single a / single b / Empty with hand values."""
     run = tmp_path / "run"
     per = {  # fold -> slug -> [(case, dice, lesionwise_dice, hd95_mm)]
-        "fold0": {"ensemble": [("c0", 0.9, 0.8, 2.0), ("c1", 0.7, 0.6, "nan")],
-                  "op_and": [("c0", 0.8, 0.8, 3.0), ("c1", 0.6, 0.5, 4.0)],
-                  "single_a": [("c0", 0.5, 0.4, 5.0), ("c1", 0.4, 0.3, 6.0)],
-                  "single_b": [("c0", 0.6, 0.5, 5.0), ("c1", 0.5, 0.4, 6.0)]},
-        "fold1": {"ensemble": [("c2", 0.8, 0.9, 1.0), ("c3", 0.6, 0.7, 2.0)],
-                  "op_and": [("c2", 0.8, 0.8, 1.0), ("c3", 0.5, 0.6, 3.0)],
-                  "single_a": [("c2", 0.3, 0.2, 7.0), ("c3", 0.2, 0.1, 8.0)],
-                  "single_b": [("c2", 0.4, 0.3, 7.0), ("c3", 0.3, 0.2, 8.0)]},
+        "fold0": {
+            "ensemble": [("c0", 0.9, 0.8, 2.0), ("c1", 0.7, 0.6, "nan")],
+            "op_and": [("c0", 0.8, 0.8, 3.0), ("c1", 0.6, 0.5, 4.0)],
+            "single_a": [("c0", 0.5, 0.4, 5.0), ("c1", 0.4, 0.3, 6.0)],
+            "single_b": [("c0", 0.6, 0.5, 5.0), ("c1", 0.5, 0.4, 6.0)],
+        },
+        "fold1": {
+            "ensemble": [("c2", 0.8, 0.9, 1.0), ("c3", 0.6, 0.7, 2.0)],
+            "op_and": [("c2", 0.8, 0.8, 1.0), ("c3", 0.5, 0.6, 3.0)],
+            "single_a": [("c2", 0.3, 0.2, 7.0), ("c3", 0.2, 0.1, 8.0)],
+            "single_b": [("c2", 0.4, 0.3, 7.0), ("c3", 0.3, 0.2, 8.0)],
+        },
     }
-    rows = [("ensemble (best configuration)", "ensemble", "ensemble"),
-            ("and ensemble", "operator", "op_and"), ("a alone", "single", "single_a"),
-            ("b alone", "single", "single_b"), ("Empty (all background)", "empty",
-                                                "ensemble")]
+    rows = [
+        ("ensemble (best configuration)", "ensemble", "ensemble"),
+        ("and ensemble", "operator", "op_and"),
+        ("a alone", "single", "single_a"),
+        ("b alone", "single", "single_b"),
+        ("Empty (all background)", "empty", "ensemble"),
+    ]
     fold_results = {}
     for fold, slugs in per.items():
         for slug, vals in slugs.items():
             d = run / fold / "eval" / slug
             d.mkdir(parents=True)
             head = "case,dice,lesionwise_dice,hd95_mm\n"
-            (d / "per_case.csv").write_text(head + "".join(
-                f"{c},{a},{b},{h}\n" for c, a, b, h in vals))
-            (d / "per_case_empty.csv").write_text(head + "".join(
-                f"{c},0.0,0.0,nan\n" for c, *_ in vals))
-        fold_results[fold] = {"dir": run / fold, "rows": [
-            {"name": n, "kind": k, "slug": s} for n, k, s in rows]}
+            (d / "per_case.csv").write_text(
+                head + "".join(f"{c},{a},{b},{h}\n" for c, a, b, h in vals)
+            )
+            (d / "per_case_empty.csv").write_text(
+                head + "".join(f"{c},0.0,0.0,nan\n" for c, *_ in vals)
+            )
+        fold_results[fold] = {
+            "dir": run / fold,
+            "rows": [{"name": n, "kind": k, "slug": s} for n, k, s in rows],
+        }
     means = {"ensemble": 0.8, "operator": 0.7, "a alone": 0.3, "b alone": 0.4, "empty": 0.0}
-    results = {"format": "ensemblecam-results", "version": 1, "objective": "paper_miou",
-               "folds": ["fold0", "fold1"], "metric_names": ["paper_miou"],
-               "rows": [{"name": n, "kind": k, "config": {},
-                         "mean": {"paper_miou": means.get(n, means.get(k))},
-                         "std": {"paper_miou": 0.0}, "per_fold": {}} for n, k, _ in rows]}
+    results = {
+        "format": "ensemblecam-results",
+        "version": 1,
+        "objective": "paper_miou",
+        "folds": ["fold0", "fold1"],
+        "metric_names": ["paper_miou"],
+        "rows": [
+            {
+                "name": n,
+                "kind": k,
+                "config": {},
+                "mean": {"paper_miou": means.get(n, means.get(k))},
+                "std": {"paper_miou": 0.0},
+                "per_fold": {},
+            }
+            for n, k, _ in rows
+        ],
+    }
     return run, results, fold_results
 
 
@@ -280,8 +366,10 @@ def test_case_statistics_hand_computed(tmp_path: Path) -> None:
     st = results["case_statistics"]
     assert (st["chosen"], st["best_single"]) == ("ensemble (best configuration)", "b alone")
     ens, op, _, b, empty = results["rows"]
-    assert ens["cases"]["n_cases"] == 4 and ens["cases"]["files"]["fold1"] == \
-        "fold1/eval/ensemble/per_case.csv"
+    assert (
+        ens["cases"]["n_cases"] == 4
+        and ens["cases"]["files"]["fold1"] == "fold1/eval/ensemble/per_case.csv"
+    )
     assert ens["cases"]["mean"]["dice"] == pytest.approx(0.75)
     assert ens["cases"]["n"]["hd95_mm"] == 3  # one undefined value left out
     assert ens["cases"]["mean"]["hd95_mm"] == pytest.approx(5 / 3)
@@ -320,11 +408,15 @@ def test_report_reads_cis_and_p_values_from_files(tmp_path: Path) -> None:
     assert "p = 0.012" in page and "p = 0.250" in page and "[best single member]" in page
     assert (out / "cases_dice.png").read_bytes().startswith(b"\x89PNG")
     # every case of the chosen row as stored, lowest case Dice first (c3 0.6 ... c0 0.9)
-    table = page[page.index("Every case of ensemble (best configuration) (4 cases"):]
+    table = page[page.index("Every case of ensemble (best configuration) (4 cases") :]
     table = table[: table.index("</table>")]
     cells = re.findall(r"<tr><td>(fold\d)</td><td>(c\d)</td><td>([^<]*)</td>", table)
-    assert cells == [("fold1", "c3", "60.0"), ("fold0", "c1", "70.0"), ("fold1", "c2", "80.0"),
-                     ("fold0", "c0", "90.0")]
+    assert cells == [
+        ("fold1", "c3", "60.0"),
+        ("fold0", "c1", "70.0"),
+        ("fold1", "c2", "80.0"),
+        ("fold0", "c0", "90.0"),
+    ]
     assert (out / "cases_lesionwise_dice.png").is_file()
     (run / "fold1" / "eval" / "op_and" / "per_case.csv").unlink()
     with pytest.raises(InputError, match=r"op_and/per_case\.csv"):

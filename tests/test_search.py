@@ -16,8 +16,9 @@ from ensemblecam.errors import InputError
 from ensemblecam.metrics.conventions import score, slice_counts
 
 
-def brute_force(maps, masks, case_ids, grid, operators, subsets, probs=None, gates=(),
-                min_lesion_fraction=0.0):
+def brute_force(
+    maps, masks, case_ids, grid, operators, subsets, probs=None, gates=(), min_lesion_fraction=0.0
+):
     """Re-threshold and score every configuration with apply_config (the reference)."""
     out = {}
     gate_list = [None, *gates]
@@ -37,7 +38,8 @@ def brute_force(maps, masks, case_ids, grid, operators, subsets, probs=None, gat
                     counts = slice_counts(pred, masks.astype(bool))
                     pm = None if p_u is None else np.mean(np.stack(p_u), axis=0)
                     out[(label, u, tuple(float(str(t)) for t in thr), gate)] = score(
-                        *counts, case_ids, pm, min_lesion_fraction)
+                        *counts, case_ids, pm, min_lesion_fraction
+                    )
     return out
 
 
@@ -63,8 +65,9 @@ def compare(result, expected, top_k=None, objective="paper_miou"):
                 if row[name] is None:
                     assert top_k is not None and name.startswith(DETAIL), (key, name)
                     continue
-                np.testing.assert_allclose(row[name], exp[name], rtol=1e-9, atol=1e-12,
-                                           err_msg=f"{key} {name}")
+                np.testing.assert_allclose(
+                    row[name], exp[name], rtol=1e-9, atol=1e-12, err_msg=f"{key} {name}"
+                )
     for (op, u), items in by_cand.items():
         detailed = {key for key, row in items if row["case_dice_mean"] is not None}
         if top_k is None or op in ("single", "mean"):
@@ -94,8 +97,13 @@ def random_maps(rng, m, n, h, w, dtype):
         (2, "0:0.9:0.1", np.float16, ["and", "or", "min", "max", "mean"], (4, 5)),
         # 12x12 slices and 3 thresholds: the small-grid path (one per-slice joint histogram)
         (2, "0.25,0.5,0.6", np.uint8, ["and", "or", "min", "max", "vote"], (12, 12)),
-        (3, "0.1:0.5:0.2", np.float32, ["and", "or", "min", "max", "vote", "vote:2", "mean"],
-         (4, 5)),
+        (
+            3,
+            "0.1:0.5:0.2",
+            np.float32,
+            ["and", "or", "min", "max", "vote", "vote:2", "mean"],
+            (4, 5),
+        ),
     ],
 )
 def test_random_equals_brute_force(m, grid, dtype, ops, hw, top_k):
@@ -108,8 +116,20 @@ def test_random_equals_brute_force(m, grid, dtype, ops, hw, top_k):
     probs = [rng.random(n).astype(np.float32) for _ in range(m)]
     g = parse_grid(grid)
     subsets = subsets_of(m)
-    res = S.search(maps, masks, case_ids, g, ops, subsets, probs=probs, gates=[0.3, 0.6],
-                   min_lesion_fraction=0.2, chunk=4, progress=False, top_k=top_k)
+    res = S.search(
+        maps,
+        masks,
+        case_ids,
+        g,
+        ops,
+        subsets,
+        probs=probs,
+        gates=[0.3, 0.6],
+        min_lesion_fraction=0.2,
+        chunk=4,
+        progress=False,
+        top_k=top_k,
+    )
     exp = brute_force(maps, masks, case_ids, g, ops, subsets, probs, (0.3, 0.6), 0.2)
     compare(res, exp, top_k)
 
@@ -148,8 +168,9 @@ def test_blob_maps_equal_brute_force(tmp_path):
     from ensemblecam.io.store import SliceStore
     from store_factory import build_store
 
-    store = SliceStore.open(build_store(tmp_path / "s", n_cases=4, slices_per_case=4,
-                                        size=(16, 16)))
+    store = SliceStore.open(
+        build_store(tmp_path / "s", n_cases=4, slices_per_case=4, size=(16, 16))
+    )
     gt = np.asarray(store.masks).astype(np.float32)
     rng = np.random.default_rng(1)
     from scipy.ndimage import gaussian_filter
@@ -164,16 +185,22 @@ def test_blob_maps_equal_brute_force(tmp_path):
     ops = ["and", "or", "min", "max"]
     res = S.search(maps, store.masks, cases, g, ops, chunk=5, progress=False)  # top_k=20
     assert res.top_k == 20
-    compare(res, brute_force(maps, np.asarray(store.masks), cases, g, ops, subsets_of(2)),
-            top_k=20)
+    compare(res, brute_force(maps, np.asarray(store.masks), cases, g, ops, subsets_of(2)), top_k=20)
 
 
 def test_ranking_and_objective():
     rng = np.random.default_rng(0)
     maps = random_maps(rng, 2, 6, 4, 4, np.float16)
     masks = (rng.random((6, 4, 4)) < 0.4).astype(np.uint8)
-    res = S.search(maps, masks, np.arange(6) // 2, "0:0.9:0.1", ["and", "or"], progress=False,
-                   objective="case_dice_mean")  # a case-level objective: every row exact
+    res = S.search(
+        maps,
+        masks,
+        np.arange(6) // 2,
+        "0:0.9:0.1",
+        ["and", "or"],
+        progress=False,
+        objective="case_dice_mean",
+    )  # a case-level objective: every row exact
     assert res.top_k is None
     ranked = res.ranked("case_dice_mean")
     vals = [r["case_dice_mean"] for r in ranked]
@@ -182,11 +209,13 @@ def test_ranking_and_objective():
     with pytest.raises(InputError, match="objective 'nope'"):
         res.ranked("nope")
     # default: ranked by paper_miou, slice/case metrics only for the top-K rows
-    fast = S.search(maps, masks, np.arange(6) // 2, "0:0.9:0.1", ["and", "or"], progress=False,
-                    top_k=5)
+    fast = S.search(
+        maps, masks, np.arange(6) // 2, "0:0.9:0.1", ["and", "or"], progress=False, top_k=5
+    )
     ranked = fast.ranked("paper_miou")
-    assert [r["paper_miou"] for r in ranked] == sorted(vals_miou := [
-        r["paper_miou"] for r in res.rows()], reverse=True) and len(vals_miou) == 220
+    assert [r["paper_miou"] for r in ranked] == sorted(
+        vals_miou := [r["paper_miou"] for r in res.rows()], reverse=True
+    ) and len(vals_miou) == 220
     assert ranked[0]["case_dice_mean"] is not None
     assert sum(r["case_dice_mean"] is None for r in ranked) == 2 * (100 - 5)
     with pytest.raises(InputError, match="top-5 rows"):
@@ -212,8 +241,7 @@ def test_bad_inputs():
     with pytest.raises(InputError, match="vote:5"):
         parse_operator("vote:5", 2)
     with pytest.raises(InputError, match="too fine"):  # refused before any pass over the maps
-        S.search(maps * 3, masks, np.zeros(3), "0:1:0.002", ["and"], [(0, 1, 2)],
-                 progress=False)
+        S.search(maps * 3, masks, np.zeros(3), "0:1:0.002", ["and"], [(0, 1, 2)], progress=False)
 
 
 class CountingRows(Rows):
@@ -230,18 +258,22 @@ class CountingRows(Rows):
 
 def _rows_key(rows):
     """Rows with NaN made comparable (NaN == NaN) for an exact equality check."""
-    return [{k: ("nan" if isinstance(v, float) and v != v else v) for k, v in r.items()}
-            for r in rows]
+    return [
+        {k: ("nan" if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in rows
+    ]
 
 
 VOTE_OPS = ["and", "or", "min", "max", "vote:2"]
 
 
-@pytest.mark.parametrize("ops,hw,reads", [
-    (VOTE_OPS, (16, 32), 1),  # every joint histogram (4^m * 2 bins) cached
-    (VOTE_OPS, (12, 24), 2),  # pairs cached, the 3-member joint too large: maps re-read
-    (["min", "max"], (5, 6), 1),  # min/max only: per-member counts cached
-])
+@pytest.mark.parametrize(
+    "ops,hw,reads",
+    [
+        (VOTE_OPS, (16, 32), 1),  # every joint histogram (4^m * 2 bins) cached
+        (VOTE_OPS, (12, 24), 2),  # pairs cached, the 3-member joint too large: maps re-read
+        (["min", "max"], (5, 6), 1),  # min/max only: per-member counts cached
+    ],
+)
 def test_slice_cache_equals_reread(monkeypatch, ops, hw, reads):
     """Top-K slice/case metrics from pass 1's on-disk histograms equal a second read of
     the maps (each path forced via SLICE_CACHE_BYTES) and brute force; the re-read path
@@ -261,12 +293,24 @@ def test_slice_cache_equals_reread(monkeypatch, ops, hw, reads):
     for budget in (0, 2**40):
         monkeypatch.setattr(C, "SLICE_CACHE_BYTES", budget)
         log: list[int] = []
-        res = S.search([CountingRows(a, log) for a in maps], masks, case_ids, g, ops, subsets,
-                       probs=probs, gates=[0.5], min_lesion_fraction=0.1, chunk=3,
-                       progress=False, top_k=4)
+        res = S.search(
+            [CountingRows(a, log) for a in maps],
+            masks,
+            case_ids,
+            g,
+            ops,
+            subsets,
+            probs=probs,
+            gates=[0.5],
+            min_lesion_fraction=0.1,
+            chunk=3,
+            progress=False,
+            top_k=4,
+        )
         out[budget] = (res, sum(log))
     (reread, n_reread), (cached, n_cached) = out[0], out[2**40]
     assert n_reread == 2 * m * n and n_cached == reads * m * n
     assert _rows_key(cached.rows()) == _rows_key(reread.rows())
-    compare(cached, brute_force(maps, masks, case_ids, g, ops, subsets, probs, (0.5,), 0.1),
-            top_k=4)
+    compare(
+        cached, brute_force(maps, masks, case_ids, g, ops, subsets, probs, (0.5,), 0.1), top_k=4
+    )

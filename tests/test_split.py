@@ -40,7 +40,11 @@ def test_holdout_fractions() -> None:
     (fold,) = holdout_split(POS, (0.6, 0.2, 0.2), seed=0)
     assert (len(fold.train), len(fold.val), len(fold.test)) == (18, 6, 6)
     assert [sum(POS[c] for c in p) for p in (fold.train, fold.val, fold.test)] in (
-        [5, 2, 2], [6, 2, 1], [6, 1, 2], [5, 2, 2])
+        [5, 2, 2],
+        [6, 2, 1],
+        [6, 1, 2],
+        [5, 2, 2],
+    )
     with pytest.raises(InputError, match="summing to 1"):
         holdout_split(POS, (0.5, 0.2, 0.2))
 
@@ -63,8 +67,14 @@ def test_list_file_json_and_csv(tmp_path: Path) -> None:
     f.write_text(json.dumps({"train": known[:20], "val": known[20:25], "test": known[25:]}))
     (fold,) = list_split(f, known)
     assert fold.test == known[25:]
-    f.write_text(json.dumps([{"name": "a", "train": known[:2], "test": known[2:4]},
-                             {"train": known[2:4], "test": known[:2]}]))
+    f.write_text(
+        json.dumps(
+            [
+                {"name": "a", "train": known[:2], "test": known[2:4]},
+                {"train": known[2:4], "test": known[:2]},
+            ]
+        )
+    )
     assert [x.name for x in list_split(f, known)] == ["a", "fold1"]
     f.write_text(json.dumps({"train": ["zz"], "test": []}))
     with pytest.raises(InputError, match="unknown case 'zz'"):
@@ -76,7 +86,9 @@ def test_list_file_json_and_csv(tmp_path: Path) -> None:
     c.write_text("case,part,fold\nc00,train,0\nc01,test,0\nc01,train,1\nc00,test,1\n")
     folds = list_split(c, known)
     assert [(x.name, x.train, x.test) for x in folds] == [
-        ("fold0", ["c00"], ["c01"]), ("fold1", ["c01"], ["c00"])]
+        ("fold0", ["c00"], ["c01"]),
+        ("fold1", ["c01"], ["c00"]),
+    ]
     c.write_text("case,part\nc00,dev\n")
     with pytest.raises(InputError, match="part 'dev'"):
         list_split(c, known)
@@ -93,12 +105,35 @@ def test_split_cli(tmp_path: Path) -> None:
     assert len(folds) == 3 and all(len(f.test) == 3 for f in folds)
     res = runner.invoke(app, ["split", "--store", str(store)])
     assert res.exit_code == 2 and "use --force" in res.stderr
-    res = runner.invoke(app, ["split", "--store", str(store), "--scheme", "holdout", "--force",
-                              "--fractions", "0.6,0.2,0.2"])
+    res = runner.invoke(
+        app,
+        [
+            "split",
+            "--store",
+            str(store),
+            "--scheme",
+            "holdout",
+            "--force",
+            "--fractions",
+            "0.6,0.2,0.2",
+        ],
+    )
     assert res.exit_code == 0 and len(read_splits(store / "splits.json")) == 1
     lst = tmp_path / "l.json"
     lst.write_text(json.dumps({"train": ["case_000"], "test": ["case_999"]}))
-    res = runner.invoke(app, ["split", "--store", str(store), "--scheme", "list", "--list-file",
-                              str(lst), "--out", str(tmp_path / "x.json")])
+    res = runner.invoke(
+        app,
+        [
+            "split",
+            "--store",
+            str(store),
+            "--scheme",
+            "list",
+            "--list-file",
+            str(lst),
+            "--out",
+            str(tmp_path / "x.json"),
+        ],
+    )
     assert res.exit_code == 2 and "unknown case 'case_999'" in res.stderr
     assert not (tmp_path / "x.json").exists()

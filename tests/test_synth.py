@@ -32,8 +32,9 @@ def _load(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
 @pytest.fixture(scope="module")
 def brats(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "brats"
-    return synth_dataset(SynthConfig(out=out, n_cases=5, shape=SMALL, seed=1, workers=2,
-                                     tumour_free_fraction=0.2))
+    return synth_dataset(
+        SynthConfig(out=out, n_cases=5, shape=SMALL, seed=1, workers=2, tumour_free_fraction=0.2)
+    )
 
 
 def test_brats_layout_names_shapes_labels(brats: Path) -> None:
@@ -57,10 +58,16 @@ def test_brats_layout_names_shapes_labels(brats: Path) -> None:
 
 
 def test_deterministic_and_seed_dependent(tmp_path: Path, brats: Path) -> None:
-    again = synth_dataset(SynthConfig(out=tmp_path / "a", n_cases=2, shape=SMALL, seed=1,
-                                      workers=1, tumour_free_fraction=0.2))
-    other = synth_dataset(SynthConfig(out=tmp_path / "b", n_cases=2, shape=SMALL, seed=2,
-                                      workers=1, tumour_free_fraction=0.2))
+    again = synth_dataset(
+        SynthConfig(
+            out=tmp_path / "a", n_cases=2, shape=SMALL, seed=1, workers=1, tumour_free_fraction=0.2
+        )
+    )
+    other = synth_dataset(
+        SynthConfig(
+            out=tmp_path / "b", n_cases=2, shape=SMALL, seed=2, workers=1, tumour_free_fraction=0.2
+        )
+    )
     name = "BraTS20_Training_001"
     f = f"{name}/{name}_flair.nii.gz"
     np.testing.assert_array_equal(_load(again / f)[0], _load(brats / f)[0])  # 2 vs 1 workers
@@ -102,8 +109,10 @@ def test_msd_and_kits_layouts(tmp_path: Path) -> None:
     msd = synth_dataset(SynthConfig(layout="msd", out=tmp_path / "msd", n_cases=2, shape=SMALL))
     meta = json.loads((msd / "dataset.json").read_text())
     assert meta["modality"] == {"0": "T2", "1": "ADC"} and meta["numTraining"] == 2
-    assert meta["training"][0] == {"image": "./imagesTr/prostate_00.nii.gz",
-                                   "label": "./labelsTr/prostate_00.nii.gz"}
+    assert meta["training"][0] == {
+        "image": "./imagesTr/prostate_00.nii.gz",
+        "label": "./labelsTr/prostate_00.nii.gz",
+    }
     img, _ = _load(msd / "imagesTr" / "prostate_00.nii.gz")
     lab, _ = _load(msd / "labelsTr" / "prostate_00.nii.gz")
     assert img.shape == (*SMALL, 2) and lab.shape == SMALL
@@ -113,8 +122,11 @@ def test_msd_and_kits_layouts(tmp_path: Path) -> None:
     assert adc[case["label"] == 1].mean() > adc[case["label"] == 2].mean()  # PZ vs TZ on ADC
     assert (case["label"] > 0).any(axis=(0, 1)).sum() < SMALL[2]  # only some slices
 
-    kits = synth_dataset(SynthConfig(layout="kits", out=tmp_path / "kits", n_cases=2,
-                                     shape=SMALL, tumour_free_fraction=0.0))
+    kits = synth_dataset(
+        SynthConfig(
+            layout="kits", out=tmp_path / "kits", n_cases=2, shape=SMALL, tumour_free_fraction=0.0
+        )
+    )
     for name in ("case_00000", "case_00001"):
         ct, im = _load(kits / name / "imaging.nii.gz")
         seg, _ = _load(kits / name / "segmentation.nii.gz")
@@ -140,8 +152,12 @@ def test_existing_output_and_bad_values(tmp_path: Path) -> None:
     assert (out / "phantom.json").read_text() == before
     assert runner.invoke(app, [*args, "--seed", "4", "--force"]).exit_code == 0
     assert json.loads((out / "phantom.json").read_text())["seed"] == 4
-    for bad in (["--n-cases", "0"], ["--shape", "16,16,8"], ["--shape", "32,32"],
-                ["--layout", "nope"]):
+    for bad in (
+        ["--n-cases", "0"],
+        ["--shape", "16,16,8"],
+        ["--shape", "32,32"],
+        ["--layout", "nope"],
+    ):
         res = runner.invoke(app, ["synth", "--out", str(tmp_path / "q"), *bad])
         assert res.exit_code == 2, bad
         assert res.output.startswith("error:") and res.output.count("\n") == 1, res.output
@@ -153,8 +169,17 @@ def test_existing_output_and_bad_values(tmp_path: Path) -> None:
 @pytest.mark.parametrize("layout", ["brats", "msd", "kits"])
 def test_stored_orientation_round_trips_to_canonical(tmp_path: Path, layout: str) -> None:
     shape = (40, 36, 10)  # x != y so a transposed axis order would show
-    out = synth_dataset(SynthConfig(layout=layout, out=tmp_path / layout, n_cases=1,
-                                    shape=shape, seed=3, workers=1, tumour_free_fraction=0.0))
+    out = synth_dataset(
+        SynthConfig(
+            layout=layout,
+            out=tmp_path / layout,
+            n_cases=1,
+            shape=shape,
+            seed=3,
+            workers=1,
+            tumour_free_fraction=0.0,
+        )
+    )
     gen = {"brats": make_brats_case, "msd": make_msd_case, "kits": make_kits_case}[layout]
     case = gen(shape, case_rng(3, 0))
     if layout == "brats":
@@ -174,9 +199,17 @@ def test_tumour_free_fraction_applies_to_every_layout(tmp_path: Path) -> None:
     """A lesion-free case has no target voxel in every layout (msd: no gland at all);
     phantom.json says which."""
     for layout in ("brats", "msd", "kits"):
-        root = synth_dataset(SynthConfig(layout=layout, out=tmp_path / layout, n_cases=4,
-                                         shape=(48, 48, 16), seed=1, workers=1,
-                                         tumour_free_fraction=0.5))
+        root = synth_dataset(
+            SynthConfig(
+                layout=layout,
+                out=tmp_path / layout,
+                n_cases=4,
+                shape=(48, 48, 16),
+                seed=1,
+                workers=1,
+                tumour_free_fraction=0.5,
+            )
+        )
         cases = json.loads((root / "phantom.json").read_text())["cases"]
         assert sum(c["lesion_free"] for c in cases) == 2
         assert all(c["lesion_voxels"] == 0 for c in cases if c["lesion_free"]), layout

@@ -262,8 +262,9 @@ def test_resnet_learns_on_brats_phantom(tmp_path: Path) -> None:
     from ensemblecam.stages.prepare import prepare_store
     from ensemblecam.synth import synth_dataset
 
-    data = synth_dataset(SynthConfig(out=tmp_path / "phantom", n_cases=20, shape=(64, 64, 24),
-                                     seed=0, workers=2))
+    data = synth_dataset(
+        SynthConfig(out=tmp_path / "phantom", n_cases=20, shape=(64, 64, 24), seed=0, workers=2)
+    )
     store = prepare_store(PrepareConfig(data=data, out=tmp_path / "store", workers=2))
     make_splits(SplitConfig(store=store, folds=3, val_fraction=0.2))
     cfg = TrainConfig(

@@ -61,10 +61,20 @@ def payload_checkpoint(path: Path, marker: Path, legacy: bool = False) -> Path:
     """A file that looks like our checkpoint but carries :class:`Payload`."""
     args = {"in_channels": 1, "num_classes": 2, "width": 4}
     model = models.build_model("simplecnn", **args)
-    obj = {"format": models.CHECKPOINT_FORMAT, "version": models.CHECKPOINT_VERSION,
-           "info": {"model": "simplecnn", "model_args": args, "channels": ["flair"],
-                    "size": [32, 32], "epoch": 1, "cam_layer": "features"},
-           "state_dict": model.state_dict(), "train_state": {"rng": Payload(marker)}}
+    obj = {
+        "format": models.CHECKPOINT_FORMAT,
+        "version": models.CHECKPOINT_VERSION,
+        "info": {
+            "model": "simplecnn",
+            "model_args": args,
+            "channels": ["flair"],
+            "size": [32, 32],
+            "epoch": 1,
+            "cam_layer": "features",
+        },
+        "state_dict": model.state_dict(),
+        "train_state": {"rng": Payload(marker)},
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
     return path
@@ -84,8 +94,13 @@ def _dots(folders: Iterable[Path]) -> set[Path]:
     return {p for d in folders if d.is_dir() for p in d.iterdir() if p.name.startswith(".")}
 
 
-def refused(args: list[Any], names: Iterable[Any], inputs: Iterable[Path] = (),
-            absent: Iterable[Path] = (), clean: Iterable[Path] = ()) -> str:
+def refused(
+    args: list[Any],
+    names: Iterable[Any],
+    inputs: Iterable[Path] = (),
+    absent: Iterable[Path] = (),
+    clean: Iterable[Path] = (),
+) -> str:
     """Invoke the CLI; check a clean refusal (see the module docstring); return the line."""
     inputs, clean = list(inputs), list(clean)
     before, dots = digest(inputs), _dots(clean)
@@ -112,24 +127,43 @@ def ok(args: list[Any]) -> str:
 def _tiny_checkpoint(path: Path) -> Path:
     args = {"in_channels": 1, "num_classes": 2, "width": 4}
     model = models.build_model("simplecnn", **args)
-    models.save_checkpoint(path, model, {"model": "simplecnn", "model_args": args,
-                                         "channels": ["flair"], "size": [32, 32],
-                                         "cam_layer": "features"})
+    models.save_checkpoint(
+        path,
+        model,
+        {
+            "model": "simplecnn",
+            "model_args": args,
+            "channels": ["flair"],
+            "size": [32, 32],
+            "cam_layer": "features",
+        },
+    )
     return path
 
 
 def _fake_run(root: Path, checkpoint_marker: Path | None = None) -> Path:
     """A finished-looking run folder (config, results, best.json) for ``predict``; its
     classifier is a payload checkpoint when ``checkpoint_marker`` is given."""
-    cfg = Config.model_validate({"prepare": {"layout": "brats", "workers": 1,
-                                             "modalities": ["flair"]},
-                                 "cam": {"methods": ["gradcam"], "accelerator": "cpu"}})
+    cfg = Config.model_validate(
+        {
+            "prepare": {"layout": "brats", "workers": 1, "modalities": ["flair"]},
+            "cam": {"methods": ["gradcam"], "accelerator": "cpu"},
+        }
+    )
     root.mkdir(parents=True)
     (root / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     fsutil.write_json(root / "results.json", {"folds": ["fold0"], "objective": "paper_miou"})
-    fsutil.write_json(root / "fold0" / "search" / "best.json", {
-        "operator": "and", "members": ["simplecnn__gradcam"], "thresholds": [0.5],
-        "gate": None, "objective": "paper_miou", "paper_miou": 0.5})
+    fsutil.write_json(
+        root / "fold0" / "search" / "best.json",
+        {
+            "operator": "and",
+            "members": ["simplecnn__gradcam"],
+            "thresholds": [0.5],
+            "gate": None,
+            "objective": "paper_miou",
+            "paper_miou": 0.5,
+        },
+    )
     ck = root / "fold0" / "models" / "simplecnn" / "best.pt"
     if checkpoint_marker is not None:
         payload_checkpoint(ck, checkpoint_marker)
@@ -147,8 +181,12 @@ def test_payload_is_live_and_every_loader_refuses_it(tmp_path: Path, legacy: boo
     live = tmp_path / "LIVE"
     torch.load(payload_checkpoint(tmp_path / "live.pt", live, legacy), weights_only=False)
     assert live.exists()
-    for load in (models.read_checkpoint, models.load_checkpoint, load_unet,
-                 lambda p: models.load_pretrained(models.build_model("simplecnn", 1), p)):
+    for load in (
+        models.read_checkpoint,
+        models.load_checkpoint,
+        load_unet,
+        lambda p: models.load_pretrained(models.build_model("simplecnn", 1), p),
+    ):
         with pytest.raises(InputError, match=REFUSED) as exc:
             load(bad)
         assert "\n" not in str(exc.value) and str(bad) in str(exc.value)
@@ -162,9 +200,19 @@ def test_own_checkpoints_hold_plain_data_only(tmp_path: Path, tiny_store: Path) 
     from ensemblecam.stages import train
     from ensemblecam.training.fabric import rng_state, set_rng_state
 
-    cfg = TrainConfig(store=tiny_store, out=tmp_path / "r", model="simplecnn",
-                      model_args={"width": 4}, epochs=2, batch_size=16, optimizer="sgd",
-                      scheduler="step", step_size=1, lr=1e-2, accelerator="cpu")
+    cfg = TrainConfig(
+        store=tiny_store,
+        out=tmp_path / "r",
+        model="simplecnn",
+        model_args={"width": 4},
+        epochs=2,
+        batch_size=16,
+        optimizer="sgd",
+        scheduler="step",
+        step_size=1,
+        lr=1e-2,
+        accelerator="cpu",
+    )
     assert train.train_classifier(cfg, progress=False, stop_after_epoch=1) is None
     state = torch.load(tmp_path / ".r.partial" / "last.pt", weights_only=True)["train_state"]
     assert state["epoch"] == 1 and state["scheduler"]["last_epoch"] == 1
@@ -183,68 +231,136 @@ def test_cli_entry_points_refuse_a_payload(tmp_path: Path, tiny_store: Path) -> 
     bad = payload_checkpoint(tmp_path / "in" / "bad.pt", marker)
     common = ["--store", tiny_store]
     # cam --checkpoints
-    refused(["cam", *common, "--checkpoints", bad, "--parts", "val", "--out", tmp_path / "maps"],
-            [bad, "unpickling arbitrary objects"], [tiny_store, bad], [tmp_path / "maps"],
-            [tmp_path])
+    refused(
+        ["cam", *common, "--checkpoints", bad, "--parts", "val", "--out", tmp_path / "maps"],
+        [bad, "unpickling arbitrary objects"],
+        [tiny_store, bad],
+        [tmp_path / "maps"],
+        [tmp_path],
+    )
     # train --weights, and train --resume from a planted last.pt
-    train = ["train", *common, "--model", "simplecnn", "--model-args", '{"width": 4}',
-             "--epochs", "1", "--accelerator", "cpu"]
-    refused([*train, "--weights", bad, "--out", tmp_path / "t1"], [bad], [tiny_store, bad],
-            [tmp_path / "t1"], [tmp_path])
+    train = [
+        "train",
+        *common,
+        "--model",
+        "simplecnn",
+        "--model-args",
+        '{"width": 4}',
+        "--epochs",
+        "1",
+        "--accelerator",
+        "cpu",
+    ]
+    refused(
+        [*train, "--weights", bad, "--out", tmp_path / "t1"],
+        [bad],
+        [tiny_store, bad],
+        [tmp_path / "t1"],
+        [tmp_path],
+    )
     last = payload_checkpoint(tmp_path / ".t2.partial" / "last.pt", marker)
-    refused([*train, "--resume", "--out", tmp_path / "t2"], [last], [tiny_store, last],
-            [tmp_path / "t2"], [tmp_path])
+    refused(
+        [*train, "--resume", "--out", tmp_path / "t2"],
+        [last],
+        [tiny_store, last],
+        [tmp_path / "t2"],
+        [tmp_path],
+    )
     # unet resuming from a planted last.pt; pseudo-labels carrying a pickled object
     last = payload_checkpoint(tmp_path / ".u.partial" / "last.pt", marker)
     unet_cmd = ["unet", *common, "--epochs", "1", "--accelerator", "cpu"]
-    refused([*unet_cmd, "--out", tmp_path / "u"], [last], [tiny_store, last],
-            [tmp_path / "u"], [tmp_path])
+    refused(
+        [*unet_cmd, "--out", tmp_path / "u"],
+        [last],
+        [tiny_store, last],
+        [tmp_path / "u"],
+        [tmp_path],
+    )
     pseudo = tmp_path / "in" / "pseudo.npz"
-    np.savez(pseudo, index=np.array([Payload(marker)], dtype=object),
-             masks=np.zeros((1, 32, 32), np.uint8))
-    refused([*unet_cmd, "--targets", pseudo, "--out", tmp_path / "p"], [pseudo],
-            [tiny_store, pseudo], [tmp_path / "p"], [tmp_path])
+    np.savez(
+        pseudo,
+        index=np.array([Payload(marker)], dtype=object),
+        masks=np.zeros((1, 32, 32), np.uint8),
+    )
+    refused(
+        [*unet_cmd, "--targets", pseudo, "--out", tmp_path / "p"],
+        [pseudo],
+        [tiny_store, pseudo],
+        [tmp_path / "p"],
+        [tmp_path],
+    )
     # sanity never trains into (nor loads from) a folder ensemblecam did not write
     work = tmp_path / "work"
     payload_checkpoint(work / "run" / "best.pt", marker)
-    refused(["sanity", *common, "--model", "simplecnn", "--epochs", "1", "--work", work],
-            [work / "run", "not written by ensemblecam"], [tiny_store, work],
-            [work / "store"], [tmp_path, work])
+    refused(
+        ["sanity", *common, "--model", "simplecnn", "--epochs", "1", "--work", work],
+        [work / "run", "not written by ensemblecam"],
+        [tiny_store, work],
+        [work / "store"],
+        [tmp_path, work],
+    )
     # predict --run with a run folder whose classifier is a payload
     run = _fake_run(tmp_path / "run", marker)
     scans = tmp_path / "scans"
     brats_dataset(scans, n_cases=1, modalities=("flair",))
-    refused(["predict", "--run", run, "--input", scans, "--out", tmp_path / "masks"],
-            [run / "fold0" / "models" / "simplecnn" / "best.pt", "unpickling"],
-            [run, scans], [tmp_path / "masks", tmp_path / ".masks.work"], [tmp_path])
+    refused(
+        ["predict", "--run", run, "--input", scans, "--out", tmp_path / "masks"],
+        [run / "fold0" / "models" / "simplecnn" / "best.pt", "unpickling"],
+        [run, scans],
+        [tmp_path / "masks", tmp_path / ".masks.work"],
+        [tmp_path],
+    )
     assert not marker.exists()
 
 
 # --------------------------------------------------------------------------- 2 --force
 
 
-def test_force_never_replaces_inputs_or_foreign_folders(tmp_path: Path, tiny_store: Path
-                                                        ) -> None:
+def test_force_never_replaces_inputs_or_foreign_folders(tmp_path: Path, tiny_store: Path) -> None:
     proj = tmp_path / "proj"
     data = proj / "data"
     brats_dataset(data, n_cases=2, modalities=("flair",))
     keep = [data, tiny_store]
     prep = ["prepare", "--layout", "brats", "--workers", "1", "--force"]
-    refused([*prep, "--data", data, "--out", data], [data, "output folder is the input"],
-            keep, clean=[proj])
-    refused([*prep, "--data", data, "--out", proj], [proj, data, "holds the input"],
-            keep, clean=[tmp_path])
-    refused([*prep, "--data", data, "--out", data / "store"], ["lies inside the input"],
-            keep, [data / "store"], [proj, data])
+    refused(
+        [*prep, "--data", data, "--out", data],
+        [data, "output folder is the input"],
+        keep,
+        clean=[proj],
+    )
+    refused(
+        [*prep, "--data", data, "--out", proj],
+        [proj, data, "holds the input"],
+        keep,
+        clean=[tmp_path],
+    )
+    refused(
+        [*prep, "--data", data, "--out", data / "store"],
+        ["lies inside the input"],
+        keep,
+        [data / "store"],
+        [proj, data],
+    )
     (tmp_path / "link").symlink_to(data)
-    refused([*prep, "--data", data, "--out", tmp_path / "link"], [data], keep,
-            clean=[tmp_path])
-    refused(["predict", "--run", tmp_path / "run", "--input", data, "--out", data, "--force"],
-            [data], keep, clean=[proj])
-    refused(["export", "--store", tiny_store, "--ground-truth", "--out", data, "--force"],
-            [data, "not written by ensemblecam"], keep, clean=[proj])
-    refused(["export", "--store", tiny_store, "--ground-truth", "--out", tiny_store,
-             "--force"], [tiny_store, "is the input"], keep, clean=[tmp_path])
+    refused([*prep, "--data", data, "--out", tmp_path / "link"], [data], keep, clean=[tmp_path])
+    refused(
+        ["predict", "--run", tmp_path / "run", "--input", data, "--out", data, "--force"],
+        [data],
+        keep,
+        clean=[proj],
+    )
+    refused(
+        ["export", "--store", tiny_store, "--ground-truth", "--out", data, "--force"],
+        [data, "not written by ensemblecam"],
+        keep,
+        clean=[proj],
+    )
+    refused(
+        ["export", "--store", tiny_store, "--ground-truth", "--out", tiny_store, "--force"],
+        [tiny_store, "is the input"],
+        keep,
+        clean=[tmp_path],
+    )
     # a user's folder with files but no marker: never replaced by any stage, even --force
     user = tmp_path / "mine"
     (user / "sub").mkdir(parents=True)
@@ -254,15 +370,28 @@ def test_force_never_replaces_inputs_or_foreign_folders(tmp_path: Path, tiny_sto
     msg = [user, "not written by ensemblecam"]
     refused(["synth", "--out", user, "--n-cases", "1", "--force"], msg, keep, clean=[tmp_path])
     refused([*prep, "--data", data, "--out", user], msg, keep, clean=[tmp_path])
-    refused(["export", "--store", tiny_store, "--ground-truth", "--out", user, "--force"],
-            msg, keep, clean=[tmp_path])
-    refused(["train", "--store", tiny_store, "--model", "simplecnn", "--out", user, "--force"],
-            msg, keep, clean=[tmp_path])
-    refused(["unet", "--store", tiny_store, "--out", user, "--force"], msg, keep,
-            clean=[tmp_path])
+    refused(
+        ["export", "--store", tiny_store, "--ground-truth", "--out", user, "--force"],
+        msg,
+        keep,
+        clean=[tmp_path],
+    )
+    refused(
+        ["train", "--store", tiny_store, "--model", "simplecnn", "--out", user, "--force"],
+        msg,
+        keep,
+        clean=[tmp_path],
+    )
+    refused(["unet", "--store", tiny_store, "--out", user, "--force"], msg, keep, clean=[tmp_path])
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"prepare": {"data": str(data), "layout": "brats"},
-                                   "run": {"out": str(user), "models": ["simplecnn"]}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "prepare": {"data": str(data), "layout": "brats"},
+                "run": {"out": str(user), "models": ["simplecnn"]},
+            }
+        )
+    )
     refused(["run", cfg, "--force"], msg, keep, clean=[tmp_path])
     # what ensemblecam wrote is replaced with --force (the marker is what makes it ours)
     out = tmp_path / "ph"
@@ -280,53 +409,118 @@ def test_force_never_replaces_inputs_or_foreign_folders(tmp_path: Path, tiny_sto
 def test_refusals_leave_nothing(tmp_path: Path, tiny_store: Path) -> None:
     ck = _tiny_checkpoint(tmp_path / "in" / "s4" / "best.pt")
     keep = [tiny_store, ck]
-    refused(["search", "--store", tiny_store, "--maps", tmp_path / "nomaps", "--members",
-             "s4__gradcam", "--out", tmp_path / "se"], [], keep,
-            [tmp_path / "se", tmp_path / ".se.partial"], [tmp_path])
-    refused(["cam", "--store", tiny_store, "--checkpoints", ck, "--target", "99", "--out",
-             tmp_path / "maps"], ["--target 99"], keep, [tmp_path / "maps"], [tmp_path])
+    refused(
+        [
+            "search",
+            "--store",
+            tiny_store,
+            "--maps",
+            tmp_path / "nomaps",
+            "--members",
+            "s4__gradcam",
+            "--out",
+            tmp_path / "se",
+        ],
+        [],
+        keep,
+        [tmp_path / "se", tmp_path / ".se.partial"],
+        [tmp_path],
+    )
+    refused(
+        [
+            "cam",
+            "--store",
+            tiny_store,
+            "--checkpoints",
+            ck,
+            "--target",
+            "99",
+            "--out",
+            tmp_path / "maps",
+        ],
+        ["--target 99"],
+        keep,
+        [tmp_path / "maps"],
+        [tmp_path],
+    )
     # a truncated volume: refused, no store and no partial left
     data = tmp_path / "data"
     brats_dataset(data, n_cases=2, modalities=("flair",))
     vol = sorted(data.rglob("*_flair.nii.gz"))[-1]
     vol.write_bytes(vol.read_bytes()[: len(vol.read_bytes()) // 2])
-    refused(["prepare", "--data", data, "--layout", "brats", "--modalities", "flair",
-             "--workers", "1", "--out", tmp_path / "deep" / "st"], [vol.name], [data],
-            [tmp_path / "deep"], [tmp_path])
+    refused(
+        [
+            "prepare",
+            "--data",
+            data,
+            "--layout",
+            "brats",
+            "--modalities",
+            "flair",
+            "--workers",
+            "1",
+            "--out",
+            tmp_path / "deep" / "st",
+        ],
+        [vol.name],
+        [data],
+        [tmp_path / "deep"],
+        [tmp_path],
+    )
     # predict: a non-empty --out is refused before any work (no .work, no model loaded)
     marker = tmp_path / "PWNED"
     run = _fake_run(tmp_path / "run", marker)
     full = tmp_path / "full"
     full.mkdir()
     (full / "x.txt").write_text("x")
-    refused(["predict", "--run", run, "--input", data, "--out", full, "--force"], [full],
-            [run, data, full], [tmp_path / ".full.work"], [tmp_path])
+    refused(
+        ["predict", "--run", run, "--input", data, "--out", full, "--force"],
+        [full],
+        [run, data, full],
+        [tmp_path / ".full.work"],
+        [tmp_path],
+    )
     assert not marker.exists()
     # a run config naming an unknown model or fold: refused before prepare
-    for run_cfg, name in (({"models": ["nonet"]}, "nonet"),
-                          ({"models": ["simplecnn"], "folds": [0, 5]}, "run.folds has 5")):
+    for run_cfg, name in (
+        ({"models": ["nonet"]}, "nonet"),
+        ({"models": ["simplecnn"], "folds": [0, 5]}, "run.folds has 5"),
+    ):
         cfg = tmp_path / "run.yaml"
-        cfg.write_text(yaml.safe_dump({"prepare": {"data": str(data), "layout": "brats"},
-                                       "split": {"folds": 2},
-                                       "run": {"out": str(tmp_path / "r"), **run_cfg}}))
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "prepare": {"data": str(data), "layout": "brats"},
+                    "split": {"folds": 2},
+                    "run": {"out": str(tmp_path / "r"), **run_cfg},
+                }
+            )
+        )
         refused(["run", cfg], [name], [data, cfg], [tmp_path / "r"], [tmp_path])
 
 
 # --------------------------------------------------------------------------- 7 stage keys
 
 
-def test_partial_is_resumed_only_by_its_stage_key(tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_partial_is_resumed_only_by_its_stage_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     store = build_store(tmp_path / "store", n_cases=6, slices_per_case=4, folds=2)
     root = tmp_path / "run"
     out = root / "fold0" / "unet"
-    cfg = UNetConfig(channels=[4, 8], strides=[2], num_res_units=0, epochs=4, batch_size=8,
-                     lr=1e-2, accelerator="cpu")
+    cfg = UNetConfig(
+        channels=[4, 8],
+        strides=[2],
+        num_res_units=0,
+        epochs=4,
+        batch_size=8,
+        lr=1e-2,
+        accelerator="cpu",
+    )
     runner = pipeline.Runner(root, progress=False)
 
     def killed(force: bool, c: UNetConfig = cfg) -> None:
-        unet.train_unet(c, store, None, 0, out, force=force, progress=False,
-                        stop_after_epoch=1)
+        unet.train_unet(c, store, None, 0, out, force=force, progress=False, stop_after_epoch=1)
         raise KeyboardInterrupt  # the process dies after epoch 1
 
     def run(force: bool, c: UNetConfig) -> None:
@@ -361,11 +555,18 @@ def test_partial_is_resumed_only_by_its_stage_key(tmp_path: Path,
 
 def test_finished_run_sweeps_leftovers(tmp_path: Path) -> None:
     root = tmp_path / "run"
-    left = [root / ".store.partial" / "images.npy", root / "fold0" / ".unet.pending.json",
-            root / "fold0" / "maps" / ".a__gradcam.partial" / "maps.npy",
-            root / "fold0" / ".search.old-123" / "best.json", root / ".x.json.tmp-9"]
-    kept = [root / "fold0" / "maps" / "a__gradcam" / "meta.json", root / fsutil.OWNER_MARKER,
-            root / "fold0" / "stage.json"]
+    left = [
+        root / ".store.partial" / "images.npy",
+        root / "fold0" / ".unet.pending.json",
+        root / "fold0" / "maps" / ".a__gradcam.partial" / "maps.npy",
+        root / "fold0" / ".search.old-123" / "best.json",
+        root / ".x.json.tmp-9",
+    ]
+    kept = [
+        root / "fold0" / "maps" / "a__gradcam" / "meta.json",
+        root / fsutil.OWNER_MARKER,
+        root / "fold0" / "stage.json",
+    ]
     for f in left + kept:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text("x")
@@ -386,18 +587,29 @@ def test_lock_refuses_a_second_process_and_takes_over_a_stale_lock(tmp_path: Pat
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
-        refused(synth, [out, f"pid {holder.pid}"], [lock], [out, fsutil.partial_dir(out)],
-                [tmp_path])
+        refused(
+            synth, [out, f"pid {holder.pid}"], [lock], [out, fsutil.partial_dir(out)], [tmp_path]
+        )
         cfg = tmp_path / "run.yaml"
         data = tmp_path / "data"
         data.mkdir()
-        cfg.write_text(yaml.safe_dump({"prepare": {"data": str(data)},
-                                       "run": {"out": str(tmp_path / "r"),
-                                               "models": ["simplecnn"]}}))
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "prepare": {"data": str(data)},
+                    "run": {"out": str(tmp_path / "r"), "models": ["simplecnn"]},
+                }
+            )
+        )
         rlock = fsutil.lock_path(tmp_path / "r")
         rlock.write_text(lock.read_text())
-        refused(["run", cfg], [tmp_path / "r", f"pid {holder.pid}"], [rlock],
-                [tmp_path / "r"], [tmp_path])
+        refused(
+            ["run", cfg],
+            [tmp_path / "r", f"pid {holder.pid}"],
+            [rlock],
+            [tmp_path / "r"],
+            [tmp_path],
+        )
         rlock.unlink()
     finally:
         holder.kill()
@@ -428,13 +640,24 @@ def strict_loads(text: str) -> Any:
 
 
 def test_json_is_strict(tmp_path: Path) -> None:
-    obj = {"a": float("nan"), "b": [float("inf"), -float("inf"), 1.5, np.float32(np.nan)],
-           "c": np.array([1.0, np.nan]), "d": (np.int64(3), np.float64(2.5)), "e": True,
-           "p": tmp_path}
+    obj = {
+        "a": float("nan"),
+        "b": [float("inf"), -float("inf"), 1.5, np.float32(np.nan)],
+        "c": np.array([1.0, np.nan]),
+        "d": (np.int64(3), np.float64(2.5)),
+        "e": True,
+        "p": tmp_path,
+    }
     fsutil.write_json(tmp_path / "x.json", obj)
     got = strict_loads((tmp_path / "x.json").read_text())
-    assert got == {"a": None, "b": [None, None, 1.5, None], "c": [1.0, None], "d": [3, 2.5],
-                   "e": True, "p": str(tmp_path)}
+    assert got == {
+        "a": None,
+        "b": [None, None, 1.5, None],
+        "c": [1.0, None],
+        "d": [3, 2.5],
+        "e": True,
+        "p": str(tmp_path),
+    }
     with pytest.raises(ValueError, match="non-standard"):
         strict_loads(json.dumps(float("nan")))  # the check itself can fail
     with pytest.raises(TypeError):
@@ -442,8 +665,10 @@ def test_json_is_strict(tmp_path: Path) -> None:
     assert not (tmp_path / "y.json").exists()
     # results.json of a run whose metric is undefined in one fold (NaN) -> null there
     row = {"kind": "ensemble", "slug": "ensemble", "name": "e", "config": None}
-    fold = {"fold0": {"rows": [{**row, "metrics": {"paper_miou": 0.5, "hd95": None}}]},
-            "fold1": {"rows": [{**row, "metrics": {"paper_miou": float("nan")}}]}}
+    fold = {
+        "fold0": {"rows": [{**row, "metrics": {"paper_miou": 0.5, "hd95": None}}]},
+        "fold1": {"rows": [{**row, "metrics": {"paper_miou": float("nan")}}]},
+    }
     res = pipeline.aggregate(fold, "paper_miou")
     fsutil.write_json(tmp_path / "results.json", res)
     got = strict_loads((tmp_path / "results.json").read_text())

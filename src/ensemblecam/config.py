@@ -50,17 +50,19 @@ class PrepareConfig(Section):
     data: Path | None = Field(None, description="data set root folder")
     layout: Literal["brats", "msd", "kits", "folder"] = Field("brats", description="data layout")
     labels_csv: Path | None = Field(
-        None, description="CSV case,slice,label of image-level labels for data without masks "
-        "(slice = index along the canonical slice axis)"
+        None,
+        description="CSV case,slice,label of image-level labels for data without masks "
+        "(slice = index along the canonical slice axis)",
     )
     out: Path = Field(Path("store"), description="slice store folder to write")
     masks: bool = Field(
-        True, description="read seg files; off: unlabelled scans, slice labels unknown (-1, "
-        "for predict)"
+        True,
+        description="read seg files; off: unlabelled scans, slice labels unknown (-1, for predict)",
     )
     modalities: list[str] | None = Field(
-        None, description="modalities in channel order (default per layout: brats "
-        "flair,t1ce,t2 as in the paper; msd adc; kits ct; folder all found)"
+        None,
+        description="modalities in channel order (default per layout: brats "
+        "flair,t1ce,t2 as in the paper; msd adc; kits ct; folder all found)",
     )
     axis: int = Field(
         2, ge=0, le=2, description="slice axis of the RAS+ canonical volume (2 = axial)"
@@ -73,29 +75,35 @@ class PrepareConfig(Section):
     )
     crop: Literal["none", "fixed", "bbox", "kidney"] = Field("none", description="crop mode")
     crop_box: tuple[int, int, int, int] | None = Field(
-        None, description="fixed crop y0,y1,x0,x1 (paper: 56,184,56,184); may reach outside "
-        "the slice (zero padding)"
+        None,
+        description="fixed crop y0,y1,x0,x1 (paper: 56,184,56,184); may reach outside "
+        "the slice (zero padding)",
     )
     crop_size: tuple[int, int] | None = Field(
-        None, description="h,w window of bbox crops (default: the largest bbox, a multiple of "
-        "8) and kidney crops (default and thesis: 150,150)"
+        None,
+        description="h,w window of bbox crops (default: the largest bbox, a multiple of "
+        "8) and kidney crops (default and thesis: 150,150)",
     )
     slice_range: tuple[int, int] | None = Field(
         None, description="first,last slice kept, inclusive (paper: 13,140)"
     )
     every_nth: int = Field(1, ge=1, description="keep every n-th slice (thesis: 5)")
     lesion_labels: list[int] | None = Field(
-        None, description="seg labels merged into the lesion (default per layout: brats "
-        "1,2,4; msd 1,2; kits 2,3; folder any non-zero)"
+        None,
+        description="seg labels merged into the lesion (default per layout: brats "
+        "1,2,4; msd 1,2; kits 2,3; folder any non-zero)",
     )
     min_lesion_fraction: float = Field(
-        0.0, ge=0.0, le=1.0, description="slice label 1 only if lesion pixels / crop pixels "
-        "exceed this"
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="slice label 1 only if lesion pixels / crop pixels exceed this",
     )
     dtype: Literal["float16", "float32"] = Field("float16", description="image dtype on disk")
     nonfinite: Literal["error", "replace"] = Field(
-        "error", description="NaN/Inf voxels: refuse the file, or replace them by the "
-        "volume's finite minimum (0 if none) and print how many"
+        "error",
+        description="NaN/Inf voxels: refuse the file, or replace them by the "
+        "volume's finite minimum (0 if none) and print how many",
     )
     workers: int = Field(2, ge=1, description="parallel processes")
 
@@ -111,12 +119,15 @@ class SplitConfig(Section):
         (0.6, 0.2, 0.2), description="train,val,test fractions for holdout (thesis: 60/20/20)"
     )
     val_fraction: float = Field(
-        0.2, ge=0.0, lt=1.0, description="k-fold: share of the non-test cases kept for "
-        "validation (0: none)"
+        0.2,
+        ge=0.0,
+        lt=1.0,
+        description="k-fold: share of the non-test cases kept for validation (0: none)",
     )
     list_file: Path | None = Field(
-        None, description="user split for scheme list: JSON {train,val,test} (or a list of "
-        "them) or CSV case,part[,fold]"
+        None,
+        description="user split for scheme list: JSON {train,val,test} (or a list of "
+        "them) or CSV case,part[,fold]",
     )
     stratify: bool = Field(True, description="stratify by lesion presence per case")
     seed: int = Field(0, description="shuffle seed")
@@ -152,8 +163,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def _describe_presets() -> str:
     """``paper = optimizer sgd, lr 0.001, ...; thesis = ...`` (the help of ``--preset``)."""
-    return "; ".join(f"{name} = " + ", ".join(f"{k} {v}" for k, v in recipe.items())
-                     for name, recipe in PRESETS.items())
+    return "; ".join(
+        f"{name} = " + ", ".join(f"{k} {v}" for k, v in recipe.items())
+        for name, recipe in PRESETS.items()
+    )
 
 
 _FROM_PRESET = "(default: from the preset)"
@@ -174,20 +187,19 @@ class TrainConfig(DeviceConfig):
         "resnet34", description="model name: resnet18/34/50/101, vgg19, simplecnn, timm:<name>, ..."
     )
     model_args: dict[str, Any] = Field(
-        default_factory=dict, description='extra model keyword arguments, e.g. '
-        '{"widen_factor": 0.5}'
+        default_factory=dict,
+        description='extra model keyword arguments, e.g. {"widen_factor": 0.5}',
     )
     weights: Path | None = Field(
         None, description="local pretrained weights file (optional; nothing is downloaded)"
     )
     preset: Literal["paper", "thesis"] = Field(
-        "paper", description="named training recipe; the recipe options below that are not "
-        f"set take its values: {_describe_presets()}"
+        "paper",
+        description="named training recipe; the recipe options below that are not "
+        f"set take its values: {_describe_presets()}",
     )
     epochs: int | None = Field(None, ge=1, description=f"training epochs {_FROM_PRESET}")
-    batch_size: int | None = Field(
-        None, ge=1, description=f"batch size per device {_FROM_PRESET}"
-    )
+    batch_size: int | None = Field(None, ge=1, description=f"batch size per device {_FROM_PRESET}")
     lr: float | None = Field(None, gt=0, description=f"learning rate {_FROM_PRESET}")
     optimizer: Literal["sgd", "adam", "adamw"] | None = Field(
         None, description=f"optimizer {_FROM_PRESET}"
@@ -195,8 +207,9 @@ class TrainConfig(DeviceConfig):
     momentum: float | None = Field(None, ge=0, description=f"SGD momentum {_FROM_PRESET}")
     weight_decay: float | None = Field(None, ge=0, description=f"weight decay {_FROM_PRESET}")
     scheduler: Literal["none", "step", "cosine"] | None = Field(
-        None, description="learning-rate schedule: none, step decay (step_size, gamma) or "
-        f"cosine {_FROM_PRESET}"
+        None,
+        description="learning-rate schedule: none, step decay (step_size, gamma) or "
+        f"cosine {_FROM_PRESET}",
     )
     step_size: int | None = Field(
         None, ge=1, description=f"step decay every n epochs {_FROM_PRESET}"
@@ -235,8 +248,9 @@ class SearchConfig(Section):
         ["and", "or", "min", "max"], description="and, or, min, max, vote[:k], mean"
     )
     grid: str = Field(
-        "0:0.9:0.1", description="thresholds start:stop:step or a,b,c (at most 10,001; a "
-        "search scores at most 1,000,000 configurations)"
+        "0:0.9:0.1",
+        description="thresholds start:stop:step or a,b,c (at most 10,001; a "
+        "search scores at most 1,000,000 configurations)",
     )
     objective: str = Field("paper_miou", description="metric that ranks configurations")
     gate: bool = Field(False, description="also search classifier gating")
@@ -273,8 +287,9 @@ class EvaluateConfig(Section):
     )
     classifier_threshold: float = Field(0.5, description="prob >= this: slice called positive")
     hd95: bool = Field(False, description="also compute HD95 per case (voxels)")
-    nsd_tolerance_mm: float = Field(1.0, ge=0.0, allow_inf_nan=False,
-                                    description="normalised surface Dice tolerance (mm)")
+    nsd_tolerance_mm: float = Field(
+        1.0, ge=0.0, allow_inf_nan=False, description="normalised surface Dice tolerance (mm)"
+    )
     chunk: int = Field(256, ge=1, description="slices per chunk")
     out: Path = Field(Path("eval"), description="output folder")
 
@@ -349,9 +364,7 @@ class UNetConfig(DeviceConfig):
     num_res_units: int = Field(2, ge=0, description="residual units per block")
     norm: Literal["instance", "batch"] = Field("instance", description="normalisation layer")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability")
-    out_channels: Literal[1, 2] = Field(
-        2, description="2: softmax + argmax, 1: sigmoid > 0.5"
-    )
+    out_channels: Literal[1, 2] = Field(2, description="2: softmax + argmax, 1: sigmoid > 0.5")
     epochs: int = Field(30, ge=1, description="training epochs")
     batch_size: int = Field(16, ge=1, description="batch size per device")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
@@ -412,8 +425,10 @@ def _format_error(exc: ValidationError, source: str) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
         return f"{source}: unknown key {short_repr(key)}"
-    return (f"{source}: key {short_repr(key)}: {one_line(err['msg'], MAX_SHOWN)} "
-            f"(got {short_repr(err.get('input'))})")
+    return (
+        f"{source}: key {short_repr(key)}: {one_line(err['msg'], MAX_SHOWN)} "
+        f"(got {short_repr(err.get('input'))})"
+    )
 
 
 class _LimitedLoader(yaml.SafeLoader):
@@ -428,8 +443,10 @@ class _LimitedLoader(yaml.SafeLoader):
         if self.check_event(yaml.AliasEvent):
             self.aliases += 1
             if self.aliases > MAX_YAML_ALIASES:
-                raise InputError(f"{self.source}: more than {MAX_YAML_ALIASES} YAML aliases "
-                                 f"(*name); write the values out")
+                raise InputError(
+                    f"{self.source}: more than {MAX_YAML_ALIASES} YAML aliases "
+                    f"(*name); write the values out"
+                )
         return super().compose_node(parent, index)
 
 
@@ -453,8 +470,10 @@ def _expanded_size(node: yaml.Node, source: str) -> int:
         else:
             total += len(n.value)
         if total > MAX_YAML_NODES:
-            raise InputError(f"{source}: YAML larger than {MAX_YAML_NODES:,} values and "
-                             f"characters once aliases are expanded; not a config")
+            raise InputError(
+                f"{source}: YAML larger than {MAX_YAML_NODES:,} values and "
+                f"characters once aliases are expanded; not a config"
+            )
         sizes[key] = total
         return total
 
@@ -486,8 +505,10 @@ def read_yaml(path: str | os.PathLike[str]) -> Any:
     try:
         size = path.stat().st_size
         if size > MAX_YAML_BYTES:
-            raise InputError(f"{path}: config file of {size:,} bytes; at most "
-                             f"{MAX_YAML_BYTES:,} bytes (1 MiB) are read")
+            raise InputError(
+                f"{path}: config file of {size:,} bytes; at most "
+                f"{MAX_YAML_BYTES:,} bytes (1 MiB) are read"
+            )
         with open(path, "rb") as fh:
             raw = fh.read(MAX_YAML_BYTES + 1)
     except OSError as exc:
@@ -497,8 +518,9 @@ def read_yaml(path: str | os.PathLike[str]) -> Any:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
-                         f"{exc.start})") from exc
+        raise InputError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        ) from exc
     return load_yaml_text(text, str(path))
 
 
@@ -514,4 +536,3 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         raise InputError(_format_error(exc, str(path))) from exc
-

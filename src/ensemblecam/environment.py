@@ -57,8 +57,11 @@ def lock_record() -> dict[str, Any]:
         want = pinned.get(name)
         if want is not None and have is not None and have.split("+")[0] != want:
             differs[name] = {"installed": have, "locked": want}
-    return {"file": str(path), "sha256": hashlib.sha256(text.encode()).hexdigest(),
-            "differs": differs}
+    return {
+        "file": str(path),
+        "sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "differs": differs,
+    }
 
 
 def threads() -> dict[str, Any]:

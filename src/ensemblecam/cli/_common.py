@@ -41,11 +41,29 @@ INTERRUPTED = "interrupted; rerun the same command to resume"
 
 #: errno values of an OSError that come from the user's files and system, not from a bug
 ENVIRONMENT_ERRNOS = frozenset(
-    getattr(errno, name) for name in (
-        "EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT", "ENOENT", "ENOTDIR", "EISDIR",
-        "EEXIST", "ENOTEMPTY", "ENAMETOOLONG", "ELOOP", "EFBIG", "EMFILE", "ENFILE", "EIO",
-        "EXDEV", "EBUSY", "ETXTBSY",
-    ) if hasattr(errno, name)
+    getattr(errno, name)
+    for name in (
+        "EACCES",
+        "EPERM",
+        "EROFS",
+        "ENOSPC",
+        "EDQUOT",
+        "ENOENT",
+        "ENOTDIR",
+        "EISDIR",
+        "EEXIST",
+        "ENOTEMPTY",
+        "ENAMETOOLONG",
+        "ELOOP",
+        "EFBIG",
+        "EMFILE",
+        "ENFILE",
+        "EIO",
+        "EXDEV",
+        "EBUSY",
+        "ETXTBSY",
+    )
+    if hasattr(errno, name)
 )
 
 
@@ -100,8 +118,9 @@ def one_line_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def check_output(path: str | os.PathLike[str] | None, what: str = "--out",
-                 folder: bool = True) -> None:
+def check_output(
+    path: str | os.PathLike[str] | None, what: str = "--out", folder: bool = True
+) -> None:
     """Refuse, before any work, an output path that cannot be written.
 
     ``path`` (a folder, or a file if not ``folder``) must not exist as the other kind, and
@@ -123,8 +142,9 @@ def check_output(path: str | os.PathLike[str] | None, what: str = "--out",
         raise InputError(f"{what} {path}: {parent} is a file, not a folder")
     for place in [parent] + ([path] if folder and path.is_dir() else []):
         if not os.access(place, os.W_OK | os.X_OK):
-            raise InputError(f"{what} {path}: cannot write in {place} (permission denied "
-                             f"or read-only)")
+            raise InputError(
+                f"{what} {path}: cannot write in {place} (permission denied or read-only)"
+            )
 
 
 def int_or_str(value: str | None) -> int | str | None:

@@ -24,8 +24,7 @@ def cam_command(cfg: CamConfig) -> None:
     from ensemblecam.stages.cam import run_cam
 
     check_output(cfg.out)
-    with fsutil.output_guard(cfg.out, [cfg.store, cfg.splits, *cfg.checkpoints],
-                             replaces=False):
+    with fsutil.output_guard(cfg.out, [cfg.store, cfg.splits, *cfg.checkpoints], replaces=False):
         result = run_cam(cfg, progress=None)
     if result is not None:
         for path in result["members"]:

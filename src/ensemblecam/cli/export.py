@@ -77,8 +77,7 @@ def export_command(
     else:
         assert map_pair is not None
         with fsutil.output_guard(out, inputs):
-            index = export_cases(slice_store, *map_pair, out, "map", force=force,
-                                 source=source)
+            index = export_cases(slice_store, *map_pair, out, "map", force=force, source=source)
     typer.echo(f"exported {len(index['cases'])} cases ({', '.join(index['kinds'])}) to {out}")
 
 

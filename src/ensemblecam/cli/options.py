@@ -92,8 +92,10 @@ class Flag:
             args = get_args(self.annotation)
             items = split_csv(raw) or []
             if len(items) != len(args):
-                raise InputError(f"{self.flag} {short_repr(raw)}: expected {len(args)} "
-                                 f"comma-separated values {self.metavar()}")
+                raise InputError(
+                    f"{self.flag} {short_repr(raw)}: expected {len(args)} "
+                    f"comma-separated values {self.metavar()}"
+                )
             return [_scalar(t, v) for t, v in zip(args, items, strict=True)]
         return _scalar(self.annotation, raw)
 
@@ -114,8 +116,17 @@ def make_flag(name: str, info: FieldInfo, flag: str | None = None) -> Flag:
     members = _members(info.annotation)
     tp = members[0] if len(members) == 1 else Union[members]  # noqa: UP007 (runtime union)
     origin = get_origin(tp)
-    kind = ("bool" if tp is bool else "list" if origin is list else "tuple" if origin is tuple
-            else "json" if origin is dict else "scalar")
+    kind = (
+        "bool"
+        if tp is bool
+        else "list"
+        if origin is list
+        else "tuple"
+        if origin is tuple
+        else "json"
+        if origin is dict
+        else "scalar"
+    )
     return Flag(name, flag or "--" + name.replace("_", "-"), kind, tp)
 
 
@@ -144,10 +155,12 @@ def _option(flag: Flag, info: FieldInfo) -> inspect.Parameter:
         opt = typer.Option(decl, help=flag_help(flag, info), show_default=False)
     else:
         tp = list[str] | None if flag.kind == "list" else str | None
-        opt = typer.Option(flag.flag, help=flag_help(flag, info), metavar=flag.metavar(),
-                           show_default=False)
-    return inspect.Parameter(flag.field, inspect.Parameter.KEYWORD_ONLY, default=None,
-                             annotation=Annotated[tp, opt])
+        opt = typer.Option(
+            flag.flag, help=flag_help(flag, info), metavar=flag.metavar(), show_default=False
+        )
+    return inspect.Parameter(
+        flag.field, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[tp, opt]
+    )
 
 
 def ordered_fields(model: type[BaseModel]) -> list[str]:
@@ -174,8 +187,9 @@ def section_model(name: str) -> type[BaseModel]:
     return annotation
 
 
-def merged_section(config: str | os.PathLike[str] | None, name: str,
-                   values: Mapping[Flag, Any]) -> Any:
+def merged_section(
+    config: str | os.PathLike[str] | None, name: str, values: Mapping[Flag, Any]
+) -> Any:
     """Section ``name`` of the YAML ``config`` (defaults if None) with every flag given on
     the command line (value not None) applied on top and validated."""
     sec = getattr(load_config(config), name)
@@ -194,14 +208,27 @@ def merged_section(config: str | os.PathLike[str] | None, name: str,
 
 def config_option(name: str) -> inspect.Parameter:
     """``--config/-c FILE.yaml``: the YAML whose ``name:`` section the flags override."""
-    opt = typer.Option("--config", "-c", help=f"YAML config; its '{name}:' section is read "
-                       "and the flags given here override it.", metavar="<path>")
-    return inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
-                             annotation=Annotated[Path | None, opt])
+    opt = typer.Option(
+        "--config",
+        "-c",
+        help=f"YAML config; its '{name}:' section is read and the flags given here override it.",
+        metavar="<path>",
+    )
+    return inspect.Parameter(
+        "config",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[Path | None, opt],
+    )
 
 
-def config_command(app: typer.Typer, name: str, section: str | None = None, *,
-                   renames: Mapping[str, str] | None = None) -> Callable[[Callable], Callable]:
+def config_command(
+    app: typer.Typer,
+    name: str,
+    section: str | None = None,
+    *,
+    renames: Mapping[str, str] | None = None,
+) -> Callable[[Callable], Callable]:
     """Register ``fn(cfg, **extras)`` as ``ensemblecam <name>``.
 
     The command's flags: ``--config`` (unless ``fn`` takes ``config`` itself, then it is

@@ -24,9 +24,11 @@ def prepare_command(cfg: PrepareConfig, force: ForceOption = False) -> None:
 
     store = SliceStore.open(path)
     n_pos = int(store.labels.sum())
-    print(f"wrote {path}: {len(store.case_names)} cases, {store.n_slices} slices "
-          f"({n_pos} positive), channels {','.join(store.channels)}, size "
-          f"{store.size[0]}x{store.size[1]}")
+    print(
+        f"wrote {path}: {len(store.case_names)} cases, {store.n_slices} slices "
+        f"({n_pos} positive), channels {','.join(store.channels)}, size "
+        f"{store.size[0]}x{store.size[1]}"
+    )
 
 
 @config_command(app, "split")

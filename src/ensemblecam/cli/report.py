@@ -32,7 +32,9 @@ def report_command(
         with out.open("rb") as fh:
             head = fh.read(400)
     if out is not None and out.is_file() and b"<title>ensemblecam report" not in head:
-        raise InputError(f"{out}: exists and is not an ensemblecam report; it is never "
-                         "replaced, not even with --force")
+        raise InputError(
+            f"{out}: exists and is not an ensemblecam report; it is never "
+            "replaced, not even with --force"
+        )
     path = write_report(run, out, force, n_cases=cases)
     typer.echo(f"report: {path}")

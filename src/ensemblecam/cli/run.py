@@ -35,12 +35,23 @@ def results_table(results: dict, title: str) -> Table:
 @config_command(app, "run")
 def run_cmd(
     cfg: RunConfig,
-    config: Annotated[Path, typer.Argument(help="YAML config (sections: prepare, split, train, "
-                                           "cam, search, evaluate, unet, run); the flags "
-                                           "below override its 'run:' section.")],
+    config: Annotated[
+        Path,
+        typer.Argument(
+            help="YAML config (sections: prepare, split, train, "
+            "cam, search, evaluate, unet, run); the flags "
+            "below override its 'run:' section."
+        ),
+    ],
     data: Annotated[Path | None, Opt("--data", help="Data root (overrides prepare.data).")] = None,
-    force: Annotated[bool, Opt("--force", help="Accept a run folder made by another config; "
-                               "only the stages whose options changed are rerun.")] = False,
+    force: Annotated[
+        bool,
+        Opt(
+            "--force",
+            help="Accept a run folder made by another config; "
+            "only the stages whose options changed are rerun.",
+        ),
+    ] = False,
 ) -> None:
     """Every stage of the protocol for every fold: cached, resumable, one results table."""
     from ensemblecam.pipeline import run_pipeline
@@ -71,10 +82,16 @@ def predict_cmd(
     run: Annotated[Path, Opt("--run", help="Finished run folder.")],
     input: Annotated[Path, Opt("--input", help="Folder of new scans (the run's layout).")],
     out: Annotated[Path, Opt("--out", help="Output folder for the NIfTI masks.")],
-    layout: Annotated[str | None, Opt("--layout", help="Layout of --input (default: the "
-                                      "run's).")] = None,
-    fold: Annotated[str | None, Opt("--fold", help="Fold whose models and configuration are "
-                                    "used (default: best on calibration).")] = None,
+    layout: Annotated[
+        str | None, Opt("--layout", help="Layout of --input (default: the run's).")
+    ] = None,
+    fold: Annotated[
+        str | None,
+        Opt(
+            "--fold",
+            help="Fold whose models and configuration are used (default: best on calibration).",
+        ),
+    ] = None,
     force: ForceOption = False,
 ) -> None:
     """Masks for new, unlabelled scans with a run's chosen configuration."""
@@ -89,9 +106,12 @@ def predict_cmd(
 @one_line_errors
 def demo_cmd(
     out: Annotated[Path, Opt("--out", help="Demo folder (phantom data + run).")] = Path(
-        "ensemblecam-demo"),
-    config: Annotated[Path | None, Opt("--config", "-c", help="Run config (default: the "
-                                       "packaged configs/demo.yaml).")] = None,
+        "ensemblecam-demo"
+    ),
+    config: Annotated[
+        Path | None,
+        Opt("--config", "-c", help="Run config (default: the packaged configs/demo.yaml)."),
+    ] = None,
     force: ForceOption = False,
 ) -> None:
     """Phantom data -> full run (train, CAMs, search, evaluate, U-Net) -> HTML report."""
@@ -101,8 +121,9 @@ def demo_cmd(
     from ensemblecam.pipeline import demo_markdown, run_pipeline
     from ensemblecam.synth import synth_dataset
 
-    path = config if config is not None else Path(str(files("ensemblecam") / "configs" /
-                                                       "demo.yaml"))
+    path = (
+        config if config is not None else Path(str(files("ensemblecam") / "configs" / "demo.yaml"))
+    )
     cfg = load_config(path)
     phantom = out / "phantom"
     cfg.synth.out = phantom

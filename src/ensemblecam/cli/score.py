@@ -21,8 +21,11 @@ def score_command(
         Path | None, typer.Option("--out", help="Output folder (default <pred>_score).")
     ] = None,
     lesion_labels: Annotated[
-        str | None, typer.Option("--lesion-labels", help="Seg labels of the lesion, e.g. "
-                                 "1,2,4 (default per layout; folder: any non-zero).")
+        str | None,
+        typer.Option(
+            "--lesion-labels",
+            help="Seg labels of the lesion, e.g. 1,2,4 (default per layout; folder: any non-zero).",
+        ),
     ] = None,
     cases: Annotated[
         str | None, typer.Option("--cases", help="Score only these cases (comma-separated).")
@@ -34,12 +37,16 @@ def score_command(
         int, typer.Option("--dilation", help="Lesion-wise: reference dilations (BraTS 3).")
     ] = 3,
     min_lesion_volume: Annotated[
-        float, typer.Option("--min-lesion-volume",
-                            help="Lesion-wise: reference lesions <= this (mm^3) dropped.")
+        float,
+        typer.Option(
+            "--min-lesion-volume", help="Lesion-wise: reference lesions <= this (mm^3) dropped."
+        ),
     ] = 50.0,
     fp_hd95: Annotated[
-        float, typer.Option("--fp-hd95", help="Lesion-wise HD95 of a missed or false "
-                            "positive lesion (mm).")
+        float,
+        typer.Option(
+            "--fp-hd95", help="Lesion-wise HD95 of a missed or false positive lesion (mm)."
+        ),
     ] = 374.0,
     connectivity: Annotated[
         int, typer.Option("--connectivity", help="Lesion components: 6, 18 or 26.")
@@ -55,10 +62,20 @@ def score_command(
 
     check_output(out)
     summary = score_folder(
-        pred, data, layout, out, lesion_labels=split_csv(lesion_labels, int),
-        cases=split_csv(cases), nsd_tolerance_mm=nsd_tolerance, dilation=dilation,
-        min_lesion_volume=min_lesion_volume, fp_hd95=fp_hd95, connectivity=connectivity,
-        axis=axis, force=force)
+        pred,
+        data,
+        layout,
+        out,
+        lesion_labels=split_csv(lesion_labels, int),
+        cases=split_csv(cases),
+        nsd_tolerance_mm=nsd_tolerance,
+        dilation=dilation,
+        min_lesion_volume=min_lesion_volume,
+        fp_hd95=fp_hd95,
+        connectivity=connectivity,
+        axis=axis,
+        force=force,
+    )
     m = summary["metrics"]
 
     def f(k: str) -> str:
@@ -66,6 +83,8 @@ def score_command(
         return "-" if v is None else f"{v:.4f}"
 
     where = out if out is not None else pred.with_name(pred.name + "_score")
-    typer.echo(f"{len(summary['cases'])} cases: dice {f('dice')}, nsd {f('nsd')}, hd95 "
-               f"{f('hd95_mm')} mm, lesion-wise dice {f('lesionwise_dice')}, lesion-wise "
-               f"hd95 {f('lesionwise_hd95_mm')} mm -> {where}")
+    typer.echo(
+        f"{len(summary['cases'])} cases: dice {f('dice')}, nsd {f('nsd')}, hd95 "
+        f"{f('hd95_mm')} mm, lesion-wise dice {f('lesionwise_dice')}, lesion-wise "
+        f"hd95 {f('lesionwise_hd95_mm')} mm -> {where}"
+    )

@@ -26,8 +26,10 @@ def search_cmd(cfg: SearchConfig, force: ForceOption = False) -> None:
     check_output(cfg.out)
     with fsutil.output_guard(cfg.out, [cfg.store, cfg.splits, cfg.maps]):
         b = run_search_stage(cfg, force=force)
-    typer.echo(f"best: {b['operator']} {'+'.join(b['members'])} thresholds {b['thresholds']} "
-               f"gate {b['gate']} {cfg.objective}={b[cfg.objective]:.4f} -> {cfg.out}")
+    typer.echo(
+        f"best: {b['operator']} {'+'.join(b['members'])} thresholds {b['thresholds']} "
+        f"gate {b['gate']} {cfg.objective}={b[cfg.objective]:.4f} -> {cfg.out}"
+    )
 
 
 @config_command(app, "evaluate", renames={"config_file": "--best"})
@@ -40,6 +42,8 @@ def evaluate_cmd(cfg: EvaluateConfig, force: ForceOption = False) -> None:
     with fsutil.output_guard(cfg.out, [cfg.store, cfg.splits, cfg.maps, cfg.config_file]):
         result = evaluate_stage(cfg, chosen, cfg.out, force=force, source=str(cfg.config_file))
     m, e = result["metrics"], result["empty_baseline"]
-    typer.echo(f"paper_miou {m['paper_miou']:.4f} (Empty {e['paper_miou']:.4f}), paper_dsc "
-               f"{m['paper_dsc']:.4f}, lesion_dice {m['lesion_dice']:.4f}, case_dice "
-               f"{m['case_dice_mean']:.4f} -> {cfg.out}")
+    typer.echo(
+        f"paper_miou {m['paper_miou']:.4f} (Empty {e['paper_miou']:.4f}), paper_dsc "
+        f"{m['paper_dsc']:.4f}, lesion_dice {m['lesion_dice']:.4f}, case_dice "
+        f"{m['case_dice_mean']:.4f} -> {cfg.out}"
+    )

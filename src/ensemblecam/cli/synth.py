@@ -18,5 +18,7 @@ def synth_cmd(cfg: SynthConfig, force: ForceOption = False) -> None:
 
     with fsutil.output_guard(cfg.out):
         path = synth_dataset(cfg, force=force)
-    typer.echo(f"wrote {cfg.n_cases} {cfg.layout} phantom cases "
-               f"({'x'.join(map(str, cfg.shape))}) to {path}")
+    typer.echo(
+        f"wrote {cfg.n_cases} {cfg.layout} phantom cases "
+        f"({'x'.join(map(str, cfg.shape))}) to {path}"
+    )

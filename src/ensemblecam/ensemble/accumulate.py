@@ -39,8 +39,15 @@ class SliceAcc:
         self.case_sum = np.zeros((self.n_bins, self.n_combos))
         self.case_sq = np.zeros((self.n_bins, self.n_combos))
 
-    def add(self, tp: np.ndarray, fp: np.ndarray, gt_pix: np.ndarray, bins: np.ndarray,
-            case_ids: np.ndarray, sel: dict[str, np.ndarray]) -> None:
+    def add(
+        self,
+        tp: np.ndarray,
+        fp: np.ndarray,
+        gt_pix: np.ndarray,
+        bins: np.ndarray,
+        case_ids: np.ndarray,
+        sel: dict[str, np.ndarray],
+    ) -> None:
         keys = case_ids.astype(np.int64) * self.n_bins + bins
         order = np.argsort(keys, kind="stable")
         uk, starts = np.unique(keys[order], return_index=True)
@@ -51,10 +58,14 @@ class SliceAcc:
         add_rows(self.tp, b_k, tp_k)
         add_rows(self.fp, b_k, fp_k)
         for c, b, t, f, g in zip(uk // self.n_bins, b_k, tp_k, fp_k, gt_k, strict=True):
-            entry = self.cases.setdefault(int(c), [np.zeros((self.n_bins, self.n_combos),
-                                                             np.int64),
-                                                   np.zeros((self.n_bins, self.n_combos),
-                                                            np.int64), 0])
+            entry = self.cases.setdefault(
+                int(c),
+                [
+                    np.zeros((self.n_bins, self.n_combos), np.int64),
+                    np.zeros((self.n_bins, self.n_combos), np.int64),
+                    0,
+                ],
+            )
             entry[0][b] += t
             entry[1][b] += f
             entry[2] += int(g)
@@ -108,4 +119,3 @@ class SliceAcc:
         res["case_dice_mean"] = cmean
         res["case_dice_std"] = np.sqrt(np.maximum(self.case_sq / self.n_cases - cmean**2, 0.0))
         return res
-

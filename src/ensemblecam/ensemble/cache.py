@@ -29,8 +29,14 @@ class SliceCache:
 
     MAX_READ = 2**22  #: cached values read into RAM at once (int64: 32 MiB)
 
-    def __init__(self, case_ids: np.ndarray, npix: int, L: int,
-                 joints: Sequence[tuple[int, ...]], subsets: Sequence[tuple[int, ...]]) -> None:
+    def __init__(
+        self,
+        case_ids: np.ndarray,
+        npix: int,
+        L: int,
+        joints: Sequence[tuple[int, ...]],
+        subsets: Sequence[tuple[int, ...]],
+    ) -> None:
         n = len(case_ids)
         self.case_ids, self.L, self.npix = case_ids, L, npix
         self.subsets = set(subsets)
@@ -42,8 +48,13 @@ class SliceCache:
         self.members = {i: self._array(n, L * 2, self.dtype) for i in members}
 
     @staticmethod
-    def nbytes(n: int, npix: int, L: int, joints: Sequence[tuple[int, ...]],
-               subsets: Sequence[tuple[int, ...]]) -> int:
+    def nbytes(
+        n: int,
+        npix: int,
+        L: int,
+        joints: Sequence[tuple[int, ...]],
+        subsets: Sequence[tuple[int, ...]],
+    ) -> int:
         """Bytes on disk: N x (4 + itemsize x (sum_u (L+1)^|u| * 2 + #members * L * 2))."""
         item = 2 if npix <= np.iinfo(np.uint16).max else 4
         members = {i for u in subsets for i in u}
@@ -56,8 +67,13 @@ class SliceCache:
         self._files.enter_context(f)
         return np.memmap(f, dtype=dtype, mode="w+", shape=(n, width))
 
-    def write(self, start: int, gt_pix: np.ndarray, joints: dict[tuple[int, ...], np.ndarray],
-              member_R: Callable[[int], np.ndarray]) -> None:
+    def write(
+        self,
+        start: int,
+        gt_pix: np.ndarray,
+        joints: dict[tuple[int, ...], np.ndarray],
+        member_R: Callable[[int], np.ndarray],
+    ) -> None:
         """Store one chunk of pass 1 at rows start.. (joints flat (S, -1); member_R(i))."""
         stop = start + len(gt_pix)
         self.gt_pix[start:stop] = gt_pix
@@ -70,8 +86,9 @@ class SliceCache:
         """Whether the per-slice counts of subset ``u`` are cached (else: re-read maps)."""
         return u in self.joints or u in self.subsets
 
-    def hists(self, start: int, stop: int, u: tuple[int, ...], tgrids: list[np.ndarray]
-              ) -> tuple[list[np.ndarray], np.ndarray | None]:
+    def hists(
+        self, start: int, stop: int, u: tuple[int, ...], tgrids: list[np.ndarray]
+    ) -> tuple[list[np.ndarray], np.ndarray | None]:
         """Per-slice (member_R, joint) of coarse levels, as the top-K pass builds from maps.
 
         Coarse level #{t in T: t < level}: the levels of one coarse level are a run, so
@@ -84,8 +101,7 @@ class SliceCache:
             parts = []
             for a in range(start, stop, step):
                 b = min(a + step, stop)
-                part = np.asarray(src[a:b], np.int64).reshape((b - a,) + (L + 1,) * len(u)
-                                                              + (2,))
+                part = np.asarray(src[a:b], np.int64).reshape((b - a,) + (L + 1,) * len(u) + (2,))
                 for j, tg in enumerate(tgrids):
                     # first level of coarse level c: 0, then T[c-1] + 1
                     part = np.add.reduceat(part, np.concatenate([[0], tg + 1]), axis=1 + j)
@@ -97,12 +113,13 @@ class SliceCache:
                 member_R.append(revcum(joint.sum(axis=others), 1))
             return member_R, joint
         assert u in self.subsets
-        return [np.asarray(self.members[i][start:stop], np.int64).reshape(s, L, 2)[:, tg]
-                for i, tg in zip(u, tgrids, strict=True)], None
+        return [
+            np.asarray(self.members[i][start:stop], np.int64).reshape(s, L, 2)[:, tg]
+            for i, tg in zip(u, tgrids, strict=True)
+        ], None
 
     def close(self) -> None:
         self.joints.clear()
         self.members.clear()
         del self.gt_pix
         self._files.close()
-

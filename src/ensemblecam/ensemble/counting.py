@@ -55,11 +55,9 @@ def quantise_levels(
     return lv.astype(np.uint8 if grid.size < 255 else np.uint16)
 
 
-
 def take_levels(raw: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """Levels of uint8/float16 maps: one take of their bit patterns through ``lut``."""
     return np.take(lut, raw.view(np.uint16) if raw.dtype == np.float16 else raw)
-
 
 
 def revcum(h: np.ndarray, axis: int) -> np.ndarray:
@@ -163,8 +161,10 @@ class MinMaxAcc:
         self.kind, self.m, self.L, self.n_bins = kind, m, L, n_bins
         size = n_bins * L * (L + 1) ** (m - 1)
         if size > MAX_JOINT_BINS:
-            raise InputError(f"threshold grid of {L} values is too fine for {kind} over {m} "
-                             f"members ({size} bins): use a coarser grid or --max-members")
+            raise InputError(
+                f"threshold grid of {L} values is too fine for {kind} over {m} "
+                f"members ({size} bins): use a coarser grid or --max-members"
+            )
         self.h = np.zeros((m, 2, size))
 
     def add(self, member_R: list[np.ndarray], bins: np.ndarray, npix: int) -> None:
@@ -180,8 +180,9 @@ class MinMaxAcc:
                 idx = idx * (L + 1) + _row_count(pos[j], pos[i], strict, npix)
             flat = idx.ravel()
             for c in (0, 1):  # 0: fp (gt 0), 1: tp (gt 1)
-                self.h[i, c] += np.bincount(flat, weights=member_R[i][..., c].ravel(),
-                                            minlength=self.h.shape[2])
+                self.h[i, c] += np.bincount(
+                    flat, weights=member_R[i][..., c].ravel(), minlength=self.h.shape[2]
+                )
 
     def counts(self) -> tuple[np.ndarray, np.ndarray]:
         """(TP, FP) per gate bin, shape (n_bins, L**m), int64."""
@@ -200,8 +201,14 @@ class MinMaxAcc:
 
 
 def add_joint(
-    target: np.ndarray, levels: list[np.ndarray], gt8: np.ndarray, bins: np.ndarray, L: int,
-    member_R: dict[int, np.ndarray], members: tuple[int, ...], per_slice: bool = False,
+    target: np.ndarray,
+    levels: list[np.ndarray],
+    gt8: np.ndarray,
+    bins: np.ndarray,
+    L: int,
+    member_R: dict[int, np.ndarray],
+    members: tuple[int, ...],
+    per_slice: bool = False,
 ) -> np.ndarray | None:
     """Add one chunk's joint histogram of (gate bin, member levels..., gt) to ``target``.
 
@@ -244,7 +251,6 @@ def vote_dataset_counts(joint: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
     return combo_counts("vote", k, member_R, joint)
 
 
-
 def add_rows(target: np.ndarray, bins: np.ndarray, vals: np.ndarray) -> None:
     """target[bins[i]] += vals[i] for every row i (fast when few distinct bins)."""
     for b in np.unique(bins):
@@ -254,4 +260,3 @@ def add_rows(target: np.ndarray, bins: np.ndarray, vals: np.ndarray) -> None:
 def kept(per_bin: np.ndarray) -> np.ndarray:
     """Sum over bins b >= k for every gate index k (axis 0)."""
     return np.flip(np.cumsum(np.flip(per_bin, 0), 0), 0)
-

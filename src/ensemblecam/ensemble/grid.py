@@ -43,9 +43,11 @@ def parse_grid(spec: str | Sequence[float]) -> np.ndarray:
                     raise ValueError("need step > 0 and stop >= start")
                 steps = (stop - start) / step
                 if not steps < MAX_GRID_LEVELS:  # also inf (1e308 / 1e-308)
-                    raise InputError(f"threshold grid {shown}: {steps + 1:.4g} thresholds; "
-                                     f"at most {MAX_GRID_LEVELS:,} per member (use a larger "
-                                     f"step)")
+                    raise InputError(
+                        f"threshold grid {shown}: {steps + 1:.4g} thresholds; "
+                        f"at most {MAX_GRID_LEVELS:,} per member (use a larger "
+                        f"step)"
+                    )
                 n = math.floor(steps + 1e-9) + 1
                 values = [round(start + i * step, 10) for i in range(n)]
             else:
@@ -53,21 +55,30 @@ def parse_grid(spec: str | Sequence[float]) -> np.ndarray:
         except InputError:
             raise
         except ValueError as exc:
-            raise InputError(f"threshold grid {shown}: expected start:stop:step or a list "
-                             f"of numbers ({short_repr(str(exc))})") from exc
+            raise InputError(
+                f"threshold grid {shown}: expected start:stop:step or a list "
+                f"of numbers ({short_repr(str(exc))})"
+            ) from exc
     else:
         values = [float(v) for v in spec]
     grid = np.unique(np.asarray(values, dtype=np.float32))
     if grid.size == 0 or not np.all(np.isfinite(grid)):
         raise InputError(f"threshold grid {shown}: empty or not finite")
     if grid.size > MAX_GRID_LEVELS:
-        raise InputError(f"threshold grid {shown}: {grid.size:,} thresholds; at most "
-                         f"{MAX_GRID_LEVELS:,} per member")
+        raise InputError(
+            f"threshold grid {shown}: {grid.size:,} thresholds; at most "
+            f"{MAX_GRID_LEVELS:,} per member"
+        )
     return grid
 
 
-def n_configurations(n_members: int, levels: int, operators: Sequence[str],
-                     max_members: int | None = None, gate_levels: int = 0) -> int:
+def n_configurations(
+    n_members: int,
+    levels: int,
+    operators: Sequence[str],
+    max_members: int | None = None,
+    gate_levels: int = 0,
+) -> int:
     """Configurations a search scores: for every member subset U (up to ``max_members``),
     ``levels`` thresholds if |U| = 1, else per distinct operator ``levels`` (mean) or
     ``levels ** |U|``; times ``gate_levels + 1`` (no gate, then each gate threshold)."""
@@ -90,7 +101,8 @@ def check_search_size(n: int, levels: int) -> None:
             f"threshold grid of {levels:,} values is too fine for this search: {n:,} "
             f"configurations (operators x member subsets x thresholds per member x gates); "
             f"at most {MAX_CONFIGURATIONS:,}: use a coarser grid, fewer operators or "
-            f"--max-members")
+            f"--max-members"
+        )
 
 
 def subsets_of(
@@ -100,4 +112,3 @@ def subsets_of(
     hi = m if max_members is None else min(max_members, m)
     sizes = range(min_members, hi + 1)
     return [u for size in sizes for u in itertools.combinations(range(m), size)]
-

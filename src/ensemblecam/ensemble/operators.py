@@ -61,16 +61,21 @@ class EnsembleConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """{"operator", "members": [...], "thresholds": [...], "gate"}: best.json's keys."""
-        return {"operator": self.operator, "members": list(self.members),
-                "thresholds": list(self.thresholds), "gate": self.gate}
+        return {
+            "operator": self.operator,
+            "members": list(self.members),
+            "thresholds": list(self.thresholds),
+            "gate": self.gate,
+        }
 
 
 def parse_operator(name: str, m: int) -> tuple[str, int]:
     """Operator name -> (kind, k). ``vote:k`` or ``vote`` (majority); unknown is an error."""
     base, _, arg = name.partition(":")
     if base not in BASE_OPERATORS or (arg and base != "vote"):
-        raise InputError(f"operator {name!r}: expected one of {', '.join(BASE_OPERATORS)} "
-                         f"(vote:k for k of M)")
+        raise InputError(
+            f"operator {name!r}: expected one of {', '.join(BASE_OPERATORS)} (vote:k for k of M)"
+        )
     if base == "vote":
         try:
             k = int(arg) if arg else m // 2 + 1

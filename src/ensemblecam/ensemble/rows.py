@@ -26,7 +26,6 @@ class Rows:
         return np.asarray(self.array[r])
 
 
-
 def as_rows(a: np.ndarray | Rows) -> Rows:
     """``a`` itself if already :class:`Rows`, else all of its rows in order."""
     return a if isinstance(a, Rows) else Rows(a)

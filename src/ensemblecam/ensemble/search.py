@@ -66,20 +66,36 @@ from ensemblecam.ensemble.rows import Rows, as_rows
 from ensemblecam.errors import InputError
 
 #: Metrics computed from data-set confusion counts: exact for every row of a search.
-DATASET_METRICS = ("paper_miou", "paper_dsc", "background_iou", "lesion_iou", "lesion_dice",
-                   "tp", "fp", "fn", "tn")
+DATASET_METRICS = (
+    "paper_miou",
+    "paper_dsc",
+    "background_iou",
+    "lesion_iou",
+    "lesion_dice",
+    "tp",
+    "fp",
+    "fn",
+    "tn",
+)
 
 
 def objective_names(min_lesion_fraction: float = 0.0, with_correct: bool = True) -> list[str]:
     """Metrics that can rank configurations (all higher-is-better)."""
-    names = ["paper_miou", "paper_dsc", "background_iou", "lesion_iou", "lesion_dice",
-             "slice_dice_mean", "slice_iou_mean", "case_dice_mean"]
+    names = [
+        "paper_miou",
+        "paper_dsc",
+        "background_iou",
+        "lesion_iou",
+        "lesion_dice",
+        "slice_dice_mean",
+        "slice_iou_mean",
+        "case_dice_mean",
+    ]
     if min_lesion_fraction > 0:
         names += ["slice_dice_large_mean", "slice_iou_large_mean"]
     if with_correct:
         names += ["slice_dice_correct_mean", "slice_iou_correct_mean"]
     return names
-
 
 
 def _top_k(values: np.ndarray, k: int) -> np.ndarray:
@@ -145,8 +161,7 @@ class SearchResult:
                 }
                 keep = detail is None or detail[f]
                 for name, vals in flat.items():
-                    row[name] = (float(vals[f]) if keep or name in DATASET_METRICS
-                                 else None)
+                    row[name] = float(vals[f]) if keep or name in DATASET_METRICS else None
                 out.append(row)
         return out
 
@@ -155,15 +170,15 @@ class SearchResult:
         rows = self.rows()
         if rows and objective not in rows[0]:
             known = [k for k in rows[0] if k.endswith(("iou", "dsc", "dice", "mean"))]
-            raise InputError(f"objective {objective!r}: unknown metric; expected one of "
-                             f"{', '.join(known)}")
-        if objective not in DATASET_METRICS and any(c.detail is not None
-                                                    for c in self.candidates):
-            raise InputError(f"objective {objective!r}: slice/case metrics were computed "
-                             f"only for the top-{self.top_k} rows; search with this objective")
-        return sorted(rows, key=lambda r: -r[objective] if np.isfinite(r[objective])
-                      else math.inf)
-
+            raise InputError(
+                f"objective {objective!r}: unknown metric; expected one of {', '.join(known)}"
+            )
+        if objective not in DATASET_METRICS and any(c.detail is not None for c in self.candidates):
+            raise InputError(
+                f"objective {objective!r}: slice/case metrics were computed "
+                f"only for the top-{self.top_k} rows; search with this objective"
+            )
+        return sorted(rows, key=lambda r: -r[objective] if np.isfinite(r[objective]) else math.inf)
 
 
 def _top_k(values: np.ndarray, k: int) -> np.ndarray:
@@ -237,8 +252,12 @@ class _State:
 
     def chunks(self, desc: str, size: int) -> Any:
         """(start, stop) of every chunk of ``size`` slices, with a progress bar."""
-        for start in tqdm(range(0, self.n, size), desc=desc, unit="chunk",
-                          disable=None if self.progress is None else not self.progress):
+        for start in tqdm(
+            range(0, self.n, size),
+            desc=desc,
+            unit="chunk",
+            disable=None if self.progress is None else not self.progress,
+        ):
             yield start, min(start + size, self.n)
 
     def read_chunk(self, start: int, stop: int) -> _Chunk:
@@ -247,24 +266,36 @@ class _State:
         raw = [src.read(start, stop) for src in self.srcs]
         for i, r in enumerate(raw):
             if r.shape[1:] != (self.hw or gt.shape[1:]):
-                raise InputError(f"{self.names[i]}: maps of shape {r.shape[1:]} but masks of "
-                                 f"shape {self.hw or gt.shape[1:]}")
+                raise InputError(
+                    f"{self.names[i]}: maps of shape {r.shape[1:]} but masks of "
+                    f"shape {self.hw or gt.shape[1:]}"
+                )
         gt = gt.reshape(s, -1)
         gt8 = gt.astype(bool).view(np.uint8) if gt.dtype != bool else gt.view(np.uint8)
-        return _Chunk(start, stop, gt8, gt8.sum(axis=1, dtype=np.int64),
-                      [r.reshape(s, -1) for r in raw], self.case_ids[start:stop], gt8.shape[1])
+        return _Chunk(
+            start,
+            stop,
+            gt8,
+            gt8.sum(axis=1, dtype=np.int64),
+            [r.reshape(s, -1) for r in raw],
+            self.case_ids[start:stop],
+            gt8.shape[1],
+        )
 
-    def gate_of(self, u: tuple[int, ...], ch: _Chunk
-                ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def gate_of(self, u: tuple[int, ...], ch: _Chunk) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Gate bin and slice selections of every slice of ``ch`` for subset ``u``."""
         if self.probs is not None:
-            p = self.probs[list(u), ch.start:ch.stop].mean(axis=0)
+            p = self.probs[list(u), ch.start : ch.stop].mean(axis=0)
         else:
             p = np.zeros(ch.stop - ch.start)
         bins = np.searchsorted(self.gate_thr, p, side="right") - 1
-        sel = metrics.slice_selection(ch.gt_pix, ch.npix, self.min_lesion_fraction,
-                                      p if self.probs is not None else None,
-                                      self.classifier_threshold)
+        sel = metrics.slice_selection(
+            ch.gt_pix,
+            ch.npix,
+            self.min_lesion_fraction,
+            p if self.probs is not None else None,
+            self.classifier_threshold,
+        )
         return bins, sel
 
     def shape(self, e: _Entry) -> tuple[int, ...]:
@@ -304,8 +335,21 @@ def search(
     pass, for the ``top_k`` best configurations by ``objective`` of every multi-member
     (subset, operator) and left NaN (rows(): None) elsewhere.
     """
-    st = _setup(maps, masks, case_ids, grid, operators, subsets, probs, gates,
-                min_lesion_fraction, classifier_threshold, member_names, chunk, progress)
+    st = _setup(
+        maps,
+        masks,
+        case_ids,
+        grid,
+        operators,
+        subsets,
+        probs,
+        gates,
+        min_lesion_fraction,
+        classifier_threshold,
+        member_names,
+        chunk,
+        progress,
+    )
     full = not top_k or objective not in DATASET_METRICS
     _add_accumulators(st, full)
     cache = _make_cache(st)
@@ -322,19 +366,38 @@ def search(
     for c, e in enumerate(st.plan):
         shape = st.shape(e)
         detail = details.get(c)
-        candidates.append(Candidate(e.label, e.members, {k2: np.asarray(v).reshape(shape)
-                                                         for k2, v in results[c].items()},
-                                    None if detail is None else detail.reshape(shape)))
-    return SearchResult(st.grid, st.gate_thr, st.names, candidates, st.n, st.n_lesion,
-                        None if full else int(top_k or 0))
+        candidates.append(
+            Candidate(
+                e.label,
+                e.members,
+                {k2: np.asarray(v).reshape(shape) for k2, v in results[c].items()},
+                None if detail is None else detail.reshape(shape),
+            )
+        )
+    return SearchResult(
+        st.grid,
+        st.gate_thr,
+        st.names,
+        candidates,
+        st.n,
+        st.n_lesion,
+        None if full else int(top_k or 0),
+    )
 
 
 def _setup(
-    maps: Sequence[np.ndarray | Rows], masks: np.ndarray | Rows, case_ids: np.ndarray,
-    grid: np.ndarray | str, operators: Sequence[str],
-    subsets: Sequence[tuple[int, ...]] | None, probs: Sequence[np.ndarray] | None,
-    gates: np.ndarray | Sequence[float] | None, min_lesion_fraction: float,
-    classifier_threshold: float, member_names: Sequence[str] | None, chunk: int,
+    maps: Sequence[np.ndarray | Rows],
+    masks: np.ndarray | Rows,
+    case_ids: np.ndarray,
+    grid: np.ndarray | str,
+    operators: Sequence[str],
+    subsets: Sequence[tuple[int, ...]] | None,
+    probs: Sequence[np.ndarray] | None,
+    gates: np.ndarray | Sequence[float] | None,
+    min_lesion_fraction: float,
+    classifier_threshold: float,
+    member_names: Sequence[str] | None,
+    chunk: int,
     progress: bool | None,
 ) -> _State:
     """Check the inputs (one InputError line each) and plan the search."""
@@ -357,19 +420,40 @@ def _setup(
     _, dense = np.unique(np.asarray(case_ids), return_inverse=True)
     last_pos = np.zeros(dense.max() + 1, np.int64)
     last_pos[dense] = np.arange(n)
-    gate_thr = np.concatenate([[-np.inf], np.sort(np.asarray(gates if gates is not None else [],
-                                                             np.float64))])
+    gate_thr = np.concatenate(
+        [[-np.inf], np.sort(np.asarray(gates if gates is not None else [], np.float64))]
+    )
     if gate_thr.size > 1 and probs is None:
         raise InputError("gating needs classifier probabilities (probs.npy)")
     probs_arr = None if probs is None else np.stack([np.asarray(p, np.float64) for p in probs])
     plan = _make_plan(subsets, operators)
-    check_search_size(gate_thr.size * sum(L if e.kind in ("single", "mean") else L ** len(e.members)
-                                          for e in plan), L)
-    sel_names = ["lesion"] + (["large"] if min_lesion_fraction > 0 else []) + (
-        ["correct"] if probs_arr is not None else [])
-    return _State(srcs, gts, names, grid, dense, last_pos, gate_thr, probs_arr, plan,
-                  min_lesion_fraction, classifier_threshold, chunk, progress,
-                  luts=[level_lut(grid, s.array.dtype) for s in srcs], sel_names=sel_names)
+    check_search_size(
+        gate_thr.size
+        * sum(L if e.kind in ("single", "mean") else L ** len(e.members) for e in plan),
+        L,
+    )
+    sel_names = (
+        ["lesion"]
+        + (["large"] if min_lesion_fraction > 0 else [])
+        + (["correct"] if probs_arr is not None else [])
+    )
+    return _State(
+        srcs,
+        gts,
+        names,
+        grid,
+        dense,
+        last_pos,
+        gate_thr,
+        probs_arr,
+        plan,
+        min_lesion_fraction,
+        classifier_threshold,
+        chunk,
+        progress,
+        luts=[level_lut(grid, s.array.dtype) for s in srcs],
+        sel_names=sel_names,
+    )
 
 
 def _make_plan(subsets: Sequence[tuple[int, ...]], operators: Sequence[str]) -> list[_Entry]:
@@ -392,8 +476,12 @@ def _add_accumulators(st: _State, full: bool) -> None:
     the one-threshold candidates; data-set accumulators (min/max, vote joints) for the rest."""
     L, n_bins = st.L, st.n_bins
     per_slice = [full or e.kind in ("single", "mean") for e in st.plan]
-    st.accs = [SliceAcc(n_bins, L if e.kind == "mean" else L ** len(e.members), st.sel_names)
-               if ps else None for e, ps in zip(st.plan, per_slice, strict=True)]
+    st.accs = [
+        SliceAcc(n_bins, L if e.kind == "mean" else L ** len(e.members), st.sel_names)
+        if ps
+        else None
+        for e, ps in zip(st.plan, per_slice, strict=True)
+    ]
     for c, (e, ps) in enumerate(zip(st.plan, per_slice, strict=True)):
         if ps:
             continue
@@ -403,8 +491,10 @@ def _add_accumulators(st: _State, full: bool) -> None:
         elif u not in st.joints:
             size = n_bins * (L + 1) ** len(u) * 2
             if size > MAX_JOINT_BINS:
-                raise InputError(f"threshold grid of {L} values is too fine for {len(u)} "
-                                 f"members ({size} bins): use a coarser grid or --max-members")
+                raise InputError(
+                    f"threshold grid of {L} values is too fine for {len(u)} "
+                    f"members ({size} bins): use a coarser grid or --max-members"
+                )
             st.joints[u] = np.zeros(size, np.int64)
 
 
@@ -414,21 +504,27 @@ def _make_cache(st: _State) -> slice_cache.SliceCache | None:
     pixels). Sets ``st.cached_joints``."""
     L = st.L
     npix_all = math.prod(st.gts.array.shape[1:])
-    todo_u = {e.members for c, e in enumerate(st.plan) if st.accs[c] is None
-              and e.kind not in ("min", "max")}
+    todo_u = {
+        e.members
+        for c, e in enumerate(st.plan)
+        if st.accs[c] is None and e.kind not in ("min", "max")
+    }
     cache_joints = sorted(u for u in todo_u if (L + 1) ** len(u) * 2 * 4 <= npix_all)
-    cache_members = sorted({e.members for c, e in enumerate(st.plan) if st.accs[c] is None
-                            and e.members not in todo_u})  # min/max only: per-member counts
+    cache_members = sorted(
+        {e.members for c, e in enumerate(st.plan) if st.accs[c] is None and e.members not in todo_u}
+    )  # min/max only: per-member counts
     if (cache_joints or cache_members) and slice_cache.SliceCache.nbytes(
-            st.n, npix_all, L, cache_joints, cache_members) <= slice_cache.SLICE_CACHE_BYTES:
+        st.n, npix_all, L, cache_joints, cache_members
+    ) <= slice_cache.SLICE_CACHE_BYTES:
         st.cached_joints = cache_joints
         return slice_cache.SliceCache(st.case_ids, npix_all, L, cache_joints, cache_members)
     st.cached_joints = []
     return None
 
 
-def _pass1(st: _State, cache: slice_cache.SliceCache | None,
-           on_chunk: Callable[[int], None] | None) -> None:
+def _pass1(
+    st: _State, cache: slice_cache.SliceCache | None, on_chunk: Callable[[int], None] | None
+) -> None:
     """Stream every chunk once: data-set counts of every configuration, per-slice sums of
     the per-slice candidates, and (with ``cache``) the per-slice histograms to disk."""
     L = st.L
@@ -442,12 +538,20 @@ def _pass1(st: _State, cache: slice_cache.SliceCache | None,
         st.gt_total += int(ch.gt_pix.sum())
         st.npix_total += npix * s
         st.n_lesion += int((ch.gt_pix > 0).sum())
-        levels = {i: quantise_levels(ch.raw[i], st.grid) if st.luts[i] is None
-                  else take_levels(ch.raw[i], st.luts[i]) for i in used}
+        levels = {
+            i: quantise_levels(ch.raw[i], st.grid)
+            if st.luts[i] is None
+            else take_levels(ch.raw[i], st.luts[i])
+            for i in used
+        }
         member_R: dict[int, np.ndarray] = {}
 
-        def rev(i: int, lv: dict[int, np.ndarray] = levels, ch: _Chunk = ch,
-                cache: dict[int, np.ndarray] = member_R) -> np.ndarray:
+        def rev(
+            i: int,
+            lv: dict[int, np.ndarray] = levels,
+            ch: _Chunk = ch,
+            cache: dict[int, np.ndarray] = member_R,
+        ) -> np.ndarray:
             if i not in cache:
                 cache[i] = revcum(slice_hist(lv[i], ch.gt8, L + 1), 1)
             return cache[i]
@@ -459,9 +563,14 @@ def _pass1(st: _State, cache: slice_cache.SliceCache | None,
             on_chunk(stop)
 
 
-def _pass1_chunk(st: _State, ch: _Chunk, order: list[int], levels: dict[int, np.ndarray],
-                 rev: Callable[[int], np.ndarray], member_R: dict[int, np.ndarray]
-                 ) -> dict[tuple[int, ...], np.ndarray]:
+def _pass1_chunk(
+    st: _State,
+    ch: _Chunk,
+    order: list[int],
+    levels: dict[int, np.ndarray],
+    rev: Callable[[int], np.ndarray],
+    member_R: dict[int, np.ndarray],
+) -> dict[tuple[int, ...], np.ndarray]:
     """Add one chunk to every candidate's accumulator (in ``order``: min/max last, so they
     reuse the member counts the joints fill); return the per-slice joints to cache."""
     assert ch.gt8 is not None
@@ -481,8 +590,16 @@ def _pass1_chunk(st: _State, ch: _Chunk, order: list[int], levels: dict[int, np.
             continue
         if acc is None:
             if u not in joint_cache:
-                flat = add_joint(st.joints[u], [levels[i] for i in u], ch.gt8, bins, st.L,
-                                 member_R, u, per_slice=u in st.cached_joints)
+                flat = add_joint(
+                    st.joints[u],
+                    [levels[i] for i in u],
+                    ch.gt8,
+                    bins,
+                    st.L,
+                    member_R,
+                    u,
+                    per_slice=u in st.cached_joints,
+                )
                 joint_cache[u] = np.empty(0)  # data-set joint added for this chunk
                 if flat is not None:
                     slice_joints[u] = flat
@@ -493,10 +610,14 @@ def _pass1_chunk(st: _State, ch: _Chunk, order: list[int], levels: dict[int, np.
     return slice_joints
 
 
-def _slice_counts(st: _State, ch: _Chunk, e: _Entry, levels: dict[int, np.ndarray],
-                  rev: Callable[[int], np.ndarray],
-                  joint_cache: dict[tuple[int, ...], np.ndarray]
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def _slice_counts(
+    st: _State,
+    ch: _Chunk,
+    e: _Entry,
+    levels: dict[int, np.ndarray],
+    rev: Callable[[int], np.ndarray],
+    joint_cache: dict[tuple[int, ...], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-slice (TP, FP) of every threshold combination of candidate ``e`` on ``ch``."""
     assert ch.gt8 is not None
     u, _label, kind, k = e
@@ -514,7 +635,8 @@ def _slice_counts(st: _State, ch: _Chunk, e: _Entry, levels: dict[int, np.ndarra
             code *= L + 1
             code += levels[i]
         joint = slice_hist(code, ch.gt8, (L + 1) ** len(u)).reshape(
-            (ch.stop - ch.start,) + (L + 1,) * len(u) + (2,))
+            (ch.stop - ch.start,) + (L + 1,) * len(u) + (2,)
+        )
         joint_cache[u] = joint
     return combo_counts(kind, k, [rev(i) for i in u], joint)
 
@@ -557,8 +679,13 @@ class _TopK:
     luts: dict[tuple[tuple[int, ...], int], np.ndarray | None] = field(default_factory=dict)
 
 
-def _top_k_pass(st: _State, results: list[dict[str, np.ndarray]], objective: str,
-                top_k: int, cache: slice_cache.SliceCache | None) -> dict[int, np.ndarray]:
+def _top_k_pass(
+    st: _State,
+    results: list[dict[str, np.ndarray]],
+    objective: str,
+    top_k: int,
+    cache: slice_cache.SliceCache | None,
+) -> dict[int, np.ndarray]:
     """Second streaming pass: exact slice/case metrics of the top-K rows per candidate.
 
     Per subset U, the thresholds used by its top-K rows form a coarse grid T_j per member;
@@ -585,8 +712,9 @@ def _top_k_pass(st: _State, results: list[dict[str, np.ndarray]], objective: str
     return _top_k_fill(st, tk, results)
 
 
-def _top_k_plan(st: _State, results: list[dict[str, np.ndarray]], objective: str,
-                top_k: int) -> _TopK | None:
+def _top_k_plan(
+    st: _State, results: list[dict[str, np.ndarray]], objective: str, top_k: int
+) -> _TopK | None:
     """Picks, coarse grids, columns, accumulators and LUTs of the top-K pass."""
     L = st.L
     todo = [c for c, acc in enumerate(st.accs) if acc is None]
@@ -607,8 +735,9 @@ def _top_k_plan(st: _State, results: list[dict[str, np.ndarray]], objective: str
     per_slice_bins = 1
     for u, sets in thr_sets.items():
         tgrids = [np.array(sorted(s), np.int64) for s in sets]
-        maps_ = [np.searchsorted(tg, np.arange(L + 1), side="left").astype(np.int32)
-                 for tg in tgrids]
+        maps_ = [
+            np.searchsorted(tg, np.arange(L + 1), side="left").astype(np.int32) for tg in tgrids
+        ]
         coarse[u] = (tgrids, maps_)
         per_slice_bins = max(per_slice_bins, 2 * math.prod(tg.size + 1 for tg in tgrids))
     # same chunks with or without the cache: identical float sums, identical rows
@@ -625,8 +754,11 @@ def _top_k_plan(st: _State, results: list[dict[str, np.ndarray]], objective: str
     for u, (_tgrids, maps_) in coarse.items():
         for j, i in enumerate(u):
             lut = st.luts[i]
-            tk.luts[(u, j)] = None if lut is None else maps_[j][lut].astype(
-                np.uint8 if maps_[j][-1] < 255 else np.uint16)
+            tk.luts[(u, j)] = (
+                None
+                if lut is None
+                else maps_[j][lut].astype(np.uint8 if maps_[j][-1] < 255 else np.uint16)
+            )
     return tk
 
 
@@ -641,8 +773,15 @@ def _top_k_hists(
             if cache.has(u):
                 hists[u] = cache.hists(start, stop, u, tgrids)
     if cache is not None and len(hists) == len(tk.coarse):
-        ch = _Chunk(start, stop, None, np.asarray(cache.gt_pix[start:stop], np.int64), [],
-                    cache.case_ids[start:stop], cache.npix)
+        ch = _Chunk(
+            start,
+            stop,
+            None,
+            np.asarray(cache.gt_pix[start:stop], np.int64),
+            [],
+            cache.case_ids[start:stop],
+            cache.npix,
+        )
         return ch, hists
     ch = st.read_chunk(start, stop)
     for u in tk.coarse:
@@ -651,8 +790,9 @@ def _top_k_hists(
     return ch, hists
 
 
-def _coarse_hist(st: _State, tk: _TopK, u: tuple[int, ...], ch: _Chunk
-                 ) -> tuple[list[np.ndarray], np.ndarray]:
+def _coarse_hist(
+    st: _State, tk: _TopK, u: tuple[int, ...], ch: _Chunk
+) -> tuple[list[np.ndarray], np.ndarray]:
     """Per-slice (member_R, joint) of subset ``u``'s coarse levels from the chunk's maps."""
     assert ch.gt8 is not None
     tgrids, maps_ = tk.coarse[u]
@@ -678,8 +818,9 @@ def _coarse_hist(st: _State, tk: _TopK, u: tuple[int, ...], ch: _Chunk
     return member_R, joint
 
 
-def _top_k_fill(st: _State, tk: _TopK, results: list[dict[str, np.ndarray]]
-                ) -> dict[int, np.ndarray]:
+def _top_k_fill(
+    st: _State, tk: _TopK, results: list[dict[str, np.ndarray]]
+) -> dict[int, np.ndarray]:
     """Write the top-K rows' slice/case metrics into ``results`` (NaN elsewhere); return
     per candidate the bool mask of the rows that have them."""
     L, n_bins = st.L, st.n_bins

@@ -75,8 +75,13 @@ def _geometry(case_geometry: Mapping[str, Any], name: str = "case") -> dict[str,
             f"{name}: original shape {list(shape)} with orientation {ornt.tolist()} does not "
             f"give the recorded canonical shape {list(canonical)}"
         )
-    return {"shape": shape, "canonical_shape": canonical, "affine": affine,
-            "axis": axis, "ornt": ornt}
+    return {
+        "shape": shape,
+        "canonical_shape": canonical,
+        "affine": affine,
+        "axis": axis,
+        "ornt": ornt,
+    }
 
 
 def slices_to_volume(
@@ -319,7 +324,9 @@ def _write_volumes(
                 check_binary(values, f"masks of case {name!r}")
             geometry = store.cases[name]
             volume = slices_to_volume(
-                geometry, _case_rows(store, idx[order]), values,
+                geometry,
+                _case_rows(store, idx[order]),
+                values,
                 dtype=np.uint8 if job_kind == "mask" else np.float32,
             )
             fname = f"{name}.nii.gz" if job_kind == "mask" else f"{name}_map.nii.gz"

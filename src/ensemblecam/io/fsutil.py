@@ -182,8 +182,9 @@ def prepare_output_dir(
     return partial
 
 
-def commit_output_dir(partial: Path, path: str | os.PathLike[str], stage: str | None = None
-                      ) -> None:
+def commit_output_dir(
+    partial: Path, path: str | os.PathLike[str], stage: str | None = None
+) -> None:
     """Move a finished ``.partial`` folder to ``path`` (marked as ours), replacing what
     was there, which must be a folder of ours (or empty)."""
     path = Path(path)
@@ -222,8 +223,17 @@ def check_not_input(
         if given is None:
             continue
         p = _real(given)
-        rel = ("is" if o == p else "holds" if o in p.parents
-               else None if allow_inside else "lies inside" if p in o.parents else None)
+        rel = (
+            "is"
+            if o == p
+            else "holds"
+            if o in p.parents
+            else None
+            if allow_inside
+            else "lies inside"
+            if p in o.parents
+            else None
+        )
         if rel is not None:
             raise InputError(
                 f"{out}: output folder {rel} the input {given}; choose an output folder "
@@ -239,8 +249,9 @@ def lock_path(folder: str | os.PathLike[str]) -> Path:
 
 def _worker_rank() -> bool:
     """True in a non-zero rank of a multi-process launch (rank 0 holds the lock)."""
-    return any(os.environ.get(v, "0").strip() not in ("", "0")
-               for v in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+    return any(
+        os.environ.get(v, "0").strip() not in ("", "0") for v in ("LOCAL_RANK", "NODE_RANK", "RANK")
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -292,15 +303,19 @@ def folder_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
     """
     folder = Path(folder)
     lock = lock_path(folder)
-    me = {"pid": os.getpid(), "host": socket.gethostname(),
-          "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     owned = False
     for _ in range(5):
         try:
             owned = _try_create_lock(lock, json.dumps(me))
         except OSError as exc:
-            raise InputError(f"{folder}: cannot write the lock file {lock} ({exc.strerror})"
-                             ) from exc
+            raise InputError(
+                f"{folder}: cannot write the lock file {lock} ({exc.strerror})"
+            ) from exc
         if owned:
             break
         holder = _read_lock(lock)
@@ -370,8 +385,7 @@ def output_guard(
             try:
                 yield out
             except (InputError, OSError):
-                news = {partial_dir(out)} | (set(out.glob(".*.partial")) if out.is_dir()
-                                             else set())
+                news = {partial_dir(out)} | (set(out.glob(".*.partial")) if out.is_dir() else set())
                 for p in news - before:
                     if p.is_dir():
                         shutil.rmtree(p, ignore_errors=True)
@@ -397,6 +411,10 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: ("+".join(map(str, v)) if isinstance(v, list) else
-                                 ("" if v is None else v)) for k, v in r.items()})
+            writer.writerow(
+                {
+                    k: ("+".join(map(str, v)) if isinstance(v, list) else ("" if v is None else v))
+                    for k, v in r.items()
+                }
+            )
     return buf.getvalue()

@@ -101,16 +101,21 @@ class MapSet:
             if self.meta["store_id"] != store.identity:
                 raise InputError(
                     f"{meta_file}: maps were made from slice store {made_from} (id "
-                    f"{self.meta['store_id']}), not from {store.path} (id {store.identity})")
+                    f"{self.meta['store_id']}), not from {store.path} (id {store.identity})"
+                )
             return
         size = [int(v) for v in self.maps.shape[1:]]
         if size != list(store.size):
-            raise InputError(f"{meta_file}: maps of shape {size} were made from another slice "
-                             f"store than {store.path} (slices of shape {list(store.size)})")
+            raise InputError(
+                f"{meta_file}: maps of shape {size} were made from another slice "
+                f"store than {store.path} (slices of shape {list(store.size)})"
+            )
         if len(self.index) and int(self.index[-1]) >= store.n_slices:
-            raise InputError(f"{meta_file}: maps of store slice {int(self.index[-1])} were "
-                             f"made from another slice store than {store.path} "
-                             f"({store.n_slices} slices)")
+            raise InputError(
+                f"{meta_file}: maps of store slice {int(self.index[-1])} were "
+                f"made from another slice store than {store.path} "
+                f"({store.n_slices} slices)"
+            )
 
     @property
     def name(self) -> str:
@@ -131,20 +136,29 @@ class MapSet:
         return pos
 
 
-def _check_meta(meta_file: Path, meta: dict[str, Any], index: np.ndarray, maps: np.ndarray
-                ) -> None:
+def _check_meta(meta_file: Path, meta: dict[str, Any], index: np.ndarray, maps: np.ndarray) -> None:
     """Refuse metadata that disagrees with the arrays (count, size, dtype, index order)."""
     n, size = len(index), [int(v) for v in maps.shape[1:]]
-    checks = [("n", meta.get("n"), n), ("size", meta.get("size"), size),
-              ("dtype", meta.get("dtype"), str(maps.dtype))]
+    checks = [
+        ("n", meta.get("n"), n),
+        ("size", meta.get("size"), size),
+        ("dtype", meta.get("dtype"), str(maps.dtype)),
+    ]
     for key, said, found in checks:
         if said is not None and said != found:
-            raise InputError(f"{meta_file}: says {key} {short_repr(said)} but the arrays hold "
-                             f"{found}; the map set is inconsistent")
-    if index.dtype.kind not in "iu" or (n > 1 and not np.all(np.diff(index) > 0)) or (
-            n and int(index[0]) < 0):
-        raise InputError(f"{meta_file.parent / 'index.npy'}: store indices must be "
-                         f"ascending, distinct, non-negative integers")
+            raise InputError(
+                f"{meta_file}: says {key} {short_repr(said)} but the arrays hold "
+                f"{found}; the map set is inconsistent"
+            )
+    if (
+        index.dtype.kind not in "iu"
+        or (n > 1 and not np.all(np.diff(index) > 0))
+        or (n and int(index[0]) < 0)
+    ):
+        raise InputError(
+            f"{meta_file.parent / 'index.npy'}: store indices must be "
+            f"ascending, distinct, non-negative integers"
+        )
 
 
 def write_map_set(

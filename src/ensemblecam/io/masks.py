@@ -24,8 +24,9 @@ def write_masks(path: str | os.PathLike[str], index: np.ndarray, masks: np.ndarr
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with fsutil.atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, index=np.asarray(index).astype(np.int64),
-                            masks=np.asarray(masks, np.uint8))
+        np.savez_compressed(
+            fh, index=np.asarray(index).astype(np.int64), masks=np.asarray(masks, np.uint8)
+        )
     return path
 
 

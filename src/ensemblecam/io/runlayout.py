@@ -41,8 +41,10 @@ STAMP = "stage.json"
 #: the evaluation row of the chosen configuration (``eval/<slug>``)
 CHOSEN_SLUG = "ensemble"
 #: the PNGs the train stage writes in a classifier's folder: file name -> what it shows
-TRAIN_FIGURES = {"learning_curve.png": "learning curve",
-                 "confusion_matrix.png": "val. confusion matrix"}
+TRAIN_FIGURES = {
+    "learning_curve.png": "learning curve",
+    "confusion_matrix.png": "val. confusion matrix",
+}
 
 
 @dataclass(frozen=True)

@@ -62,13 +62,16 @@ def check_folds(folds: list[Fold], source: str = "split") -> None:
             for case in fold.part(part):
                 if case in seen:
                     twice = "twice in" if seen[case] == part else f"in both {seen[case]} and"
-                    raise InputError(f"{source}: case {short_repr(case)} is {twice} {part} "
-                                     f"of {fold.name}")
+                    raise InputError(
+                        f"{source}: case {short_repr(case)} is {twice} {part} of {fold.name}"
+                    )
                 seen[case] = part
         for case in fold.test:
             if case in test_fold:
-                raise InputError(f"{source}: case {short_repr(case)} is in the test part of "
-                                 f"both {test_fold[case]} and {fold.name}")
+                raise InputError(
+                    f"{source}: case {short_repr(case)} is in the test part of "
+                    f"both {test_fold[case]} and {fold.name}"
+                )
             test_fold[case] = fold.name
 
 
@@ -103,9 +106,12 @@ def read_splits(path: str | os.PathLike[str]) -> list[Fold]:
     for fold in folds:
         parts = [fold.name, *(getattr(fold, p) for p in PARTS)]
         if not isinstance(fold.name, str) or not all(
-                isinstance(v, list) and all(isinstance(c, str) for c in v) for v in parts[1:]):
-            raise InputError(f"{path}: malformed split file (fold {short_repr(fold.name)}: "
-                             f"name must be a string, parts lists of case names)")
+            isinstance(v, list) and all(isinstance(c, str) for c in v) for v in parts[1:]
+        ):
+            raise InputError(
+                f"{path}: malformed split file (fold {short_repr(fold.name)}: "
+                f"name must be a string, parts lists of case names)"
+            )
     check_folds(folds, str(path))
     return folds
 
@@ -129,9 +135,7 @@ def get_fold(path: str | os.PathLike[str], fold: int | str) -> Fold:
 # the order is a plain seeded shuffle.
 
 
-def stratified_order(
-    positive: dict[str, bool], seed: int, stratify: bool = True
-) -> list[str]:
+def stratified_order(positive: dict[str, bool], seed: int, stratify: bool = True) -> list[str]:
     """Seeded case order in which each prefix holds positive/negative cases in proportion."""
     rng = np.random.default_rng(seed)
     names = sorted(positive)
@@ -166,7 +170,10 @@ def _take_val(rest: list[str], val_fraction: float) -> tuple[list[str], list[str
 
 
 def kfold_split(
-    positive: dict[str, bool], folds: int = 3, val_fraction: float = 0.2, seed: int = 0,
+    positive: dict[str, bool],
+    folds: int = 3,
+    val_fraction: float = 0.2,
+    seed: int = 0,
     stratify: bool = True,
 ) -> list[Fold]:
     """k-fold, stratified: each group (lesion / lesion-free cases), shuffled with the seed,
@@ -203,8 +210,10 @@ def kfold_split(
 
 
 def holdout_split(
-    positive: dict[str, bool], fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
-    seed: int = 0, stratify: bool = True,
+    positive: dict[str, bool],
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    seed: int = 0,
+    stratify: bool = True,
 ) -> list[Fold]:
     """One fold: consecutive runs of the stratified order sized by largest remainder."""
     fr = [float(f) for f in fractions]
@@ -215,9 +224,14 @@ def holdout_split(
         )
     order = stratified_order(positive, seed, stratify)
     n_train, n_val, _ = _counts(len(order), fr)
-    return [Fold("holdout", train=sorted(order[:n_train]),
-                 val=sorted(order[n_train:n_train + n_val]),
-                 test=sorted(order[n_train + n_val:]))]
+    return [
+        Fold(
+            "holdout",
+            train=sorted(order[:n_train]),
+            val=sorted(order[n_train : n_train + n_val]),
+            test=sorted(order[n_train + n_val :]),
+        )
+    ]
 
 
 def list_split(path: str | os.PathLike[str], known: list[str]) -> list[Fold]:
@@ -241,16 +255,19 @@ def list_split(path: str | os.PathLike[str], known: list[str]) -> list[Fold]:
                         name = f"fold{name}"
                     part = (row["part"] or "").strip()
                     if part not in PARTS:
-                        raise InputError(f"{path}: line {line}: part {short_repr(part)} is "
-                                         f"not one of {', '.join(PARTS)}")
+                        raise InputError(
+                            f"{path}: line {line}: part {short_repr(part)} is "
+                            f"not one of {', '.join(PARTS)}"
+                        )
                     fold = by_fold.setdefault(name, Fold(name))
                     getattr(fold, part).append((row["case"] or "").strip())
                 folds = list(by_fold.values())
         except OSError as exc:
             raise InputError(f"{path}: cannot read split list ({exc.strerror or exc})") from exc
         except UnicodeDecodeError as exc:
-            raise InputError(f"{path}: split list is not UTF-8 text (byte "
-                             f"0x{exc.object[exc.start]:02x})") from exc
+            raise InputError(
+                f"{path}: split list is not UTF-8 text (byte 0x{exc.object[exc.start]:02x})"
+            ) from exc
         except csv.Error as exc:
             raise InputError(f"{path}: malformed split list ({exc})") from exc
     else:
@@ -260,11 +277,14 @@ def list_split(path: str | os.PathLike[str], known: list[str]) -> list[Fold]:
         entries = data if isinstance(data, list) else [data]
         for i, entry in enumerate(entries):
             if not isinstance(entry, dict) or not set(entry) <= {*PARTS, "name"}:
-                raise InputError(f"{path}: fold {i} must be an object with keys "
-                                 f"train, val, test (and optional name)")
+                raise InputError(
+                    f"{path}: fold {i} must be an object with keys "
+                    f"train, val, test (and optional name)"
+                )
             lists = {p: entry.get(p, []) for p in PARTS}
-            if not all(isinstance(v, list) and all(isinstance(c, str) for c in v)
-                       for v in lists.values()):
+            if not all(
+                isinstance(v, list) and all(isinstance(c, str) for c in v) for v in lists.values()
+            ):
                 raise InputError(f"{path}: fold {i}: parts must be lists of case names")
             folds.append(Fold(str(entry.get("name", f"fold{i}")), **lists))
     if not folds:
@@ -274,8 +294,7 @@ def list_split(path: str | os.PathLike[str], known: list[str]) -> list[Fold]:
         for part in PARTS:
             for case in fold.part(part):
                 if case not in known_set:
-                    raise InputError(f"{path}: {fold.name} {part}: unknown case "
-                                     f"{short_repr(case)}")
+                    raise InputError(f"{path}: {fold.name} {part}: unknown case {short_repr(case)}")
         if not fold.train and not fold.test:
             raise InputError(f"{path}: {fold.name} has neither train nor test cases")
     check_folds(folds, str(path))
@@ -324,7 +343,14 @@ def split_summary(store: SliceStore, folds: list[Fold]) -> list[dict[str, Any]]:
         for part in PARTS:
             cases = fold.part(part)
             mask = np.isin(case_col, cases)
-            rows.append({"fold": fold.name, "part": part, "cases": len(cases),
-                         "lesion cases": sum(positive[c] for c in cases),
-                         "slices": int(mask.sum()), "positive slices": int(labels[mask].sum())})
+            rows.append(
+                {
+                    "fold": fold.name,
+                    "part": part,
+                    "cases": len(cases),
+                    "lesion cases": sum(positive[c] for c in cases),
+                    "slices": int(mask.sum()),
+                    "positive slices": int(labels[mask].sum()),
+                }
+            )
     return rows

@@ -20,7 +20,7 @@ Conventions (each reported under its own name):
 - ``case_dice``: per-case 3-D Dice of all slices of the case together (BraTS convention);
   a case with empty prediction and empty ground truth scores 1.
 - classifier metrics (accuracy, precision, recall, F1, AUROC, confusion matrix) are
-  ``ensemblecam.stages.train.classifier_metrics``; evaluate reports them.
+  ``ensemblecam.metrics.classification.classifier_metrics``; evaluate reports them.
 - ``hd95``: per-case 95th-percentile Hausdorff distance between mask surfaces, computed
   by MONAI (equal to its values), in mm with the spacing if given; both empty 0, one
   empty NaN.
@@ -144,9 +144,7 @@ def slice_selection(
     return sel
 
 
-def slice_metrics(
-    tp: Array, fp: Array, fn: Array, selection: dict[str, Array]
-) -> dict[str, float]:
+def slice_metrics(tp: Array, fp: Array, fn: Array, selection: dict[str, Array]) -> dict[str, float]:
     """slice_dice / slice_iou mean and std over each slice subset (per-slice counts)."""
     dice = lesion_dice(tp, fp, fn)
     iou = lesion_iou(tp, fp, fn)
@@ -194,20 +192,27 @@ def _crop(margin: int, *masks: Array) -> tuple[Array, ...]:
     return tuple(m[tuple(box)] for m in masks)
 
 
-def _widen(boxes: Sequence[tuple[slice, ...]], margin: int, shape: tuple[int, ...]
-           ) -> tuple[slice, ...]:
+def _widen(
+    boxes: Sequence[tuple[slice, ...]], margin: int, shape: tuple[int, ...]
+) -> tuple[slice, ...]:
     """Union of bounding boxes (``find_objects`` slices) widened by ``margin``, clipped."""
-    return tuple(slice(max(min(b[ax].start for b in boxes) - margin, 0),
-                       min(max(b[ax].stop for b in boxes) + margin, n))
-                 for ax, n in enumerate(shape))
+    return tuple(
+        slice(
+            max(min(b[ax].start for b in boxes) - margin, 0),
+            min(max(b[ax].stop for b in boxes) + margin, n),
+        )
+        for ax, n in enumerate(shape)
+    )
 
 
 def _monai(pred: Array, gt: Array) -> tuple[Any, Any]:
     """Binary masks as MONAI's one-channel, batch-first float tensors (1, 1, *spatial)."""
     import torch
 
-    return (torch.as_tensor(pred[None, None].astype(np.float32)),
-            torch.as_tensor(gt[None, None].astype(np.float32)))
+    return (
+        torch.as_tensor(pred[None, None].astype(np.float32)),
+        torch.as_tensor(gt[None, None].astype(np.float32)),
+    )
 
 
 #: MONAI's own deprecation notice about its internal edge helper (not ours to act on)
@@ -234,12 +239,20 @@ def hd95(pred: Array, gt: Array, spacing: Sequence[float] | None = None) -> floa
     sp = None if spacing is None else [float(v) for v in spacing]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_MONAI_NOTICE)
-        return float(compute_hausdorff_distance(p, g, include_background=True, percentile=95,
-                                                spacing=sp)[0, 0])
+        return float(
+            compute_hausdorff_distance(p, g, include_background=True, percentile=95, spacing=sp)[
+                0, 0
+            ]
+        )
 
 
-def nsd(pred: Array, gt: Array, tolerance: float, spacing: Sequence[float] | None = None,
-        subvoxels: bool = False) -> float:
+def nsd(
+    pred: Array,
+    gt: Array,
+    tolerance: float,
+    spacing: Sequence[float] | None = None,
+    subvoxels: bool = False,
+) -> float:
     """Normalised surface Dice at ``tolerance`` (mm with ``spacing``, else voxels).
 
     Computed by MONAI (``compute_surface_dice(class_thresholds=[tolerance], spacing)``):
@@ -262,8 +275,16 @@ def nsd(pred: Array, gt: Array, tolerance: float, spacing: Sequence[float] | Non
     sp = None if spacing is None else [float(v) for v in spacing]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_MONAI_NOTICE)
-        return float(compute_surface_dice(p, g, [float(tolerance)], include_background=True,
-                                          spacing=sp, use_subvoxels=subvoxels)[0, 0])
+        return float(
+            compute_surface_dice(
+                p,
+                g,
+                [float(tolerance)],
+                include_background=True,
+                spacing=sp,
+                use_subvoxels=subvoxels,
+            )[0, 0]
+        )
 
 
 # ----------------------------------------------------------------- lesion-wise (BraTS 2023)
@@ -318,9 +339,14 @@ class LesionWise:
 
 
 def lesion_wise(
-    pred: Array, gt: Array, spacing: Sequence[float] | None = None,
-    dilation: int = BRATS_DILATION, dilation_connectivity: int = 18, connectivity: int = 26,
-    min_volume: float = BRATS_MIN_VOLUME, fp_hd95: float = BRATS_FP_HD95,
+    pred: Array,
+    gt: Array,
+    spacing: Sequence[float] | None = None,
+    dilation: int = BRATS_DILATION,
+    dilation_connectivity: int = 18,
+    connectivity: int = 26,
+    min_volume: float = BRATS_MIN_VOLUME,
+    fp_hd95: float = BRATS_FP_HD95,
 ) -> LesionWise:
     """Lesion-wise Dice and HD95 with the BraTS 2023 rules (the challenge's public code).
 
@@ -391,19 +417,36 @@ def lesion_wise(
         dice = sum(les.dice for les in kept) / den
         dist = (sum(les.hd95 for les in kept) + fp * float(fp_hd95)) / den
     det = sum(les.detected for les in kept)
-    return LesionWise(dice, dist, len(kept), det, len(kept) - det, fp,
-                      len(lesions) - len(kept), tuple(lesions))
+    return LesionWise(
+        dice, dist, len(kept), det, len(kept) - det, fp, len(lesions) - len(kept), tuple(lesions)
+    )
 
 
 #: Per-case 3-D metrics of :func:`case_metrics`, in column order.
-CASE_METRICS = ("dice", "iou", "hd95", "nsd", "lesionwise_dice", "lesionwise_hd95",
-                "lesion_sensitivity", "ref_lesions", "detected_lesions", "missed_lesions",
-                "fp_lesions", "small_ref_lesions", "ref_voxels", "pred_voxels")
+CASE_METRICS = (
+    "dice",
+    "iou",
+    "hd95",
+    "nsd",
+    "lesionwise_dice",
+    "lesionwise_hd95",
+    "lesion_sensitivity",
+    "ref_lesions",
+    "detected_lesions",
+    "missed_lesions",
+    "fp_lesions",
+    "small_ref_lesions",
+    "ref_voxels",
+    "pred_voxels",
+)
 
 
 def case_metrics(
-    pred: Array, gt: Array, spacing: Sequence[float] | None = None,
-    nsd_tolerance: float = 1.0, **lesion_options: Any,
+    pred: Array,
+    gt: Array,
+    spacing: Sequence[float] | None = None,
+    nsd_tolerance: float = 1.0,
+    **lesion_options: Any,
 ) -> dict[str, float]:
     """Every per-case 3-D metric of one case (:data:`CASE_METRICS`).
 
@@ -416,20 +459,29 @@ def case_metrics(
     tp, fp, fn, _ = confusion(pred, gt)
     lw = lesion_wise(pred, gt, spacing, **lesion_options)
     return {
-        "dice": float(lesion_dice(tp, fp, fn)), "iou": float(lesion_iou(tp, fp, fn)),
-        "hd95": hd95(pred, gt, spacing), "nsd": nsd(pred, gt, nsd_tolerance, spacing),
-        "lesionwise_dice": lw.dice, "lesionwise_hd95": lw.hd95,
-        "lesion_sensitivity": lw.sensitivity, "ref_lesions": lw.ref_lesions,
-        "detected_lesions": lw.detected, "missed_lesions": lw.missed, "fp_lesions": lw.fp,
-        "small_ref_lesions": lw.small, "ref_voxels": int(tp + fn), "pred_voxels": int(tp + fp),
+        "dice": float(lesion_dice(tp, fp, fn)),
+        "iou": float(lesion_iou(tp, fp, fn)),
+        "hd95": hd95(pred, gt, spacing),
+        "nsd": nsd(pred, gt, nsd_tolerance, spacing),
+        "lesionwise_dice": lw.dice,
+        "lesionwise_hd95": lw.hd95,
+        "lesion_sensitivity": lw.sensitivity,
+        "ref_lesions": lw.ref_lesions,
+        "detected_lesions": lw.detected,
+        "missed_lesions": lw.missed,
+        "fp_lesions": lw.fp,
+        "small_ref_lesions": lw.small,
+        "ref_voxels": int(tp + fn),
+        "pred_voxels": int(tp + fp),
     }
 
 
 # ----------------------------------------------------------------- uncertainty, paired tests
 
 
-def bootstrap_ci(values: Any, n_boot: int = 2000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Any, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean: resample the finite values with replacement
     ``n_boot`` times (numpy ``default_rng(seed)``), take the (1-level)/2 and (1+level)/2
     quantiles of the resampled means. No finite value: (NaN, NaN)."""
@@ -460,8 +512,13 @@ def paired_wilcoxon(a: Any, b: Any, n_boot: int = 2000, seed: int = 0) -> dict[s
         raise ValueError(f"paired values of different lengths {a.size} and {b.size}")
     ok = np.isfinite(a) & np.isfinite(b)
     d = a[ok] - b[ok]
-    out: dict[str, Any] = {"n": int(d.size), "mean_difference": None, "ci95": None,
-                           "statistic": None, "p_value": None}
+    out: dict[str, Any] = {
+        "n": int(d.size),
+        "mean_difference": None,
+        "ci95": None,
+        "statistic": None,
+        "p_value": None,
+    }
     if d.size == 0:
         return out
     out["mean_difference"] = float(d.mean())
@@ -470,4 +527,3 @@ def paired_wilcoxon(a: Any, b: Any, n_boot: int = 2000, seed: int = 0) -> dict[s
         res = wilcoxon(d, alternative="two-sided", zero_method="wilcox")
         out["statistic"], out["p_value"] = float(res.statistic), float(res.pvalue)
     return out
-

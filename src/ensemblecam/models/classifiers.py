@@ -168,8 +168,10 @@ def available_models() -> list[str]:
 
 
 def _unknown(name: str) -> InputError:
-    extra = "" if _has_package("torchvision") and _has_package("timm") else (
-        "; torchvision:<name> / timm:<name> need that package installed"
+    extra = (
+        ""
+        if _has_package("torchvision") and _has_package("timm")
+        else ("; torchvision:<name> / timm:<name> need that package installed")
     )
     return InputError(f"unknown model {name!r}; known: {', '.join(available_models())}{extra}")
 

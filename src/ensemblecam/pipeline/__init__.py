@@ -31,7 +31,19 @@ from ensemblecam.pipeline.run import (
 )
 
 __all__ = [
-    "SUMMARY_METRICS", "TABLE_METRICS", "Runner", "aggregate", "check_run_config",
-    "config_hash", "demo_markdown", "load_run_config", "predict", "result_rows",
-    "results_csv", "results_markdown", "run_pipeline", "stable_hash", "summary_rows",
+    "SUMMARY_METRICS",
+    "TABLE_METRICS",
+    "Runner",
+    "aggregate",
+    "check_run_config",
+    "config_hash",
+    "demo_markdown",
+    "load_run_config",
+    "predict",
+    "result_rows",
+    "results_csv",
+    "results_markdown",
+    "run_pipeline",
+    "stable_hash",
+    "summary_rows",
 ]

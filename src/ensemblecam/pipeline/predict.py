@@ -28,9 +28,15 @@ def _best_fold(lay: RunLayout, results: dict[str, Any]) -> str:
     return best_name
 
 
-def predict(run_dir: str | Path, input_dir: str | Path, out: str | Path,
-            layout: str | None = None, fold: str | None = None, force: bool = False,
-            progress: bool | None = None) -> Path:
+def predict(
+    run_dir: str | Path,
+    input_dir: str | Path,
+    out: str | Path,
+    layout: str | None = None,
+    fold: str | None = None,
+    force: bool = False,
+    progress: bool | None = None,
+) -> Path:
     """Masks for new, unlabelled scans with a finished run's chosen configuration.
 
     The scans are prepared with the run's prepare settings (seg files ignored), mapped with
@@ -59,15 +65,25 @@ def predict(run_dir: str | Path, input_dir: str | Path, out: str | Path,
     work = out.with_name(f".{out.name}.work")
     with fsutil.output_guard(out, [run_dir, input_dir]):
         try:
-            return _predict_in(run_dir, input_dir, out, work, cfg, chosen, fold, layout,
-                               force, progress)
+            return _predict_in(
+                run_dir, input_dir, out, work, cfg, chosen, fold, layout, force, progress
+            )
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _predict_in(run_dir: Path, input_dir: str | Path, out: Path, work: Path, cfg: Config,
-                chosen: dict[str, Any], fold: str, layout: str | None, force: bool,
-                progress: bool | None) -> Path:
+def _predict_in(
+    run_dir: Path,
+    input_dir: str | Path,
+    out: Path,
+    work: Path,
+    cfg: Config,
+    chosen: dict[str, Any],
+    fold: str,
+    layout: str | None,
+    force: bool,
+    progress: bool | None,
+) -> Path:
     """:func:`predict` once the checks are made: prepare, map, combine, export."""
     from ensemblecam.io.export import export_cases
     from ensemblecam.io.mapstore import MapSet
@@ -78,9 +94,15 @@ def _predict_in(run_dir: Path, input_dir: str | Path, out: Path, work: Path, cfg
     from ensemblecam.stages.prepare import prepare_store
 
     shutil.rmtree(work, ignore_errors=True)  # a killed earlier attempt (ours by its name)
-    pcfg = cfg.prepare.model_copy(update={
-        "data": Path(input_dir), "out": work / "store", "masks": False, "labels_csv": None,
-        **({"layout": layout} if layout else {})})
+    pcfg = cfg.prepare.model_copy(
+        update={
+            "data": Path(input_dir),
+            "out": work / "store",
+            "masks": False,
+            "labels_csv": None,
+            **({"layout": layout} if layout else {}),
+        }
+    )
     prepare_store(pcfg, force=True)
     store = SliceStore.open(work / "store")
     tags = list(dict.fromkeys(m.split("__")[0] for m in chosen["members"]))
@@ -93,16 +115,35 @@ def _predict_in(run_dir: Path, input_dir: str | Path, out: Path, work: Path, cfg
                 f"{input_dir}: scans have modalities {','.join(store.channels)} but the models "
                 f"were trained on {','.join(info['channels'])}"
             )
-    ccfg = cfg.cam.model_copy(update={
-        "store": work / "store", "parts": ["all"], "checkpoints": checkpoints, "tags": tags,
-        "methods": methods, "out": work / "maps", "force": True})
+    ccfg = cfg.cam.model_copy(
+        update={
+            "store": work / "store",
+            "parts": ["all"],
+            "checkpoints": checkpoints,
+            "tags": tags,
+            "methods": methods,
+            "out": work / "maps",
+            "force": True,
+        }
+    )
     run_cam(ccfg, progress=progress)
     sets = [MapSet.open(work / "maps" / m) for m in chosen["members"]]
     masks = config_masks([ms.maps for ms in sets], [ms.probs for ms in sets], chosen)
     conf = {k: chosen[k] for k in CONFIG_KEYS}
-    export_cases(store, np.arange(store.n_slices), masks, out, kind="mask", force=force,
-                 source={"command": "ensemblecam predict", "run": str(run_dir), "fold": fold,
-                         "configuration": conf, "description": describe_config(conf)},
-                 progress=progress)
+    export_cases(
+        store,
+        np.arange(store.n_slices),
+        masks,
+        out,
+        kind="mask",
+        force=force,
+        source={
+            "command": "ensemblecam predict",
+            "run": str(run_dir),
+            "fold": fold,
+            "configuration": conf,
+            "description": describe_config(conf),
+        },
+        progress=progress,
+    )
     return out
-

@@ -35,8 +35,9 @@ TABLE_METRICS = (
 
 
 def describe_config(conf: dict[str, Any]) -> str:
-    ths = ", ".join(f"{m} > {t:g}" for m, t in zip(conf["members"], conf["thresholds"],
-                                                    strict=False))
+    ths = ", ".join(
+        f"{m} > {t:g}" for m, t in zip(conf["members"], conf["thresholds"], strict=False)
+    )
     if conf["operator"] == "mean":
         ths = f"mean({', '.join(conf['members'])}) > {conf['thresholds'][0]:g}"
     gate = f", gate p >= {conf['gate']:g}" if conf.get("gate") is not None else ""
@@ -52,8 +53,14 @@ def result_rows(fold: FoldLayout) -> list[dict[str, Any]]:
     per = fsutil.read_json(fold.best_per_candidate, "search result")
     objective = best.get("objective", "paper_miou")
     keys = CONFIG_KEYS
-    rows = [{"name": "ensemble (best configuration)", "kind": "ensemble", "slug": CHOSEN_SLUG,
-             "config": {k: best[k] for k in keys}}]
+    rows = [
+        {
+            "name": "ensemble (best configuration)",
+            "kind": "ensemble",
+            "slug": CHOSEN_SLUG,
+            "config": {k: best[k] for k in keys},
+        }
+    ]
     by_op: dict[str, tuple[dict[str, Any], float]] = {}
     singles = []
     for cand in per:  # best row of every (operator, member subset), best first
@@ -63,14 +70,27 @@ def result_rows(fold: FoldLayout) -> list[dict[str, Any]]:
         elif conf["operator"] not in by_op or _value(cand[objective]) > by_op[conf["operator"]][1]:
             by_op[conf["operator"]] = (conf, _value(cand[objective]))
     for op, (conf, _) in by_op.items():
-        rows.append({"name": f"{op} ensemble (best members and thresholds)",
-                     "kind": "operator", "slug": "op_" + op.replace(":", ""), "config": conf})
+        rows.append(
+            {
+                "name": f"{op} ensemble (best members and thresholds)",
+                "kind": "operator",
+                "slug": "op_" + op.replace(":", ""),
+                "config": conf,
+            }
+        )
     for conf in sorted(singles, key=lambda c: c["members"][0]):
         member = conf["members"][0]
-        rows.append({"name": f"{member} alone (best threshold)", "kind": "single",
-                     "slug": f"single_{member}", "config": conf})
-    rows.append({"name": "Empty (all background)", "kind": "empty", "slug": CHOSEN_SLUG,
-                 "config": None})
+        rows.append(
+            {
+                "name": f"{member} alone (best threshold)",
+                "kind": "single",
+                "slug": f"single_{member}",
+                "config": conf,
+            }
+        )
+    rows.append(
+        {"name": "Empty (all background)", "kind": "empty", "slug": CHOSEN_SLUG, "config": None}
+    )
     return rows
 
 
@@ -104,8 +124,12 @@ def aggregate(fold_results: dict[str, dict[str, Any]], objective: str) -> dict[s
             key = (row["kind"], row["slug"])
             if key not in table:
                 order.append(key)
-                table[key] = {"name": row["name"], "kind": row["kind"], "per_fold": {},
-                              "config": {}}
+                table[key] = {
+                    "name": row["name"],
+                    "kind": row["kind"],
+                    "per_fold": {},
+                    "config": {},
+                }
             table[key]["per_fold"][fold] = row["metrics"]
             table[key]["config"][fold] = row["config"]
     rows = []
@@ -118,8 +142,14 @@ def aggregate(fold_results: dict[str, dict[str, Any]], objective: str) -> dict[s
             mean[m] = float(np.mean(vals)) if vals else None
             std[m] = float(np.std(vals)) if vals else None
         rows.append({**entry, "mean": mean, "std": std})
-    return {"format": RESULTS_FORMAT, "version": 1, "objective": objective,
-            "folds": list(fold_results), "metric_names": list(TABLE_METRICS), "rows": rows}
+    return {
+        "format": RESULTS_FORMAT,
+        "version": 1,
+        "objective": objective,
+        "folds": list(fold_results),
+        "metric_names": list(TABLE_METRICS),
+        "rows": rows,
+    }
 
 
 def results_csv(results: dict[str, Any]) -> str:
@@ -133,8 +163,14 @@ def results_csv(results: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     extra_head, extra = case_statistics_columns(results)  # per-case CIs and p-values
-    w.writerow(["name", "kind", *[f"{m}_{s}" for m in results["metric_names"]
-                                  for s in ("mean", "std")], *extra_head])
+    w.writerow(
+        [
+            "name",
+            "kind",
+            *[f"{m}_{s}" for m in results["metric_names"] for s in ("mean", "std")],
+            *extra_head,
+        ]
+    )
     for row, more in zip(results["rows"], extra, strict=True):
         vals = []
         for m in results["metric_names"]:
@@ -181,5 +217,3 @@ def demo_markdown(results: dict[str, Any], run_record: dict[str, Any]) -> str:
 
 def _fmt(v: float | None) -> str:
     return "" if v is None else f"{v:.6f}"
-
-

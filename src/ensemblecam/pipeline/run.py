@@ -52,8 +52,24 @@ from ensemblecam.pipeline.results import (
 )
 
 # options that name files or control how (not what) a stage computes: not part of keys
-_NOT_KEYED = {"store", "splits", "out", "data", "force", "resume", "workers", "config_file",
-              "maps", "checkpoints", "tags", "members", "fold", "part", "parts", "chunk"}
+_NOT_KEYED = {
+    "store",
+    "splits",
+    "out",
+    "data",
+    "force",
+    "resume",
+    "workers",
+    "config_file",
+    "maps",
+    "checkpoints",
+    "tags",
+    "members",
+    "fold",
+    "part",
+    "parts",
+    "chunk",
+}
 
 
 def stable_hash(obj: Any) -> str:
@@ -87,8 +103,9 @@ class Runner:
     def layout(self) -> RunLayout:
         return RunLayout(self.root)
 
-    def stage(self, name: str, folder: Path, key: str, marker: str | None,
-              fn: Callable[[bool], Any]) -> bool:
+    def stage(
+        self, name: str, folder: Path, key: str, marker: str | None, fn: Callable[[bool], Any]
+    ) -> bool:
         """Run ``fn(force)`` for ``folder`` unless its stamp holds ``key``; True if it ran."""
         stamp = folder / STAMP
         pending = folder.with_name(f".{folder.name}.pending.json")
@@ -103,8 +120,10 @@ class Runner:
         stale = sorted(p for p in _stage_partials(folder) if p.exists())
         if stale and attempt != key:
             why = "an unknown key" if attempt is None else f"stage key {attempt}"
-            print(f"note: {name}: removing the unfinished attempt made with other settings "
-                  f"({why}, now {key}): {', '.join(map(str, stale))}")
+            print(
+                f"note: {name}: removing the unfinished attempt made with other settings "
+                f"({why}, now {key}): {', '.join(map(str, stale))}"
+            )
             for p in stale:
                 shutil.rmtree(p)
         force = old is not None or (attempt != key and folder.exists())
@@ -141,8 +160,9 @@ _LEFTOVER = re.compile(r"^\..+\.(partial|pending\.json|old-\d+|tmp-\d+)$")
 def _sweep(root: Path) -> list[Path]:
     """Remove what interrupted or refused attempts left in a finished run folder:
     ``.partial`` folders, pending records, ``.old-<pid>`` and ``.tmp-<pid>`` names."""
-    found = sorted((p for p in root.rglob(".*") if _LEFTOVER.match(p.name)),
-                   key=lambda p: len(p.parts))
+    found = sorted(
+        (p for p in root.rglob(".*") if _LEFTOVER.match(p.name)), key=lambda p: len(p.parts)
+    )
     removed: list[Path] = []
     for p in found:
         if any(r in p.parents for r in removed) or not p.exists():
@@ -163,8 +183,15 @@ def _read_key(path: Path) -> str | None:
 
 
 def _stamp(path: Path, name: str, key: str, seconds: float) -> None:
-    fsutil.write_json(path, {"stage": name, "key": key, "seconds": round(seconds, 2),
-                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    fsutil.write_json(
+        path,
+        {
+            "stage": name,
+            "key": key,
+            "seconds": round(seconds, 2),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    )
 
 
 # --------------------------------------------------------------------------- run
@@ -175,18 +202,28 @@ def _check_run_folder(root: Path, cfg: Config, force: bool) -> None:
     run_file = RunLayout(root).run_record
     stage = fsutil.owner_stage(root)
     if root.is_dir() and any(root.iterdir()) and stage != "run":
-        why = (f"not written by ensemblecam: no {fsutil.OWNER_MARKER} file" if stage is None
-               else f"it holds ensemblecam's {stage} output")
-        raise InputError(f"{root}: folder is not empty and is not a run folder ({why}); it "
-                         "is never used as one, not even with --force")
+        why = (
+            f"not written by ensemblecam: no {fsutil.OWNER_MARKER} file"
+            if stage is None
+            else f"it holds ensemblecam's {stage} output"
+        )
+        raise InputError(
+            f"{root}: folder is not empty and is not a run folder ({why}); it "
+            "is never used as one, not even with --force"
+        )
     if not run_file.is_file():
         return
     old = fsutil.read_json(run_file, "run record")
-    changed = environment.changes(old.get("environment", {"packages": old.get("packages", {})}),
-                                  environment.environment_record())
+    changed = environment.changes(
+        old.get("environment", {"packages": old.get("packages", {})}),
+        environment.environment_record(),
+    )
     if changed:
-        print(f"warning: {root}: made with other versions ({', '.join(changed)}); results of "
-              "rerun stages may differ from the cached ones", file=sys.stderr)
+        print(
+            f"warning: {root}: made with other versions ({', '.join(changed)}); results of "
+            "rerun stages may differ from the cached ones",
+            file=sys.stderr,
+        )
     new = config_hash(cfg)
     if old.get("config_hash") != new and not force:
         raise InputError(
@@ -195,22 +232,35 @@ def _check_run_folder(root: Path, cfg: Config, force: bool) -> None:
         )
 
 
-def _write_run_record(root: Path, cfg: Config, runner: Runner, started: float,
-                      status: str) -> None:
+def _write_run_record(root: Path, cfg: Config, runner: Runner, started: float, status: str) -> None:
     record = RunLayout(root).run_record
     old = fsutil.read_json(record, "run record") if record.is_file() else {}
     timings = {**old.get("timings", {}), **runner.timings}
     env = environment.environment_record()
-    fsutil.write_json(record, {
-        "format": RUN_FORMAT, "version": 1, "status": status,
-        "config_hash": config_hash(cfg),
-        "ensemblecam": __version__, "python": env["python"], "packages": env["packages"],
-        "platform": env["platform"], "environment": env,
-        "seeds": {"split": cfg.split.seed, "train": cfg.train.seed, "cam": cfg.cam.seed,
-                  "search": cfg.search.seed, "synth": cfg.synth.seed},
-        "timings": timings, "ran_this_time": runner.ran,
-        "wall_s_this_time": round(time.perf_counter() - started, 2),
-    })
+    fsutil.write_json(
+        record,
+        {
+            "format": RUN_FORMAT,
+            "version": 1,
+            "status": status,
+            "config_hash": config_hash(cfg),
+            "ensemblecam": __version__,
+            "python": env["python"],
+            "packages": env["packages"],
+            "platform": env["platform"],
+            "environment": env,
+            "seeds": {
+                "split": cfg.split.seed,
+                "train": cfg.train.seed,
+                "cam": cfg.cam.seed,
+                "search": cfg.search.seed,
+                "synth": cfg.synth.seed,
+            },
+            "timings": timings,
+            "ran_this_time": runner.ran,
+            "wall_s_this_time": round(time.perf_counter() - started, 2),
+        },
+    )
 
 
 def check_run_config(cfg: Config) -> None:
@@ -247,8 +297,10 @@ def check_run_config(cfg: Config) -> None:
             raise InputError(f"config: run.models: {exc}") from exc
         except Exception as exc:  # a model's own argument checks
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise InputError(f"config: run.models {name!r}: bad train.model_args "
-                             f"{cfg.train.model_args} ({first})") from exc
+            raise InputError(
+                f"config: run.models {name!r}: bad train.model_args "
+                f"{cfg.train.model_args} ({first})"
+            ) from exc
     if rc.folds is not None:
         n_folds = {"kfold": cfg.split.folds, "holdout": 1}.get(cfg.split.scheme)
         for k in rc.folds:
@@ -259,11 +311,14 @@ def check_run_config(cfg: Config) -> None:
             raise InputError(f"config: run.folds {rc.folds} has duplicates")
     bad = [m for m in cfg.cam.methods if m not in METHODS]
     if bad or not cfg.cam.methods:
-        raise InputError(f"config: cam.methods {','.join(bad) or '(none)'}: expected any of "
-                         f"{', '.join(METHODS)}")
+        raise InputError(
+            f"config: cam.methods {','.join(bad) or '(none)'}: expected any of {', '.join(METHODS)}"
+        )
     if cfg.cam.target not in ("lesion", "predicted", "0", "1"):
-        raise InputError(f"config: cam.target {cfg.cam.target!r}: expected lesion, predicted, "
-                         "0 or 1 (the classifiers have 2 classes)")
+        raise InputError(
+            f"config: cam.target {cfg.cam.target!r}: expected lesion, predicted, "
+            "0 or 1 (the classifiers have 2 classes)"
+        )
     if cfg.train.weights is not None and not Path(cfg.train.weights).is_file():
         raise InputError(f"{cfg.train.weights}: weights file not found (train.weights)")
     resolve_recipe(cfg.train)
@@ -283,8 +338,7 @@ def run_pipeline(cfg: Config, force: bool = False, progress: bool | None = None)
     root = Path(cfg.run.out)
     check_run_config(cfg)
     pc = cfg.prepare
-    fsutil.check_not_input(root, [pc.data, pc.labels_csv, cfg.split.list_file,
-                                  cfg.train.weights])
+    fsutil.check_not_input(root, [pc.data, pc.labels_csv, cfg.split.list_file, cfg.train.weights])
     created = not root.exists()
     with fsutil.output_guard(root):
         try:
@@ -313,14 +367,20 @@ def _run_locked(cfg: Config, root: Path, force: bool, progress: bool | None) -> 
     store = lay.store
     pcfg = cfg.prepare.model_copy(update={"out": store})
     k_store = stable_hash(["prepare", _options(cfg.prepare), str(cfg.prepare.data)])
-    runner.stage("prepare", store, k_store, lay.store_manifest.name,
-                 lambda force: prepare_store(pcfg, force=force))
+    runner.stage(
+        "prepare",
+        store,
+        k_store,
+        lay.store_manifest.name,
+        lambda force: prepare_store(pcfg, force=force),
+    )
 
     splits = lay.splits
     scfg = cfg.split.model_copy(update={"store": store, "out": splits})
     k_split = stable_hash(["split", _options(cfg.split), str(cfg.split.list_file), k_store])
-    runner.stage("split", lay.split_dir, k_split, splits.name,
-                 lambda force: make_splits(scfg, force=force))
+    runner.stage(
+        "split", lay.split_dir, k_split, splits.name, lambda force: make_splits(scfg, force=force)
+    )
     folds = read_splits(splits)
     chosen = rc.folds if rc.folds is not None else list(range(len(folds)))
     for k in chosen:
@@ -329,8 +389,9 @@ def _run_locked(cfg: Config, root: Path, force: bool, progress: bool | None) -> 
 
     fold_results = {}
     for k in chosen:
-        fold_results[folds[k].name] = _run_fold(cfg, runner, store, splits, k, folds[k].name,
-                                                k_split)
+        fold_results[folds[k].name] = _run_fold(
+            cfg, runner, store, splits, k, folds[k].name, k_split
+        )
     results = aggregate(fold_results, cfg.search.objective)
     from ensemblecam.stages.evaluate import add_case_statistics
 
@@ -360,8 +421,9 @@ def _members(cfg: Config) -> list[str]:
     return [member_name(m, method) for m in cfg.run.models for method in cfg.cam.methods]
 
 
-def _run_fold(cfg: Config, runner: Runner, store: Path, splits: Path, k: int, name: str,
-              k_split: str) -> dict[str, Any]:
+def _run_fold(
+    cfg: Config, runner: Runner, store: Path, splits: Path, k: int, name: str, k_split: str
+) -> dict[str, Any]:
     """Train, map, search, evaluate (with baselines) one fold; return its result rows."""
     from ensemblecam.stages.cam import run_cam
     from ensemblecam.stages.evaluate import evaluate_stage, write_config_masks
@@ -373,42 +435,86 @@ def _run_fold(cfg: Config, runner: Runner, store: Path, splits: Path, k: int, na
     train_keys = []
     for model in rc.models:
         out = fold.model(model)
-        tcfg = cfg.train.model_copy(update={"store": store, "splits": splits, "fold": k,
-                                            "model": model, "out": out})
+        tcfg = cfg.train.model_copy(
+            update={"store": store, "splits": splits, "fold": k, "model": model, "out": out}
+        )
         key = stable_hash(["train", _options(cfg.train), model, k, k_split])
         train_keys.append(key)
-        runner.stage(f"{name}/train/{model}", out, key, fold.train_record(model).name,
-                     lambda force, t=tcfg: train_classifier(
-                         t.model_copy(update={"force": force, "resume": not force}),
-                         progress=runner.progress))
+        runner.stage(
+            f"{name}/train/{model}",
+            out,
+            key,
+            fold.train_record(model).name,
+            lambda force, t=tcfg: train_classifier(
+                t.model_copy(update={"force": force, "resume": not force}), progress=runner.progress
+            ),
+        )
 
     parts = list(dict.fromkeys([rc.calibration_part, rc.eval_part]))
     if rc.pseudo_unet and "train" not in parts:
         parts.append("train")
     maps = fold.maps
-    ccfg = cfg.cam.model_copy(update={
-        "store": store, "splits": splits, "fold": k, "parts": parts, "out": maps,
-        "checkpoints": [fold.checkpoint(m) for m in rc.models],
-        "tags": list(rc.models)})
+    ccfg = cfg.cam.model_copy(
+        update={
+            "store": store,
+            "splits": splits,
+            "fold": k,
+            "parts": parts,
+            "out": maps,
+            "checkpoints": [fold.checkpoint(m) for m in rc.models],
+            "tags": list(rc.models),
+        }
+    )
     k_cam = stable_hash(["cam", _options(cfg.cam), parts, train_keys])
-    runner.stage(f"{name}/cam", maps, k_cam, None,
-                 lambda force: run_cam(ccfg.model_copy(update={"force": force}),
-                                       progress=runner.progress))
+    runner.stage(
+        f"{name}/cam",
+        maps,
+        k_cam,
+        None,
+        lambda force: run_cam(ccfg.model_copy(update={"force": force}), progress=runner.progress),
+    )
 
     search_dir = fold.search
-    qcfg: SearchConfig = cfg.search.model_copy(update={
-        "store": store, "splits": splits, "fold": str(k), "part": rc.calibration_part,
-        "maps": maps, "members": _members(cfg), "out": search_dir})
+    qcfg: SearchConfig = cfg.search.model_copy(
+        update={
+            "store": store,
+            "splits": splits,
+            "fold": str(k),
+            "part": rc.calibration_part,
+            "maps": maps,
+            "members": _members(cfg),
+            "out": search_dir,
+        }
+    )
     k_search = stable_hash(["search", _options(cfg.search), rc.calibration_part, k_cam])
-    runner.stage(f"{name}/search", search_dir, k_search, fold.best.name,
-                 lambda force: run_search_stage(qcfg, force=force))
+    runner.stage(
+        f"{name}/search",
+        search_dir,
+        k_search,
+        fold.best.name,
+        lambda force: run_search_stage(qcfg, force=force),
+    )
 
     eval_dir = fold.eval
-    ecfg: EvaluateConfig = cfg.evaluate.model_copy(update={
-        "store": store, "splits": splits, "fold": str(k), "part": rc.eval_part, "maps": maps})
+    ecfg: EvaluateConfig = cfg.evaluate.model_copy(
+        update={
+            "store": store,
+            "splits": splits,
+            "fold": str(k),
+            "part": rc.eval_part,
+            "maps": maps,
+        }
+    )
     rows = result_rows(fold)
-    k_eval = stable_hash(["evaluate", _options(cfg.evaluate), rc.eval_part, k_search,
-                          [(r["slug"], r["config"]) for r in rows]])
+    k_eval = stable_hash(
+        [
+            "evaluate",
+            _options(cfg.evaluate),
+            rc.eval_part,
+            k_search,
+            [(r["slug"], r["config"]) for r in rows],
+        ]
+    )
 
     def evaluate_all(force: bool) -> None:
         keep = {r["slug"] for r in rows} | {"unet", "pseudo_unet"}
@@ -423,36 +529,61 @@ def _run_fold(cfg: Config, runner: Runner, store: Path, splits: Path, k: int, na
 
     runner.stage(f"{name}/evaluate", eval_dir, k_eval, None, evaluate_all)
     if rc.unet:
-        rows.append(_unet_row(cfg, runner, store, splits, k, fold, "unet", "store",
-                              k_split, ecfg))
+        rows.append(_unet_row(cfg, runner, store, splits, k, fold, "unet", "store", k_split, ecfg))
     if rc.pseudo_unet:
         tcfg_e = ecfg.model_copy(update={"part": "train"})
         k_pt = stable_hash(["pseudo_targets", k_search, _options(cfg.evaluate)])
-        runner.stage(f"{name}/pseudo_targets", fold.pseudo_targets, k_pt, None,
-                     lambda force: write_config_masks(tcfg_e, rows[0]["config"],
-                                                      fold.pseudo_masks))
-        rows.append(_unet_row(cfg, runner, store, splits, k, fold, "pseudo_unet",
-                              fold.pseudo_masks, k_pt, ecfg))
+        runner.stage(
+            f"{name}/pseudo_targets",
+            fold.pseudo_targets,
+            k_pt,
+            None,
+            lambda force: write_config_masks(tcfg_e, rows[0]["config"], fold.pseudo_masks),
+        )
+        rows.append(
+            _unet_row(
+                cfg, runner, store, splits, k, fold, "pseudo_unet", fold.pseudo_masks, k_pt, ecfg
+            )
+        )
     return {"dir": fold.dir, "rows": with_metrics(rows, fold)}
 
 
-def _unet_row(cfg: Config, runner: Runner, store: Path, splits: Path, k: int, fold: FoldLayout,
-              kind: str, targets: str | Path, upstream: str, ecfg: EvaluateConfig
-              ) -> dict[str, Any]:
+def _unet_row(
+    cfg: Config,
+    runner: Runner,
+    store: Path,
+    splits: Path,
+    k: int,
+    fold: FoldLayout,
+    kind: str,
+    targets: str | Path,
+    upstream: str,
+    ecfg: EvaluateConfig,
+) -> dict[str, Any]:
     """Train a U-Net on ``targets`` (store masks or pseudo masks) and evaluate it."""
     from ensemblecam.stages.evaluate import evaluate_unet
     from ensemblecam.stages.unet import train_unet
 
     out = fold.unet(kind)
     key = stable_hash([kind, _options(cfg.unet), k, upstream])
-    runner.stage(f"{fold.name}/{kind}", out, key, fold.unet_record(kind).name,
-                 lambda force: train_unet(cfg.unet, store, splits, k, out, targets=targets,
-                                          force=force, progress=runner.progress))
+    runner.stage(
+        f"{fold.name}/{kind}",
+        out,
+        key,
+        fold.unet_record(kind).name,
+        lambda force: train_unet(
+            cfg.unet, store, splits, k, out, targets=targets, force=force, progress=runner.progress
+        ),
+    )
     ev = fold.eval_row(kind)
     k_ev = stable_hash([kind, "evaluate", key, _options(cfg.evaluate), ecfg.part])
-    runner.stage(f"{fold.name}/{kind}/evaluate", ev, k_ev, fold.eval_metrics(kind).name,
-                 lambda force: evaluate_unet(ecfg, fold.unet_checkpoint(kind), ev,
-                                             force=force))
+    runner.stage(
+        f"{fold.name}/{kind}/evaluate",
+        ev,
+        k_ev,
+        fold.eval_metrics(kind).name,
+        lambda force: evaluate_unet(ecfg, fold.unet_checkpoint(kind), ev, force=force),
+    )
     label = "U-Net, fully supervised" if kind == "unet" else "U-Net on ensemble pseudo-labels"
     return {"name": label, "kind": kind, "slug": kind, "config": None}
 
@@ -481,16 +612,35 @@ def _export(cfg: Config, runner: Runner, folds: list[FoldLayout]) -> None:
 
             first = _members(cfg)[0]
             sets = [MapSet.open(f.map_set(first)) for f in folds]
-            maps = (index[order], np.concatenate(
-                [dequantise(ms.maps[ms.rows_for(i)]) for ms, i in zip(sets, idx, strict=True)]
-            )[order])
-        export_cases(st, index[order], np.concatenate(masks)[order], out, kind="mask",
-                     maps=maps, force=True, source={"command": "ensemblecam run",
-                     "run": str(lay.root), "folds": [f.name for f in folds]},
-                     progress=runner.progress)
+            maps = (
+                index[order],
+                np.concatenate(
+                    [dequantise(ms.maps[ms.rows_for(i)]) for ms, i in zip(sets, idx, strict=True)]
+                )[order],
+            )
+        export_cases(
+            st,
+            index[order],
+            np.concatenate(masks)[order],
+            out,
+            kind="mask",
+            maps=maps,
+            force=True,
+            source={
+                "command": "ensemblecam run",
+                "run": str(lay.root),
+                "folds": [f.name for f in folds],
+            },
+            progress=runner.progress,
+        )
 
-    runner.stage("export", out, stable_hash(["export", keys, cfg.run.export_maps]),
-                 lay.export_index.name, run)
+    runner.stage(
+        "export",
+        out,
+        stable_hash(["export", keys, cfg.run.export_maps]),
+        lay.export_index.name,
+        run,
+    )
 
 
 def load_run_config(path: str | Path) -> Config:
@@ -499,5 +649,3 @@ def load_run_config(path: str | Path) -> Config:
     if not config.is_file():
         raise InputError(f"{path}: not a run folder (no config.yaml); run `ensemblecam run`")
     return load_config(config)
-
-

@@ -57,7 +57,9 @@ __all__ = ["write_report"]
 
 
 def write_report(
-    run_dir: str | Path, out: str | Path | None = None, force: bool = False,
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    force: bool = False,
     n_cases: int = 3,
 ) -> Path:
     """Write the run's HTML report (default ``<run>/report/report.html``) and its PNGs.
@@ -84,6 +86,7 @@ def write_report(
     section_classifiers(page, run, folds)
     section_data(page, run)
     section_config(page, run)
-    fsutil.write_text(target, document(f"ensemblecam report: {run.path.resolve().name}",
-                                       SECTIONS, page.parts))
+    fsutil.write_text(
+        target, document(f"ensemblecam report: {run.path.resolve().name}", SECTIONS, page.parts)
+    )
     return target

@@ -78,8 +78,9 @@ def threshold_heatmap(
     v = np.asarray(values, dtype=np.float64)
     t = np.asarray(thresholds, dtype=np.float64)
     if v.size == 0 or v.shape[0] != t.size or any(s != t.size for s in v.shape):
-        raise InputError(f"threshold grid of {operator}: shape {v.shape} does not fit "
-                         f"{t.size} thresholds")
+        raise InputError(
+            f"threshold grid of {operator}: shape {v.shape} does not fit {t.size} thresholds"
+        )
     finite = np.where(np.isfinite(v), v, -np.inf)
     best = np.unravel_index(int(np.argmax(finite)), v.shape)
     head = title or f"{operator}: {objective}"
@@ -107,8 +108,15 @@ def threshold_heatmap(
         lo, hi = np.nanmin(v), np.nanmax(v)
         for (i, j), x in np.ndenumerate(v):
             light = np.isfinite(x) and hi > lo and (x - lo) / (hi - lo) < 0.55
-            ax.text(j, i, "-" if not np.isfinite(x) else f"{x * 100:.1f}", ha="center",
-                    va="center", fontsize=7, color="white" if light else "black")
+            ax.text(
+                j,
+                i,
+                "-" if not np.isfinite(x) else f"{x * 100:.1f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if light else "black",
+            )
     ax.add_patch(Rectangle((best[1] - 0.5, best[0] - 0.5), 1, 1, fill=False, ec="red", lw=2.5))
     labels = [f"{x:g}" for x in t]
     ax.set_xticks(range(n), labels, fontsize=7)
@@ -148,8 +156,9 @@ def bar_limits(ends: np.ndarray) -> tuple[float, float]:
     return 0.0, min(100.0, max(top + 5.0, 5.0))
 
 
-def case_box_plot(names: Sequence[str], values: Sequence[Sequence[float]], label: str,
-                  seed: int = 0) -> bytes:
+def case_box_plot(
+    names: Sequence[str], values: Sequence[Sequence[float]], label: str, seed: int = 0
+) -> bytes:
     """Per-case values of one metric per result row: a horizontal box (median, quartiles,
     whiskers at 1.5 IQR) with every case as a jittered dot (seeded); non-finite values are
     left out and the number of cases shown is given per row."""
@@ -162,17 +171,31 @@ def case_box_plot(names: Sequence[str], values: Sequence[Sequence[float]], label
     fig = Figure(figsize=(7, 0.8 + 0.4 * max(len(names), 1)))
     ax = fig.subplots()
     pos = np.arange(1, len(names) + 1)
-    horizontal = ({"orientation": "horizontal"}
-                  if "orientation" in inspect.signature(ax.boxplot).parameters
-                  else {"vert": False})
-    ax.boxplot([v if v.size else [np.nan] for v in vals], positions=pos, widths=0.6,
-               showfliers=False, **horizontal)
+    horizontal = (
+        {"orientation": "horizontal"}
+        if "orientation" in inspect.signature(ax.boxplot).parameters
+        else {"vert": False}
+    )
+    ax.boxplot(
+        [v if v.size else [np.nan] for v in vals],
+        positions=pos,
+        widths=0.6,
+        showfliers=False,
+        **horizontal,
+    )
     rng = np.random.default_rng(seed)
     for p, v in zip(pos, vals, strict=True):
-        ax.scatter(v, p + rng.uniform(-0.18, 0.18, v.size), s=9, alpha=0.6, color="#4c72b0",
-                   zorder=3)
-    ax.set_yticks(pos, [f"{n if len(n) <= 72 else n[:69] + '...'} (n={v.size})"
-                        for n, v in zip(names, vals, strict=True)], fontsize=8)
+        ax.scatter(
+            v, p + rng.uniform(-0.18, 0.18, v.size), s=9, alpha=0.6, color="#4c72b0", zorder=3
+        )
+    ax.set_yticks(
+        pos,
+        [
+            f"{n if len(n) <= 72 else n[:69] + '...'} (n={v.size})"
+            for n, v in zip(names, vals, strict=True)
+        ],
+        fontsize=8,
+    )
     ax.invert_yaxis()
     ax.set_xlabel(label)
     return figure_png(fig)
@@ -209,8 +232,14 @@ def gallery_figure(rows: Sequence[GalleryRow], title: str = "") -> bytes:
     note_lines = max((n.count("\n") + 1 for r in rows for n in r.notes.values()), default=0)
     gap = 0.15 * note_lines + 0.15  # inches under each row for the notes
     fig = Figure(figsize=(size * len(cols), (size + gap) * len(rows) + (0.4 if title else 0.1)))
-    axes = np.asarray(fig.subplots(len(rows), len(cols), squeeze=False,
-                                   gridspec_kw={"hspace": gap / size + 0.05, "wspace": 0.05}))
+    axes = np.asarray(
+        fig.subplots(
+            len(rows),
+            len(cols),
+            squeeze=False,
+            gridspec_kw={"hspace": gap / size + 0.05, "wspace": 0.05},
+        )
+    )
     red = ListedColormap(["red"])
     green = ListedColormap(["lime"])
     for i, row in enumerate(rows):
@@ -223,8 +252,7 @@ def gallery_figure(rows: Sequence[GalleryRow], title: str = "") -> bytes:
 
         def outline(ax: Any, gt: np.ndarray = gt) -> None:
             if gt.any() and not gt.all():
-                ax.contour(gt.astype(np.float32), levels=[0.5], colors="yellow",
-                           linewidths=0.8)
+                ax.contour(gt.astype(np.float32), levels=[0.5], colors="yellow", linewidths=0.8)
 
         for j, col in enumerate(cols):
             ax = axes[i, j]
@@ -240,8 +268,9 @@ def gallery_figure(rows: Sequence[GalleryRow], title: str = "") -> bytes:
                 ax.imshow(np.ma.masked_where(~gt, gt), cmap=green, alpha=0.5, vmin=0, vmax=1)
             elif col in row.maps:
                 base(ax)
-                ax.imshow(np.asarray(row.maps[col], np.float32), cmap="jet", alpha=0.5,
-                          vmin=0, vmax=1)
+                ax.imshow(
+                    np.asarray(row.maps[col], np.float32), cmap="jet", alpha=0.5, vmin=0, vmax=1
+                )
                 outline(ax)
             elif col in row.masks:
                 mk = np.asarray(row.masks[col], dtype=bool)

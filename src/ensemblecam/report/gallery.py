@@ -39,8 +39,9 @@ class _FoldGallery:
     masks: np.ndarray  # ... and the chosen configuration's masks there
 
 
-def _fold_case_scores(run: Run, fold: str, missing: list[str]
-                      ) -> tuple[list[_CaseScore], _FoldGallery] | None:
+def _fold_case_scores(
+    run: Run, fold: str, missing: list[str]
+) -> tuple[list[_CaseScore], _FoldGallery] | None:
     """Stored case Dice of the fold's chosen configuration on its evaluated lesion cases;
     None (the missing file named in ``missing``) when an output is absent."""
     store = run.store
@@ -51,13 +52,15 @@ def _fold_case_scores(run: Run, fold: str, missing: list[str]
     chosen = eval_masks(run, fold)
     listed = chosen_case_dice(run, fold, best)
     if chosen is None or listed is None:
-        missing.append(str(f.eval_masks if chosen is None
-                           else f.per_case(CHOSEN_SLUG)))
+        missing.append(str(f.eval_masks if chosen is None else f.per_case(CHOSEN_SLUG)))
         return None
     idx = chosen[0]
     cases = store.table["case"][idx]
-    out = [_CaseScore(fold, str(c), listed[c], idx[cases == c])
-           for c in dict.fromkeys(cases.tolist()) if c in listed]
+    out = [
+        _CaseScore(fold, str(c), listed[c], idx[cases == c])
+        for c in dict.fromkeys(cases.tolist())
+        if c in listed
+    ]
     return out, _FoldGallery(best, *chosen)
 
 
@@ -83,22 +86,29 @@ def _gallery_row(run: Run, score: _CaseScore, fg: _FoldGallery) -> GalleryRow:
     notes: dict[str, str] = {}
     for op, cfg in best_per_operator(f).items():
         if all(m in maps for m in cfg["members"]):
-            masks[op] = apply_config([maps[m] for m in cfg["members"]], cfg,
-                                     [probs[m] for m in cfg["members"]])[0]
+            masks[op] = apply_config(
+                [maps[m] for m in cfg["members"]], cfg, [probs[m] for m in cfg["members"]]
+            )[0]
             notes[op] = _config_note(cfg)
     masks["chosen ensemble"] = fg.masks[int(np.flatnonzero(fg.index == i)[0])]
     notes["chosen ensemble"] = f"{best.get('operator')}:\n{_config_note(best)}"
     return GalleryRow(
         title=f"{score.case} s{int(store.table['slice'][i])}\n{score.fold}, "
-              f"case Dice {100 * score.dice:.1f}",
-        image=np.asarray(store.images[i, 0], np.float32), gt=gt_all[k],
-        maps={m: dequantise(v[0]) for m, v in maps.items()}, masks=masks, notes=notes)
+        f"case Dice {100 * score.dice:.1f}",
+        image=np.asarray(store.images[i, 0], np.float32),
+        gt=gt_all[k],
+        maps={m: dequantise(v[0]) for m, v in maps.items()},
+        masks=masks,
+        notes=notes,
+    )
 
 
 def _config_note(cfg: dict[str, Any]) -> str:
     """One line per member, 'resnet18__gradcam > 0.7' (+ gate), for a gallery cell."""
-    lines = [f"{m} > {float(t):g}" for m, t in
-             zip(cfg.get("members", []), cfg.get("thresholds", []), strict=False)]
+    lines = [
+        f"{m} > {float(t):g}"
+        for m, t in zip(cfg.get("members", []), cfg.get("thresholds", []), strict=False)
+    ]
     if cfg.get("gate") is not None:
         lines.append(f"gate {float(cfg['gate']):g}")
     return "\n".join(lines)
@@ -116,33 +126,47 @@ def section_gallery(rep: Page, run: Run, folds: list[str], n_cases: int) -> None
         scores += got[0]
         chosen[fold] = got[1]
     if missing:
-        rep.p("Not in the gallery (the evaluation's output is missing, and the report does "
-              "not recompute it): " + ", ".join(missing) + ".", "note")
+        rep.p(
+            "Not in the gallery (the evaluation's output is missing, and the report does "
+            "not recompute it): " + ", ".join(missing) + ".",
+            "note",
+        )
     if not scores:
-        rep.p("No evaluated lesion case found (needs the store with masks, "
-              "fold*/search/best.json, fold*/eval/masks.npz and "
-              "fold*/eval/ensemble/per_case.csv).", "note")
+        rep.p(
+            "No evaluated lesion case found (needs the store with masks, "
+            "fold*/search/best.json, fold*/eval/masks.npz and "
+            "fold*/eval/ensemble/per_case.csv).",
+            "note",
+        )
         return
     order = sorted(scores, key=lambda s: (-s.dice, s.fold, s.case))
     n_best = min(n_cases, math.ceil(len(order) / 2))
     best_cases = order[:n_best]
     worst_cases = [s for s in order[::-1][:n_cases] if s not in best_cases]
-    rep.p(f"{len(order)} evaluated lesion cases ranked by the case Dice of their fold's "
-          "chosen configuration (as the evaluation stored it); each case is shown at its "
-          "slice with the largest lesion. "
-          "Columns: image (first channel), ground truth (green), each member's map (jet, "
-          "0 to 1), then in red each operator's best configuration in that case's fold "
-          "(chosen on the calibration part, applied to the slice's maps for this figure) "
-          "and the fold's chosen ensemble (its evaluated mask); yellow line: "
-          "ground truth. Under each mask: its members and thresholds, which differ per "
-          "fold. Row label: case, slice, fold and the case Dice (all evaluated slices of "
-          "the case, chosen ensemble).")
-    rep.p("Chosen ensemble per fold: " + "; ".join(
-        f"{f}: {describe_config(g.best)}" for f, g in chosen.items()) + ".")
+    rep.p(
+        f"{len(order)} evaluated lesion cases ranked by the case Dice of their fold's "
+        "chosen configuration (as the evaluation stored it); each case is shown at its "
+        "slice with the largest lesion. "
+        "Columns: image (first channel), ground truth (green), each member's map (jet, "
+        "0 to 1), then in red each operator's best configuration in that case's fold "
+        "(chosen on the calibration part, applied to the slice's maps for this figure) "
+        "and the fold's chosen ensemble (its evaluated mask); yellow line: "
+        "ground truth. Under each mask: its members and thresholds, which differ per "
+        "fold. Row label: case, slice, fold and the case Dice (all evaluated slices of "
+        "the case, chosen ensemble)."
+    )
+    rep.p(
+        "Chosen ensemble per fold: "
+        + "; ".join(f"{f}: {describe_config(g.best)}" for f, g in chosen.items())
+        + "."
+    )
     for label, sel in (("best", best_cases), ("worst", worst_cases)):
         if not sel:
             continue
         rows = [_gallery_row(run, s, chosen[s.fold]) for s in sel]
         cases = ", ".join(f"{s.case} ({s.fold}, case Dice {100 * s.dice:.1f})" for s in sel)
-        rep.figure(f"gallery_{label}.png", gallery_figure(rows, f"{label} cases"),
-                   f"{label.capitalize()} {len(rows)} case(s) by case Dice: {cases}")
+        rep.figure(
+            f"gallery_{label}.png",
+            gallery_figure(rows, f"{label} cases"),
+            f"{label.capitalize()} {len(rows)} case(s) by case Dice: {cases}",
+        )

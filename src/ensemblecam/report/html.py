@@ -97,15 +97,19 @@ class Page:
         data = base64.b64encode(png).decode("ascii")
         style = f' style="width:{int(width)}px"' if width else ""
         cap = f' style="max-width:{int(width)}px"' if width else ""
-        self.parts.append(f'<figure><a href="{esc(name)}" title="full size (the PNG beside '
-                          f'the report)"><img alt="{esc(caption)}"{style} '
-                          f'src="data:image/png;base64,{data}"></a>'
-                          f"<figcaption{cap}>{esc(caption)} ({esc(name)})</figcaption></figure>\n")
+        self.parts.append(
+            f'<figure><a href="{esc(name)}" title="full size (the PNG beside '
+            f'the report)"><img alt="{esc(caption)}"{style} '
+            f'src="data:image/png;base64,{data}"></a>'
+            f"<figcaption{cap}>{esc(caption)} ({esc(name)})</figcaption></figure>\n"
+        )
 
 
 def document(title: str, sections: Sequence[tuple[str, str]], parts: Sequence[str]) -> str:
     """The whole page: title, a navigation bar over ``sections`` (anchor, title), the parts."""
     nav = "".join(f'<a href="#{esc(k)}">{esc(t)}</a>' for k, t in sections)
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>\n"
-            f"<h1>{esc(title)}</h1>\n<nav>{nav}</nav>\n" + "".join(parts) + "</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>\n"
+        f"<h1>{esc(title)}</h1>\n<nav>{nav}</nav>\n" + "".join(parts) + "</body></html>\n"
+    )

@@ -25,19 +25,20 @@ class Reference:
     values: dict[str, tuple[float, float | None]]
 
 
-def _pm(miou: float, dsc: float, miou_sd: float | None = None, dsc_sd: float | None = None
-        ) -> dict[str, tuple[float, float | None]]:
+def _pm(
+    miou: float, dsc: float, miou_sd: float | None = None, dsc_sd: float | None = None
+) -> dict[str, tuple[float, float | None]]:
     return {"paper_miou": (miou, miou_sd), "paper_dsc": (dsc, dsc_sd)}
 
 
 #: Where each reference table comes from.
 REFERENCE_SOURCES: dict[str, str] = {
     "brats": "EnsembleCAM paper (Ostrowski, Prabakaran, Shafique), BraTS 2020, FLAIR/T1ce/T2: "
-             "Table 1 (means) and Table 3 (+- std over the 3 validation samples)",
+    "Table 1 (means) and Table 3 (+- std over the 3 validation samples)",
     "prostate": "EnsembleCAM paper (Ostrowski, Prabakaran, Shafique), MSD prostate (ADC): "
-                "Table 2 (means) and Table 4 (+- std over the 3 validation samples)",
+    "Table 2 (means) and Table 4 (+- std over the 3 validation samples)",
     "kits": "Thesis on weakly supervised kidney-tumour segmentation (KiTS21): Tables 4.3 "
-            "and 4.5, lesion IoU on correctly classified tumour slices of the test split",
+    "and 4.5, lesion IoU on correctly classified tumour slices of the test split",
 }
 
 #: Metrics the published figures are given in, per setting.
@@ -54,43 +55,64 @@ REFERENCE_FIGURES: dict[str, list[Reference]] = {
         Reference("Empty", {"kind": "empty"}, _pm(47.7, 64.6)),
         Reference("SEAM", None, _pm(39.0, 56.1, 6.3, 11.9)),
         Reference("WSS-CMER", None, _pm(42.6, 59.7, 6.3, 11.8)),
-        Reference("ResNet-34 Grad-CAM", {"kind": "single", "model": "resnet34", "method": _GC},
-                  _pm(50.7, 67.3)),
-        Reference("ResNet-50 Grad-CAM", {"kind": "single", "model": "resnet50", "method": _GC},
-                  _pm(52.1, 68.5)),
+        Reference(
+            "ResNet-34 Grad-CAM",
+            {"kind": "single", "model": "resnet34", "method": _GC},
+            _pm(50.7, 67.3),
+        ),
+        Reference(
+            "ResNet-50 Grad-CAM",
+            {"kind": "single", "model": "resnet50", "method": _GC},
+            _pm(52.1, 68.5),
+        ),
         Reference("Ensemble ResNet-34x50 'or'", {"operator": "or"}, _pm(51.3, 67.8)),
         Reference("Ensemble ResNet-34x50 '<'", {"operator": "min"}, _pm(51.9, 68.3)),
         Reference("Ensemble ResNet-34x50 '>'", {"operator": "max"}, _pm(52.2, 68.6)),
-        Reference("Ensemble ResNet-34x50 'and'", {"operator": "and"},
-                  _pm(54.2, 70.3, 0.8, 1.5)),
+        Reference("Ensemble ResNet-34x50 'and'", {"operator": "and"}, _pm(54.2, 70.3, 0.8, 1.5)),
         Reference("Fully supervised (FSSS)", {"kind": "unet"}, _pm(69.2, 81.8)),
     ],
     "prostate": [
         Reference("Empty", {"kind": "empty"}, _pm(48.7, 65.5)),
         Reference("SEAM", None, _pm(49.1, 65.9, 7.2, 13.35)),
         Reference("WSS-CMER", None, _pm(55.4, 71.3, 7.9, 14.6)),
-        Reference("ResNet-34 Grad-CAM", {"kind": "single", "model": "resnet34", "method": _GC},
-                  _pm(63.8, 78.0)),
-        Reference("ResNet-50 Grad-CAM", {"kind": "single", "model": "resnet50", "method": _GC},
-                  _pm(61.4, 76.1)),
+        Reference(
+            "ResNet-34 Grad-CAM",
+            {"kind": "single", "model": "resnet34", "method": _GC},
+            _pm(63.8, 78.0),
+        ),
+        Reference(
+            "ResNet-50 Grad-CAM",
+            {"kind": "single", "model": "resnet50", "method": _GC},
+            _pm(61.4, 76.1),
+        ),
         Reference("Ensemble ResNet-34x50 'or'", {"operator": "or"}, _pm(63.0, 77.3)),
         Reference("Ensemble ResNet-34x50 '<'", {"operator": "min"}, _pm(63.5, 77.7)),
         Reference("Ensemble ResNet-34x50 '>'", {"operator": "max"}, _pm(64.4, 78.4)),
-        Reference("Ensemble ResNet-34x50 'and'", {"operator": "and"},
-                  _pm(65.7, 79.3, 1.6, 3.1)),
+        Reference("Ensemble ResNet-34x50 'and'", {"operator": "and"}, _pm(65.7, 79.3, 1.6, 3.1)),
         Reference("Fully supervised (FSSS)", {"kind": "unet"}, _pm(76.7, 86.8)),
     ],
     "kits": [
-        Reference("Grad-CAM (ResNet-101)", {"kind": "single", "method": "gradcam"},
-                  {"slice_iou_correct_mean": (31.6, None)}),
-        Reference("Grad-CAM++", {"kind": "single", "method": "gradcampp"},
-                  {"slice_iou_correct_mean": (25.1, None)}),
-        Reference("Smooth Grad-CAM++", {"kind": "single", "method": "smoothgradcampp"},
-                  {"slice_iou_correct_mean": (25.1, None)}),
-        Reference("Score-CAM", {"kind": "single", "method": "scorecam"},
-                  {"slice_iou_correct_mean": (32.3, None)}),
-        Reference("U-Net (supervised)", {"kind": "unet"},
-                  {"slice_iou_correct_mean": (54.2, None)}),
+        Reference(
+            "Grad-CAM (ResNet-101)",
+            {"kind": "single", "method": "gradcam"},
+            {"slice_iou_correct_mean": (31.6, None)},
+        ),
+        Reference(
+            "Grad-CAM++",
+            {"kind": "single", "method": "gradcampp"},
+            {"slice_iou_correct_mean": (25.1, None)},
+        ),
+        Reference(
+            "Smooth Grad-CAM++",
+            {"kind": "single", "method": "smoothgradcampp"},
+            {"slice_iou_correct_mean": (25.1, None)},
+        ),
+        Reference(
+            "Score-CAM",
+            {"kind": "single", "method": "scorecam"},
+            {"slice_iou_correct_mean": (32.3, None)},
+        ),
+        Reference("U-Net (supervised)", {"kind": "unet"}, {"slice_iou_correct_mean": (54.2, None)}),
     ],
 }
 
@@ -185,13 +207,24 @@ def reference_setting(prepare: dict[str, Any], phantom: bool | None) -> tuple[st
     elif layout == "kits":
         key = "kits"
     if key is None:
-        return None, (f"layout {layout or '?'} with channels {','.join(mods) or '?'} matches "
-                      "none of the seeds' settings, so no published figure is comparable.")
+        return None, (
+            f"layout {layout or '?'} with channels {','.join(mods) or '?'} matches "
+            "none of the seeds' settings, so no published figure is comparable."
+        )
     if phantom:
-        return None, ("The data is the synthetic phantom (ensemblecam synth), not the real "
-                      f"{key} data: its numbers are NOT comparable to the seeds' published "
-                      "figures, which are listed below for orientation only.")
-    note = "" if phantom is False else (" (the data folder could not be checked; the "
-                                        "comparison assumes it holds the real data)")
-    return key, (f"The store's settings (layout {layout}, channels {','.join(mods)}) match "
-                 f"the seeds' setting for {key}: published figures are shown beside ours{note}.")
+        return None, (
+            "The data is the synthetic phantom (ensemblecam synth), not the real "
+            f"{key} data: its numbers are NOT comparable to the seeds' published "
+            "figures, which are listed below for orientation only."
+        )
+    note = (
+        ""
+        if phantom is False
+        else (
+            " (the data folder could not be checked; the comparison assumes it holds the real data)"
+        )
+    )
+    return key, (
+        f"The store's settings (layout {layout}, channels {','.join(mods)}) match "
+        f"the seeds' setting for {key}: published figures are shown beside ours{note}."
+    )

@@ -41,8 +41,9 @@ def open_run(run_dir: str | Path) -> Run:
         raise InputError(f"{path}: not an ensemblecam run folder (no run.json or config.yaml)")
     res_path = lay.results_json
     if not res_path.is_file():
-        raise InputError(f"{res_path}: results.json not found; finish the run first "
-                         "(ensemblecam run)")
+        raise InputError(
+            f"{res_path}: results.json not found; finish the run first (ensemblecam run)"
+        )
     results = fsutil.read_json(res_path, "results file")
     if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:
         raise InputError(f"{res_path}: not an ensemblecam results file")
@@ -89,9 +90,12 @@ def best_per_operator(fold: FoldLayout) -> dict[str, dict[str, Any]]:
             if op in ("", "single") or op in out:
                 continue
             try:
-                out[op] = {"operator": op, "members": row["members"].split("+"),
-                           "thresholds": [float(t) for t in row["thresholds"].split("+")],
-                           "gate": float(row["gate"]) if row.get("gate") else None}
+                out[op] = {
+                    "operator": op,
+                    "members": row["members"].split("+"),
+                    "thresholds": [float(t) for t in row["thresholds"].split("+")],
+                    "gate": float(row["gate"]) if row.get("gate") else None,
+                }
             except (KeyError, ValueError) as exc:
                 raise InputError(f"{path}: malformed row ({exc})") from exc
     return out
@@ -159,11 +163,15 @@ def chosen_case_dice(run: Run, fold: str, best: dict[str, Any]) -> dict[str, flo
     rows = sorted(p for p in f.eval.iterdir() if p.is_dir())
     for d in rows:
         path = f.per_case(d.name)
-        if path.is_file() and (d.name.startswith(CHOSEN_SLUG)
-                               or _same_config(_config_of(f.eval_metrics(d.name)), best)):
+        if path.is_file() and (
+            d.name.startswith(CHOSEN_SLUG) or _same_config(_config_of(f.eval_metrics(d.name)), best)
+        ):
             try:
-                return {r["case"]: float(r["dice"]) for r in read_csv(path)
-                        if int(r["tp"]) + int(r["fn"]) > 0}
+                return {
+                    r["case"]: float(r["dice"])
+                    for r in read_csv(path)
+                    if int(r["tp"]) + int(r["fn"]) > 0
+                }
             except (KeyError, ValueError) as exc:
                 raise InputError(f"{path}: malformed ({exc})") from exc
     return None

@@ -57,23 +57,37 @@ def _run_facts(run: Run, folds: list[str], objective: str) -> list[tuple[str, st
     phantom = is_phantom(prep, run.run_json)
     if store is not None:
         n_pos = int(store.labels.sum())
-        what = ("synthetic phantom (ensemblecam synth)" if phantom
-                else f"{prep.get('layout', '?')} data")
-        facts.append(("data", f"{what} from {prep.get('data', '?')}: {len(store.case_names)} "
-                              f"cases, {store.n_slices} slices ({n_pos} with lesion), channels "
-                              f"{', '.join(store.channels)}, {' x '.join(map(str, store.size))} "
-                              "pixels"))
+        what = (
+            "synthetic phantom (ensemblecam synth)"
+            if phantom
+            else f"{prep.get('layout', '?')} data"
+        )
+        facts.append(
+            (
+                "data",
+                f"{what} from {prep.get('data', '?')}: {len(store.case_names)} "
+                f"cases, {store.n_slices} slices ({n_pos} with lesion), channels "
+                f"{', '.join(store.channels)}, {' x '.join(map(str, store.size))} "
+                "pixels",
+            )
+        )
     else:
         facts.append(("data", f"slice store not available ({run.store_error})"))
     split = cfg.get("split") or {}
     scheme = f" ({split.get('scheme')})" if split.get("scheme") else ""
-    facts.append(("folds", f"{len(folds)}{scheme}: {', '.join(folds)}; calibration part "
-                           f"{(cfg.get('run') or {}).get('calibration_part', '?')}, evaluated "
-                           f"part {(cfg.get('run') or {}).get('eval_part', '?')} (held out)"))
+    facts.append(
+        (
+            "folds",
+            f"{len(folds)}{scheme}: {', '.join(folds)}; calibration part "
+            f"{(cfg.get('run') or {}).get('calibration_part', '?')}, evaluated "
+            f"part {(cfg.get('run') or {}).get('eval_part', '?')} (held out)",
+        )
+    )
     models = [str(m) for m in (cfg.get("run") or {}).get("models") or []]
     if not models:
-        models = sorted({p.name for f in folds for p in run.layout.fold(f).models.glob("*")
-                         if p.is_dir()})
+        models = sorted(
+            {p.name for f in folds for p in run.layout.fold(f).models.glob("*") if p.is_dir()}
+        )
     facts.append(("classifiers", ", ".join(models) or "?"))
     best0 = next((b for b in (best_json(run, f) for f in folds) if b), None) or {}
     search = best0.get("search") or {}
@@ -82,13 +96,24 @@ def _run_facts(run: Run, folds: list[str], objective: str) -> list[tuple[str, st
     cam = cfg.get("cam") or {}
     methods = methods or [str(m) for m in cam.get("methods") or []]
     layer = f" at {cam['layer']}" if cam.get("layer") else ""
-    facts.append(("CAM methods", (", ".join(methods) or "?") + layer
-                  + (f" ({len(members)} ensemble members)" if members else "")))
+    facts.append(
+        (
+            "CAM methods",
+            (", ".join(methods) or "?")
+            + layer
+            + (f" ({len(members)} ensemble members)" if members else ""),
+        )
+    )
     ops = search.get("operators") or (cfg.get("search") or {}).get("operators") or []
     grid = search.get("grid") or (cfg.get("search") or {}).get("grid")
-    facts.append(("search", f"operators {', '.join(map(str, ops)) or '?'}, threshold grid "
-                            f"{grid or '?'}, up to {search.get('max_members', '?')} members, "
-                            f"chosen by {objective} on the calibration part"))
+    facts.append(
+        (
+            "search",
+            f"operators {', '.join(map(str, ops)) or '?'}, threshold grid "
+            f"{grid or '?'}, up to {search.get('max_members', '?')} members, "
+            f"chosen by {objective} on the calibration part",
+        )
+    )
     return facts
 
 
@@ -98,44 +123,67 @@ def _headline(rep: Page, run: Run, folds: list[str], objective: str) -> None:
     rows: list[dict[str, Any]] = res["rows"]
     chosen = [r for k in _SUMMARY_KINDS for r in rows if r.get("kind") == k]
     names = [str(n) for n in res.get("metric_names") or []] or list(
-        dict.fromkeys(k for r in rows for k in (r.get("mean") or {})))
+        dict.fromkeys(k for r in rows for k in (r.get("mean") or {}))
+    )
     metrics = [m for m in SUMMARY_METRICS if m in names]
     if chosen and metrics:
         rep.add(f"<h3>Headline (mean ± std over {len(folds)} folds, %)</h3>\n")
-        rep.add(html_table(["result", *metrics],
-                           [[r["name"], *(format_metric(m, (r.get("mean") or {}).get(m),
-                                                        (r.get("std") or {}).get(m))
-                                          for m in metrics)] for r in chosen], "headline"))
+        rep.add(
+            html_table(
+                ["result", *metrics],
+                [
+                    [
+                        r["name"],
+                        *(
+                            format_metric(
+                                m, (r.get("mean") or {}).get(m), (r.get("std") or {}).get(m)
+                            )
+                            for m in metrics
+                        ),
+                    ]
+                    for r in chosen
+                ],
+                "headline",
+            )
+        )
         ens = next((r for r in chosen if r.get("kind") == "ensemble"), None)
         empty = next((r for r in chosen if r.get("kind") == "empty"), None)
         unet = next((r for r in chosen if r.get("kind") == "unet"), None)
         if ens is not None:
             e = num((ens.get("mean") or {}).get(objective))
-            parts = [f"On held-out data the chosen ensemble reaches {objective} "
-                     f"{format_metric(objective, e, (ens.get('std') or {}).get(objective))}"]
+            parts = [
+                f"On held-out data the chosen ensemble reaches {objective} "
+                f"{format_metric(objective, e, (ens.get('std') or {}).get(objective))}"
+            ]
             for other, label in ((empty, "the Empty baseline"), (unet, "the supervised U-Net")):
                 if other is None:
                     continue
                 o = num((other.get("mean") or {}).get(objective))
                 if math.isfinite(e) and math.isfinite(o):
                     d = 100 * (e - o)
-                    parts.append(f"{abs(d):.1f} points {'above' if d >= 0 else 'below'} "
-                                 f"{label} ({format_metric(objective, o)})")
+                    parts.append(
+                        f"{abs(d):.1f} points {'above' if d >= 0 else 'below'} "
+                        f"{label} ({format_metric(objective, o)})"
+                    )
             rep.p("; ".join(parts) + ".")
             _other_headline_metrics(rep, ens, empty, [m for m in metrics if m != objective])
         if empty is not None:
             _not_better_than_empty(rep, rows, empty, metrics)
         if ens is not None and folds:
-            rep.p("Chosen configuration per fold: " + "; ".join(
-                f"{f}: {row_config_text(ens, f)}" for f in folds) + ".")
+            rep.p(
+                "Chosen configuration per fold: "
+                + "; ".join(f"{f}: {row_config_text(ens, f)}" for f in folds)
+                + "."
+            )
 
 
 def _mean(row: dict[str, Any], metric: str) -> float:
     return num((row.get("mean") or {}).get(metric))
 
 
-def _other_headline_metrics(rep: Page, ens: dict[str, Any], empty: dict[str, Any] | None,
-                            metrics: list[str]) -> None:
+def _other_headline_metrics(
+    rep: Page, ens: dict[str, Any], empty: dict[str, Any] | None, metrics: list[str]
+) -> None:
     """The chosen ensemble in the other summary metrics (lesion Dice, case Dice ...), each
     beside the Empty prediction's value."""
     parts = []
@@ -145,34 +193,49 @@ def _other_headline_metrics(rep: Page, ens: dict[str, Any], empty: dict[str, Any
             text += f" (Empty: {format_metric(m, _mean(empty, m))})"
         parts.append(text)
     if parts:
-        rep.p("In the other headline metrics the chosen ensemble reaches " + "; ".join(parts)
-              + ".")
+        rep.p("In the other headline metrics the chosen ensemble reaches " + "; ".join(parts) + ".")
 
 
-def _not_better_than_empty(rep: Page, rows: list[dict[str, Any]], empty: dict[str, Any],
-                           metrics: list[str]) -> None:
+def _not_better_than_empty(
+    rep: Page, rows: list[dict[str, Any]], empty: dict[str, Any], metrics: list[str]
+) -> None:
     """Name, per summary metric, every result row whose mean is not above the Empty
     prediction's (all background), so no row is read as a gain it does not make."""
     for m in metrics:
         base = _mean(empty, m)
         if not math.isfinite(base):
             continue
-        names = [str(r["name"]) for r in rows if r is not empty and r.get("kind") != "empty"
-                 and math.isfinite(_mean(r, m)) and _mean(r, m) <= base]
+        names = [
+            str(r["name"])
+            for r in rows
+            if r is not empty
+            and r.get("kind") != "empty"
+            and math.isfinite(_mean(r, m))
+            and _mean(r, m) <= base
+        ]
         if names:
-            rep.p(f"Not better than Empty (all background, {format_metric(m, base)}) in {m}: "
-                  + ", ".join(names) + ".", "note")
+            rep.p(
+                f"Not better than Empty (all background, {format_metric(m, base)}) in {m}: "
+                + ", ".join(names)
+                + ".",
+                "note",
+            )
 
 
 def _where(rep: Page, run: Run) -> None:
     """Where the run's outputs are."""
     store = run.store
-    where = [("run folder", str(run.path.resolve())),
-             ("results", "results.json, results.csv"),
-             ("per fold", "fold*/models (classifiers), fold*/maps (CAMs), fold*/search "
-                          "(threshold grids, ranking), fold*/eval/<row> (metrics.json, "
-                          "per_case.csv, per_slice.csv; rows: ensemble, op_<operator>, "
-                          "single_<member>, unet)")]
+    where = [
+        ("run folder", str(run.path.resolve())),
+        ("results", "results.json, results.csv"),
+        (
+            "per fold",
+            "fold*/models (classifiers), fold*/maps (CAMs), fold*/search "
+            "(threshold grids, ranking), fold*/eval/<row> (metrics.json, "
+            "per_case.csv, per_slice.csv; rows: ensemble, op_<operator>, "
+            "single_<member>, unet)",
+        ),
+    ]
     if store is not None:
         where.append(("slice store", str(Path(store.path).resolve())))
     sp = splits_path(run)
@@ -190,8 +253,10 @@ def section_config(rep: Page, run: Run) -> None:
     rep.h2("configuration", "Configuration")
     rep.p(f"Run folder: {run.path.resolve()}")
     if run.config_text is not None:
-        rep.add(f"<details><summary>config.yaml ({len(run.config_text.splitlines())} lines, "
-                f"click to open)</summary><pre>{esc(run.config_text)}</pre></details>\n")
+        rep.add(
+            f"<details><summary>config.yaml ({len(run.config_text.splitlines())} lines, "
+            f"click to open)</summary><pre>{esc(run.config_text)}</pre></details>\n"
+        )
     else:
         rep.p("config.yaml: not found in the run folder.", "note")
     if not run.run_json:
@@ -226,17 +291,25 @@ def section_data(rep: Page, run: Run) -> None:
     case_col = store.table["case"]
     pos_cases = {str(c) for c in case_col[labels > 0]}
     prep = store.manifest.get("prepare", {}) or {}
-    rows = [("cases", len(cases)), ("lesion cases", len(pos_cases)),
-            ("slices", store.n_slices), ("positive (lesion) slices", int(labels.sum())),
-            ("negative slices", int((labels == 0).sum())),
-            ("channels", ", ".join(store.channels)),
-            ("slice size", " x ".join(map(str, store.size)))]
+    rows = [
+        ("cases", len(cases)),
+        ("lesion cases", len(pos_cases)),
+        ("slices", store.n_slices),
+        ("positive (lesion) slices", int(labels.sum())),
+        ("negative slices", int((labels == 0).sum())),
+        ("channels", ", ".join(store.channels)),
+        ("slice size", " x ".join(map(str, store.size))),
+    ]
     rows += [(f"prepare.{k}", v) for k, v in flatten(prep)]
     rep.add('<div class="grid">\n<div>\n' + html_table(["", "value"], rows, "facts") + "</div>\n")
     frac = store.table["lesion_fraction"].astype(np.float64)
     rep.add("<div>\n")
-    rep.figure("lesion_fraction_histogram.png", lesion_fraction_histogram(frac),
-               "Lesion share of the slice, lesion slices only (as the thesis's Fig. 3.4)", 560)
+    rep.figure(
+        "lesion_fraction_histogram.png",
+        lesion_fraction_histogram(frac),
+        "Lesion share of the slice, lesion slices only (as the thesis's Fig. 3.4)",
+        560,
+    )
     rep.add("</div>\n</div>\n")
     split_path = splits_path(run)
     if split_path is not None:
@@ -271,38 +344,65 @@ def section_classifiers(rep: Page, run: Run, folds: list[str]) -> None:
     if not per_model:
         rep.p("No classifier training runs found (fold*/models/*/train.json).", "note")
         return
-    rep.p("Validation metrics of each classifier at its best epoch (%, slice called "
-          "positive at the run's classifier threshold); acc = accuracy, prec = precision, "
-          "rec = recall; the bold line is the mean ± std over folds.")
+    rep.p(
+        "Validation metrics of each classifier at its best epoch (%, slice called "
+        "positive at the run's classifier threshold); acc = accuracy, prec = precision, "
+        "rec = recall; the bold line is the mean ± std over folds."
+    )
     body = []
     for model, entries in per_model.items():
         for fold, info, best in entries:
-            body.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in (
-                model, fold, info.get("best_epoch", "?"),
-                *(fmt_pct(best.get(k)) for k in _CLS_KEYS),
-                f"{info.get('n_train', '?')} / {info.get('n_val', '?')}")) + "</tr>")
+            body.append(
+                "<tr>"
+                + "".join(
+                    f"<td>{esc(c)}</td>"
+                    for c in (
+                        model,
+                        fold,
+                        info.get("best_epoch", "?"),
+                        *(fmt_pct(best.get(k)) for k in _CLS_KEYS),
+                        f"{info.get('n_train', '?')} / {info.get('n_val', '?')}",
+                    )
+                )
+                + "</tr>"
+            )
         vals = [np.array([num(b.get(k)) for _, _, b in entries]) for k in _CLS_KEYS]
-        cells = [fmt_pct(np.nanmean(v), np.nanstd(v)) if np.isfinite(v).any() else "–"
-                 for v in vals]
-        body.append('<tr class="mean">' + "".join(f"<td>{esc(c)}</td>" for c in (
-            model, f"mean of {len(entries)}", "", *cells, "")) + "</tr>")
-    head = "".join(f"<th>{esc(h)}</th>" for h in ("model", "fold", "best epoch", *_CLS_HEAD,
-                                                  "train / val slices"))
-    rep.add(f'<table class="cls"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}'
-            "</tbody></table>\n")
+        cells = [
+            fmt_pct(np.nanmean(v), np.nanstd(v)) if np.isfinite(v).any() else "–" for v in vals
+        ]
+        body.append(
+            '<tr class="mean">'
+            + "".join(
+                f"<td>{esc(c)}</td>" for c in (model, f"mean of {len(entries)}", "", *cells, "")
+            )
+            + "</tr>"
+        )
+    head = "".join(
+        f"<th>{esc(h)}</th>"
+        for h in ("model", "fold", "best epoch", *_CLS_HEAD, "train / val slices")
+    )
+    rep.add(
+        f'<table class="cls"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>\n'
+    )
     unet = _unet_figures(run, folds)
     if unet:
         figures["U-Net (supervised, segmentation loss)"] = unet
-    rep.p("Learning curves (loss; validation AUROC and F1, dotted line: best epoch) and "
-          "validation confusion matrices at the best epoch: one row per model, folds side "
-          "by side. Full-size PNGs are beside the report.")
+    rep.p(
+        "Learning curves (loss; validation AUROC and F1, dotted line: best epoch) and "
+        "validation confusion matrices at the best epoch: one row per model, folds side "
+        "by side. Full-size PNGs are beside the report."
+    )
     if missing:
-        rep.p("Not written by the train stage (the report draws no figure of its own): "
-              + ", ".join(missing) + ".", "note")
+        rep.p(
+            "Not written by the train stage (the report draws no figure of its own): "
+            + ", ".join(missing)
+            + ".",
+            "note",
+        )
     for model, per_fold in figures.items():
         if not any(per_fold.values()):
             continue
-        rep.add(f"<h3>{esc(model)}</h3>\n<div class=\"grid\">\n")
+        rep.add(f'<h3>{esc(model)}</h3>\n<div class="grid">\n')
         for figs in per_fold.values():
             rep.add('<div class="fold">\n')
             for name, png, caption in figs:
@@ -320,8 +420,9 @@ def _unet_figures(run: Run, folds: list[str]) -> dict[str, list[tuple[str, bytes
             png = src.read_bytes()
             safe = re.sub(r"[^\w.-]", "_", fold)
             if png.startswith(b"\x89PNG"):
-                out[fold] = [(f"{safe}_unet_learning_curve.png", png,
-                              f"U-Net {fold}: learning curve")]
+                out[fold] = [
+                    (f"{safe}_unet_learning_curve.png", png, f"U-Net {fold}: learning curve")
+                ]
     return out
 
 
@@ -339,8 +440,7 @@ def _train_run(f: FoldLayout, tag: str) -> tuple[dict[str, Any], dict[str, Any]]
     return info, best
 
 
-def _train_figures(f: FoldLayout, tag: str, missing: list[str]
-                   ) -> list[tuple[str, bytes, str]]:
+def _train_figures(f: FoldLayout, tag: str, missing: list[str]) -> list[tuple[str, bytes, str]]:
     """Learning curve and confusion matrix PNGs the train stage wrote (name, bytes,
     caption); the path of each one absent is appended to ``missing``."""
     out = []
@@ -355,6 +455,12 @@ def _train_figures(f: FoldLayout, tag: str, missing: list[str]
 
 
 #: Section anchors and titles, in the report's order.
-SECTIONS = (("summary", "Summary"), ("results", "Results"), ("thresholds", "Thresholds"),
-            ("gallery", "Gallery"), ("classifiers", "Classifiers"), ("data", "Data"),
-            ("configuration", "Configuration"))
+SECTIONS = (
+    ("summary", "Summary"),
+    ("results", "Results"),
+    ("thresholds", "Thresholds"),
+    ("gallery", "Gallery"),
+    ("classifiers", "Classifiers"),
+    ("data", "Data"),
+    ("configuration", "Configuration"),
+)

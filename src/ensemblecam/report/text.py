@@ -6,40 +6,40 @@ import math
 from typing import Any
 
 
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float; None for missing, non-numeric, NaN or infinite values."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
 def fmt_pct(mean: Any, std: Any = None) -> str:
-    try:
-        m = float(mean)
-    except (TypeError, ValueError):
+    """'54.2 ± 0.8': a fraction (and its std) in percent with one decimal; '–' if undefined."""
+    m, s = _finite(mean), _finite(std)
+    if m is None:
         return "–"
-    if not math.isfinite(m):
-        return "–"
-    out = f"{100 * m:.1f}"
-    try:
-        s = float(std)
-    except (TypeError, ValueError):
-        return out
-    return out + (f" ± {100 * s:.1f}" if math.isfinite(s) else "")
+    return f"{100 * m:.1f}" if s is None else f"{100 * m:.1f} ± {100 * s:.1f}"
 
 
 def _fmt_num(mean: Any, std: Any = None) -> str:
-    try:
-        m = float(mean)
-    except (TypeError, ValueError):
-        return "–"
-    if not math.isfinite(m):
+    """'7.56 ± 1.2': a count or distance with 4 (std 3) significant digits; '–' if undefined."""
+    m, s = _finite(mean), _finite(std)
+    if m is None:
         return "–"
     out = f"{m:.4g}" if abs(m) < 1e4 else f"{m:.0f}"
-    try:
-        s = float(std)
-    except (TypeError, ValueError):
-        return out
-    return out + (f" ± {s:.3g}" if math.isfinite(s) else "")
+    return out if s is None else f"{out} ± {s:.3g}"
 
 
 def is_fraction_metric(name: str) -> bool:
     """Metrics shown as percentages (everything except counts and distances)."""
-    return not (name.startswith("n_") or "hd95" in name or "undefined" in name
-                or name in ("tp", "fp", "fn", "tn"))
+    return not (
+        name.startswith("n_")
+        or "hd95" in name
+        or "undefined" in name
+        or name in ("tp", "fp", "fn", "tn")
+    )
 
 
 def format_metric(name: str, mean: Any, std: Any = None) -> str:
@@ -50,8 +50,10 @@ def format_metric(name: str, mean: Any, std: Any = None) -> str:
 def describe_config(cfg: dict[str, Any]) -> str:
     """'and: resnet18__layercam > 0.4, resnet34__gradcam > 0.3' (+ gate): each member's
     mask is map > threshold, combined by the operator."""
-    pairs = [f"{m} > {float(t):g}" for m, t in
-             zip(cfg.get("members", []), cfg.get("thresholds", []), strict=False)]
+    pairs = [
+        f"{m} > {float(t):g}"
+        for m, t in zip(cfg.get("members", []), cfg.get("thresholds", []), strict=False)
+    ]
     text = f"{cfg.get('operator')}: " + ", ".join(pairs)
     gate = cfg.get("gate")
     return text + (f", classifier gate {float(gate):g}" if gate is not None else "")

@@ -148,8 +148,9 @@ def plan_cam(cfg: CamConfig) -> CamPlan:
         check_fit(Path(ck), info, store)
         target, n_cls = _target(cfg.target), int(info["model_args"].get("num_classes", 2))
         if isinstance(target, int) and not 0 <= target < n_cls:
-            raise InputError(f"--target {cfg.target}: {ck} has {n_cls} classes "
-                             f"(indices 0..{n_cls - 1})")
+            raise InputError(
+                f"--target {cfg.target}: {ck} has {n_cls} classes (indices 0..{n_cls - 1})"
+            )
         layers.append(choose_layer(model, info, shape, cfg.layer))
         paths = []
         for method in dict.fromkeys(cfg.methods):
@@ -280,8 +281,15 @@ def _run(fabric: Any, plan: CamPlan, progress: bool | None, stop_after: int | No
 
 
 def _commit_member(
-    plan: CamPlan, k: int, path: Path, method: str, rec: dict[str, Any], info: dict[str, Any],
-    store: SliceStore, n_batches: int, map_dtype: str,
+    plan: CamPlan,
+    k: int,
+    path: Path,
+    method: str,
+    rec: dict[str, Any],
+    info: dict[str, Any],
+    store: SliceStore,
+    n_batches: int,
+    map_dtype: str,
 ) -> None:
     """Rank 0: check every batch of member ``path`` is written, add index.npy and
     meta.json (last), rename ``.<member>.partial`` to the member."""

@@ -74,31 +74,46 @@ def evaluate_arrays(
     if n == 0:
         raise InputError("empty evaluation set: no slices to score")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("tp", "fp", "fn", "tn")}
-    for start in tqdm(range(0, n, chunk), desc="evaluate", unit="chunk",
-                      disable=None if progress is None else not progress):
+    for start in tqdm(
+        range(0, n, chunk),
+        desc="evaluate",
+        unit="chunk",
+        disable=None if progress is None else not progress,
+    ):
         stop = min(start + chunk, n)
         gt = gts.read(start, stop).astype(bool)
         mp = [s.read(start, stop) for s in srcs]
         for i, a in enumerate(mp):
             if a.shape != gt.shape:
-                raise InputError(f"member {config['members'][i] if 'members' in config else i}:"
-                                 f" maps of shape {a.shape[1:]} but masks of shape {gt.shape[1:]}")
+                raise InputError(
+                    f"member {config['members'][i] if 'members' in config else i}:"
+                    f" maps of shape {a.shape[1:]} but masks of shape {gt.shape[1:]}"
+                )
         pr = None if probs is None else [np.asarray(p)[start:stop] for p in probs]
         pred = apply_config(mp, config, pr)
         for k, v in zip(("tp", "fp", "fn", "tn"), slice_counts(pred, gt), strict=True):
             parts[k].append(v)
     per = {k: np.concatenate(v) for k, v in parts.items()}
     p = None if probs is None else gate_probs(probs)
-    res = score(per["tp"], per["fp"], per["fn"], per["tn"], case_ids, p,
-                min_lesion_fraction, classifier_threshold)
+    res = score(
+        per["tp"],
+        per["fp"],
+        per["fn"],
+        per["tn"],
+        case_ids,
+        p,
+        min_lesion_fraction,
+        classifier_threshold,
+    )
     if p is not None and labels is not None:
         res["classifier"] = classifier_metrics(labels, p, classifier_threshold)
     empty = empty_baseline(per, case_ids, min_lesion_fraction, classifier_threshold)
     return {"config": config, "metrics": res, "empty_baseline": empty}, per
 
 
-def case_hd95(pred_volume: np.ndarray, gt_volume: np.ndarray,
-              spacing: Sequence[float] | None = None) -> float:
+def case_hd95(
+    pred_volume: np.ndarray, gt_volume: np.ndarray, spacing: Sequence[float] | None = None
+) -> float:
     """HD95 of one case's stacked slices (see metrics.hd95)."""
     return metrics.hd95(pred_volume, gt_volume, spacing)
 
@@ -108,8 +123,9 @@ N_BOOT = 2000
 BOOT_SEED = 0
 
 
-def _volume_columns(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
-                    nsd_tolerance_mm: float) -> dict[str, Any]:
+def _volume_columns(
+    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], nsd_tolerance_mm: float
+) -> dict[str, Any]:
     """case_row without the columns per_case.csv already has from the slice counts."""
     row = case_row(pred, gt, spacing, nsd_tolerance_mm)
     return {k: v for k, v in row.items() if k != "dice"}
@@ -127,9 +143,13 @@ def case_file(kind: str) -> str:
     return "per_case_empty.csv" if kind == "empty" else "per_case.csv"
 
 
-def add_case_statistics(results: dict[str, Any], fold_results: dict[str, dict[str, Any]],
-                        root: Path, n_boot: int = N_BOOT, seed: int = BOOT_SEED
-                        ) -> dict[str, Any]:
+def add_case_statistics(
+    results: dict[str, Any],
+    fold_results: dict[str, dict[str, Any]],
+    root: Path,
+    n_boot: int = N_BOOT,
+    seed: int = BOOT_SEED,
+) -> dict[str, Any]:
     """Add per-case statistics to ``results`` (the run's results table) and return it.
 
     ``fold_results[fold]`` = {"dir": fold folder, "rows": [{"name", "kind", "slug"}...]};
@@ -155,13 +175,17 @@ def add_case_statistics(results: dict[str, Any], fold_results: dict[str, dict[st
             with open(path, newline="") as fh:
                 for r in csv.DictReader(fh):
                     values.setdefault(key, {})[(fold, r["case"])] = {
-                        m: _csv_float(r.get(m)) for m in STAT_METRICS}
+                        m: _csv_float(r.get(m)) for m in STAT_METRICS
+                    }
     rows = results["rows"]
     chosen = next((r for r in rows if r["kind"] == "ensemble"), None)
     ckey = None if chosen is None else (chosen["kind"], chosen["name"])
     objective = results.get("objective", "paper_miou")
-    singles = [r for r in rows if r["kind"] == "single"
-               and (r.get("mean") or {}).get(objective) is not None]
+    singles = [
+        r
+        for r in rows
+        if r["kind"] == "single" and (r.get("mean") or {}).get(objective) is not None
+    ]
     best_single = max(singles, key=lambda r: r["mean"][objective], default=None)
     for row in rows:
         key = (row["kind"], row["name"])
@@ -169,8 +193,13 @@ def add_case_statistics(results: dict[str, Any], fold_results: dict[str, dict[st
         if not vals:
             continue
         cases = sorted(vals)
-        stats: dict[str, Any] = {"files": files[key], "n_cases": len(cases), "n": {},
-                                 "mean": {}, "ci95": {}}
+        stats: dict[str, Any] = {
+            "files": files[key],
+            "n_cases": len(cases),
+            "n": {},
+            "mean": {},
+            "ci95": {},
+        }
         for m in STAT_METRICS:
             v = np.array([vals[c][m] for c in cases])
             ok = v[np.isfinite(v)]
@@ -181,9 +210,11 @@ def add_case_statistics(results: dict[str, Any], fold_results: dict[str, dict[st
         if ckey is not None and key != ckey and values.get(ckey):
             both = sorted(set(cases) & set(values[ckey]))
             stats["vs_chosen"] = {
-                m: metrics.paired_wilcoxon([values[ckey][c][m] for c in both],
-                                           [vals[c][m] for c in both], n_boot, seed)
-                for m in STAT_METRICS}
+                m: metrics.paired_wilcoxon(
+                    [values[ckey][c][m] for c in both], [vals[c][m] for c in both], n_boot, seed
+                )
+                for m in STAT_METRICS
+            }
         row["cases"] = stats
     results["case_statistics"] = {
         "chosen": None if chosen is None else chosen["name"],
@@ -191,10 +222,10 @@ def add_case_statistics(results: dict[str, Any], fold_results: dict[str, dict[st
         "metrics": dict(STAT_METRICS),
         "unit": "case (3-D, scan spacing); cases of every fold pooled, key (fold, case)",
         "ci": f"95% percentile bootstrap of the mean over cases, {n_boot} resamples, "
-              f"numpy default_rng({seed})",
+        f"numpy default_rng({seed})",
         "test": "paired two-sided Wilcoxon signed-rank (scipy.stats.wilcoxon, zero "
-                "differences dropped) of the chosen row against each row, difference = "
-                "chosen - row; p-values not corrected for multiple comparisons",
+        "differences dropped) of the chosen row against each row, difference = "
+        "chosen - row; p-values not corrected for multiple comparisons",
     }
     return results
 
@@ -205,8 +236,11 @@ def case_statistics_columns(results: dict[str, Any]) -> tuple[list[str], list[li
     if "case_statistics" not in results:
         return [], [[] for _ in results["rows"]]
     names = list(results["case_statistics"].get("metrics") or STAT_METRICS)
-    header = [f"{m}_{s}" for m in names
-              for s in ("case_mean", "ci_low", "ci_high", "diff_vs_chosen", "p_vs_chosen")]
+    header = [
+        f"{m}_{s}"
+        for m in names
+        for s in ("case_mean", "ci_low", "ci_high", "diff_vs_chosen", "p_vs_chosen")
+    ]
 
     def f(v: Any) -> str:
         return "" if v is None or not np.isfinite(v) else f"{v:.6g}"
@@ -218,65 +252,110 @@ def case_statistics_columns(results: dict[str, Any]) -> tuple[list[str], list[li
         for m in names:
             ci = (st.get("ci95") or {}).get(m) or [None, None]
             vs = (st.get("vs_chosen") or {}).get(m) or {}
-            cells += [f((st.get("mean") or {}).get(m)), f(ci[0]), f(ci[1]),
-                      f(vs.get("mean_difference")), f(vs.get("p_value"))]
+            cells += [
+                f((st.get("mean") or {}).get(m)),
+                f(ci[0]),
+                f(ci[1]),
+                f(vs.get("mean_difference")),
+                f(vs.get("p_value")),
+            ]
         out.append(cells)
     return header, out
 
 
-def evaluate_stage(cfg: EvaluateConfig, chosen: dict[str, Any], out: Path, force: bool = False,
-                   source: str = "") -> dict[str, Any]:
+def evaluate_stage(
+    cfg: EvaluateConfig, chosen: dict[str, Any], out: Path, force: bool = False, source: str = ""
+) -> dict[str, Any]:
     """Apply ``chosen`` (operator, members, thresholds, gate) to ``cfg``'s part; write
     metrics.json (every convention + the Empty baseline), per_slice.csv, per_case.csv."""
     conf = EnsembleConfig.from_dict(chosen, source).to_dict()
     partial = fsutil.prepare_output_dir(out, force, "metrics.json")
-    inp = open_inputs(cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, conf["members"],
-                      what="evaluation")
-    result, per = evaluate_arrays(inp.maps, inp.masks, inp.case_ids, conf, inp.probs,
-                                  inp.labels, cfg.min_lesion_fraction,
-                                  cfg.classifier_threshold, cfg.chunk)
+    inp = open_inputs(
+        cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, conf["members"], what="evaluation"
+    )
+    result, per = evaluate_arrays(
+        inp.maps,
+        inp.masks,
+        inp.case_ids,
+        conf,
+        inp.probs,
+        inp.labels,
+        cfg.min_lesion_fraction,
+        cfg.classifier_threshold,
+        cfg.chunk,
+    )
 
     def predicted(rows: np.ndarray) -> np.ndarray:
         mp = [np.concatenate([m.read(int(k), int(k) + 1) for k in rows]) for m in inp.maps]
         return apply_config(mp, conf, [p[rows] for p in inp.probs])
 
     result.update(store=str(cfg.store), fold=cfg.fold, part=cfg.part, config_file=str(source))
-    _write_evaluation(partial, cfg, inp.store, inp.indices, inp.masks, per, result,
-                      gate_probs(inp.probs), predicted)
+    _write_evaluation(
+        partial,
+        cfg,
+        inp.store,
+        inp.indices,
+        inp.masks,
+        per,
+        result,
+        gate_probs(inp.probs),
+        predicted,
+    )
     fsutil.commit_output_dir(partial, out)
     return result
 
 
-def evaluate_masks(cfg: EvaluateConfig, pred: np.ndarray, out: Path, force: bool = False,
-                   source: str = "") -> dict[str, Any]:
+def evaluate_masks(
+    cfg: EvaluateConfig, pred: np.ndarray, out: Path, force: bool = False, source: str = ""
+) -> dict[str, Any]:
     """Score predicted masks (S, H, W) of ``cfg``'s part (store order, e.g. a U-Net's) in
     every convention, like :func:`evaluate_stage`; the Empty baseline alongside."""
     store, idx, gts = _part_with_masks(cfg)
     if pred.shape != (len(idx), *store.size):
-        raise InputError(f"{source}: {pred.shape} masks for {len(idx)} slices of "
-                         f"{store.size[0]}x{store.size[1]}")
+        raise InputError(
+            f"{source}: {pred.shape} masks for {len(idx)} slices of {store.size[0]}x{store.size[1]}"
+        )
     partial = fsutil.prepare_output_dir(out, force, "metrics.json")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("tp", "fp", "fn", "tn")}
     for s in range(0, len(idx), cfg.chunk):
-        counts = slice_counts(pred[s:s + cfg.chunk].astype(bool),
-                              gts.read(s, s + cfg.chunk).astype(bool))
+        counts = slice_counts(
+            pred[s : s + cfg.chunk].astype(bool), gts.read(s, s + cfg.chunk).astype(bool)
+        )
         for k, v in zip(("tp", "fp", "fn", "tn"), counts, strict=True):
             parts[k].append(v)
     per = {k: np.concatenate(v) for k, v in parts.items()}
     case_ids = store.table["case"][idx]
-    res = score(per["tp"], per["fp"], per["fn"], per["tn"], case_ids, None,
-                cfg.min_lesion_fraction, cfg.classifier_threshold)
-    result = {"config": None, "metrics": res, "empty_baseline": empty_baseline(
-                  per, case_ids, cfg.min_lesion_fraction, cfg.classifier_threshold),
-              "store": str(cfg.store), "fold": cfg.fold, "part": cfg.part, "source": source}
-    _write_evaluation(partial, cfg, store, idx, gts, per, result, None,
-                      lambda rows: pred[rows].astype(bool))
+    res = score(
+        per["tp"],
+        per["fp"],
+        per["fn"],
+        per["tn"],
+        case_ids,
+        None,
+        cfg.min_lesion_fraction,
+        cfg.classifier_threshold,
+    )
+    result = {
+        "config": None,
+        "metrics": res,
+        "empty_baseline": empty_baseline(
+            per, case_ids, cfg.min_lesion_fraction, cfg.classifier_threshold
+        ),
+        "store": str(cfg.store),
+        "fold": cfg.fold,
+        "part": cfg.part,
+        "source": source,
+    }
+    _write_evaluation(
+        partial, cfg, store, idx, gts, per, result, None, lambda rows: pred[rows].astype(bool)
+    )
     fsutil.commit_output_dir(partial, out)
     return result
 
 
-def evaluate_unet(cfg: EvaluateConfig, checkpoint: Path, out: Path,
-                  force: bool = False) -> dict[str, Any]:
+def evaluate_unet(
+    cfg: EvaluateConfig, checkpoint: Path, out: Path, force: bool = False
+) -> dict[str, Any]:
     """Predict ``cfg``'s part with a U-Net checkpoint and score it (:func:`evaluate_masks`)."""
     from ensemblecam.stages.unet import predict_unet
 
@@ -285,8 +364,12 @@ def evaluate_unet(cfg: EvaluateConfig, checkpoint: Path, out: Path,
     return evaluate_masks(cfg, pred, out, force=force, source=str(checkpoint))
 
 
-def config_masks(maps: Sequence[np.ndarray | Rows], probs: Sequence[np.ndarray],
-                 chosen: EnsembleConfig | dict[str, Any], chunk: int = 256) -> np.ndarray:
+def config_masks(
+    maps: Sequence[np.ndarray | Rows],
+    probs: Sequence[np.ndarray],
+    chosen: EnsembleConfig | dict[str, Any],
+    chunk: int = 256,
+) -> np.ndarray:
     """uint8 masks (S, H, W) of configuration ``chosen`` over aligned member maps (stored
     dtype) and probabilities, applied chunk by chunk (:func:`apply_config`)."""
     srcs = [as_rows(m) for m in maps]
@@ -296,19 +379,22 @@ def config_masks(maps: Sequence[np.ndarray | Rows], probs: Sequence[np.ndarray],
     masks = np.zeros((n, *first.shape[1:]), np.uint8)
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
-        masks[s:e] = apply_config([m.read(s, e) for m in srcs], conf,
-                                  [np.asarray(p)[s:e] for p in probs])
+        masks[s:e] = apply_config(
+            [m.read(s, e) for m in srcs], conf, [np.asarray(p)[s:e] for p in probs]
+        )
     return masks
 
 
-def write_config_masks(cfg: EvaluateConfig, chosen: EnsembleConfig | dict[str, Any],
-                       path: Path) -> Path:
+def write_config_masks(
+    cfg: EvaluateConfig, chosen: EnsembleConfig | dict[str, Any], path: Path
+) -> Path:
     """The configuration's masks of ``cfg``'s part as ``masks.npz``
     (:func:`ensemblecam.io.masks.write_masks`), the format export and pseudo-label
     training read."""
     conf = chosen if isinstance(chosen, EnsembleConfig) else EnsembleConfig.from_dict(chosen)
-    inp = open_inputs(cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, conf.members,
-                      what="mask export")
+    inp = open_inputs(
+        cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, conf.members, what="mask export"
+    )
     return write_masks(path, inp.indices, config_masks(inp.maps, inp.probs, conf, cfg.chunk))
 
 
@@ -317,10 +403,17 @@ def _part_with_masks(cfg: EvaluateConfig) -> tuple[Any, np.ndarray, Rows]:
     return store, idx, Rows(store.masks, idx)
 
 
-def _write_evaluation(partial: Path, cfg: EvaluateConfig, store: Any, idx: np.ndarray,
-                      gts: Rows, per: dict[str, np.ndarray], result: dict[str, Any],
-                      probs: np.ndarray | None,
-                      predicted: Callable[[np.ndarray], np.ndarray]) -> None:
+def _write_evaluation(
+    partial: Path,
+    cfg: EvaluateConfig,
+    store: Any,
+    idx: np.ndarray,
+    gts: Rows,
+    per: dict[str, np.ndarray],
+    result: dict[str, Any],
+    probs: np.ndarray | None,
+    predicted: Callable[[np.ndarray], np.ndarray],
+) -> None:
     """metrics.json, per_slice.csv, per_case.csv (+ HD95 of the stacked slices in voxels if
     ``cfg.hd95``) and per_case_empty.csv (the Empty prediction's per-case values).
 
@@ -331,20 +424,36 @@ def _write_evaluation(partial: Path, cfg: EvaluateConfig, store: Any, idx: np.nd
     for j, i in enumerate(idx):
         tp, fp, fn = int(per["tp"][j]), int(per["fp"][j]), int(per["fn"][j])
         d, u = 2 * tp + fp + fn, tp + fp + fn
-        slice_rows.append({"index": int(i), "case": table["case"][i],
-                           "slice": int(table["slice"][i]), "part": table["part"][i],
-                           "label": int(table["label"][i]),
-                           "prob": None if probs is None else float(probs[j]),
-                           "tp": tp, "fp": fp, "fn": fn, "tn": int(per["tn"][j]),
-                           "dice": 2 * tp / d if d else 1.0, "iou": tp / u if u else 1.0})
+        slice_rows.append(
+            {
+                "index": int(i),
+                "case": table["case"][i],
+                "slice": int(table["slice"][i]),
+                "part": table["part"][i],
+                "label": int(table["label"][i]),
+                "prob": None if probs is None else float(probs[j]),
+                "tp": tp,
+                "fp": fp,
+                "fn": fn,
+                "tn": int(per["tn"][j]),
+                "dice": 2 * tp / d if d else 1.0,
+                "iou": tp / u if u else 1.0,
+            }
+        )
     case_ids = table["case"][idx]
     case_rows, empty_rows = [], []
     for case in dict.fromkeys(case_ids.tolist()):
         sel = np.flatnonzero(case_ids == case)
         tp, fp, fn = (int(per[k][sel].sum()) for k in ("tp", "fp", "fn"))
         d = 2 * tp + fp + fn
-        row: dict[str, Any] = {"case": case, "n_slices": len(sel), "tp": tp, "fp": fp,
-                               "fn": fn, "dice": 2 * tp / d if d else 1.0}
+        row: dict[str, Any] = {
+            "case": case,
+            "n_slices": len(sel),
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
+            "dice": 2 * tp / d if d else 1.0,
+        }
         gt = np.concatenate([gts.read(int(k), int(k) + 1) for k in sel]).astype(bool)
         pr = np.asarray(predicted(sel)).astype(bool)
         if cfg.hd95:
@@ -354,14 +463,22 @@ def _write_evaluation(partial: Path, cfg: EvaluateConfig, store: Any, idx: np.nd
         where = [{k: table[k][i] for k in ("slice", "y0", "y1", "x0", "x1")} for i in idx[sel]]
         gt_v = slices_to_volume(geo, where, gt)
         spacing = voxel_sizes(np.asarray(geo["affine"], np.float64))
-        row.update(_volume_columns(slices_to_volume(geo, where, pr), gt_v, spacing,
-                                   cfg.nsd_tolerance_mm))
+        row.update(
+            _volume_columns(slices_to_volume(geo, where, pr), gt_v, spacing, cfg.nsd_tolerance_mm)
+        )
         case_rows.append(row)
         gt_n = tp + fn
-        empty_rows.append({"case": case, "n_slices": len(sel), "tp": 0, "fp": 0, "fn": gt_n,
-                           "dice": 0.0 if gt_n else 1.0,
-                           **_volume_columns(np.zeros_like(gt_v), gt_v, spacing,
-                                             cfg.nsd_tolerance_mm)})
+        empty_rows.append(
+            {
+                "case": case,
+                "n_slices": len(sel),
+                "tp": 0,
+                "fp": 0,
+                "fn": gt_n,
+                "dice": 0.0 if gt_n else 1.0,
+                **_volume_columns(np.zeros_like(gt_v), gt_v, spacing, cfg.nsd_tolerance_mm),
+            }
+        )
     if cfg.hd95:
         vals = np.array([r["hd95_voxels"] for r in case_rows], float)
         ok = vals[np.isfinite(vals)]

@@ -82,8 +82,14 @@ from ensemblecam.io.store import (
 
 KIDNEY_DEFAULT_SIZE = (150, 150)
 CT_BODY_HU = -500.0
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
-                nib.filebasedimages.ImageFileError)
+_READ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    zlib.error,
+    gzip.BadGzipFile,
+    nib.filebasedimages.ImageFileError,
+)
 
 
 # ----------------------------------------------------------------------------- arrays
@@ -215,18 +221,23 @@ def _load_header(path: Path) -> nib.Nifti1Image:
         raise InputError(f"{path}: unreadable NIfTI ({exc})") from exc
 
 
-def _spatial(img: Any, path: Path, volume_index: int | None, mod: str = ""
-             ) -> tuple[tuple[int, ...], Any]:
+def _spatial(
+    img: Any, path: Path, volume_index: int | None, mod: str = ""
+) -> tuple[tuple[int, ...], Any]:
     """Spatial shape and affine; a 4-D file (MSD) must hold channel ``volume_index``."""
     shape = tuple(int(v) for v in img.shape)
     if volume_index is not None and len(shape) == 4:
         if volume_index >= shape[3]:
-            raise InputError(f"{path}: has {shape[3]} channels (shape {list(shape)}), no "
-                             f"channel {volume_index} ({mod or 'the modality asked for'})")
+            raise InputError(
+                f"{path}: has {shape[3]} channels (shape {list(shape)}), no "
+                f"channel {volume_index} ({mod or 'the modality asked for'})"
+            )
         return shape[:3], img.affine
     if volume_index is not None and volume_index > 0 and len(shape) == 3:
-        raise InputError(f"{path}: has 1 channel (3-D, shape {list(shape)}), no channel "
-                         f"{volume_index} ({mod or 'the modality asked for'})")
+        raise InputError(
+            f"{path}: has 1 channel (3-D, shape {list(shape)}), no channel "
+            f"{volume_index} ({mod or 'the modality asked for'})"
+        )
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
@@ -234,8 +245,9 @@ def _spatial(img: Any, path: Path, volume_index: int | None, mod: str = ""
     return shape, img.affine
 
 
-def plan_case(case: Case, axis: int, slice_range: tuple[int, int] | None, every_nth: int
-              ) -> CasePlan:
+def plan_case(
+    case: Case, axis: int, slice_range: tuple[int, int] | None, every_nth: int
+) -> CasePlan:
     """Read headers, check shapes/affines agree, pick slices; no voxel is read."""
     ref_shape: tuple[int, ...] | None = None
     ref_affine: np.ndarray | None = None
@@ -314,8 +326,9 @@ def read_labels_csv(path: Path, plans: list[CasePlan], axis: int) -> None:
     except OSError as exc:
         raise InputError(f"{path}: cannot read labels CSV ({exc.strerror or exc})") from exc
     except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: labels CSV is not UTF-8 text (byte "
-                         f"0x{exc.object[exc.start]:02x})") from exc
+        raise InputError(
+            f"{path}: labels CSV is not UTF-8 text (byte 0x{exc.object[exc.start]:02x})"
+        ) from exc
     except csv.Error as exc:
         raise InputError(f"{path}: malformed labels CSV ({exc})") from exc
     for plan in plans:
@@ -373,8 +386,10 @@ def finite_volume(v: np.ndarray, path: str, mode: str) -> tuple[np.ndarray, int]
     if n_bad == 0:
         return v, 0
     if mode != "replace":
-        raise InputError(f"{path}: {n_bad} of {v.size} voxels are NaN or infinite; use "
-                         f"--nonfinite replace to set them to the volume's finite minimum")
+        raise InputError(
+            f"{path}: {n_bad} of {v.size} voxels are NaN or infinite; use "
+            f"--nonfinite replace to set them to the volume's finite minimum"
+        )
     fill = v[~bad].min() if n_bad < v.size else 0
     return np.where(bad, fill, v), n_bad
 
@@ -382,15 +397,15 @@ def finite_volume(v: np.ndarray, path: str, mode: str) -> tuple[np.ndarray, int]
 def _read_image(plan: CasePlan, mod: str, settings: Settings) -> tuple[np.ndarray, int]:
     """One channel's canonical voxels checked by :func:`finite_volume`."""
     path = plan.images[mod]
-    return finite_volume(_read_volume(path, plan.volume_index.get(mod)), path,
-                         settings.nonfinite)
+    return finite_volume(_read_volume(path, plan.volume_index.get(mod)), path, settings.nonfinite)
 
 
 def _read_seg(path: str, allowed: list[int] | None) -> np.ndarray:
     seg = _read_volume(path, None)
     if seg.dtype.kind == "f" and not np.all(np.isfinite(seg)):
-        raise InputError(f"{path}: seg holds {int(np.count_nonzero(~np.isfinite(seg)))} NaN "
-                         f"or infinite values")
+        raise InputError(
+            f"{path}: seg holds {int(np.count_nonzero(~np.isfinite(seg)))} NaN or infinite values"
+        )
     if seg.dtype.kind == "f" and not np.array_equal(seg, np.rint(seg)):
         raise InputError(f"{path}: seg holds non-integer values")
     lo, hi = float(seg.min()), float(seg.max())
@@ -416,8 +431,9 @@ def first_channel_bbox(plan: CasePlan, settings: Settings) -> tuple[int, int, in
     return bbox_2d(fg)
 
 
-def process_case(plan: CasePlan, settings: Settings, partial: str
-                 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def process_case(
+    plan: CasePlan, settings: Settings, partial: str
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Read, normalise and crop one case; write its rows into the partial store's arrays.
 
     Returns the slice-table rows (``index`` = store position) and ``{file: n}`` of the
@@ -431,8 +447,9 @@ def process_case(plan: CasePlan, settings: Settings, partial: str
         if n_bad:
             replaced[plan.images[mod]] = n_bad
         if v.shape != tuple(plan.canonical_shape):
-            raise InputError(f"{plan.images[mod]}: voxel array shape {list(v.shape)} "
-                             f"differs from its header")
+            raise InputError(
+                f"{plan.images[mod]}: voxel array shape {list(v.shape)} differs from its header"
+            )
         vols.append(v)
     seg = _read_seg(plan.seg, settings.allowed_labels) if plan.seg else None
     # windows need the raw first channel (foreground) and the seg (kidney)
@@ -472,8 +489,9 @@ def process_case(plan: CasePlan, settings: Settings, partial: str
         merged = (np.isin(seg_s, lesion) if lesion is not None else seg_s > 0).astype(np.uint8)
     n_parts = len(windows)
     images = np.load(os.path.join(partial, "images.npy"), mmap_mode="r+")
-    masks = (np.load(os.path.join(partial, "masks.npy"), mmap_mode="r+")
-             if settings.has_masks else None)
+    masks = (
+        np.load(os.path.join(partial, "masks.npy"), mmap_mode="r+") if settings.has_masks else None
+    )
     rows: list[dict[str, Any]] = []
     for p, (part, (y0, y1, x0, x1)) in enumerate(windows):
         pos = plan.offset + p + n_parts * np.arange(len(idx))
@@ -490,9 +508,21 @@ def process_case(plan: CasePlan, settings: Settings, partial: str
                 frac, label = float("nan"), plan.csv_labels[s]
             else:  # unlabelled scans (masks off, no CSV): label unknown
                 frac, label = float("nan"), UNKNOWN_LABEL
-            rows.append(dict(index=int(pos[k]), case=plan.name, slice=int(s), part=part,
-                             y0=y0, y1=y1, x0=x0, x1=x1, label=label,
-                             lesion_fraction=frac, has_mask=int(m is not None)))
+            rows.append(
+                dict(
+                    index=int(pos[k]),
+                    case=plan.name,
+                    slice=int(s),
+                    part=part,
+                    y0=y0,
+                    y1=y1,
+                    x0=x0,
+                    x1=x1,
+                    label=label,
+                    lesion_fraction=frac,
+                    has_mask=int(m is not None),
+                )
+            )
     images.flush()
     if masks is not None:
         masks.flush()
@@ -506,8 +536,13 @@ def _case_geometry(plan: CasePlan, axis: int, has_mask: bool) -> dict[str, Any]:
     if plan.seg:
         files["seg"] = plan.seg
     geo: dict[str, Any] = {
-        "shape": plan.shape, "affine": plan.affine, "canonical_shape": plan.canonical_shape,
-        "axis": axis, "ornt": plan.ornt, "files": files, "has_mask": has_mask,
+        "shape": plan.shape,
+        "affine": plan.affine,
+        "canonical_shape": plan.canonical_shape,
+        "axis": axis,
+        "ornt": plan.ornt,
+        "files": files,
+        "has_mask": has_mask,
     }
     if plan.volume_index:
         geo["volume_index"] = plan.volume_index
@@ -517,16 +552,20 @@ def _case_geometry(plan: CasePlan, axis: int, has_mask: bool) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- driver
 
 
-def resolve_settings(cfg: PrepareConfig, allowed: set[int] | None, modalities: list[str]
-                     ) -> Settings:
+def resolve_settings(
+    cfg: PrepareConfig, allowed: set[int] | None, modalities: list[str]
+) -> Settings:
     """Fill per-layout defaults and validate option combinations."""
-    lesion = cfg.lesion_labels if cfg.lesion_labels is not None else (
-        DEFAULT_LESION_LABELS[cfg.layout])
+    lesion = (
+        cfg.lesion_labels if cfg.lesion_labels is not None else (DEFAULT_LESION_LABELS[cfg.layout])
+    )
     if lesion is not None and allowed is not None:
         bad = sorted(set(lesion) - allowed)
         if bad:
-            raise InputError(f"lesion labels {bad}: not labels of the {cfg.layout} layout "
-                             f"({', '.join(map(str, sorted(allowed)))})")
+            raise InputError(
+                f"lesion labels {bad}: not labels of the {cfg.layout} layout "
+                f"({', '.join(map(str, sorted(allowed)))})"
+            )
     if cfg.crop_box is not None and cfg.crop != "fixed":
         raise InputError(f"crop box {list(cfg.crop_box)}: only used with --crop fixed")
     if cfg.crop == "fixed":
@@ -550,14 +589,23 @@ def resolve_settings(cfg: PrepareConfig, allowed: set[int] | None, modalities: l
     if not 0 <= lo_p < hi_p <= 100:
         raise InputError(f"percentiles {lo_p},{hi_p}: need 0 <= low < high <= 100")
     return Settings(
-        layout=cfg.layout, modalities=modalities, axis=cfg.axis, normalise=cfg.normalise,
-        percentiles=(lo_p, hi_p), crop=cfg.crop, crop_box=cfg.crop_box,
-        crop_size=tuple(crop_size) if crop_size else None, slice_range=cfg.slice_range,
-        every_nth=cfg.every_nth, lesion_labels=sorted(lesion) if lesion is not None else None,
+        layout=cfg.layout,
+        modalities=modalities,
+        axis=cfg.axis,
+        normalise=cfg.normalise,
+        percentiles=(lo_p, hi_p),
+        crop=cfg.crop,
+        crop_box=cfg.crop_box,
+        crop_size=tuple(crop_size) if crop_size else None,
+        slice_range=cfg.slice_range,
+        every_nth=cfg.every_nth,
+        lesion_labels=sorted(lesion) if lesion is not None else None,
         allowed_labels=sorted(allowed) if allowed is not None else None,
-        min_lesion_fraction=cfg.min_lesion_fraction, dtype=cfg.dtype,
+        min_lesion_fraction=cfg.min_lesion_fraction,
+        dtype=cfg.dtype,
         has_masks=cfg.labels_csv is None and cfg.masks,
-        labels_csv=str(cfg.labels_csv) if cfg.labels_csv else None, nonfinite=cfg.nonfinite,
+        labels_csv=str(cfg.labels_csv) if cfg.labels_csv else None,
+        nonfinite=cfg.nonfinite,
     )
 
 
@@ -608,8 +656,9 @@ def prepare_store(cfg: PrepareConfig, force: bool = False, checkpoint: bool = Tr
     out = Path(cfg.out)
     if (out / MANIFEST).exists() and not force:
         raise InputError(f"{out}: already holds results ({MANIFEST}); use --force to replace them")
-    found = discover(cfg.layout, Path(cfg.data), cfg.modalities,
-                     require_seg=cfg.labels_csv is None and cfg.masks)
+    found = discover(
+        cfg.layout, Path(cfg.data), cfg.modalities, require_seg=cfg.labels_csv is None and cfg.masks
+    )
     settings = resolve_settings(cfg, found.allowed_labels, found.modalities)
     plans = [plan_case(c, cfg.axis, cfg.slice_range, cfg.every_nth) for c in found.cases]
     if cfg.labels_csv is not None:
@@ -621,13 +670,18 @@ def prepare_store(cfg: PrepareConfig, force: bool = False, checkpoint: bool = Tr
         offset += p.n_rows
     n = offset
     if n == 0:
-        raise InputError(f"{cfg.data}: empty data set (no slice selected from "
-                         f"{len(plans)} case(s); check --slice-range)")
+        raise InputError(
+            f"{cfg.data}: empty data set (no slice selected from "
+            f"{len(plans)} case(s); check --slice-range)"
+        )
     size = _store_size(plans, settings)
 
     partial = fsutil.prepare_output_dir(out, force, MANIFEST)
-    resume_key = {"settings": asdict(settings), "n": n,
-                  "cases": [[p.name, p.fingerprint, p.slices] for p in plans]}
+    resume_key = {
+        "settings": asdict(settings),
+        "n": n,
+        "cases": [[p.name, p.fingerprint, p.slices] for p in plans],
+    }
     done_dir = partial / "done"
     state = partial / "resume.json"
     resuming = checkpoint and state.is_file() and _same(state, resume_key)
@@ -644,11 +698,16 @@ def prepare_store(cfg: PrepareConfig, force: bool = False, checkpoint: bool = Tr
     h, w = size
     if not resuming:
         dtype = np.dtype(settings.dtype)
-        np.lib.format.open_memmap(partial / "images.npy", mode="w+", dtype=dtype,
-                                  shape=(n, len(settings.modalities), h, w)).flush()
+        np.lib.format.open_memmap(
+            partial / "images.npy",
+            mode="w+",
+            dtype=dtype,
+            shape=(n, len(settings.modalities), h, w),
+        ).flush()
         if settings.has_masks:
-            np.lib.format.open_memmap(partial / "masks.npy", mode="w+", dtype=np.uint8,
-                                      shape=(n, h, w)).flush()
+            np.lib.format.open_memmap(
+                partial / "masks.npy", mode="w+", dtype=np.uint8, shape=(n, h, w)
+            ).flush()
         done_dir.mkdir()
         if checkpoint:
             fsutil.write_json(state, resume_key)
@@ -671,28 +730,43 @@ def prepare_store(cfg: PrepareConfig, force: bool = False, checkpoint: bool = Tr
         rows_by_case[todo[i].name] = rows
         replaced.update(fixed)
         if checkpoint:
-            fsutil.write_json(done_dir / f"{todo[i].name}.json",
-                              {"rows": rows, "replaced": fixed})
+            fsutil.write_json(done_dir / f"{todo[i].name}.json", {"rows": rows, "replaced": fixed})
     table = [r for p in plans for r in rows_by_case[p.name]]
     write_slice_table(partial / "slices.csv", table)
-    fsutil.write_json(partial / "cases.json", {
-        p.name: _case_geometry(p, settings.axis, settings.has_masks) for p in plans})
+    fsutil.write_json(
+        partial / "cases.json",
+        {p.name: _case_geometry(p, settings.axis, settings.has_masks) for p in plans},
+    )
     shutil.rmtree(done_dir, ignore_errors=True)
     for extra in (state, partial / "bbox.json"):
         extra.unlink(missing_ok=True)
-    fsutil.write_json(partial / MANIFEST, {
-        "format": STORE_FORMAT, "version": STORE_VERSION, "n_slices": n,
-        "channels": list(settings.modalities), "size": [h, w], "dtype": settings.dtype,
-        "has_masks": settings.has_masks,
-        "prepare": {**asdict(settings), "data": str(cfg.data), "crop_size": [h, w],
-                    "nonfinite_replaced": replaced},
-    })
+    fsutil.write_json(
+        partial / MANIFEST,
+        {
+            "format": STORE_FORMAT,
+            "version": STORE_VERSION,
+            "n_slices": n,
+            "channels": list(settings.modalities),
+            "size": [h, w],
+            "dtype": settings.dtype,
+            "has_masks": settings.has_masks,
+            "prepare": {
+                **asdict(settings),
+                "data": str(cfg.data),
+                "crop_size": [h, w],
+                "nonfinite_replaced": replaced,
+            },
+        },
+    )
     fsutil.commit_output_dir(partial, out)
     if replaced:
         first = next(iter(replaced))
-        print(f"note: replaced {sum(replaced.values())} NaN/Inf voxel(s) in {len(replaced)} "
-              f"file(s) by each volume's finite minimum (e.g. {replaced[first]} in {first}); "
-              f"listed in {out / MANIFEST}", file=sys.stderr)
+        print(
+            f"note: replaced {sum(replaced.values())} NaN/Inf voxel(s) in {len(replaced)} "
+            f"file(s) by each volume's finite minimum (e.g. {replaced[first]} in {first}); "
+            f"listed in {out / MANIFEST}",
+            file=sys.stderr,
+        )
     return out
 
 
@@ -726,8 +800,10 @@ def _store_size(plans: list[CasePlan], s: Settings) -> tuple[int, int]:
         sizes.setdefault((sl[0], sl[1]), p.name)
     if len(sizes) > 1:
         (a, na), (b, nb) = list(sizes.items())[:2]
-        raise InputError(f"case {nb}: slice size {list(b)} differs from case {na}'s {list(a)}; "
-                         f"use --crop fixed or bbox")
+        raise InputError(
+            f"case {nb}: slice size {list(b)} differs from case {na}'s {list(a)}; "
+            f"use --crop fixed or bbox"
+        )
     return next(iter(sizes))
 
 
@@ -737,17 +813,21 @@ def _check_fixed_box(plans: list[CasePlan], s: Settings) -> None:
     for p in plans:
         h, w = (d for a, d in enumerate(p.canonical_shape) if a != s.axis)
         if y1 <= 0 or x1 <= 0 or y0 >= h or x0 >= w:
-            raise InputError(f"crop box {y0},{y1},{x0},{x1}: invalid, entirely outside "
-                             f"case {p.name}'s {h}x{w} slice")
+            raise InputError(
+                f"crop box {y0},{y1},{x0},{x1}: invalid, entirely outside "
+                f"case {p.name}'s {h}x{w} slice"
+            )
         p.windows = [("", (y0, y1, x0, x1))]
 
 
-def _default_bbox(plans: list[CasePlan], s: Settings, workers: int, partial: Path,
-                  resuming: bool) -> tuple[int, int]:
+def _default_bbox(
+    plans: list[CasePlan], s: Settings, workers: int, partial: Path, resuming: bool
+) -> tuple[int, int]:
     """Bounding boxes of every case (cached in the partial folder); set windows; size."""
     cache = partial / "bbox.json"
-    boxes: dict[str, Any] = (fsutil.read_json(cache, "bbox cache")
-                             if resuming and cache.is_file() else {})
+    boxes: dict[str, Any] = (
+        fsutil.read_json(cache, "bbox cache") if resuming and cache.is_file() else {}
+    )
     todo = [p for p in plans if p.name not in boxes]
     jobs = [(p, s) for p in todo]
     for i, box in _run_parallel(first_channel_bbox, jobs, workers, "bbox"):

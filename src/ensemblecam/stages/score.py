@@ -87,11 +87,15 @@ def find_predictions(pred_dir: Path, cases: Sequence[str]) -> dict[str, Path]:
     """``<pred_dir>/<case>.nii.gz`` (or ``.nii``) of every case; a missing one: InputError."""
     out = {}
     for case in cases:
-        found = [pred_dir / f"{case}{ext}" for ext in (".nii.gz", ".nii")
-                 if (pred_dir / f"{case}{ext}").is_file()]
+        found = [
+            pred_dir / f"{case}{ext}"
+            for ext in (".nii.gz", ".nii")
+            if (pred_dir / f"{case}{ext}").is_file()
+        ]
         if not found:
-            raise InputError(f"{pred_dir / (case + '.nii.gz')}: missing prediction for case "
-                             f"{case!r}")
+            raise InputError(
+                f"{pred_dir / (case + '.nii.gz')}: missing prediction for case {case!r}"
+            )
         if len(found) > 1:
             raise InputError(f"{found[1]}: second prediction for case {case!r} ({found[0].name})")
         out[case] = found[0]
@@ -103,12 +107,15 @@ def check_geometry(pred_path: Path, seg_path: Path) -> None:
     p_img, s_img = _header(pred_path), _header(seg_path)
     ps, ss = _shape3(p_img, pred_path), _shape3(s_img, seg_path)
     if ps != ss:
-        raise InputError(f"{pred_path}: shape {list(ps)} differs from the ground truth's "
-                         f"{list(ss)} ({seg_path})")
+        raise InputError(
+            f"{pred_path}: shape {list(ps)} differs from the ground truth's {list(ss)} ({seg_path})"
+        )
     pa, sa = np.asarray(p_img.affine, float), np.asarray(s_img.affine, float)
     if not np.allclose(pa, sa, rtol=AFFINE_RTOL, atol=AFFINE_ATOL):
-        raise InputError(f"{pred_path}: affine differs from the ground truth's ({seg_path}; "
-                         f"largest difference {float(np.abs(pa - sa).max()):.4g})")
+        raise InputError(
+            f"{pred_path}: affine differs from the ground truth's ({seg_path}; "
+            f"largest difference {float(np.abs(pa - sa).max()):.4g})"
+        )
 
 
 def _voxels(path: Path, what: str) -> np.ndarray:
@@ -128,8 +135,9 @@ def _voxels(path: Path, what: str) -> np.ndarray:
     return data
 
 
-def _slice_counts(pred: np.ndarray, gt: np.ndarray, affine: np.ndarray, axis: int
-                  ) -> tuple[np.ndarray, ...]:
+def _slice_counts(
+    pred: np.ndarray, gt: np.ndarray, affine: np.ndarray, axis: int
+) -> tuple[np.ndarray, ...]:
     """Per-slice (TP, FP, FN, TN) along ``axis`` of the RAS+ canonical volumes."""
     ornt = nio.io_orientation(affine)
     p = np.moveaxis(nio.apply_orientation(pred, ornt), axis, 0)
@@ -138,12 +146,20 @@ def _slice_counts(pred: np.ndarray, gt: np.ndarray, affine: np.ndarray, axis: in
 
 
 def score_folder(
-    pred: str | Path, data: str | Path, layout: str, out: str | Path | None = None,
-    lesion_labels: Sequence[int] | None = None, cases: Sequence[str] | None = None,
-    nsd_tolerance_mm: float = 1.0, dilation: int = metrics.BRATS_DILATION,
+    pred: str | Path,
+    data: str | Path,
+    layout: str,
+    out: str | Path | None = None,
+    lesion_labels: Sequence[int] | None = None,
+    cases: Sequence[str] | None = None,
+    nsd_tolerance_mm: float = 1.0,
+    dilation: int = metrics.BRATS_DILATION,
     min_lesion_volume: float = metrics.BRATS_MIN_VOLUME,
-    fp_hd95: float = metrics.BRATS_FP_HD95, connectivity: int = 26, axis: int = 2,
-    min_lesion_fraction: float = 0.02, force: bool = False,
+    fp_hd95: float = metrics.BRATS_FP_HD95,
+    connectivity: int = 26,
+    axis: int = 2,
+    min_lesion_fraction: float = 0.02,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Score the masks in ``pred`` against ``data``'s ground truth; write ``out`` (default
     ``<pred>_score`` beside ``pred``); return the summary (see the module docstring)."""
@@ -159,8 +175,9 @@ def score_folder(
     if connectivity not in (6, 18, 26):
         raise InputError(f"connectivity {connectivity}: expected 6, 18 or 26")
     if not np.isfinite(min_lesion_volume) or not np.isfinite(fp_hd95):
-        raise InputError(f"minimum lesion volume {min_lesion_volume} / FP HD95 {fp_hd95}: "
-                         "must be finite")
+        raise InputError(
+            f"minimum lesion volume {min_lesion_volume} / FP HD95 {fp_hd95}: must be finite"
+        )
     if axis not in (0, 1, 2):
         raise InputError(f"axis {axis}: expected 0, 1 or 2")
     if not 0 <= min_lesion_fraction < 1:
@@ -177,10 +194,13 @@ def score_folder(
         seg = found[c].seg
         assert seg is not None  # discover(require_seg=True)
         check_geometry(preds[c], seg)
-    labels = (list(lesion_labels) if lesion_labels is not None
-              else DEFAULT_LESION_LABELS.get(layout))
-    lesion_options = {"dilation": dilation, "min_volume": float(min_lesion_volume),
-                      "fp_hd95": float(fp_hd95), "connectivity": connectivity}
+    labels = list(lesion_labels) if lesion_labels is not None else DEFAULT_LESION_LABELS.get(layout)
+    lesion_options = {
+        "dilation": dilation,
+        "min_volume": float(min_lesion_volume),
+        "fp_hd95": float(fp_hd95),
+        "connectivity": connectivity,
+    }
     with fsutil.output_guard(out, [pred, data]):
         partial = fsutil.prepare_output_dir(out, force, MARKER, stage="score")
         rows, counts = [], []
@@ -192,18 +212,26 @@ def score_folder(
             pm = _voxels(preds[c], "prediction") != 0
             affine = np.asarray(_header(seg_path).affine, float)
             spacing = voxel_sizes(affine)
-            rows.append({"case": c, **case_row(pm, gt, spacing, nsd_tolerance_mm,
-                                               **lesion_options)})
+            rows.append(
+                {"case": c, **case_row(pm, gt, spacing, nsd_tolerance_mm, **lesion_options)}
+            )
             tp, fp, fn, tn = _slice_counts(pm, gt, affine, axis)
             counts.append((tp, fp, fn, tn, np.full(len(tp), i)))
         tp, fp, fn, tn, ids = (np.concatenate([c[k] for c in counts]) for k in range(5))
         summary = {
-            "format": SCORE_FORMAT, "version": SCORE_VERSION, "pred": str(pred),
-            "data": str(data), "layout": layout, "lesion_labels": labels, "cases": names,
-            "conventions": {**case_conventions(nsd_tolerance_mm, **lesion_options),
-                            "slices": f"full slices along axis {axis} of the RAS+ canonical "
-                                      "volume, lesion-free slices included",
-                            "min_lesion_fraction": min_lesion_fraction},
+            "format": SCORE_FORMAT,
+            "version": SCORE_VERSION,
+            "pred": str(pred),
+            "data": str(data),
+            "layout": layout,
+            "lesion_labels": labels,
+            "cases": names,
+            "conventions": {
+                **case_conventions(nsd_tolerance_mm, **lesion_options),
+                "slices": f"full slices along axis {axis} of the RAS+ canonical "
+                "volume, lesion-free slices included",
+                "min_lesion_fraction": min_lesion_fraction,
+            },
             "metrics": column_statistics(rows),
             "pooled": case_summary(rows),
             "slices": score(tp, fp, fn, tn, ids, min_lesion_fraction=min_lesion_fraction),
@@ -214,8 +242,9 @@ def score_folder(
     return summary
 
 
-def column_statistics(rows: Sequence[dict[str, Any]], n_boot: int = 2000, seed: int = 0
-                      ) -> dict[str, dict[str, Any]]:
+def column_statistics(
+    rows: Sequence[dict[str, Any]], n_boot: int = 2000, seed: int = 0
+) -> dict[str, dict[str, Any]]:
     """Per column of :data:`CASE_COLUMNS`: mean, population std, number of cases with a
     defined value and the bootstrap 95% CI of the mean (None when undefined)."""
     out = {}
@@ -223,7 +252,10 @@ def column_statistics(rows: Sequence[dict[str, Any]], n_boot: int = 2000, seed: 
         v = np.array([r[m] for r in rows], float)
         ok = v[np.isfinite(v)]
         lo, hi = metrics.bootstrap_ci(ok, n_boot, seed)
-        out[m] = {"mean": float(ok.mean()) if ok.size else None,
-                  "std": float(ok.std()) if ok.size else None, "n": int(ok.size),
-                  "ci95": [lo, hi] if ok.size else None}
+        out[m] = {
+            "mean": float(ok.mean()) if ok.size else None,
+            "std": float(ok.std()) if ok.size else None,
+            "n": int(ok.size),
+            "ci95": [lo, hi] if ok.size else None,
+        }
     return out

@@ -39,8 +39,13 @@ class Inputs:
 
 
 def annotated_part(
-    store_path: Any, splits: Any, fold: int | str, part: str, what: str = "calibration",
-    n_cases: int | None = None, seed: int = 0,
+    store_path: Any,
+    splits: Any,
+    fold: int | str,
+    part: str,
+    what: str = "calibration",
+    n_cases: int | None = None,
+    seed: int = 0,
 ) -> tuple[Any, Path, np.ndarray]:
     """(store, split file, store indices of the part's annotated slices); a store without
     masks or an empty selection is one InputError line.
@@ -69,8 +74,14 @@ def annotated_part(
 
 
 def open_inputs(
-    store_path: Any, splits: Any, fold: int | str, part: str, maps_root: Any,
-    members: Sequence[str], n_cases: int | None = None, seed: int = 0,
+    store_path: Any,
+    splits: Any,
+    fold: int | str,
+    part: str,
+    maps_root: Any,
+    members: Sequence[str],
+    n_cases: int | None = None,
+    seed: int = 0,
     what: str = "calibration",
 ) -> Inputs:
     """Open store + split part + members; every misalignment is one InputError line.
@@ -87,38 +98,58 @@ def open_inputs(
     for name in members:
         if not (root / name).is_dir():
             avail = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-            raise InputError(f"member {name!r}: no folder {root / name} "
-                             f"(available: {', '.join(avail) or 'none'})")
+            raise InputError(
+                f"member {name!r}: no folder {root / name} "
+                f"(available: {', '.join(avail) or 'none'})"
+            )
         ms = MapSet.open(root / name)
         ms.check_store(store)
         rows = ms.rows_for(idx)
         if tuple(ms.maps.shape[1:]) != tuple(store.masks.shape[1:]):
-            raise InputError(f"member {name!r}: maps of shape {tuple(ms.maps.shape[1:])} but "
-                             f"masks of shape {tuple(store.masks.shape[1:])}")
+            raise InputError(
+                f"member {name!r}: maps of shape {tuple(ms.maps.shape[1:])} but "
+                f"masks of shape {tuple(store.masks.shape[1:])}"
+            )
         names.append(name)
         srcs.append(Rows(ms.maps, rows))
         probs.append(ms.probs[rows])
-    return Inputs(store, idx, names, srcs, probs, Rows(store.masks, idx),
-                  store.table["case"][idx], store.labels[idx])
+    return Inputs(
+        store,
+        idx,
+        names,
+        srcs,
+        probs,
+        Rows(store.masks, idx),
+        store.table["case"][idx],
+        store.labels[idx],
+    )
 
 
-def run_search(cfg: SearchConfig, n_cases: int | None
-               ) -> tuple[SearchResult, list[dict[str, Any]]]:
+def run_search(cfg: SearchConfig, n_cases: int | None) -> tuple[SearchResult, list[dict[str, Any]]]:
     """Search ``cfg`` on ``n_cases`` annotated cases (None: all); (result, ranked rows)."""
-    inp = open_inputs(cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, cfg.members,
-                        n_cases, cfg.seed)
+    inp = open_inputs(
+        cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, cfg.members, n_cases, cfg.seed
+    )
     for op in cfg.operators:
         parse_operator(op, max(len(cfg.members), 1))
     allowed = objective_names(cfg.min_lesion_fraction, True)
     if cfg.objective not in allowed:
         raise InputError(f"objective {cfg.objective!r}: expected one of {', '.join(allowed)}")
     res = search(
-        inp.maps, inp.masks, inp.case_ids, parse_grid(cfg.grid), cfg.operators,
-        subsets_of(len(inp.maps), cfg.max_members), probs=inp.probs,
+        inp.maps,
+        inp.masks,
+        inp.case_ids,
+        parse_grid(cfg.grid),
+        cfg.operators,
+        subsets_of(len(inp.maps), cfg.max_members),
+        probs=inp.probs,
         gates=parse_grid(cfg.gate_grid) if cfg.gate else None,
         min_lesion_fraction=cfg.min_lesion_fraction,
-        classifier_threshold=cfg.classifier_threshold, member_names=inp.member_names,
-        chunk=cfg.chunk, objective=cfg.objective, top_k=cfg.top_k or None,
+        classifier_threshold=cfg.classifier_threshold,
+        member_names=inp.member_names,
+        chunk=cfg.chunk,
+        objective=cfg.objective,
+        top_k=cfg.top_k or None,
     )
     res.store_id = inp.store.identity
     return res, res.ranked(cfg.objective)
@@ -134,10 +165,12 @@ def check_search_config(cfg: SearchConfig) -> None:
         parse_operator(op, m)
     allowed = objective_names(cfg.min_lesion_fraction, True)
     if cfg.objective not in allowed:
-        raise InputError(f"objective {short_repr(cfg.objective)}: expected one of "
-                         f"{', '.join(allowed)}")
-    check_search_size(n_configurations(m, grid.size, cfg.operators, cfg.max_members,
-                                       gates.size), grid.size)
+        raise InputError(
+            f"objective {short_repr(cfg.objective)}: expected one of {', '.join(allowed)}"
+        )
+    check_search_size(
+        n_configurations(m, grid.size, cfg.operators, cfg.max_members, gates.size), grid.size
+    )
 
 
 def run_search_stage(cfg: SearchConfig, force: bool = False) -> dict[str, Any]:
@@ -148,14 +181,15 @@ def run_search_stage(cfg: SearchConfig, force: bool = False) -> dict[str, Any]:
     outputs of the last entry are kept.
     """
     ns: list[int | None] = []
-    for v in [v.strip() for v in cfg.calibration_cases.split(',') if v.strip()] or ["all"]:
+    for v in [v.strip() for v in cfg.calibration_cases.split(",") if v.strip()] or ["all"]:
         if v == "all":
             ns.append(None)
         elif v.isdigit():
             ns.append(int(v))
         else:
-            raise InputError(f"--calibration-cases {short_repr(cfg.calibration_cases)}: N, "
-                             f"all or N1,N2")
+            raise InputError(
+                f"--calibration-cases {short_repr(cfg.calibration_cases)}: N, all or N1,N2"
+            )
     check_search_config(cfg)
     partial = fsutil.prepare_output_dir(cfg.out, force, "best.json")
     curve = []
@@ -163,9 +197,13 @@ def run_search_stage(cfg: SearchConfig, force: bool = False) -> dict[str, Any]:
     for n_cases in ns:
         res, ranked = run_search(cfg, n_cases)
         best = ranked[0]
-        curve.append({"calibration_cases": "all" if n_cases is None else n_cases,
-                      **EnsembleConfig.from_dict(best).to_dict(),
-                      cfg.objective: best[cfg.objective]})
+        curve.append(
+            {
+                "calibration_cases": "all" if n_cases is None else n_cases,
+                **EnsembleConfig.from_dict(best).to_dict(),
+                cfg.objective: best[cfg.objective],
+            }
+        )
     assert res is not None
     write_search_outputs(partial, res, ranked, cfg.objective, cfg.model_dump(mode="json"))
     if len(ns) > 1:
@@ -175,17 +213,28 @@ def run_search_stage(cfg: SearchConfig, force: bool = False) -> dict[str, Any]:
     return dict(ranked[0])
 
 
-def write_search_outputs(out: Path, res: SearchResult, ranked: list[dict[str, Any]],
-                         objective: str, settings: dict[str, Any]) -> None:
+def write_search_outputs(
+    out: Path,
+    res: SearchResult,
+    ranked: list[dict[str, Any]],
+    objective: str,
+    settings: dict[str, Any],
+) -> None:
     """ranking.csv/json, grid_<operator>[__members].npy/.json, best_per_candidate.json (the
     best row of every operator x member subset), best.json (each atomic)."""
     fsutil.write_text(out / "ranking.csv", fsutil.csv_text(ranked))
-    fsutil.write_json(out / "ranking.json", {
-        "objective": objective, "n_configurations": len(ranked),
-        "slice_case_metrics": "every row" if res.top_k is None else
-        f"top {res.top_k} rows per multi-member operator and every single/mean row; "
-        "null elsewhere (data-set metrics: every row)",
-        "top": ranked[:1000]})
+    fsutil.write_json(
+        out / "ranking.json",
+        {
+            "objective": objective,
+            "n_configurations": len(ranked),
+            "slice_case_metrics": "every row"
+            if res.top_k is None
+            else f"top {res.top_k} rows per multi-member operator and every single/mean row; "
+            "null elsewhere (data-set metrics: every row)",
+            "top": ranked[:1000],
+        },
+    )
     m_all = len(res.member_names)
     for cand in res.candidates:
         if len(cand.members) < 2 and m_all > 1:
@@ -197,20 +246,29 @@ def write_search_outputs(out: Path, res: SearchResult, ranked: list[dict[str, An
             name += "__" + "+".join(res.member_names[i] for i in cand.members)
         grid_vals = values[best_gate]
         fsutil.save_npy(out / f"{name}.npy", grid_vals)
-        fsutil.write_json(out / f"{name}.json", {
-            "operator": cand.operator, "objective": objective,
-            "members": [res.member_names[i] for i in cand.members],
-            "thresholds": [float(str(t)) for t in res.grid],
-            "gate": None if best_gate == 0 else float(res.gates[best_gate]),
-            "axes": "one axis per member (member order), threshold index",
-            "values": grid_vals.tolist()})
+        fsutil.write_json(
+            out / f"{name}.json",
+            {
+                "operator": cand.operator,
+                "objective": objective,
+                "members": [res.member_names[i] for i in cand.members],
+                "thresholds": [float(str(t)) for t in res.grid],
+                "gate": None if best_gate == 0 else float(res.gates[best_gate]),
+                "axes": "one axis per member (member order), threshold index",
+                "values": grid_vals.tolist(),
+            },
+        )
     per: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
     for row in ranked:
         per.setdefault((row["operator"], tuple(row["members"])), row)
     fsutil.write_json(out / "best_per_candidate.json", list(per.values()))
     best = dict(ranked[0])
-    best.update(objective=objective, search=settings, n_slices=res.n_slices,
-                n_lesion_slices=res.n_lesion_slices)
+    best.update(
+        objective=objective,
+        search=settings,
+        n_slices=res.n_slices,
+        n_lesion_slices=res.n_lesion_slices,
+    )
     if res.store_id is not None:
         best["store_id"] = res.store_id
     fsutil.write_json(out / "best.json", best)

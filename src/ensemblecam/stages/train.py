@@ -169,7 +169,15 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     }
     resume_epoch = None if resume_from is None else _check_resumable(resume_from, info)
     return RunPlan(
-        cfg, recipe, Path(splits), fold, train_idx, val_idx, partial, resume_from, resume_epoch,
+        cfg,
+        recipe,
+        Path(splits),
+        fold,
+        train_idx,
+        val_idx,
+        partial,
+        resume_from,
+        resume_epoch,
         info,
     )
 
@@ -303,9 +311,7 @@ def _data(fabric: Any, plan: RunPlan) -> EpochData:
     )  # fmt: skip
 
 
-def _run(
-    fabric: Any, plan: RunPlan, progress: bool | None, stop_after_epoch: int | None
-) -> str:
+def _run(fabric: Any, plan: RunPlan, progress: bool | None, stop_after_epoch: int | None) -> str:
     """One process of the run: the shared loop on the classifier task ("done", "stopped"
     or "worker", see :func:`ensemblecam.training.loop.fit`)."""
     cfg, recipe = plan.cfg, plan.recipe

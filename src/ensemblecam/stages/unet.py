@@ -328,8 +328,7 @@ def _finish(plan: UNetPlan, history: list[dict[str, Any]], best_epoch: int) -> N
     """Rank 0, after the last epoch: learning curve, unet.json; rename the folder."""
     best = models.read_checkpoint(plan.partial / "best.pt")["info"]["metrics"]
     write_metrics_csv(plan.partial / "metrics.csv", history, METRIC_COLUMNS)
-    plot_learning_curve(plan.partial / "learning_curve.png", history, best_epoch,
-                        UNET_SCORES)
+    plot_learning_curve(plan.partial / "learning_curve.png", history, best_epoch, UNET_SCORES)
     summary = {
         "format": RUN_FORMAT,
         "version": 1,

@@ -186,8 +186,9 @@ def _brats_tumour(
         c = rng.uniform([-0.6, -0.65, -0.45], [0.6, 0.6, 0.55]).astype(F32)
         if abs(c[0]) > 0.12 and (c[0] / 0.62) ** 2 + (c[1] / 0.72) ** 2 + (c[2] / 0.7) ** 2 < 1:
             break
-    d = np.sqrt(((x - c[0]) / radii[0]) ** 2 + ((y - c[1]) / radii[1]) ** 2
-                + ((z - c[2]) / radii[2]) ** 2)
+    d = np.sqrt(
+        ((x - c[0]) / radii[0]) ** 2 + ((y - c[1]) / radii[1]) ** 2 + ((z - c[2]) / radii[2]) ** 2
+    )
     corr = max(2.0, r * shape[0] / 2.0 * 0.8)
     level = d * (1.0 + 0.3 * smooth_noise(shape, corr, rng))
     level_o = d * (1.0 + 0.35 * smooth_noise(shape, corr * 1.5, rng))
@@ -203,8 +204,13 @@ def _brats_tumour(
     rim = np.clip(tumour - core, 0, 1) if a_rim > 0 else np.zeros(shape, F32)
     oedema = _sigmoid_edge(oed - level_o, 0.06)
     return {
-        "core": core, "rim": rim, "tumour": tumour, "oedema": np.maximum(oedema, tumour),
-        "centre": c, "outer": float(oed * radii.max() * 1.35), "non_enhancing": a_rim == 0.0,
+        "core": core,
+        "rim": rim,
+        "tumour": tumour,
+        "oedema": np.maximum(oedema, tumour),
+        "centre": c,
+        "outer": float(oed * radii.max() * 1.35),
+        "non_enhancing": a_rim == 0.0,
     }
 
 
@@ -231,12 +237,16 @@ def make_brats_case(
     wm_level = 0.72 + 0.05 * fold - 0.12 * np.clip(-zc - 0.5, 0, None)
     m_wm = _sigmoid_edge(wm_level - head_r, 1.5 * w)
     # deep grey nuclei and lateral ventricles (variable size)
-    deep_r = np.sqrt(((np.abs(x) - 0.2) / 0.11) ** 2 + ((y + 0.02) / 0.16) ** 2
-                     + ((zc - 0.05) / 0.16) ** 2)
+    deep_r = np.sqrt(
+        ((np.abs(x) - 0.2) / 0.11) ** 2 + ((y + 0.02) / 0.16) ** 2 + ((zc - 0.05) / 0.16) ** 2
+    )
     m_deep = _sigmoid_edge(1.0 - deep_r, 0.1)
     vs = F32(rng.uniform(0.7, 1.4))
-    vent_r = np.sqrt(((np.abs(x) - 0.09) / (0.06 * vs)) ** 2 + ((y - 0.05) / 0.33) ** 2
-                     + ((zc - 0.22) / (0.12 * vs)) ** 2)
+    vent_r = np.sqrt(
+        ((np.abs(x) - 0.09) / (0.06 * vs)) ** 2
+        + ((y - 0.05) / 0.33) ** 2
+        + ((zc - 0.22) / (0.12 * vs)) ** 2
+    )
     m_vent = _sigmoid_edge(1.0 - vent_r, 0.08)
     m_falx = _sigmoid_edge(0.012 - np.abs(x), w) * _sigmoid_edge(zc, 0.05) * m_brain
 
@@ -258,8 +268,11 @@ def make_brats_case(
                 seg[(t["tumour"] > 0.5) & (m_brain > 0.5)] = 1
                 layers += [("oedema", oed), ("core", t["tumour"] * m_brain)]
             else:
-                layers += [("oedema", oed), ("rim", t["rim"] * m_brain),
-                           ("core", t["core"] * m_brain)]
+                layers += [
+                    ("oedema", oed),
+                    ("rim", t["rim"] * m_brain),
+                    ("core", t["core"] * m_brain),
+                ]
 
     # confounders: small bright FLAIR/T2 spots in white matter, away from tumours
     n_spots = int(rng.integers(2, 6))
@@ -335,19 +348,29 @@ def make_msd_case(
     size = F32(rng.uniform(0.8, 1.25))
     pz_c = F32(rng.uniform(-0.05, 0.05))
     zext = F32(0.45 * size)
-    pr = np.sqrt((x / (0.24 * size)) ** 2 + ((y + 0.12) / (0.18 * size)) ** 2
-                 + ((z - pz_c) / zext) ** 2)
+    pr = np.sqrt(
+        (x / (0.24 * size)) ** 2 + ((y + 0.12) / (0.18 * size)) ** 2 + ((z - pz_c) / zext) ** 2
+    )
     lob = smooth_noise(shape, max(shape) / 8.0, rng)
     m_prost = _sigmoid_edge(1.0 - pr + 0.05 * lob, 0.04) * F32(lesion)
-    tz = np.sqrt((x / (0.15 * size)) ** 2 + ((y + 0.06) / (0.11 * size)) ** 2
-                 + ((z - pz_c) / (zext * 0.8)) ** 2)
+    tz = np.sqrt(
+        (x / (0.15 * size)) ** 2
+        + ((y + 0.06) / (0.11 * size)) ** 2
+        + ((z - pz_c) / (zext * 0.8)) ** 2
+    )
     m_tz = _sigmoid_edge(1.0 - tz + 0.05 * lob, 0.05) * m_prost
     label = np.zeros(shape, np.uint8)
     label[m_prost > 0.5] = 1
     label[(m_tz > 0.5) & (m_prost > 0.5)] = 2
     # (T2, ADC) per tissue
-    vals = {"fat": (0.9, 0.2), "muscle": (0.3, 0.45), "bladder": (1.0, 1.0),
-            "rectum": (0.25, 0.3), "pz": (0.75, 0.8), "tz": (0.42, 0.52)}
+    vals = {
+        "fat": (0.9, 0.2),
+        "muscle": (0.3, 0.45),
+        "bladder": (1.0, 1.0),
+        "rectum": (0.25, 0.3),
+        "pz": (0.75, 0.8),
+        "tz": (0.42, 0.52),
+    }
     texture = ndi.gaussian_filter(rng.standard_normal(shape, dtype=F32), 1.0)
     texture /= texture.std() + 1e-8
     chans = []
@@ -389,8 +412,10 @@ def make_kits_case(
     m_bone = _sigmoid_edge(1.0 - vert, 0.06)
     m_marrow = _sigmoid_edge(0.7 - vert, 0.06)
     m_aorta = _sigmoid_edge(1.0 - np.sqrt((x + 0.05) ** 2 + (y + 0.18) ** 2) / 0.06, 0.08)
-    m_liver = _sigmoid_edge(1.0 - np.sqrt(((x - 0.45) / 0.4) ** 2 + ((y - 0.05) / 0.45) ** 2
-                                          + ((z - 0.75) / 0.7) ** 2), 0.03)
+    m_liver = _sigmoid_edge(
+        1.0 - np.sqrt(((x - 0.45) / 0.4) ** 2 + ((y - 0.05) / 0.45) ** 2 + ((z - 0.75) / 0.7) ** 2),
+        0.03,
+    )
     seg = np.zeros(shape, np.uint8)
     hu = np.where(m_body > 0.5, F32(-100), F32(-1000)).astype(F32)
     hu = _lerp(np.full(shape, -1000, F32), -100, m_body)
@@ -414,13 +439,19 @@ def make_kits_case(
         hu = _lerp(hu, float(rng.uniform(110, 130)), m_med)
         if side not in lesion_sides:
             continue
-        kinds = ["tumour", "cyst"] if rng.uniform() < 0.25 else [
-            "tumour" if rng.uniform() < 0.7 else "cyst"]
+        kinds = (
+            ["tumour", "cyst"]
+            if rng.uniform() < 0.25
+            else ["tumour" if rng.uniform() < 0.7 else "cyst"]
+        )
         for kind in kinds:
             # lesion centred on the kidney surface at a random angle and height
             ang = rng.uniform(0, 2 * np.pi)
-            lc = (cx + ax[0] * 0.9 * np.cos(ang), cy + ax[1] * 0.9 * np.sin(ang),
-                  cz + rng.uniform(-0.6, 0.6) * ax[2])
+            lc = (
+                cx + ax[0] * 0.9 * np.cos(ang),
+                cy + ax[1] * 0.9 * np.sin(ang),
+                cz + rng.uniform(-0.6, 0.6) * ax[2],
+            )
             lr = float(np.exp(rng.uniform(np.log(0.04), np.log(0.14))))
             d = np.sqrt((x - lc[0]) ** 2 + (y - lc[1]) ** 2 + (z - lc[2]) ** 2) / lr
             if kind == "tumour":
@@ -482,7 +513,9 @@ def _save(arr: Array, affine: Array, path: Path) -> None:
 
 
 _GENERATORS: dict[str, Callable[..., dict[str, Any]]] = {
-    "brats": make_brats_case, "msd": make_msd_case, "kits": make_kits_case,
+    "brats": make_brats_case,
+    "msd": make_msd_case,
+    "kits": make_kits_case,
 }
 
 
@@ -499,8 +532,13 @@ def lesion_free_cases(seed: int, n_cases: int, fraction: float) -> set[int]:
 
 
 def write_case(
-    layout: str, root: Path, name: str, index: int, seed: int,
-    shape: tuple[int, int, int], lesion: bool,
+    layout: str,
+    root: Path,
+    name: str,
+    index: int,
+    seed: int,
+    shape: tuple[int, int, int],
+    lesion: bool,
 ) -> dict[str, Any]:
     """Generate case ``index`` and write its files under ``root``; return its summary."""
     data = _GENERATORS[layout](shape, case_rng(seed, index), lesion=lesion)
@@ -541,8 +579,15 @@ def _brats_name_mapping(names: list[str], seed: int) -> str:
     rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 2**31 - 2]))
     buf = io.StringIO()
     wr = csv.writer(buf, lineterminator="\n")
-    wr.writerow(["Grade", "BraTS_2017_subject_ID", "BraTS_2018_subject_ID",
-                 "BraTS_2019_subject_ID", "BraTS_2020_subject_ID"])
+    wr.writerow(
+        [
+            "Grade",
+            "BraTS_2017_subject_ID",
+            "BraTS_2018_subject_ID",
+            "BraTS_2019_subject_ID",
+            "BraTS_2020_subject_ID",
+        ]
+    )
     for n in names:
         wr.writerow(["HGG" if rng.uniform() < 0.76 else "LGG", "NA", "NA", "NA", n])
     return buf.getvalue()
@@ -552,7 +597,7 @@ def _msd_dataset_json(names: list[str]) -> dict[str, Any]:
     return {
         "name": "PROSTATE",
         "description": "Prostate transitional zone and peripheral zone segmentation "
-                       "(ensemblecam synthetic phantom)",
+        "(ensemblecam synthetic phantom)",
         "reference": "ensemblecam synth",
         "licence": "CC-BY-SA 4.0",
         "relase": "1.0 synthetic",
@@ -561,8 +606,9 @@ def _msd_dataset_json(names: list[str]) -> dict[str, Any]:
         "labels": {"0": "background", "1": "PZ", "2": "TZ"},
         "numTraining": len(names),
         "numTest": 0,
-        "training": [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"}
-                     for n in names],
+        "training": [
+            {"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"} for n in names
+        ],
         "test": [],
     }
 
@@ -588,8 +634,9 @@ def synth_dataset(cfg: SynthConfig, force: bool = False) -> Path:
         (partial / "imagesTr").mkdir()
         (partial / "labelsTr").mkdir()
     free = lesion_free_cases(cfg.seed, cfg.n_cases, cfg.tumour_free_fraction)
-    jobs = [(cfg.layout, partial, n, i, cfg.seed, shape, i not in free)
-            for i, n in enumerate(names)]
+    jobs = [
+        (cfg.layout, partial, n, i, cfg.seed, shape, i not in free) for i, n in enumerate(names)
+    ]
     workers = min(cfg.workers, len(jobs), os.cpu_count() or 1)
     bar = dict(total=len(jobs), desc=f"synth {cfg.layout}", unit="case", disable=None)
     if workers <= 1:
@@ -603,21 +650,31 @@ def synth_dataset(cfg: SynthConfig, force: bool = False) -> Path:
     elif cfg.layout == "msd":
         write_json(partial / "dataset.json", _msd_dataset_json(names))
     else:
-        write_json(partial / "kits.json", [
-            {"case_id": n, "case_index": i,
-             "malignant": bool(info["lesion_voxels"] > 0)}
-            for i, (n, info) in enumerate(zip(names, infos, strict=True))])
-    write_text(partial / PHANTOM_FILE, json.dumps({
-        "generator": "ensemblecam synth",
-        "version": GENERATOR_VERSION,
-        "layout": cfg.layout,
-        "seed": cfg.seed,
-        "shape": list(shape),
-        "n_cases": cfg.n_cases,
-        "tumour_free_fraction": cfg.tumour_free_fraction,
-        "stored_axcodes": list(_AXCODES[cfg.layout]),
-        "spacing_mm": list(_SPACING[cfg.layout]),
-        "cases": [{**info, "lesion_free": i in free} for i, info in enumerate(infos)],
-    }, indent=1) + "\n")
+        write_json(
+            partial / "kits.json",
+            [
+                {"case_id": n, "case_index": i, "malignant": bool(info["lesion_voxels"] > 0)}
+                for i, (n, info) in enumerate(zip(names, infos, strict=True))
+            ],
+        )
+    write_text(
+        partial / PHANTOM_FILE,
+        json.dumps(
+            {
+                "generator": "ensemblecam synth",
+                "version": GENERATOR_VERSION,
+                "layout": cfg.layout,
+                "seed": cfg.seed,
+                "shape": list(shape),
+                "n_cases": cfg.n_cases,
+                "tumour_free_fraction": cfg.tumour_free_fraction,
+                "stored_axcodes": list(_AXCODES[cfg.layout]),
+                "spacing_mm": list(_SPACING[cfg.layout]),
+                "cases": [{**info, "lesion_free": i in free} for i, info in enumerate(infos)],
+            },
+            indent=1,
+        )
+        + "\n",
+    )
     commit_output_dir(partial, out)
     return out

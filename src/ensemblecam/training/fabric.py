@@ -35,8 +35,7 @@ def make_fabric(cfg: DeviceConfig) -> Any:
         raise InputError(f"device options: {msg}") from exc
 
 
-def start_run(fabric: Any, seed: int, partial: Path, resuming: bool, stage: str = "train"
-              ) -> None:
+def start_run(fabric: Any, seed: int, partial: Path, resuming: bool, stage: str = "train") -> None:
     """Seed every process; rank 0 (re)creates the run's ``.partial`` folder (marked as
     ensemblecam's), kept when ``resuming``; all processes wait for it."""
     fabric.seed_everything(seed, verbose=False)
@@ -80,7 +79,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` saved."""
     torch.set_rng_state(state["torch"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), int(pos),
-                         int(has_gauss), float(gauss)))
+    np.random.set_state(
+        (
+            name,
+            np.asarray(keys, dtype=np.int64).astype(np.uint32),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        )
+    )
     version, internal, py_gauss = state["python"]
     random.setstate((int(version), tuple(int(v) for v in internal), py_gauss))

@@ -86,8 +86,14 @@ def epoch_key(row: dict[str, Any], monitor: str | None) -> tuple[float, float]:
 
 
 def train_one_epoch(
-    fabric: Any, model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-    loss_fn: LossFn, batch_size: int, desc: str, progress: bool | None,
+    fabric: Any,
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    batch_size: int,
+    desc: str,
+    progress: bool | None,
 ) -> tuple[float, float, float]:
     """One pass over ``loader``: (mean loss over all ranks, images seen by all ranks, seconds).
 
@@ -192,8 +198,14 @@ def _restore(
 
 
 def _epoch(
-    fabric: Any, task: Task, model: nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: Any, data: EpochData, epoch: int, progress: bool | None,
+    fabric: Any,
+    task: Task,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    data: EpochData,
+    epoch: int,
+    progress: bool | None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train and validate one epoch: (row, all validation values)."""
     data.sampler.set_epoch(epoch)
@@ -215,8 +227,14 @@ def _epoch(
 
 
 def _save_epoch(
-    fabric: Any, task: Task, model: nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: Any, run: _LoopState, val: dict[str, Any], improved: bool,
+    fabric: Any,
+    task: Task,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    run: _LoopState,
+    val: dict[str, Any],
+    improved: bool,
 ) -> None:
     """Rank 0: best.pt (if ``improved``), last.pt with the resume state, metrics.csv, a log line."""
     row = run.history[-1]

@@ -52,7 +52,9 @@ def _save_figure(fig: Any, path: Path) -> None:
 
 
 def plot_learning_curve(
-    path: Path, history: list[dict[str, Any]], best_epoch: int,
+    path: Path,
+    history: list[dict[str, Any]],
+    best_epoch: int,
     scores: Sequence[tuple[str, str]] = (("auroc", "val AUROC"), ("f1", "val F1")),
 ) -> None:
     """Train/val loss (left) and validation ``scores`` (key, label) (right) per epoch; the
