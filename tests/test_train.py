@@ -124,7 +124,7 @@ def test_small_resnet_learns(tmp_path: Path) -> None:
     out = train.train_classifier(cfg, progress=False)
     assert out == tmp_path / "run"
     assert sorted(p.name for p in out.iterdir()) == [
-        ".ensemblecam", "best.pt", "confusion_matrix.png", "last.pt", "learning_curve.png",
+        ".ensemblecam", "best.pt", "confusion_matrix.png", "learning_curve.png",
         "metrics.csv",
         "train.json",
     ]  # fmt: skip

@@ -3,7 +3,7 @@
 One run writes, in ``<out>`` (built as ``.<out>.partial`` and renamed when complete)::
 
     best.pt               checkpoint of the best validation epoch (``monitor``)
-    last.pt               checkpoint of the last epoch + optimizer/scheduler/RNG state
+    last.pt               last epoch + optimizer/scheduler/RNG state, only while training runs
                           (rewritten atomically every epoch; ``--resume`` continues from it)
     metrics.csv           one row per epoch: train loss, val loss and classifier metrics
     learning_curve.png    losses and val AUROC per epoch
@@ -362,7 +362,7 @@ def _finish(plan: RunPlan, history: list[dict[str, Any]], best_epoch: int) -> No
         "n_val": len(plan.val_idx),
         "resumed_from": plan.resume_epoch,
         "config": plan.cfg.model_dump(mode="json"),
-        "files": ["best.pt", "last.pt", "metrics.csv", "learning_curve.png",
+        "files": ["best.pt", "metrics.csv", "learning_curve.png",
                   "confusion_matrix.png"],
     }  # fmt: skip
     fsutil.write_json(plan.partial / RUN_MARKER, summary)

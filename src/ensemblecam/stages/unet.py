@@ -10,8 +10,8 @@ One run writes, in ``<out>`` (built as ``.<out>.partial`` and renamed when compl
 
     best.pt               checkpoint of the best validation epoch (highest val lesion Dice,
                           ties to the lower val loss); the last epoch without validation
-    last.pt               last epoch + optimizer/RNG state, rewritten every epoch; a killed
-                          run resumes from it when started again with the same settings
+    last.pt               last epoch + optimizer/RNG state, rewritten every epoch and deleted
+                          at the end; a killed run resumes from it (same settings)
     metrics.csv           one row per epoch (METRIC_COLUMNS)
     learning_curve.png    losses and val lesion Dice per epoch
     unet.json             run summary, written last: its presence means the run is complete
@@ -340,7 +340,7 @@ def _finish(plan: UNetPlan, history: list[dict[str, Any]], best_epoch: int) -> N
         "n_train": len(plan.train_idx),
         "n_val": len(plan.val_idx),
         "resumed": plan.resume_from is not None,
-        "files": ["best.pt", "last.pt", "metrics.csv", "learning_curve.png"],
+        "files": ["best.pt", "metrics.csv", "learning_curve.png"],
     }
     fsutil.write_json(plan.partial / RUN_MARKER, summary)
     fsutil.commit_output_dir(plan.partial, plan.out, "unet")

@@ -9,7 +9,8 @@ columns>, time_s}``. Rank 0 then writes, in the run's ``.partial`` folder:
     best.pt       when the epoch's key (:func:`epoch_key`) beats the best so far (ties keep
                   the earlier epoch); info["metrics"] = the row (+ ``Task.extras``)
     last.pt       every epoch, with ``train_state`` = {optimizer, scheduler (if any),
-                  epoch, rng, history, best_value, best_epoch} for resuming
+                  epoch, rng, history, best_value, best_epoch} for resuming; deleted when
+                  the last epoch is done (resume state is needed only while training runs)
     metrics.csv   the history (``Task.columns``)
 
 ``last.pt`` holds tensors and plain data only (``torch.load(weights_only=True)``). A run
@@ -180,6 +181,8 @@ def fit(fabric: Any, task: Task, progress: bool | None, stop_after_epoch: int | 
         if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < task.epochs:
             return "stopped"
     if rank0:
+        # the resume state (optimizer, RNG, last weights) is needed only while training runs
+        (task.partial / "last.pt").unlink(missing_ok=True)
         task.finish(run.history, run.best_epoch)
     fabric.barrier()
     return "done" if rank0 else "worker"
