@@ -332,6 +332,7 @@ def _run(fabric: Any, plan: RunPlan, progress: bool | None, stop_after_epoch: in
         make_data=lambda fab: _data(fab, plan),
         finish=lambda history, best_epoch: _finish(plan, history, best_epoch),
         log_keys=("val_loss", "auroc", "f1"), extras=("confusion",),
+        prefix=f"train {cfg.model} {plan.fold.name} ",
     )  # fmt: skip
     return fit(fabric, task, progress, stop_after_epoch)
 

@@ -319,7 +319,7 @@ def _run(fabric: Any, plan: UNetPlan, progress: bool | None, stop_after_epoch: i
             model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
         make_data=lambda fab: _data(fab, plan),
         finish=lambda history, best_epoch: _finish(plan, history, best_epoch),
-        log_keys=("val_loss", "lesion_dice"), prefix="unet ",
+        log_keys=("val_loss", "lesion_dice"), prefix=f"unet {'supervised' if plan.targets == 'store' else 'pseudo'} {plan.fold.name} ",
     )  # fmt: skip
     return fit(fabric, task, progress, stop_after_epoch)
 
