@@ -310,6 +310,7 @@ def _run(fabric: Any, plan: UNetPlan, progress: bool | None, stop_after_epoch: i
     "worker", see :func:`ensemblecam.training.loop.fit`). best.pt: highest val lesion Dice,
     ties to the lower val loss; without validation the last epoch."""
     cfg = plan.cfg
+    kind = "supervised" if plan.targets == "store" else "pseudo-labels"
     task = Task(
         stage="unet", out=plan.out, partial=plan.partial, resume_from=plan.resume_from,
         seed=cfg.seed, epochs=cfg.epochs, batch_size=cfg.batch_size, info=dict(plan.info),
@@ -319,7 +320,7 @@ def _run(fabric: Any, plan: UNetPlan, progress: bool | None, stop_after_epoch: i
             model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
         make_data=lambda fab: _data(fab, plan),
         finish=lambda history, best_epoch: _finish(plan, history, best_epoch),
-        log_keys=("val_loss", "lesion_dice"), prefix=f"unet {'supervised' if plan.targets == 'store' else 'pseudo'} {plan.fold.name} ",
+        log_keys=("val_loss", "lesion_dice"), prefix=f"unet {kind} {plan.fold.name} ",
     )  # fmt: skip
     return fit(fabric, task, progress, stop_after_epoch)
 
