@@ -26,7 +26,6 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from ensemblecam import models
 from ensemblecam.cli import app
 from ensemblecam.cli._common import INTERRUPTED, check_output, one_line_errors
 from ensemblecam.config import MAX_SHOWN, CamConfig, PrepareConfig, load_config
@@ -38,6 +37,7 @@ from ensemblecam.io.store import SliceStore
 from ensemblecam.stages import prepare as prep
 from ensemblecam.stages.cam import run_cam
 from ensemblecam.stages.prepare import prepare_store
+from nets import tiny_checkpoint
 from nifti_factory import brats_dataset, msd_dataset, write_nifti
 from store_factory import build_store
 
@@ -101,23 +101,7 @@ def brats(tmp_path: Path) -> Path:
 
 def checkpoint(path: Path, store: SliceStore) -> Path:
     """A tiny untrained classifier checkpoint fitting ``store``."""
-    import torch
-
-    torch.manual_seed(0)
-    args = {"in_channels": len(store.channels), "num_classes": 2, "width": 4}
-    model = models.build_model("simplecnn", **args)
-    models.save_checkpoint(
-        path,
-        model,
-        {
-            "model": "simplecnn",
-            "model_args": args,
-            "channels": store.channels,
-            "size": list(store.size),
-            "cam_layer": models.cam_layer(model),
-        },
-    )
-    return path
+    return tiny_checkpoint(path, store.channels, store.size)
 
 
 # ----------------------------------------------------------------------------- item 3

@@ -33,6 +33,7 @@ from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
 from ensemblecam.models.segmenters import load_unet
 from ensemblecam.stages import unet
+from nets import tiny_checkpoint
 from nifti_factory import brats_dataset
 from store_factory import build_store
 
@@ -122,23 +123,6 @@ def ok(args: list[Any]) -> str:
     res = CliRunner().invoke(app, [str(a) for a in args])
     assert res.exit_code == 0, res.output
     return res.output
-
-
-def _tiny_checkpoint(path: Path) -> Path:
-    args = {"in_channels": 1, "num_classes": 2, "width": 4}
-    model = models.build_model("simplecnn", **args)
-    models.save_checkpoint(
-        path,
-        model,
-        {
-            "model": "simplecnn",
-            "model_args": args,
-            "channels": ["flair"],
-            "size": [32, 32],
-            "cam_layer": "features",
-        },
-    )
-    return path
 
 
 def _fake_run(root: Path, checkpoint_marker: Path | None = None) -> Path:
@@ -407,7 +391,7 @@ def test_force_never_replaces_inputs_or_foreign_folders(tmp_path: Path, tiny_sto
 
 
 def test_refusals_leave_nothing(tmp_path: Path, tiny_store: Path) -> None:
-    ck = _tiny_checkpoint(tmp_path / "in" / "s4" / "best.pt")
+    ck = tiny_checkpoint(tmp_path / "in" / "s4" / "best.pt", ["flair"], [32, 32])
     keep = [tiny_store, ck]
     refused(
         [
