@@ -1,0 +1,479 @@
+"""Three-class pseudo-labels from CAM members, searched thresholds and slice labels.
+
+Convention: a pseudo-label array is uint8 with ``1`` = confident lesion, ``0`` = confident
+background and :data:`IGNORE` (255) = uncertain, left out of the segmenter's loss
+(:func:`ensemblecam.training.losses.masked_dice_ce`). Every function works on one image of any
+dimension (a 2-D slice or a 3-D volume): ``maps`` (K, *S) member maps in [0, 1],
+``thresholds`` (K,) the searched member thresholds (a member is "lesion" where
+``map > t``), ``image`` (C, *S) intensities, ``label`` the image-level label (1 lesion).
+
+The chain (:func:`pseudo_label`):
+
+1. ``label == 0`` -> all background (the weak label is certain about it). Otherwise the
+   member maps are first smoothed by a Gaussian of ``smooth_sigma`` pixels if > 0 (the
+   thresholds must then have been searched on maps smoothed the same way).
+2. Relative scores ``r_k`` (:func:`relative_scores`): ``(m - t) / (1 - t)`` above the
+   threshold, ``(m - t) / t`` below it, so ``r`` is in [-1, 1] and 0 at the searched
+   threshold whatever its value. Seeds (:func:`seed_labels`): lesion where at least
+   ``agreement`` members have ``r_k >= fg_margin``; background where every member has
+   ``r_k <= -bg_margin``; the rest ignore.
+3. Optional refinement on the image: ``"random_walker"`` (scikit-image's seeded random
+   walker; its ``beta`` is scaled by the image's standard deviation, so no intensity
+   constant is fitted) or ``"crf"`` (mean-field dense CRF with a Gaussian and a bilateral
+   kernel on the per-channel standardised image; unaries from the seeds, ``crf_confidence``
+   on seeds and 0.5 on ignore, or from the members' soft score :func:`soft_score`).
+   Pixels whose refined lesion probability lies within ``band`` of 0.5 become ignore;
+   seeds keep their class.
+4. Component filtering (:func:`filter_components`): lesion components holding no lesion
+   seed, or smaller than ``min_component`` x the largest one, become ignore.
+5. A lesion-labelled image never ends empty: the fallback (:func:`top_region`) labels as
+   lesion the connected region of the mean map >= ``top_fraction`` x its maximum that holds
+   the maximum.
+6. Optional ``boundary_ignore`` pixels around each lesion boundary become ignore.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from ensemblecam.errors import InputError
+
+#: pseudo-label value of uncertain pixels (uint8), left out of the loss
+IGNORE = 255
+REFINERS = ("none", "random_walker", "crf")
+CRF_BACKENDS = ("auto", "torch", "monai")
+CRF_UNARIES = ("seeds", "soft")
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    """Options of :func:`pseudo_label` (module docstring); :meth:`check` validates them."""
+
+    smooth_sigma: float = 0.0  # Gaussian smoothing of the member maps (pixels), 0 = none
+    fg_margin: float = 0.0
+    bg_margin: float = 0.0
+    agreement: int | None = None  # members that must agree on lesion seeds; None = all
+    refiner: str = "random_walker"
+    band: float = 0.0
+    rw_beta: float = 130.0
+    crf_iterations: int = 10
+    crf_spatial_sigma: float = 3.0
+    crf_color_sigma: float = 0.5
+    crf_bilateral_weight: float = 1.0
+    crf_gaussian_weight: float = 0.0
+    crf_update_factor: float = 3.0
+    crf_backend: str = "auto"
+    crf_unary: str = "seeds"  # "seeds": p = 1 - e / e / 0.5 on lesion / background / ignore
+    crf_confidence: float = 0.9  # 1 - e of "seeds" unaries
+    min_component: float = 0.0
+    keep_seeded: bool = True
+    top_fraction: float = 0.8
+    boundary_ignore: int = 0
+
+    def check(self, n_members: int | None = None) -> RefineOptions:
+        """Return ``self`` or raise :class:`InputError` naming the first bad option."""
+
+        def bad(name: str, what: str) -> InputError:
+            return InputError(f"refine.{name} {getattr(self, name)!r}: {what}")
+
+        if not (math.isfinite(self.smooth_sigma) and self.smooth_sigma >= 0):
+            raise bad("smooth_sigma", "expected a finite number of pixels >= 0")
+        for name in ("fg_margin", "bg_margin"):
+            if not -1.0 <= getattr(self, name) < 1.0:
+                raise bad(name, "expected a relative margin in [-1, 1)")
+        if self.agreement is not None and (
+            self.agreement < 1 or (n_members is not None and self.agreement > n_members)
+        ):
+            raise bad("agreement", f"expected 1..{n_members or 'members'} or null (all)")
+        if self.refiner not in REFINERS:
+            raise bad("refiner", f"expected one of {', '.join(REFINERS)}")
+        if not 0.0 <= self.band < 0.5:
+            raise bad("band", "expected a probability margin in [0, 0.5)")
+        positive = ("rw_beta", "crf_spatial_sigma", "crf_color_sigma")
+        for name in positive:
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise bad(name, "expected a finite number > 0")
+        for name in ("crf_bilateral_weight", "crf_gaussian_weight", "crf_update_factor"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise bad(name, "expected a finite number >= 0")
+        if self.crf_iterations < 1:
+            raise bad("crf_iterations", "expected an integer >= 1")
+        if self.crf_unary not in CRF_UNARIES:
+            raise bad("crf_unary", f"expected one of {', '.join(CRF_UNARIES)}")
+        if not 0.5 < self.crf_confidence < 1.0:
+            raise bad("crf_confidence", "expected a probability in (0.5, 1)")
+        if self.crf_backend not in CRF_BACKENDS:
+            raise bad("crf_backend", f"expected one of {', '.join(CRF_BACKENDS)}")
+        if not 0.0 <= self.min_component <= 1.0:
+            raise bad("min_component", "expected a fraction of the largest component in [0, 1]")
+        if not 0.0 < self.top_fraction <= 1.0:
+            raise bad("top_fraction", "expected a fraction of the maximum in (0, 1]")
+        if self.boundary_ignore < 0:
+            raise bad("boundary_ignore", "expected a pixel count >= 0")
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RefineOptions:
+        """Options from a mapping; an unknown key is an :class:`InputError`."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(
+                f"refine: unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})"
+            )
+        return cls(**values).check()
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- scores
+
+
+def _check_maps(maps: np.ndarray, thresholds: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    maps = np.asarray(maps, dtype=np.float32)
+    thr = np.asarray(thresholds, dtype=np.float32).reshape(-1)
+    if maps.ndim < 2 or len(thr) != maps.shape[0]:
+        raise InputError(
+            f"refine: {maps.shape[0] if maps.ndim else 0} member maps but "
+            f"{len(thr)} thresholds (maps must be (K, *spatial))"
+        )
+    if np.any((thr < 0) | (thr >= 1)) or not np.all(np.isfinite(thr)):
+        raise InputError(f"refine: thresholds {thr.tolist()}: expected values in [0, 1)")
+    return maps, thr
+
+
+def relative_scores(maps: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """r_k = (m_k - t_k) / (1 - t_k) where m_k > t_k, else (m_k - t_k) / t_k (-1 if t_k = 0).
+
+    In [-1, 1] for maps in [0, 1]; r > 0 exactly where the member says lesion (m > t).
+    """
+    m, t = _check_maps(maps, thresholds)
+    t = t.reshape((-1,) + (1,) * (m.ndim - 1))
+    above = (m - t) / (1.0 - t)
+    below = np.where(t > 0, (m - t) / np.where(t > 0, t, 1.0), -1.0)
+    return np.clip(np.where(m > t, above, below), -1.0, 1.0).astype(np.float32)
+
+
+def soft_score(maps: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """Soft lesion score q = (mean_k r_k + 1) / 2 in [0, 1]; 0.5 at the searched thresholds."""
+    return ((relative_scores(maps, thresholds).mean(axis=0) + 1.0) / 2.0).astype(np.float32)
+
+
+def top_region(score: np.ndarray, top_fraction: float = 0.8) -> np.ndarray:
+    """Bool mask: the connected component of ``score >= top_fraction * max`` holding the
+    maximum (full connectivity); a constant score gives the whole image."""
+    score = np.asarray(score, dtype=np.float32)
+    peak = np.unravel_index(int(np.argmax(score)), score.shape)
+    hi = float(score[peak])
+    cand = score >= top_fraction * hi if hi > 0 else np.ones(score.shape, bool)
+    lab, _ = ndimage.label(cand, ndimage.generate_binary_structure(score.ndim, score.ndim))
+    return lab == lab[peak]
+
+
+def seed_labels(
+    maps: np.ndarray,
+    thresholds: Sequence[float],
+    label: int,
+    fg_margin: float = 0.0,
+    bg_margin: float = 0.0,
+    agreement: int | None = None,
+) -> np.ndarray:
+    """Three-class seeds (uint8 of shape S): 1 where >= ``agreement`` (None: all) members have
+    r_k >= fg_margin; 0 where all have r_k <= -bg_margin; else IGNORE. ``label == 0`` gives
+    all 0. No fallback here (see :func:`pseudo_label`)."""
+    r = relative_scores(maps, thresholds)
+    if int(label) == 0:
+        return np.zeros(r.shape[1:], np.uint8)
+    k = r.shape[0] if agreement is None else int(agreement)
+    out = np.full(r.shape[1:], IGNORE, np.uint8)
+    out[np.all(r <= -bg_margin, axis=0)] = 0
+    out[np.sum(r >= fg_margin, axis=0) >= k] = 1
+    return out
+
+
+# --------------------------------------------------------------------------- refiners
+
+
+def _standardise(image: np.ndarray) -> np.ndarray:
+    """Per-channel (x - mean) / std over the image (std 0 -> 1)."""
+    img = np.asarray(image, dtype=np.float32)
+    axes = tuple(range(1, img.ndim))
+    sd = img.std(axis=axes, keepdims=True)
+    return (img - img.mean(axis=axes, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+
+
+def random_walker_probs(
+    image: np.ndarray, seeds: np.ndarray, beta: float = 130.0
+) -> np.ndarray | None:
+    """Lesion probability (float32, shape S) of scikit-image's seeded random walker on the
+    (C, *S) ``image`` (channels as features), seeds 1 lesion / 0 background / IGNORE
+    unknown. None when one of the two seed classes is absent."""
+    from skimage.segmentation import random_walker
+
+    fg, bg = seeds == 1, seeds == 0
+    if not fg.any() or not bg.any():
+        return None
+    if not (~fg & ~bg).any():
+        return fg.astype(np.float32)
+    rw_labels = np.zeros(seeds.shape, np.int32)
+    rw_labels[bg], rw_labels[fg] = 1, 2
+    data = _standardise(image)
+    with warnings.catch_warnings():  # cg tolerance overshoots of ~1e-3 are clipped below
+        warnings.filterwarnings("ignore", "The probability range is outside", UserWarning)
+        prob = random_walker(
+            data, rw_labels, beta=beta, mode="cg_j", tol=1e-3, channel_axis=0, return_full_prob=True
+        )
+    return np.clip(np.asarray(prob[1], dtype=np.float32), 0.0, 1.0)
+
+
+def _shift(x: Any, offset: Sequence[int], radius: int) -> Any:
+    """x (..., *S) -> y with y[..., i] = x[..., i + offset] (zero outside); torch."""
+    import torch.nn.functional as F
+
+    nd = len(offset)
+    xp = F.pad(x, [radius] * (2 * nd))
+    sl = [slice(radius + o, radius + o + n) for o, n in zip(offset, x.shape[-nd:], strict=True)]
+    return xp[(Ellipsis, *sl)]
+
+
+def crf_probs(
+    image: np.ndarray,
+    prob: np.ndarray,
+    iterations: int = 5,
+    spatial_sigma: float = 3.0,
+    color_sigma: float = 1.0,
+    bilateral_weight: float = 1.0,
+    gaussian_weight: float = 1.0,
+    update_factor: float = 3.0,
+    backend: str = "auto",
+) -> np.ndarray:
+    """Mean-field CRF (2 labels, Potts) of the lesion probability ``prob`` (shape S).
+
+    Q_0 = softmax(U), U = log([1 - p, p]); then ``iterations`` times
+    Q = softmax(U + update_factor * (w_b K_b * Q + w_g K_g * Q)), with K_g(d) =
+    exp(-|d|^2 / 2 s^2) and K_b(x, d) = K_g(d) exp(-|f(x) - f(x + d)|^2 / 2 c^2), f the
+    per-channel standardised image (so ``color_sigma`` c is in standard deviations),
+    s = ``spatial_sigma`` in pixels. Backend "monai" is MONAI's ``CRF`` block (the same
+    update over all pixels by permutohedral filtering; needs MONAI's compiled extension);
+    "torch" sums the kernels over the window |d_i| <= ceil(2 s) exactly in PyTorch; "auto"
+    takes "monai" when its extension is importable, else "torch". Returns P(lesion).
+    """
+    import torch
+
+    p = np.clip(np.asarray(prob, dtype=np.float32), 1e-4, 1 - 1e-4)
+    unary = torch.from_numpy(np.log(np.stack([1 - p, p])))[None]  # (1, 2, *S)
+    feats = torch.from_numpy(_standardise(image))[None]  # (1, C, *S)
+    if backend not in CRF_BACKENDS:
+        raise InputError(
+            f"refine.crf_backend {backend!r}: expected one of {', '.join(CRF_BACKENDS)}"
+        )
+    if backend in ("auto", "monai"):
+        try:
+            from monai.utils import optional_import
+
+            _, has_ext = optional_import("monai._C")
+        except ImportError:  # pragma: no cover - monai is a dependency
+            has_ext = False
+        if backend == "monai" and not has_ext:
+            raise InputError(
+                "refine.crf_backend 'monai': MONAI's compiled extension "
+                "(monai._C) is not installed; use 'torch' or 'auto'"
+            )
+        if has_ext:
+            from monai.networks.blocks import CRF
+
+            crf = CRF(
+                iterations,
+                bilateral_weight,
+                gaussian_weight,
+                spatial_sigma,
+                color_sigma,
+                spatial_sigma,
+                update_factor,
+            )
+            with torch.no_grad():
+                return crf(unary, feats)[0, 1].numpy().astype(np.float32)
+    nd = p.ndim
+    radius = max(1, math.ceil(2 * spatial_sigma))
+    rng = range(-radius, radius + 1)
+    offsets = [o for o in np.ndindex(*([len(rng)] * nd))]
+    kernels = []
+    with torch.no_grad():
+        for idx in offsets:
+            d = [i - radius for i in idx]
+            if not any(d):
+                continue
+            g = math.exp(-sum(v * v for v in d) / (2 * spatial_sigma**2))
+            diff = ((feats - _shift(feats, d, radius)) ** 2).sum(dim=1, keepdim=True)
+            valid = _shift(torch.ones_like(feats[:, :1]), d, radius)
+            wb = bilateral_weight * g * torch.exp(-diff / (2 * color_sigma**2)) * valid
+            kernels.append((d, wb + gaussian_weight * g * valid))
+        q = torch.softmax(unary, dim=1)
+        for _ in range(iterations):
+            msg = torch.zeros_like(q)
+            for d, w in kernels:
+                msg += w * _shift(q, d, radius)
+            q = torch.softmax(unary + update_factor * msg, dim=1)
+    return q[0, 1].numpy().astype(np.float32)
+
+
+# --------------------------------------------------------------------------- filtering
+
+
+def filter_components(
+    labels: np.ndarray, seeds: np.ndarray | None = None, min_component: float = 0.0
+) -> np.ndarray:
+    """Lesion components (full connectivity) that hold no lesion seed (if ``seeds`` given)
+    or are smaller than ``min_component`` x the largest component become IGNORE."""
+    out = np.array(labels, dtype=np.uint8, copy=True)
+    fg = out == 1
+    if not fg.any():
+        return out
+    lab, n = ndimage.label(fg, ndimage.generate_binary_structure(fg.ndim, fg.ndim))
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+    drop = sizes < min_component * sizes.max()
+    if seeds is not None:
+        seeded = np.bincount(lab.ravel(), weights=(seeds == 1).ravel(), minlength=n + 1)[1:]
+        drop |= seeded == 0
+    out[np.isin(lab, np.flatnonzero(drop) + 1)] = IGNORE
+    return out
+
+
+def boundary_band(labels: np.ndarray, width: int) -> np.ndarray:
+    """Bool mask of pixels within ``width`` (chessboard) of a lesion boundary, both sides."""
+    fg = labels == 1
+    if width <= 0 or not fg.any():
+        return np.zeros(fg.shape, bool)
+    st = ndimage.generate_binary_structure(fg.ndim, fg.ndim)
+    grown = ndimage.binary_dilation(fg, st, iterations=width)
+    shrunk = ndimage.binary_erosion(fg, st, iterations=width, border_value=1)
+    return grown & ~shrunk
+
+
+# --------------------------------------------------------------------------- chain
+
+
+def _from_prob(prob: np.ndarray, seeds: np.ndarray, band: float) -> np.ndarray:
+    out = np.full(prob.shape, IGNORE, np.uint8)
+    out[prob > 0.5 + band] = 1
+    out[prob < 0.5 - band] = 0
+    out[seeds == 1] = 1
+    out[seeds == 0] = 0
+    return out
+
+
+def pseudo_label(
+    image: np.ndarray,
+    maps: np.ndarray,
+    thresholds: Sequence[float],
+    label: int,
+    options: RefineOptions | None = None,
+) -> np.ndarray:
+    """Three-class pseudo-label (uint8, shape S: 0 / 1 / IGNORE) of one image (module
+    docstring, steps 1-6). ``image`` (C, *S); ``maps`` (K, *S) in [0, 1]."""
+    opt = (options or RefineOptions()).check(np.shape(maps)[0] if np.ndim(maps) else None)
+    maps, thr = _check_maps(maps, thresholds)
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != maps.ndim or image.shape[1:] != maps.shape[1:]:
+        raise InputError(
+            f"refine: image of shape {image.shape} does not fit maps of shape "
+            f"{maps.shape} (expected (C, *spatial) and (K, *spatial))"
+        )
+    if int(label) not in (0, 1):
+        raise InputError(f"refine: image-level label {label!r}: expected 0 or 1")
+    if int(label) == 0:
+        return np.zeros(maps.shape[1:], np.uint8)
+    if opt.smooth_sigma > 0:
+        maps = ndimage.gaussian_filter(maps, (0,) + (opt.smooth_sigma,) * (maps.ndim - 1))
+    seeds = seed_labels(maps, thr, 1, opt.fg_margin, opt.bg_margin, opt.agreement)
+    if not (seeds == 1).any():
+        seeds[top_region(maps.mean(axis=0), opt.top_fraction)] = 1
+    out = seeds
+    if opt.refiner == "random_walker":
+        prob = random_walker_probs(image, seeds, opt.rw_beta)
+        if prob is not None:
+            out = _from_prob(prob, seeds, opt.band)
+    elif opt.refiner == "crf":
+        if opt.crf_unary == "soft":
+            unary = soft_score(maps, thr)
+        else:
+            unary = np.full(seeds.shape, 0.5, np.float32)
+            unary[seeds == 1], unary[seeds == 0] = opt.crf_confidence, 1 - opt.crf_confidence
+        prob = crf_probs(
+            image,
+            unary,
+            opt.crf_iterations,
+            opt.crf_spatial_sigma,
+            opt.crf_color_sigma,
+            opt.crf_bilateral_weight,
+            opt.crf_gaussian_weight,
+            opt.crf_update_factor,
+            opt.crf_backend,
+        )
+        out = _from_prob(prob, seeds, opt.band)
+    out = filter_components(out, seeds if opt.keep_seeded else None, opt.min_component)
+    if not (out == 1).any():  # never empty: the seeds' lesion (itself never empty)
+        out[seeds == 1] = 1
+    out[boundary_band(out, opt.boundary_ignore) & (out == 1)] = IGNORE
+    if not (out == 1).any():
+        out[seeds == 1] = 1
+    return out
+
+
+def pseudo_labels(
+    images: np.ndarray,
+    maps: np.ndarray,
+    thresholds: Sequence[float],
+    labels: np.ndarray,
+    options: RefineOptions | None = None,
+) -> np.ndarray:
+    """:func:`pseudo_label` of each of N images: ``images`` (N, C, *S), ``maps``
+    (K, N, *S) or a sequence of K (N, *S) arrays, ``labels`` (N,); returns uint8 (N, *S)."""
+    labels = np.asarray(labels).reshape(-1)
+    n = len(labels)
+    if len(images) != n or any(len(m) != n for m in maps):
+        raise InputError(
+            f"refine: {len(images)} images, {[len(m) for m in maps]} maps per "
+            f"member and {n} labels: expected the same count"
+        )
+    opt = (options or RefineOptions()).check(len(maps))
+    out = np.zeros((n, *np.shape(images)[2:]), np.uint8)
+    for i in range(n):
+        if labels[i] == 0:
+            continue
+        m = np.stack([np.asarray(mm[i], np.float32) for mm in maps])
+        out[i] = pseudo_label(images[i], m, thresholds, int(labels[i]), opt)
+    return out
+
+
+def pseudo_label_quality(pseudo: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Scores of pseudo-labels against true masks: ``lesion_dice`` (IGNORE counted as
+    background), ``precision``/``recall`` of the lesion class, ``labelled_accuracy`` over
+    non-ignored pixels, ``ignored_fraction`` and ``ignored_lesion_fraction`` (of true
+    lesion pixels left out). All accumulated over the whole array."""
+    p = np.asarray(pseudo)
+    t = np.asarray(truth).astype(bool)
+    fg, known = p == 1, p != IGNORE
+    tp = float(np.sum(fg & t))
+    fp = float(np.sum(fg & ~t))
+    fn = float(np.sum(~fg & t))
+    n_known = float(known.sum())
+    correct = float(np.sum(known & (fg == t)))
+    return {
+        "lesion_dice": 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0,
+        "precision": tp / (tp + fp) if tp + fp else 1.0,
+        "recall": tp / (tp + fn) if tp + fn else 1.0,
+        "labelled_accuracy": correct / n_known if n_known else 1.0,
+        "ignored_fraction": 1.0 - n_known / p.size if p.size else 0.0,
+        "ignored_lesion_fraction": float(np.sum(~known & t)) / float(t.sum()) if t.any() else 0.0,
+    }
