@@ -401,6 +401,24 @@ def output_guard(
         raise
 
 
+@contextmanager
+def reading_text(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Turn an unreadable, non-UTF-8 or malformed CSV/text file ``what`` met in the block
+    into one :class:`InputError` line naming ``path``."""
+    import csv
+
+    try:
+        yield
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read {what} ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{path}: {what} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x})"
+        ) from exc
+    except csv.Error as exc:
+        raise InputError(f"{path}: malformed {what} ({exc})") from exc
+
+
 def csv_text(rows: list[dict[str, Any]]) -> str:
     """Rows of dicts as CSV text (header = first row's keys; lists joined by '+', None blank)."""
     import csv

@@ -243,33 +243,27 @@ def list_split(path: str | os.PathLike[str], known: list[str]) -> list[Fold]:
         raise InputError(f"{path}: split list not found")
     folds: list[Fold] = []
     if path.suffix.lower() == ".csv":
-        try:
-            with open(path, newline="", encoding="utf-8-sig") as fh:
-                reader = csv.DictReader(fh)
-                if not {"case", "part"} <= set(reader.fieldnames or []):
-                    raise InputError(f"{path}: needs columns case,part[,fold]")
-                by_fold: dict[str, Fold] = {}
-                for line, row in enumerate(reader, start=2):
-                    name = (row.get("fold") or "").strip() or "fold0"
-                    if name.isdigit():
-                        name = f"fold{name}"
-                    part = (row["part"] or "").strip()
-                    if part not in PARTS:
-                        raise InputError(
-                            f"{path}: line {line}: part {short_repr(part)} is "
-                            f"not one of {', '.join(PARTS)}"
-                        )
-                    fold = by_fold.setdefault(name, Fold(name))
-                    getattr(fold, part).append((row["case"] or "").strip())
-                folds = list(by_fold.values())
-        except OSError as exc:
-            raise InputError(f"{path}: cannot read split list ({exc.strerror or exc})") from exc
-        except UnicodeDecodeError as exc:
-            raise InputError(
-                f"{path}: split list is not UTF-8 text (byte 0x{exc.object[exc.start]:02x})"
-            ) from exc
-        except csv.Error as exc:
-            raise InputError(f"{path}: malformed split list ({exc})") from exc
+        with (
+            fsutil.reading_text(path, "split list"),
+            open(path, newline="", encoding="utf-8-sig") as fh,
+        ):
+            reader = csv.DictReader(fh)
+            if not {"case", "part"} <= set(reader.fieldnames or []):
+                raise InputError(f"{path}: needs columns case,part[,fold]")
+            by_fold: dict[str, Fold] = {}
+            for line, row in enumerate(reader, start=2):
+                name = (row.get("fold") or "").strip() or "fold0"
+                if name.isdigit():
+                    name = f"fold{name}"
+                part = (row["part"] or "").strip()
+                if part not in PARTS:
+                    raise InputError(
+                        f"{path}: line {line}: part {short_repr(part)} is "
+                        f"not one of {', '.join(PARTS)}"
+                    )
+                fold = by_fold.setdefault(name, Fold(name))
+                getattr(fold, part).append((row["case"] or "").strip())
+            folds = list(by_fold.values())
     else:
         data = fsutil.read_json(path, "split list")
         if isinstance(data, dict) and "folds" in data:

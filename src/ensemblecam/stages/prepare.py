@@ -297,40 +297,34 @@ def read_labels_csv(path: Path, plans: list[CasePlan], axis: int) -> None:
     by_name = {p.name: p for p in plans}
     for p in plans:
         p.csv_labels = {}
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            missing = {"case", "slice", "label"} - set(reader.fieldnames or [])
-            if missing:
-                raise InputError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-            for line, row in enumerate(reader, start=2):
-                name = (row["case"] or "").strip()
-                if name not in by_name:
-                    raise InputError(f"{path}: line {line}: unknown case {name!r}")
-                plan = by_name[name]
-                try:
-                    s, label = int(row["slice"]), int(row["label"])
-                except (TypeError, ValueError) as exc:
-                    raise InputError(f"{path}: line {line}: bad slice or label ({exc})") from exc
-                n_s = plan.canonical_shape[axis]
-                if not 0 <= s < n_s:
-                    raise InputError(
-                        f"{path}: line {line}: case {name!r} has no slice {s} (0..{n_s - 1})"
-                    )
-                if label not in (0, 1):
-                    raise InputError(f"{path}: line {line}: label {label} is not 0 or 1")
-                assert plan.csv_labels is not None
-                if s in plan.csv_labels:
-                    raise InputError(f"{path}: line {line}: case {name!r} slice {s} given twice")
-                plan.csv_labels[s] = label
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read labels CSV ({exc.strerror or exc})") from exc
-    except UnicodeDecodeError as exc:
-        raise InputError(
-            f"{path}: labels CSV is not UTF-8 text (byte 0x{exc.object[exc.start]:02x})"
-        ) from exc
-    except csv.Error as exc:
-        raise InputError(f"{path}: malformed labels CSV ({exc})") from exc
+    with (
+        fsutil.reading_text(path, "labels CSV"),
+        open(path, newline="", encoding="utf-8-sig") as fh,
+    ):
+        reader = csv.DictReader(fh)
+        missing = {"case", "slice", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise InputError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+        for line, row in enumerate(reader, start=2):
+            name = (row["case"] or "").strip()
+            if name not in by_name:
+                raise InputError(f"{path}: line {line}: unknown case {name!r}")
+            plan = by_name[name]
+            try:
+                s, label = int(row["slice"]), int(row["label"])
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"{path}: line {line}: bad slice or label ({exc})") from exc
+            n_s = plan.canonical_shape[axis]
+            if not 0 <= s < n_s:
+                raise InputError(
+                    f"{path}: line {line}: case {name!r} has no slice {s} (0..{n_s - 1})"
+                )
+            if label not in (0, 1):
+                raise InputError(f"{path}: line {line}: label {label} is not 0 or 1")
+            assert plan.csv_labels is not None
+            if s in plan.csv_labels:
+                raise InputError(f"{path}: line {line}: case {name!r} slice {s} given twice")
+            plan.csv_labels[s] = label
     for plan in plans:
         assert plan.csv_labels is not None
         lacking = [s for s in plan.slices if s not in plan.csv_labels]
