@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -94,16 +95,38 @@ def test_end_to_end_results_export_report(finished_run: Path, phantom: Path) -> 
         best = json.loads((finished_run / f / "search" / "best.json").read_text())
         ens = next(r for r in res["rows"] if r["kind"] == "ensemble")
         assert ens["config"][f]["thresholds"] == best["thresholds"]
-    # every case is evaluated once (k-fold test parts) and exported in its scan geometry
-    index = json.loads((finished_run / "export" / "index.json").read_text())
+    # every case is evaluated once (k-fold test parts) and exported in its scan geometry:
+    # export/ the self-trained U-Net's masks (the final method), export_ensemble/ the ensemble's
     cases = sorted(p.name for p in phantom.iterdir() if p.is_dir())
-    assert sorted(index["cases"]) == cases
-    for case in cases:
-        src = nib.load(phantom / case / f"{case}_flair.nii.gz")
-        out = nib.load(finished_run / "export" / f"{case}.nii.gz")
-        assert out.shape == src.shape
-        np.testing.assert_allclose(out.affine, src.affine)
-        assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
+    own = next(r for r in res["rows"] if r["kind"] == "pseudo_unet")
+    assert own["name"] == "U-Net self-trained on ensemble pseudo-labels"
+    for folder, method, masks in (
+        ("export", "self_trained", "pseudo_unet/masks.npz"),
+        ("export_ensemble", "ensemble", "masks.npz"),
+    ):
+        index = json.loads((finished_run / folder / "index.json").read_text())
+        assert index["source"]["method"] == method
+        assert sorted(index["cases"]) == cases
+        # the files hold exactly the evaluated masks of that method (no crop: voxel counts add)
+        total = 0
+        for f in res["folds"]:
+            with np.load(finished_run / f / "eval" / masks, allow_pickle=False) as npz:
+                total += int(npz["masks"].sum())
+        assert sum(c["mask_voxels"] for c in index["cases"].values()) == total
+        for case in cases:
+            src = nib.load(phantom / case / f"{case}_flair.nii.gz")
+            out = nib.load(finished_run / folder / f"{case}.nii.gz")
+            assert out.shape == src.shape
+            np.testing.assert_allclose(out.affine, src.affine)
+            assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
+    # the self-trained U-Net's kept masks are the ones its row scored (per-slice tp + fp)
+    for f in res["folds"]:
+        with np.load(finished_run / f / "eval" / "pseudo_unet" / "masks.npz") as npz:
+            index, masks = npz["index"], npz["masks"]
+        with open(finished_run / f / "eval" / "pseudo_unet" / "per_slice.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        assert [int(r["index"]) for r in rows] == index.tolist()
+        assert [int(r["tp"]) + int(r["fp"]) for r in rows] == masks.sum(axis=(1, 2)).tolist()
     html = (finished_run / "report" / "report.html").read_text()
     assert "paper_miou" in html and "data:image/png;base64," in html
     run = json.loads((finished_run / "run.json").read_text())
@@ -131,18 +154,58 @@ def test_rerun_skips_everything_and_changed_option_reruns_dependents(
     assert "fold0/search" in ran and "fold1/evaluate" in ran
     assert not any("/train/" in r or r.endswith("/cam") or r in ("prepare", "split") for r in ran)
     assert not any(r.endswith("/unet") for r in ran)  # the supervised U-Net does not depend on it
+    # without the self-trained U-Net, export/ holds the ensemble's masks and the ensemble's
+    # own export folder goes; nothing is retrained
+    off = _config(finished_run.parent, phantom, search__grid="0:0.9:0.3", run__pseudo_unet=False)
+    pipeline.run_pipeline(off, force=True, progress=False)
+    ran = json.loads((finished_run / "run.json").read_text())["ran_this_time"]
+    assert "export" in ran and not any("/train/" in r or "pseudo" in r for r in ran)
+    index = json.loads((finished_run / "export" / "index.json").read_text())
+    assert index["source"]["method"] == "ensemble"
+    assert not (finished_run / "export_ensemble").exists()
+    kinds = [r["kind"] for r in json.loads((finished_run / "results.json").read_text())["rows"]]
+    assert "pseudo_unet" not in kinds
+    pipeline.run_pipeline(changed, force=True, progress=False)  # back on: both exports again
+    index = json.loads((finished_run / "export" / "index.json").read_text())
+    assert index["source"]["method"] == "self_trained"
+    assert (finished_run / "export_ensemble" / "index.json").is_file()
 
 
-def test_predict_on_scans_without_seg(finished_run: Path, phantom: Path, tmp_path: Path) -> None:
+def test_predict_on_scans_without_seg(
+    finished_run: Path, phantom: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     new = tmp_path / "new"
     shutil.copytree(phantom, new, ignore=shutil.ignore_patterns("*_seg.nii.gz"))
     out = pipeline.predict(finished_run, new, tmp_path / "masks", progress=False)
+    index = json.loads((out / "index.json").read_text())
+    fold = index["source"]["fold"]
+    assert index["source"]["method"] == "self_trained"  # the run's final method by default
+    said = capsys.readouterr().out
+    assert f"predict: {fold}, U-Net self-trained on ensemble pseudo-labels" in said
+    assert index["source"]["description"] in said
+    ens = pipeline.predict(
+        finished_run, new, tmp_path / "ens", progress=False, method="ensemble", fold=fold
+    )
+    assert json.loads((ens / "index.json").read_text())["source"]["method"] == "ensemble"
+    assert "predict: " + fold + ", ensemble (best configuration)" in capsys.readouterr().out
+    # the cases the fold evaluated: each method's masks are the run's exported ones
+    splits = json.loads((finished_run / "split" / "splits.json").read_text())
+    test_cases = next(f for f in splits["folds"] if f["name"] == fold)["test"]
+    assert test_cases
+    for folder, got in (("export", out), ("export_ensemble", ens)):
+        for case in test_cases:
+            want = np.asarray(nib.load(finished_run / folder / f"{case}.nii.gz").dataobj)
+            np.testing.assert_array_equal(
+                np.asarray(nib.load(got / f"{case}.nii.gz").dataobj), want
+            )
     for case in (p.name for p in new.iterdir() if p.is_dir()):
         src = nib.load(new / case / f"{case}_flair.nii.gz")
         m = nib.load(out / f"{case}.nii.gz")
         assert m.shape == src.shape
         np.testing.assert_allclose(m.affine, src.affine)
     assert not (tmp_path / ".masks.work").exists()
+    with pytest.raises(InputError, match="--method best: expected one of self_trained, ensemble"):
+        pipeline.predict(finished_run, new, tmp_path / "m2", progress=False, method="best")
     with pytest.raises(InputError, match="already holds"):
         pipeline.predict(finished_run, new, out, progress=False)
     # a case lacking a modality the models were trained on
@@ -226,6 +289,11 @@ def test_shipped_configs_are_valid() -> None:
     assert brats.search.operators == ["and", "or", "min", "max"]
     kits = load_config(root / "thesis-kits.yaml")
     assert kits.split.fractions == (0.6, 0.2, 0.2) and kits.run.calibration_part == "val"
+    # the self-trained segmenter is on by default and in the demo, off in the published
+    # protocols (they stay as published)
+    assert Config().run.pseudo_unet and load_config(root / "demo.yaml").run.pseudo_unet
+    for name in ("paper-brats.yaml", "paper-prostate.yaml", "thesis-kits.yaml"):
+        assert load_config(root / name).run.pseudo_unet is False
 
 
 def test_keys_cover_only_non_default_options() -> None:

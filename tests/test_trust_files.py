@@ -294,6 +294,17 @@ def test_cli_entry_points_refuse_a_payload(tmp_path: Path, tiny_store: Path) -> 
         [tmp_path / "masks", tmp_path / ".masks.work"],
         [tmp_path],
     )
+    # ... and whose self-trained U-Net (what predict uses by default) is a payload
+    own = run / "fold0" / "pseudo" / "best.pt"
+    payload_checkpoint(own, marker)
+    fsutil.write_json(run / "fold0" / "pseudo" / "unet.json", {"format": "ensemblecam-unet-run"})
+    refused(
+        ["predict", "--run", run, "--input", scans, "--out", tmp_path / "masks"],
+        [own, "unpickling"],
+        [run, scans],
+        [tmp_path / "masks", tmp_path / ".masks.work"],
+        [tmp_path],
+    )
     assert not marker.exists()
 
 

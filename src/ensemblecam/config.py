@@ -349,7 +349,11 @@ class RunConfig(Section):
     )
     eval_part: Literal["val", "test"] = Field("test", description="held-out part reported")
     unet: bool = Field(True, description="fully supervised U-Net baseline (upper bound)")
-    pseudo_unet: bool = Field(False, description="U-Net trained on the ensemble's masks")
+    pseudo_unet: bool = Field(
+        True,
+        description="U-Net self-trained on the chosen ensemble's masks of the training part: "
+        "the final masks (export/, predict) when on; the paper configs turn it off",
+    )
     export: bool = Field(True, description="write the evaluated masks as NIfTI")
     export_maps: bool = Field(False, description="also export the first member's maps")
     report: bool = Field(True, description="write the HTML report")

@@ -92,13 +92,22 @@ def predict_cmd(
             help="Fold whose models and configuration are used (default: best on calibration).",
         ),
     ] = None,
+    method: Annotated[
+        str | None,
+        Opt(
+            "--method",
+            help="self_trained (the U-Net self-trained on the ensemble's masks) or ensemble "
+            "(default: the run's final method, self_trained when the run trained it).",
+        ),
+    ] = None,
     force: ForceOption = False,
 ) -> None:
-    """Masks for new, unlabelled scans with a run's chosen configuration."""
+    """Masks for new, unlabelled scans with a run's final method (self-trained U-Net or
+    the chosen ensemble configuration)."""
     from ensemblecam.pipeline import predict
 
     check_output(out)
-    path = predict(run, input, out, layout=layout, fold=fold, force=force)
+    path = predict(run, input, out, layout=layout, fold=fold, force=force, method=method)
     typer.echo(f"masks written to {path}")
 
 

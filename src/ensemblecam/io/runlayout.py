@@ -13,15 +13,20 @@
         search/             ranking.csv/json, best.json, grid_<operator>.npy/json (search)
         unet/               supervised U-Net (fully supervised upper bound)
         pseudo_targets/     the chosen ensemble's masks of the training part (masks.npz)
-        pseudo/             U-Net trained on those pseudo-labels (second stage)
+        pseudo/             U-Net self-trained on those pseudo-labels (second stage)
         eval/<row>/         metrics.json, per_slice.csv, per_case.csv for each result row
-                            (+ per_case_empty.csv: the Empty prediction on the same cases)
+                            (+ per_case_empty.csv: the Empty prediction on the same cases;
+                            U-Net rows also masks.npz: their masks of the evaluation part)
         eval/masks.npz      the chosen configuration's masks of the evaluation part
                             (arrays ``index`` int64 store indices, ``masks`` uint8)
       results.json          the results table (format :data:`RESULTS_FORMAT`)
       results.csv           the same, one line per row, mean and std per metric
       results.md            the summary table as Markdown
-      export/               NIfTI masks of every evaluated case (original scan geometry)
+      export/               NIfTI masks of every evaluated case (original scan geometry):
+                            the final method's, the self-trained U-Net's when it ran, else
+                            the ensemble's; index.json ``source.method`` says which
+      export_ensemble/      the ensemble's masks beside them (only when export/ holds the
+                            self-trained U-Net's)
       report/report.html    self-contained HTML report + PNGs
 
 Every stage folder gets ``stage.json`` (:data:`STAMP`, its cache key) when it completes.
@@ -128,6 +133,10 @@ class FoldLayout:
         """eval/masks.npz: the chosen configuration's masks of the evaluated part."""
         return self.eval / "masks.npz"
 
+    def row_masks(self, slug: str) -> Path:
+        """eval/<slug>/masks.npz: a U-Net row's masks of the evaluated part."""
+        return self.eval_row(slug) / "masks.npz"
+
     def unet(self, kind: str) -> Path:
         """U-Net training folder: ``unet`` (store masks) or ``pseudo`` (pseudo-labels)."""
         return self.dir / ("unet" if kind == "unet" else "pseudo")
@@ -206,6 +215,15 @@ class RunLayout:
     @property
     def export_index(self) -> Path:
         return self.export / "index.json"
+
+    @property
+    def export_ensemble(self) -> Path:
+        """The ensemble's NIfTI masks when ``export`` holds the self-trained U-Net's."""
+        return self.root / "export_ensemble"
+
+    @property
+    def export_ensemble_index(self) -> Path:
+        return self.export_ensemble / "index.json"
 
     @property
     def report_dir(self) -> Path:

@@ -1,4 +1,6 @@
-"""``ensemblecam predict``: masks for new scans with a finished run's chosen configuration."""
+"""``ensemblecam predict``: masks for new scans with a finished run's final method: the U-Net
+self-trained on the ensemble's masks when the run has one, else the chosen ensemble
+configuration (``method`` picks either)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
 from ensemblecam.io.runlayout import RunLayout
 from ensemblecam.pipeline.results import describe_config
-from ensemblecam.pipeline.run import load_run_config
+from ensemblecam.pipeline.run import METHOD_NAMES, final_method, load_run_config
 
 
 def _best_fold(lay: RunLayout, results: dict[str, Any]) -> str:
@@ -36,13 +38,19 @@ def predict(
     fold: str | None = None,
     force: bool = False,
     progress: bool | None = None,
+    method: str | None = None,
 ) -> Path:
-    """Masks for new, unlabelled scans with a finished run's chosen configuration.
+    """Masks for new, unlabelled scans with a finished run's final method.
 
-    The scans are prepared with the run's prepare settings (seg files ignored), mapped with
-    the classifiers of ``fold`` (default: the fold whose configuration scored best on its
-    calibration data), combined with that fold's chosen configuration, and exported as
-    NIfTI masks in each scan's original geometry (``<out>/<case>.nii.gz``).
+    The scans are prepared with the run's prepare settings (seg files ignored). ``method``
+    "self_trained": segmented by the U-Net of ``fold`` self-trained on the ensemble's masks
+    (``fold<k>/pseudo/best.pt``); "ensemble": mapped with the classifiers of ``fold`` and
+    combined with that fold's chosen configuration. Default method: the run's final one
+    (self_trained when the run trained it: ``run.pseudo_unet`` and ``fold<k>/pseudo/unet.json``
+    present); default fold: the one whose
+    ensemble configuration scored best on its calibration data. One line says which fold,
+    method and configuration were used; index.json records them. Masks are exported as
+    NIfTI in each scan's original geometry (``<out>/<case>.nii.gz``).
 
     Checked before any work: ``out`` apart from the run and the scans, and replaceable
     (see :func:`ensemblecam.io.fsutil.check_replaceable`); the scratch folder
@@ -56,6 +64,16 @@ def predict(
     fold = fold or _best_fold(lay, results)
     if fold not in results["folds"]:
         raise InputError(f"fold {fold!r}: the run has folds {', '.join(results['folds'])}")
+    has_own = lay.fold(fold).unet_record("pseudo_unet").is_file()
+    method = method or (final_method(cfg) if has_own else "ensemble")
+    if method not in METHOD_NAMES:
+        raise InputError(f"--method {method}: expected one of {', '.join(METHOD_NAMES)}")
+    checkpoint = lay.fold(fold).unet_checkpoint("pseudo_unet")
+    if method == "self_trained" and not has_own:
+        raise InputError(
+            f"{checkpoint.parent}: the run has no self-trained U-Net for {fold} "
+            "(run.pseudo_unet was off); use --method ensemble"
+        )
     chosen = fsutil.read_json(lay.fold(fold).best, "search result")
     if (out / "index.json").exists() and not force and fsutil.is_ours(out):
         raise InputError(f"{out}: already holds predicted masks; use --force to replace them")
@@ -66,7 +84,7 @@ def predict(
     with fsutil.output_guard(out, [run_dir, input_dir]):
         try:
             return _predict_in(
-                run_dir, input_dir, out, work, cfg, chosen, fold, layout, force, progress
+                run_dir, input_dir, out, work, cfg, chosen, fold, method, layout, force, progress
             )
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -80,17 +98,15 @@ def _predict_in(
     cfg: Config,
     chosen: dict[str, Any],
     fold: str,
+    method: str,
     layout: str | None,
     force: bool,
     progress: bool | None,
 ) -> Path:
-    """:func:`predict` once the checks are made: prepare, map, combine, export."""
+    """:func:`predict` once the checks are made: prepare, then segment (self-trained U-Net)
+    or map and combine (ensemble), export."""
     from ensemblecam.io.export import export_cases
-    from ensemblecam.io.mapstore import MapSet
     from ensemblecam.io.store import SliceStore
-    from ensemblecam.models import load_checkpoint
-    from ensemblecam.stages.cam import run_cam
-    from ensemblecam.stages.evaluate import config_masks
     from ensemblecam.stages.prepare import prepare_store
 
     shutil.rmtree(work, ignore_errors=True)  # a killed earlier attempt (ours by its name)
@@ -105,16 +121,77 @@ def _predict_in(
     )
     prepare_store(pcfg, force=True)
     store = SliceStore.open(work / "store")
+    conf = {k: chosen[k] for k in CONFIG_KEYS}
+    source: dict[str, Any] = {
+        "command": "ensemblecam predict",
+        "run": str(run_dir),
+        "fold": fold,
+        "method": method,
+        "method_name": METHOD_NAMES[method],
+        "configuration": conf,
+        "description": describe_config(conf),
+    }
+    if method == "self_trained":
+        from ensemblecam.models import read_checkpoint
+        from ensemblecam.stages.unet import predict_unet
+
+        checkpoint = RunLayout(run_dir).fold(fold).unet_checkpoint("pseudo_unet")
+        _check_channels(input_dir, store, read_checkpoint(checkpoint)["info"]["channels"])
+        source["checkpoint"] = str(checkpoint)
+        print(
+            f"predict: {fold}, {METHOD_NAMES[method]} ({checkpoint}), trained on the masks of "
+            f"the configuration {describe_config(conf)}"
+        )
+        masks = predict_unet(
+            checkpoint, store, np.arange(store.n_slices), cfg.unet.batch_size, progress=progress
+        )
+    else:
+        print(f"predict: {fold}, {METHOD_NAMES[method]}: {describe_config(conf)}")
+        masks = _ensemble_masks(run_dir, input_dir, work, cfg, chosen, fold, store, progress)
+    export_cases(
+        store,
+        np.arange(store.n_slices),
+        masks,
+        out,
+        kind="mask",
+        force=force,
+        source=source,
+        progress=progress,
+    )
+    return out
+
+
+def _check_channels(input_dir: str | Path, store: Any, channels: list[str]) -> None:
+    """The prepared scans must have the modalities the run's models were trained on."""
+    if list(channels) != store.channels:
+        raise InputError(
+            f"{input_dir}: scans have modalities {','.join(store.channels)} but the models "
+            f"were trained on {','.join(channels)}"
+        )
+
+
+def _ensemble_masks(
+    run_dir: Path,
+    input_dir: str | Path,
+    work: Path,
+    cfg: Config,
+    chosen: dict[str, Any],
+    fold: str,
+    store: Any,
+    progress: bool | None,
+) -> np.ndarray:
+    """The chosen configuration's masks of every slice of the prepared ``store``: maps of
+    the fold's classifiers (written under ``work``), combined."""
+    from ensemblecam.io.mapstore import MapSet
+    from ensemblecam.models import load_checkpoint
+    from ensemblecam.stages.cam import run_cam
+    from ensemblecam.stages.evaluate import config_masks
+
     tags = list(dict.fromkeys(m.split("__")[0] for m in chosen["members"]))
     methods = list(dict.fromkeys(m.split("__", 1)[1] for m in chosen["members"]))
     checkpoints = [RunLayout(run_dir).fold(fold).checkpoint(t) for t in tags]
     for ck in checkpoints:
-        _, info = load_checkpoint(ck)
-        if list(info["channels"]) != store.channels:
-            raise InputError(
-                f"{input_dir}: scans have modalities {','.join(store.channels)} but the models "
-                f"were trained on {','.join(info['channels'])}"
-            )
+        _check_channels(input_dir, store, load_checkpoint(ck)[1]["channels"])
     ccfg = cfg.cam.model_copy(
         update={
             "store": work / "store",
@@ -128,22 +205,4 @@ def _predict_in(
     )
     run_cam(ccfg, progress=progress)
     sets = [MapSet.open(work / "maps" / m) for m in chosen["members"]]
-    masks = config_masks([ms.maps for ms in sets], [ms.probs for ms in sets], chosen)
-    conf = {k: chosen[k] for k in CONFIG_KEYS}
-    export_cases(
-        store,
-        np.arange(store.n_slices),
-        masks,
-        out,
-        kind="mask",
-        force=force,
-        source={
-            "command": "ensemblecam predict",
-            "run": str(run_dir),
-            "fold": fold,
-            "configuration": conf,
-            "description": describe_config(conf),
-        },
-        progress=progress,
-    )
-    return out
+    return config_masks([ms.maps for ms in sets], [ms.probs for ms in sets], chosen)

@@ -72,6 +72,13 @@ _NOT_KEYED = {
 }
 
 
+#: the methods whose masks a run exports and ``predict`` applies: results-row names
+METHOD_NAMES = {
+    "self_trained": "U-Net self-trained on ensemble pseudo-labels",
+    "ensemble": "ensemble (best configuration)",
+}
+
+
 def stable_hash(obj: Any) -> str:
     """16 hex digits of sha256 over canonical JSON of ``obj``."""
     text = json.dumps(obj, sort_keys=True, default=str)
@@ -576,7 +583,8 @@ def _unet_row(
         ),
     )
     ev = fold.eval_row(kind)
-    k_ev = stable_hash([kind, "evaluate", key, _options(cfg.evaluate), ecfg.part])
+    # "masks": the evaluation keeps the U-Net's masks (an older row without them reruns)
+    k_ev = stable_hash([kind, "evaluate", key, _options(cfg.evaluate), ecfg.part, "masks"])
     runner.stage(
         f"{fold.name}/{kind}/evaluate",
         ev,
@@ -584,20 +592,56 @@ def _unet_row(
         fold.eval_metrics(kind).name,
         lambda force: evaluate_unet(ecfg, fold.unet_checkpoint(kind), ev, force=force),
     )
-    label = "U-Net, fully supervised" if kind == "unet" else "U-Net on ensemble pseudo-labels"
+    label = "U-Net, fully supervised" if kind == "unet" else METHOD_NAMES["self_trained"]
     return {"name": label, "kind": kind, "slug": kind, "config": None}
 
 
+def final_method(cfg: Config) -> str:
+    """The method whose masks a run exports to ``export/`` and ``predict`` uses by default:
+    ``self_trained`` (the U-Net self-trained on the ensemble's masks) when ``run.pseudo_unet``,
+    else ``ensemble``."""
+    return "self_trained" if cfg.run.pseudo_unet else "ensemble"
+
+
 def _export(cfg: Config, runner: Runner, folds: list[FoldLayout]) -> None:
-    """Masks of every evaluated case (each fold's evaluation part) as NIfTI."""
+    """Masks of every evaluated case (each fold's evaluation part) as NIfTI: the final
+    method's in ``export/``; with the self-trained U-Net, the ensemble's in
+    ``export_ensemble/`` (a leftover of an earlier run with it is removed otherwise)."""
+    lay = runner.layout
+    ensemble = ([f.eval_masks for f in folds], [f.eval / STAMP for f in folds])
+    if final_method(cfg) == "self_trained":
+        slug = "pseudo_unet"
+        own = ([f.row_masks(slug) for f in folds], [f.eval_row(slug) / STAMP for f in folds])
+        _export_masks(cfg, runner, folds, "export", lay.export, "self_trained", *own, False)
+        _export_masks(
+            cfg, runner, folds, "export_ensemble", lay.export_ensemble, "ensemble", *ensemble
+        )
+    else:
+        _export_masks(cfg, runner, folds, "export", lay.export, "ensemble", *ensemble)
+        if lay.export_ensemble.is_dir() and fsutil.is_ours(lay.export_ensemble):
+            shutil.rmtree(lay.export_ensemble)
+
+
+def _export_masks(
+    cfg: Config,
+    runner: Runner,
+    folds: list[FoldLayout],
+    name: str,
+    out: Path,
+    method: str,
+    paths: list[Path],
+    stamps: list[Path],
+    with_maps: bool = True,
+) -> None:
+    """One export stage: the ``masks.npz`` files ``paths`` (one per fold, finished stages
+    ``stamps``) as NIfTI in ``out``; index.json ``source.method`` names ``method``."""
     from ensemblecam.io.export import export_cases
     from ensemblecam.io.masks import read_masks
     from ensemblecam.io.store import SliceStore
 
     lay = runner.layout
-    paths = [f.eval_masks for f in folds]
-    keys = [_read_key(f.eval / STAMP) for f in folds]
-    out = lay.export
+    keys = [_read_key(p) for p in stamps]
+    export_maps = cfg.run.export_maps and with_maps
 
     def run(force: bool) -> None:
         st = SliceStore.open(lay.store)
@@ -607,7 +651,7 @@ def _export(cfg: Config, runner: Runner, folds: list[FoldLayout]) -> None:
         if len(np.unique(index)) != len(index):
             raise InputError("export: a slice is evaluated in two folds; check run.folds")
         maps = None
-        if cfg.run.export_maps:
+        if export_maps:
             from ensemblecam.io.mapstore import MapSet, dequantise
 
             first = _members(cfg)[0]
@@ -630,17 +674,13 @@ def _export(cfg: Config, runner: Runner, folds: list[FoldLayout]) -> None:
                 "command": "ensemblecam run",
                 "run": str(lay.root),
                 "folds": [f.name for f in folds],
+                "method": method,
+                "method_name": METHOD_NAMES[method],
             },
             progress=runner.progress,
         )
 
-    runner.stage(
-        "export",
-        out,
-        stable_hash(["export", keys, cfg.run.export_maps]),
-        lay.export_index.name,
-        run,
-    )
+    runner.stage(name, out, stable_hash([name, method, keys, export_maps]), "index.json", run)
 
 
 def load_run_config(path: str | Path) -> Config:

@@ -245,6 +245,10 @@ def _where(rep: Page, run: Run) -> None:
     if export.is_dir():
         n = len(list(export.glob("*.nii*")))
         where.append(("NIfTI masks", f"{export.resolve()} ({n} files)"))
+    ensemble = run.layout.export_ensemble
+    if ensemble.is_dir():
+        n = len(list(ensemble.glob("*.nii*")))
+        where.append(("NIfTI masks of the ensemble", f"{ensemble.resolve()} ({n} files)"))
     where.append(("this report", str(rep.out_dir.resolve())))
     rep.add("<h3>Where things are</h3>\n" + html_table(["", "path"], where, "facts"))
 

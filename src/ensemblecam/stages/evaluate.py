@@ -38,7 +38,7 @@ from ensemblecam.ensemble.rows import Rows, as_rows
 from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
 from ensemblecam.io.export import slices_to_volume
-from ensemblecam.io.masks import write_masks
+from ensemblecam.io.masks import MASKS_FILE, write_masks
 from ensemblecam.metrics.classification import classifier_metrics
 from ensemblecam.metrics.conventions import (
     STAT_METRICS,
@@ -306,10 +306,16 @@ def evaluate_stage(
 
 
 def evaluate_masks(
-    cfg: EvaluateConfig, pred: np.ndarray, out: Path, force: bool = False, source: str = ""
+    cfg: EvaluateConfig,
+    pred: np.ndarray,
+    out: Path,
+    force: bool = False,
+    source: str = "",
+    keep_masks: bool = False,
 ) -> dict[str, Any]:
     """Score predicted masks (S, H, W) of ``cfg``'s part (store order, e.g. a U-Net's) in
-    every convention, like :func:`evaluate_stage`; the Empty baseline alongside."""
+    every convention, like :func:`evaluate_stage`; the Empty baseline alongside.
+    ``keep_masks``: also write them as ``<out>/masks.npz`` (:func:`write_masks`)."""
     store, idx, gts = _part_with_masks(cfg)
     if pred.shape != (len(idx), *store.size):
         raise InputError(
@@ -349,6 +355,8 @@ def evaluate_masks(
     _write_evaluation(
         partial, cfg, store, idx, gts, per, result, None, lambda rows: pred[rows].astype(bool)
     )
+    if keep_masks:
+        write_masks(partial / MASKS_FILE, idx, pred)
     fsutil.commit_output_dir(partial, out)
     return result
 
@@ -356,12 +364,13 @@ def evaluate_masks(
 def evaluate_unet(
     cfg: EvaluateConfig, checkpoint: Path, out: Path, force: bool = False
 ) -> dict[str, Any]:
-    """Predict ``cfg``'s part with a U-Net checkpoint and score it (:func:`evaluate_masks`)."""
+    """Predict ``cfg``'s part with a U-Net checkpoint and score it (:func:`evaluate_masks`);
+    the predicted masks are kept as ``<out>/masks.npz`` (what ``run`` exports)."""
     from ensemblecam.stages.unet import predict_unet
 
     store, idx, _ = _part_with_masks(cfg)
     pred = predict_unet(checkpoint, store, idx)
-    return evaluate_masks(cfg, pred, out, force=force, source=str(checkpoint))
+    return evaluate_masks(cfg, pred, out, force=force, source=str(checkpoint), keep_masks=True)
 
 
 def config_masks(
