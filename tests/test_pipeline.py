@@ -180,6 +180,10 @@ def test_predict_on_scans_without_seg(
     index = json.loads((out / "index.json").read_text())
     fold = index["source"]["fold"]
     assert index["source"]["method"] == "self_trained"  # the run's final method by default
+    # the index names only files that exist (predict's scratch store is gone)
+    assert index["store"] is None and index["source"]["scans"] == str(new)
+    assert all((out / f).is_file() for c in index["cases"].values() for f in c.values()
+               if isinstance(f, str) and f.endswith(".nii.gz"))  # fmt: skip
     said = capsys.readouterr().out
     assert f"predict: {fold}, U-Net self-trained on ensemble pseudo-labels" in said
     assert index["source"]["description"] in said

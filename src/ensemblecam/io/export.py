@@ -21,7 +21,7 @@ Output folder (built as ``.<name>.partial`` and renamed when complete)::
     <case>.nii.gz       uint8 {0, 1} masks
     <case>_map.nii.gz   float32 maps (optional)
     index.json          written last: {"format": "ensemblecam-nifti-export", "version": 1,
-                        "store": path, "kinds": [...], "cases": {case: {"mask": file,
+                        "store": path or null, "kinds": [...], "cases": {case: {"mask": file,
                         "map": file, "shape": [...], "n_slices": k, "mask_voxels": v}},
                         "source": {...}}
 """
@@ -252,6 +252,7 @@ def export_cases(
     force: bool = False,
     source: Mapping[str, Any] | None = None,
     progress: bool | None = None,
+    temporary_store: bool = False,
 ) -> dict[str, Any]:
     """Write one NIfTI per case of ``slice_indices`` to ``out_dir``; return the index dict.
 
@@ -259,7 +260,9 @@ def export_cases(
     (kind "mask") or ``<case>_map.nii.gz`` (kind "map"). ``maps=(indices, maps)`` adds map
     files beside masks in the same folder. Store slices of a case that are not given stay 0.
     An existing export is refused unless ``force``; ``force`` never replaces a folder
-    ensemblecam did not write, nor the store; ``index.json`` is written last.
+    ensemblecam did not write, nor the store; ``index.json`` is written last. Its ``store``
+    names the slice store the geometry came from, or is null for a ``temporary_store``
+    (predict's scratch store), so that the index names only files that exist.
     """
     if kind not in ("mask", "map"):
         raise InputError(f"export kind {kind!r}: expected 'mask' or 'map'")
@@ -288,7 +291,7 @@ def export_cases(
     index = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
-        "store": str(store.path.resolve()),
+        "store": None if temporary_store else str(store.path.resolve()),
         "kinds": [j[0] for j in jobs],
         "cases": entries,
         "source": dict(source or {}),

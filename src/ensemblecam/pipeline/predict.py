@@ -125,6 +125,7 @@ def _predict_in(
     source: dict[str, Any] = {
         "command": "ensemblecam predict",
         "run": str(run_dir),
+        "scans": str(input_dir),
         "fold": fold,
         "method": method,
         "method_name": METHOD_NAMES[method],
@@ -157,6 +158,7 @@ def _predict_in(
         force=force,
         source=source,
         progress=progress,
+        temporary_store=True,
     )
     return out
 
