@@ -428,100 +428,151 @@ def _members(cfg: Config) -> list[str]:
     return [member_name(m, method) for m in cfg.run.models for method in cfg.cam.methods]
 
 
+@dataclass
+class _Fold:
+    """One fold of a run: where its stages read and write, and the run's shared inputs."""
+
+    cfg: Config
+    runner: Runner
+    store: Path
+    splits: Path
+    k: int
+    name: str
+    fold: FoldLayout
+
+    def update(self, **changes: Any) -> dict[str, Any]:
+        """The fields every stage section of this fold gets, plus ``changes``."""
+        return {"store": self.store, "splits": self.splits, **changes}
+
+
 def _run_fold(
     cfg: Config, runner: Runner, store: Path, splits: Path, k: int, name: str, k_split: str
 ) -> dict[str, Any]:
     """Train, map, search, evaluate (with baselines) one fold; return its result rows."""
-    from ensemblecam.stages.cam import run_cam
-    from ensemblecam.stages.evaluate import evaluate_stage, write_config_masks
-    from ensemblecam.stages.search import run_search_stage
+    from ensemblecam.stages.evaluate import write_config_masks
+
+    f = _Fold(cfg, runner, store, splits, k, name, runner.layout.fold(name))
+    rc = cfg.run
+    k_cam = _fold_cam(f, _fold_train(f, k_split))
+    k_search = _fold_search(f, k_cam)
+    ecfg: EvaluateConfig = cfg.evaluate.model_copy(
+        update=f.update(fold=str(k), part=rc.eval_part, maps=f.fold.maps)
+    )
+    rows = _fold_evaluate(f, ecfg, k_search)
+    if rc.unet:
+        rows.append(
+            _unet_row(cfg, runner, store, splits, k, f.fold, "unet", "store", k_split, ecfg)
+        )
+    if rc.pseudo_unet:
+        tcfg_e = ecfg.model_copy(update={"part": "train"})
+        k_pt = stable_hash(["pseudo_targets", k_search, _options(cfg.evaluate)])
+        runner.stage(
+            f"{name}/pseudo_targets",
+            f.fold.pseudo_targets,
+            k_pt,
+            None,
+            lambda force: write_config_masks(tcfg_e, rows[0]["config"], f.fold.pseudo_masks),
+        )
+        rows.append(
+            _unet_row(
+                cfg, runner, store, splits, k, f.fold, "pseudo_unet", f.fold.pseudo_masks, k_pt,
+                ecfg,
+            )
+        )  # fmt: skip
+    return {"dir": f.fold.dir, "rows": with_metrics(rows, f.fold)}
+
+
+def _fold_train(f: _Fold, k_split: str) -> list[str]:
+    """Train every classifier of the run on the fold; their stage keys."""
     from ensemblecam.stages.train import train_classifier
 
-    rc = cfg.run
-    fold = runner.layout.fold(name)
-    train_keys = []
-    for model in rc.models:
-        out = fold.model(model)
-        tcfg = cfg.train.model_copy(
-            update={"store": store, "splits": splits, "fold": k, "model": model, "out": out}
-        )
-        key = stable_hash(["train", _options(cfg.train), model, k, k_split])
-        train_keys.append(key)
-        runner.stage(
-            f"{name}/train/{model}",
+    keys = []
+    for model in f.cfg.run.models:
+        out = f.fold.model(model)
+        tcfg = f.cfg.train.model_copy(update=f.update(fold=f.k, model=model, out=out))
+        key = stable_hash(["train", _options(f.cfg.train), model, f.k, k_split])
+        keys.append(key)
+        f.runner.stage(
+            f"{f.name}/train/{model}",
             out,
             key,
-            fold.train_record(model).name,
+            f.fold.train_record(model).name,
             lambda force, t=tcfg: train_classifier(
-                t.model_copy(update={"force": force, "resume": not force}), progress=runner.progress
+                t.model_copy(update={"force": force, "resume": not force}),
+                progress=f.runner.progress,
             ),
         )
+    return keys
 
+
+def _fold_cam(f: _Fold, train_keys: list[str]) -> str:
+    """Maps of every (classifier, method) on the parts the fold's later stages read."""
+    from ensemblecam.stages.cam import run_cam
+
+    rc = f.cfg.run
     parts = list(dict.fromkeys([rc.calibration_part, rc.eval_part]))
     if rc.pseudo_unet and "train" not in parts:
         parts.append("train")
-    maps = fold.maps
-    ccfg = cfg.cam.model_copy(
-        update={
-            "store": store,
-            "splits": splits,
-            "fold": k,
-            "parts": parts,
-            "out": maps,
-            "checkpoints": [fold.checkpoint(m) for m in rc.models],
-            "tags": list(rc.models),
-        }
+    ccfg = f.cfg.cam.model_copy(
+        update=f.update(
+            fold=f.k,
+            parts=parts,
+            out=f.fold.maps,
+            checkpoints=[f.fold.checkpoint(m) for m in rc.models],
+            tags=list(rc.models),
+        )
     )
-    k_cam = stable_hash(["cam", _options(cfg.cam), parts, train_keys])
-    runner.stage(
-        f"{name}/cam",
-        maps,
+    k_cam = stable_hash(["cam", _options(f.cfg.cam), parts, train_keys])
+    f.runner.stage(
+        f"{f.name}/cam",
+        f.fold.maps,
         k_cam,
         None,
-        lambda force: run_cam(ccfg.model_copy(update={"force": force}), progress=runner.progress),
+        lambda force: run_cam(ccfg.model_copy(update={"force": force}), progress=f.runner.progress),
     )
+    return k_cam
 
-    search_dir = fold.search
-    qcfg: SearchConfig = cfg.search.model_copy(
-        update={
-            "store": store,
-            "splits": splits,
-            "fold": str(k),
-            "part": rc.calibration_part,
-            "maps": maps,
-            "members": _members(cfg),
-            "out": search_dir,
-        }
+
+def _fold_search(f: _Fold, k_cam: str) -> str:
+    """The ensemble search on the fold's calibration part."""
+    from ensemblecam.stages.search import run_search_stage
+
+    rc = f.cfg.run
+    qcfg: SearchConfig = f.cfg.search.model_copy(
+        update=f.update(
+            fold=str(f.k),
+            part=rc.calibration_part,
+            maps=f.fold.maps,
+            members=_members(f.cfg),
+            out=f.fold.search,
+        )
     )
-    k_search = stable_hash(["search", _options(cfg.search), rc.calibration_part, k_cam])
-    runner.stage(
-        f"{name}/search",
-        search_dir,
+    k_search = stable_hash(["search", _options(f.cfg.search), rc.calibration_part, k_cam])
+    f.runner.stage(
+        f"{f.name}/search",
+        f.fold.search,
         k_search,
-        fold.best.name,
+        f.fold.best.name,
         lambda force: run_search_stage(qcfg, force=force),
     )
+    return k_search
 
-    eval_dir = fold.eval
-    ecfg: EvaluateConfig = cfg.evaluate.model_copy(
-        update={
-            "store": store,
-            "splits": splits,
-            "fold": str(k),
-            "part": rc.eval_part,
-            "maps": maps,
-        }
-    )
-    rows = result_rows(fold)
+
+def _fold_evaluate(f: _Fold, ecfg: EvaluateConfig, k_search: str) -> list[dict[str, Any]]:
+    """Every result row (chosen, per operator, single members, Empty) on the held-out part."""
+    from ensemblecam.stages.evaluate import evaluate_stage, write_config_masks
+
+    rows = result_rows(f.fold)
     k_eval = stable_hash(
         [
             "evaluate",
-            _options(cfg.evaluate),
-            rc.eval_part,
+            _options(f.cfg.evaluate),
+            f.cfg.run.eval_part,
             k_search,
             [(r["slug"], r["config"]) for r in rows],
         ]
     )
+    eval_dir = f.fold.eval
 
     def evaluate_all(force: bool) -> None:
         keep = {r["slug"] for r in rows} | {"unet", "pseudo_unet"}
@@ -531,28 +582,11 @@ def _run_fold(
                     shutil.rmtree(stale)
         for row in rows:
             if row["config"] is not None:
-                evaluate_stage(ecfg, row["config"], fold.eval_row(row["slug"]), force=True)
-        write_config_masks(ecfg, rows[0]["config"], fold.eval_masks)
+                evaluate_stage(ecfg, row["config"], f.fold.eval_row(row["slug"]), force=True)
+        write_config_masks(ecfg, rows[0]["config"], f.fold.eval_masks)
 
-    runner.stage(f"{name}/evaluate", eval_dir, k_eval, None, evaluate_all)
-    if rc.unet:
-        rows.append(_unet_row(cfg, runner, store, splits, k, fold, "unet", "store", k_split, ecfg))
-    if rc.pseudo_unet:
-        tcfg_e = ecfg.model_copy(update={"part": "train"})
-        k_pt = stable_hash(["pseudo_targets", k_search, _options(cfg.evaluate)])
-        runner.stage(
-            f"{name}/pseudo_targets",
-            fold.pseudo_targets,
-            k_pt,
-            None,
-            lambda force: write_config_masks(tcfg_e, rows[0]["config"], fold.pseudo_masks),
-        )
-        rows.append(
-            _unet_row(
-                cfg, runner, store, splits, k, fold, "pseudo_unet", fold.pseudo_masks, k_pt, ecfg
-            )
-        )
-    return {"dir": fold.dir, "rows": with_metrics(rows, fold)}
+    f.runner.stage(f"{f.name}/evaluate", eval_dir, k_eval, None, evaluate_all)
+    return rows
 
 
 def _unet_row(
