@@ -705,19 +705,7 @@ def prepare_store(cfg: PrepareConfig, force: bool = False, checkpoint: bool = Tr
         done_dir.mkdir()
         if checkpoint:
             fsutil.write_json(state, resume_key)
-    rows_by_case: dict[str, list[dict[str, Any]]] = {}
-    replaced: dict[str, int] = {}
-    if resuming:
-        for p in plans:
-            f = done_dir / f"{p.name}.json"
-            if f.is_file():
-                record = fsutil.read_json(f, "resume record")
-                try:
-                    rows, fixed = _rows_from_json(record["rows"]), dict(record["replaced"])
-                except (KeyError, TypeError, ValueError, AttributeError):
-                    continue  # not a record of this version: the case is done again
-                rows_by_case[p.name] = rows
-                replaced.update(fixed)
+    rows_by_case, replaced = _done_cases(plans, done_dir) if resuming else ({}, {})
     todo = [p for p in plans if p.name not in rows_by_case]
     jobs = [(p, settings, str(partial)) for p in todo]
     for i, (rows, fixed) in _run_parallel(process_case, jobs, cfg.workers, "prepare"):
@@ -725,15 +713,59 @@ def prepare_store(cfg: PrepareConfig, force: bool = False, checkpoint: bool = Tr
         replaced.update(fixed)
         if checkpoint:
             fsutil.write_json(done_dir / f"{todo[i].name}.json", {"rows": rows, "replaced": fixed})
+    shutil.rmtree(done_dir, ignore_errors=True)
+    for extra in (state, partial / "bbox.json"):
+        extra.unlink(missing_ok=True)
     table = [r for p in plans for r in rows_by_case[p.name]]
+    _write_store(partial, cfg, plans, settings, table, (n, h, w), replaced)
+    fsutil.commit_output_dir(partial, out)
+    if replaced:
+        first = next(iter(replaced))
+        print(
+            f"note: replaced {sum(replaced.values())} NaN/Inf voxel(s) in {len(replaced)} "
+            f"file(s) by each volume's finite minimum (e.g. {replaced[first]} in {first}); "
+            f"listed in {out / MANIFEST}",
+            file=sys.stderr,
+        )
+    return out
+
+
+def _done_cases(
+    plans: list[CasePlan], done_dir: Path
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]]:
+    """Rows and replaced-voxel counts of the cases an interrupted attempt finished."""
+    rows_by_case: dict[str, list[dict[str, Any]]] = {}
+    replaced: dict[str, int] = {}
+    for p in plans:
+        f = done_dir / f"{p.name}.json"
+        if f.is_file():
+            record = fsutil.read_json(f, "resume record")
+            try:
+                rows, fixed = _rows_from_json(record["rows"]), dict(record["replaced"])
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue  # not a record of this version: the case is done again
+            rows_by_case[p.name] = rows
+            replaced.update(fixed)
+    return rows_by_case, replaced
+
+
+def _write_store(
+    partial: Path,
+    cfg: PrepareConfig,
+    plans: list[CasePlan],
+    settings: Settings,
+    table: list[dict[str, Any]],
+    shape: tuple[int, int, int],
+    replaced: dict[str, int],
+) -> None:
+    """slices.csv, cases.json and the manifest (store.json, written last) of a store of
+    ``shape`` (slices, height, width)."""
+    n, h, w = shape
     write_slice_table(partial / "slices.csv", table)
     fsutil.write_json(
         partial / "cases.json",
         {p.name: _case_geometry(p, settings.axis, settings.has_masks) for p in plans},
     )
-    shutil.rmtree(done_dir, ignore_errors=True)
-    for extra in (state, partial / "bbox.json"):
-        extra.unlink(missing_ok=True)
     fsutil.write_json(
         partial / MANIFEST,
         {
@@ -752,16 +784,6 @@ def prepare_store(cfg: PrepareConfig, force: bool = False, checkpoint: bool = Tr
             },
         },
     )
-    fsutil.commit_output_dir(partial, out)
-    if replaced:
-        first = next(iter(replaced))
-        print(
-            f"note: replaced {sum(replaced.values())} NaN/Inf voxel(s) in {len(replaced)} "
-            f"file(s) by each volume's finite minimum (e.g. {replaced[first]} in {first}); "
-            f"listed in {out / MANIFEST}",
-            file=sys.stderr,
-        )
-    return out
 
 
 def _rows_from_json(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
