@@ -534,8 +534,8 @@ def test_real_prepare_ground_truth_round_trip(
     box: tuple[int, int, int, int] | None,
     slice_range: tuple[int, int] | None,
 ) -> None:
-    prepare = pytest.importorskip("ensemblecam.stages.prepare")
     from ensemblecam.config import PrepareConfig
+    from ensemblecam.stages import prepare
 
     root = tmp_path / "brats"
     # LPS (10, 12, 9) and PERMUTED (9, 12, 10) both have canonical shape (10, 12, 9)
@@ -577,8 +577,8 @@ def test_real_prepare_ground_truth_round_trip(
 
 
 def test_real_prepare_kidney_crops_round_trip(tmp_path: Path) -> None:
-    prepare = pytest.importorskip("ensemblecam.stages.prepare")
     from ensemblecam.config import PrepareConfig
+    from ensemblecam.stages import prepare
 
     shape = (20, 16, 6)
     x, y, _ = np.indices(shape)
