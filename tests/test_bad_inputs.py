@@ -27,10 +27,11 @@ import typer
 from typer.testing import CliRunner
 
 from ensemblecam.cli import app
-from ensemblecam.cli._common import INTERRUPTED, check_output, one_line_errors
+from ensemblecam.cli._common import INTERRUPTED, one_line_errors
 from ensemblecam.config import MAX_SHOWN, CamConfig, PrepareConfig, load_config
 from ensemblecam.ensemble.grid import MAX_CONFIGURATIONS, MAX_GRID_LEVELS, n_configurations
 from ensemblecam.errors import InputError
+from ensemblecam.io import fsutil
 from ensemblecam.io.mapstore import MapSet, write_map_set
 from ensemblecam.io.split import read_splits
 from ensemblecam.io.store import SliceStore
@@ -303,15 +304,15 @@ def test_interruption_in_the_wrapper() -> None:
     assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is removed
 
 
-def test_check_output_unit(tmp_path: Path) -> None:
-    check_output(tmp_path / "a" / "b")  # missing parents: fine (created later)
-    check_output(None)
+def test_check_writable_unit(tmp_path: Path) -> None:
+    fsutil.check_writable(tmp_path / "a" / "b")  # missing parents: fine (created later)
+    fsutil.check_writable(None)
     (tmp_path / "f").write_text("x")
     with pytest.raises(InputError, match="exists and is not a folder"):
-        check_output(tmp_path / "f")
+        fsutil.check_writable(tmp_path / "f")
     with pytest.raises(InputError, match="is a file, not a folder"):
-        check_output(tmp_path / "f" / "x" / "y")
-    check_output(tmp_path / "f", folder=False)
+        fsutil.check_writable(tmp_path / "f" / "x" / "y")
+    fsutil.check_writable(tmp_path / "f", folder=False)
 
 
 # ----------------------------------------------------------------------------- item 4

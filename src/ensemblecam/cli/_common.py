@@ -22,7 +22,6 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -116,35 +115,6 @@ def one_line_errors(fn: F) -> F:
                 signal.signal(signal.SIGTERM, old)
 
     return wrapper  # type: ignore[return-value]
-
-
-def check_output(
-    path: str | os.PathLike[str] | None, what: str = "--out", folder: bool = True
-) -> None:
-    """Refuse, before any work, an output path that cannot be written.
-
-    ``path`` (a folder, or a file if not ``folder``) must not exist as the other kind, and
-    the nearest existing folder of its parent must be a folder that is writable (the
-    result is built beside ``path`` and renamed; missing parents are created); an existing
-    output folder must be writable too. None is not checked.
-    """
-    if path is None:
-        return
-    path = Path(path)
-    if folder and path.exists() and not path.is_dir():
-        raise InputError(f"{what} {path}: exists and is not a folder")
-    if not folder and path.is_dir():
-        raise InputError(f"{what} {path}: is a folder, not a file")
-    parent = path.absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"{what} {path}: {parent} is a file, not a folder")
-    for place in [parent] + ([path] if folder and path.is_dir() else []):
-        if not os.access(place, os.W_OK | os.X_OK):
-            raise InputError(
-                f"{what} {path}: cannot write in {place} (permission denied or read-only)"
-            )
 
 
 def int_or_str(value: str | None) -> int | str | None:

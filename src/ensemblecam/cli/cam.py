@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from ensemblecam.cli import app
-from ensemblecam.cli._common import check_output, int_or_str, json_object, one_line_errors
+from ensemblecam.cli._common import int_or_str, json_object, one_line_errors
 from ensemblecam.cli.options import config_command
 from ensemblecam.config import CamConfig
 from ensemblecam.io import fsutil
@@ -23,7 +23,6 @@ def cam_command(cfg: CamConfig) -> None:
     """CAM maps of every slice of a split, one map-store member per (checkpoint, method)."""
     from ensemblecam.stages.cam import run_cam
 
-    check_output(cfg.out)
     with fsutil.output_guard(cfg.out, [cfg.store, cfg.splits, *cfg.checkpoints], replaces=False):
         result = run_cam(cfg, progress=None)
     if result is not None:

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ensemblecam.cli import app
-from ensemblecam.cli._common import ForceOption, check_output
+from ensemblecam.cli._common import ForceOption
 from ensemblecam.cli.options import config_command
 from ensemblecam.config import PrepareConfig, SplitConfig
 from ensemblecam.io import fsutil
@@ -17,7 +17,6 @@ def prepare_command(cfg: PrepareConfig, force: ForceOption = False) -> None:
     """Volumes -> 2-D slices in a slice store (resumes an interrupted run)."""
     from ensemblecam.stages.prepare import prepare_store
 
-    check_output(cfg.out)
     with fsutil.output_guard(cfg.out, [cfg.data, cfg.labels_csv]):
         path = prepare_store(cfg, force=force)
     from ensemblecam.io.store import SliceStore
@@ -37,7 +36,9 @@ def split_command(cfg: SplitConfig, force: ForceOption = False) -> None:
     from ensemblecam.io.split import make_splits, split_summary
     from ensemblecam.io.store import SliceStore
 
-    check_output(cfg.out if cfg.out is not None else cfg.store / "splits.json", folder=False)
+    fsutil.check_writable(
+        cfg.out if cfg.out is not None else cfg.store / "splits.json", folder=False
+    )
     target, result = make_splits(cfg, force=force)
     rows = split_summary(SliceStore.open(cfg.store), result)
     table = Table(title=f"{target} ({cfg.scheme}, seed {cfg.seed})")

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ensemblecam.cli import app
-from ensemblecam.cli._common import ForceOption, check_output, one_line_errors
+from ensemblecam.cli._common import ForceOption, one_line_errors
 from ensemblecam.cli.options import config_command
 from ensemblecam.config import RunConfig, load_config
 from ensemblecam.errors import InputError
@@ -60,7 +60,6 @@ def run_cmd(
     full.run = cfg
     if data is not None:
         full.prepare.data = data
-    check_output(cfg.out)
     root = run_pipeline(full, force=force)
     _summary(root)
 
@@ -106,7 +105,6 @@ def predict_cmd(
     the chosen ensemble configuration)."""
     from ensemblecam.pipeline import predict
 
-    check_output(out)
     path = predict(run, input, out, layout=layout, fold=fold, force=force, method=method)
     typer.echo(f"masks written to {path}")
 

@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 
 from ensemblecam.cli import app
-from ensemblecam.cli._common import ForceOption, check_output, one_line_errors, split_csv
+from ensemblecam.cli._common import ForceOption, one_line_errors, split_csv
+from ensemblecam.config import EvaluateConfig
+from ensemblecam.metrics import BRATS_DILATION, BRATS_FP_HD95, BRATS_MIN_VOLUME
 
 
 @app.command("score")
@@ -32,22 +34,22 @@ def score_command(
     ] = None,
     nsd_tolerance: Annotated[
         float, typer.Option("--nsd-tolerance", help="NSD tolerance in mm.")
-    ] = 1.0,
+    ] = EvaluateConfig.model_fields["nsd_tolerance_mm"].default,
     dilation: Annotated[
         int, typer.Option("--dilation", help="Lesion-wise: reference dilations (BraTS 3).")
-    ] = 3,
+    ] = BRATS_DILATION,
     min_lesion_volume: Annotated[
         float,
         typer.Option(
             "--min-lesion-volume", help="Lesion-wise: reference lesions <= this (mm^3) dropped."
         ),
-    ] = 50.0,
+    ] = BRATS_MIN_VOLUME,
     fp_hd95: Annotated[
         float,
         typer.Option(
             "--fp-hd95", help="Lesion-wise HD95 of a missed or false positive lesion (mm)."
         ),
-    ] = 374.0,
+    ] = BRATS_FP_HD95,
     connectivity: Annotated[
         int, typer.Option("--connectivity", help="Lesion components: 6, 18 or 26.")
     ] = 26,
@@ -60,7 +62,6 @@ def score_command(
     writes per_case.csv and summary.json."""
     from ensemblecam.stages.score import score_folder
 
-    check_output(out)
     summary = score_folder(
         pred,
         data,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from ensemblecam.cli import app
-from ensemblecam.cli._common import ForceOption, check_output
+from ensemblecam.cli._common import ForceOption
 from ensemblecam.cli.options import config_command
 from ensemblecam.config import EvaluateConfig, SearchConfig
 from ensemblecam.io import fsutil
@@ -23,7 +23,6 @@ def search_cmd(cfg: SearchConfig, force: ForceOption = False) -> None:
     """
     from ensemblecam.stages.search import run_search_stage
 
-    check_output(cfg.out)
     with fsutil.output_guard(cfg.out, [cfg.store, cfg.splits, cfg.maps]):
         b = run_search_stage(cfg, force=force)
     typer.echo(
@@ -37,9 +36,8 @@ def evaluate_cmd(cfg: EvaluateConfig, force: ForceOption = False) -> None:
     """Apply a chosen configuration to held-out data; write every metric convention."""
     from ensemblecam.stages.evaluate import evaluate_stage
 
-    check_output(cfg.out)
-    chosen = fsutil.read_json(cfg.config_file, "configuration")
     with fsutil.output_guard(cfg.out, [cfg.store, cfg.splits, cfg.maps, cfg.config_file]):
+        chosen = fsutil.read_json(cfg.config_file, "configuration")
         result = evaluate_stage(cfg, chosen, cfg.out, force=force, source=str(cfg.config_file))
     m, e = result["metrics"], result["empty_baseline"]
     typer.echo(

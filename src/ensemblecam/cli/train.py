@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 
 from ensemblecam.cli import app
-from ensemblecam.cli._common import check_output
 from ensemblecam.cli.options import config_command
 from ensemblecam.config import TrainConfig
 from ensemblecam.io import fsutil
@@ -16,7 +15,6 @@ def train_command(cfg: TrainConfig) -> None:
     """Train a slice classifier; writes best.pt, last.pt, metrics.csv, plots and train.json."""
     from ensemblecam.stages.train import train_classifier
 
-    check_output(cfg.out)
     with fsutil.output_guard(cfg.out, [cfg.store, cfg.splits, cfg.weights]):
         result = train_classifier(cfg)
     if result is not None:

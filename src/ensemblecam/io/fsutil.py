@@ -241,6 +241,35 @@ def check_not_input(
             )
 
 
+def check_writable(
+    path: str | os.PathLike[str] | None, what: str = "--out", folder: bool = True
+) -> None:
+    """Refuse, before any work, an output path that cannot be written.
+
+    ``path`` (a folder, or a file if not ``folder``) must not exist as the other kind, and
+    the nearest existing folder of its parent must be a folder that is writable (the
+    result is built beside ``path`` and renamed; missing parents are created); an existing
+    output folder must be writable too. None is not checked.
+    """
+    if path is None:
+        return
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise InputError(f"{what} {path}: exists and is not a folder")
+    if not folder and path.is_dir():
+        raise InputError(f"{what} {path}: is a folder, not a file")
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{what} {path}: {parent} is a file, not a folder")
+    for place in [parent] + ([path] if folder and path.is_dir() else []):
+        if not os.access(place, os.W_OK | os.X_OK):
+            raise InputError(
+                f"{what} {path}: cannot write in {place} (permission denied or read-only)"
+            )
+
+
 def lock_path(folder: str | os.PathLike[str]) -> Path:
     """The lock file ``.<name>.lock`` beside ``folder``."""
     folder = Path(folder)
@@ -357,7 +386,8 @@ def output_guard(
 ) -> Iterator[Path]:
     """Wrap a command writing the output folder ``out``; yield ``out``.
 
-    Before any work: ``out`` must be apart from the inputs (:func:`check_not_input`), not
+    Before any work: ``out`` must be writable (:func:`check_writable`), apart from the
+    inputs (:func:`check_not_input`), not
     a non-empty folder ensemblecam did not write if the command ``replaces`` it as a whole
     (a map-store root only receives member folders), and not locked by another process
     (:func:`folder_lock`, held until the block ends). When the block is refused
@@ -367,6 +397,7 @@ def output_guard(
     multi-process launch only check.
     """
     out = Path(out)
+    check_writable(out)
     check_not_input(out, inputs, inside_ok)
     if replaces and out.is_dir() and any(out.iterdir()) and not is_ours(out):
         check_replaceable(out, True, "")  # the one-line refusal of a folder not ours

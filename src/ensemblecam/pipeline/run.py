@@ -343,6 +343,7 @@ def run_pipeline(cfg: Config, force: bool = False, progress: bool | None = None)
     refused before any stage finished.
     """
     root = Path(cfg.run.out)
+    fsutil.check_writable(root)  # the output first, as every command reports it
     check_run_config(cfg)
     pc = cfg.prepare
     fsutil.check_not_input(root, [pc.data, pc.labels_csv, cfg.split.list_file, cfg.train.weights])
