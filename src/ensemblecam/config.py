@@ -13,6 +13,7 @@ quoted in error messages are cut to ``MAX_SHOWN`` (300) characters.
 
 from __future__ import annotations
 
+import math
 import os
 import reprlib
 from pathlib import Path
@@ -351,8 +352,20 @@ class RunConfig(Section):
     unet: bool = Field(True, description="fully supervised U-Net baseline (upper bound)")
     pseudo_unet: bool = Field(
         True,
-        description="U-Net self-trained on the chosen ensemble's masks of the training part: "
+        description="U-Net self-trained on the refined pseudo-labels of the training part: "
         "the final masks (export/, predict) when on; the paper configs turn it off",
+    )
+    mil: bool = Field(
+        True,
+        description="also train a localiser from the slice labels alone (multiple-instance "
+        "learning, section mil) and offer its maps to the search as one more member; the "
+        "paper configs turn it off",
+    )
+    refine: bool = Field(
+        True,
+        description="refine the chosen ensemble's masks of the training part into "
+        "three-class pseudo-labels (section refine) before self-training; off: the plain "
+        "ensemble masks with the slice labels applied",
     )
     export: bool = Field(True, description="write the evaluated masks as NIfTI")
     export_maps: bool = Field(False, description="also export the first member's maps")
@@ -382,6 +395,85 @@ class UNetConfig(DeviceConfig):
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
 
 
+class MilConfig(DeviceConfig):
+    """Localiser trained from slice labels alone: a shallow MONAI U-Net with the
+    multiple-instance loss (:func:`ensemblecam.training.losses.mil_loss`): every pixel of a
+    lesion-free slice is background, the ``top_fraction`` highest pixel scores of a lesion
+    slice say lesion, its ``bottom_fraction`` lowest say background. Few levels keep the
+    receptive field small, so the net must find the lesion instead of slice-wide cues.
+    Its map (P(lesion) per pixel, smoothed) becomes the map-store member ``localiser__mil``."""
+
+    channels: list[int] = Field([16, 32], description="feature maps per level (few: small field)")
+    strides: list[int] = Field([2], description="down-sampling per level (levels - 1)")
+    num_res_units: int = Field(1, ge=0, description="residual units per block")
+    norm: Literal["instance", "batch"] = Field("instance", description="normalisation layer")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability")
+    epochs: int | None = Field(
+        None, ge=1, description="training epochs (default: unet.epochs, the segmenter's budget)"
+    )
+    batch_size: int = Field(16, ge=1, description="batch size per device")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
+    top_fraction: float = Field(
+        0.01, gt=0.0, le=1.0, description="share of a lesion slice's pixels pushed to lesion"
+    )
+    bottom_fraction: float = Field(
+        0.5, ge=0.0, lt=1.0, description="share of a lesion slice's pixels pushed to background"
+    )
+    smooth_sigma: float | None = Field(
+        None,
+        ge=0.0,
+        description="Gaussian smoothing of the map in pixels (default: prod(strides), the "
+        "localiser's coarsest grid; top-k pooling alone marks only scattered pixels)",
+    )
+    seed: int = Field(0, description="seed of initialisation and data order")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes")
+
+    def sigma(self) -> float:
+        """The smoothing actually used (``smooth_sigma`` or prod(strides))."""
+        if self.smooth_sigma is not None:
+            return float(self.smooth_sigma)
+        return float(math.prod(self.strides)) if self.strides else 0.0
+
+
+class RefineConfig(Section):
+    """``ensemblecam refine``: three-class pseudo-labels (1 lesion, 0 background, 255 ignore)
+    of a fold's training (and validation) part from the chosen ensemble, its searched
+    thresholds and the slice labels (:mod:`ensemblecam.refine`). Each refiner in
+    ``refiners`` is tried; the one whose pseudo-labels score the highest lesion Dice
+    against the part's masks is kept (``criterion: masks``); without masks ``fallback``."""
+
+    store: Path = Field(Path("store"), description="slice store")
+    splits: Path | None = Field(None, description="split file (default <store>/splits.json)")
+    fold: str = Field("0", description="fold position or name")
+    parts: list[str] = Field(["train", "val"], description="split parts to label")
+    maps: Path = Field(Path("maps"), description="map store root")
+    config_file: Path = Field(
+        Path("search/best.json"), description="chosen configuration (best.json of search)"
+    )
+    refiners: list[Literal["none", "crf", "random_walker"]] = Field(
+        ["none", "crf", "random_walker"],
+        description="candidates: none (the ensemble's seeds), crf (dense CRF on the image), "
+        "random_walker (scikit-image)",
+    )
+    fallback: Literal["none", "crf", "random_walker"] = Field(
+        "none", description="refiner used when the part has no masks to choose with"
+    )
+    margin: float = Field(
+        0.5,
+        ge=0.0,
+        lt=1.0,
+        description="crf/random_walker seeds: relative score (0 at the searched threshold, "
+        "+-1 at the map's ends) beyond +-margin",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description='further refine options, e.g. {"band": 0.1, "min_component": 0.2}',
+    )
+    workers: int = Field(2, ge=1, description="parallel processes")
+    out: Path = Field(Path("refine"), description="output folder")
+
+
 class Config(Section):
     """All stages' options; every section is optional in the YAML file."""
 
@@ -394,6 +486,8 @@ class Config(Section):
     cam: CamConfig = CamConfig()
     run: RunConfig = RunConfig()
     unet: UNetConfig = UNetConfig()
+    mil: MilConfig = MilConfig()
+    refine: RefineConfig = RefineConfig()
 
 
 MAX_YAML_BYTES = 2**20  #: largest config file read (1 MiB)

@@ -117,11 +117,14 @@ def read_splits(path: str | os.PathLike[str]) -> list[Fold]:
 
 
 def get_fold(path: str | os.PathLike[str], fold: int | str) -> Fold:
-    """Fold ``fold`` (position or name) of the split file at ``path``."""
+    """Fold ``fold`` (name, or position: an int or a digit string naming no fold)."""
     folds = read_splits(path)
-    for i, f in enumerate(folds):
-        if f.name == str(fold) or (isinstance(fold, int) and i == fold):
+    for f in folds:
+        if f.name == str(fold):
             return f
+    pos = fold if isinstance(fold, int) else int(fold) if str(fold).isdigit() else None
+    if pos is not None and 0 <= pos < len(folds):
+        return folds[pos]
     names = ", ".join(f.name for f in folds)
     raise InputError(f"{path}: no fold {fold!r} (folds: {names})")
 

@@ -20,7 +20,7 @@ from ensemblecam.errors import InputError
 from ensemblecam.models.checkpoints import read_checkpoint
 
 if TYPE_CHECKING:
-    from ensemblecam.config import UNetConfig
+    from ensemblecam.config import MilConfig, UNetConfig
 
 #: ``info["model"]`` of a U-Net checkpoint
 UNET = "unet"
@@ -70,10 +70,11 @@ def build_unet(in_channels: int, num_classes: int = 2, **kwargs: Any) -> nn.Modu
         raise InputError(f"unet: bad model arguments {kwargs} ({exc})") from exc
 
 
-def model_args(cfg: UNetConfig, in_channels: int) -> dict[str, Any]:
-    """The keyword arguments of :func:`build_unet` for ``cfg`` (stored in checkpoints)."""
+def model_args(cfg: UNetConfig | MilConfig, in_channels: int) -> dict[str, Any]:
+    """The keyword arguments of :func:`build_unet` for ``cfg`` (stored in checkpoints); a
+    MIL localiser has 2 output channels (lesion logit d = z_1 - z_0)."""
     return {
-        "in_channels": in_channels, "num_classes": cfg.out_channels,
+        "in_channels": in_channels, "num_classes": getattr(cfg, "out_channels", 2),
         "channels": list(cfg.channels), "strides": list(cfg.strides),
         "num_res_units": cfg.num_res_units, "norm": cfg.norm, "dropout": cfg.dropout,
     }  # fmt: skip

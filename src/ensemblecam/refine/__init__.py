@@ -236,16 +236,6 @@ def random_walker_probs(
     return np.clip(np.asarray(prob[1], dtype=np.float32), 0.0, 1.0)
 
 
-def _shift(x: Any, offset: Sequence[int], radius: int) -> Any:
-    """x (..., *S) -> y with y[..., i] = x[..., i + offset] (zero outside); torch."""
-    import torch.nn.functional as F
-
-    nd = len(offset)
-    xp = F.pad(x, [radius] * (2 * nd))
-    sl = [slice(radius + o, radius + o + n) for o, n in zip(offset, x.shape[-nd:], strict=True)]
-    return xp[(Ellipsis, *sl)]
-
-
 def crf_probs(
     image: np.ndarray,
     prob: np.ndarray,
@@ -268,63 +258,126 @@ def crf_probs(
     "torch" sums the kernels over the window |d_i| <= ceil(2 s) exactly in PyTorch; "auto"
     takes "monai" when its extension is importable, else "torch". Returns P(lesion).
     """
-    import torch
+    return crf_probs_batch(
+        np.asarray(image)[None], np.asarray(prob)[None], iterations, spatial_sigma,
+        color_sigma, bilateral_weight, gaussian_weight, update_factor, backend,
+    )[0]  # fmt: skip
 
-    p = np.clip(np.asarray(prob, dtype=np.float32), 1e-4, 1 - 1e-4)
-    unary = torch.from_numpy(np.log(np.stack([1 - p, p])))[None]  # (1, 2, *S)
-    feats = torch.from_numpy(_standardise(image))[None]  # (1, C, *S)
+
+def _monai_crf(backend: str) -> bool:
+    """True to use MONAI's CRF block (its compiled extension is importable)."""
     if backend not in CRF_BACKENDS:
         raise InputError(
             f"refine.crf_backend {backend!r}: expected one of {', '.join(CRF_BACKENDS)}"
         )
-    if backend in ("auto", "monai"):
-        try:
-            from monai.utils import optional_import
+    if backend == "torch":
+        return False
+    try:
+        from monai.utils import optional_import
 
-            _, has_ext = optional_import("monai._C")
-        except ImportError:  # pragma: no cover - monai is a dependency
-            has_ext = False
-        if backend == "monai" and not has_ext:
-            raise InputError(
-                "refine.crf_backend 'monai': MONAI's compiled extension "
-                "(monai._C) is not installed; use 'torch' or 'auto'"
-            )
-        if has_ext:
-            from monai.networks.blocks import CRF
+        _, has_ext = optional_import("monai._C")
+    except ImportError:  # pragma: no cover - monai is a dependency
+        has_ext = False
+    if backend == "monai" and not has_ext:
+        raise InputError(
+            "refine.crf_backend 'monai': MONAI's compiled extension "
+            "(monai._C) is not installed; use 'torch' or 'auto'"
+        )
+    return bool(has_ext)
 
-            crf = CRF(
-                iterations,
-                bilateral_weight,
-                gaussian_weight,
-                spatial_sigma,
-                color_sigma,
-                spatial_sigma,
-                update_factor,
-            )
-            with torch.no_grad():
-                return crf(unary, feats)[0, 1].numpy().astype(np.float32)
-    nd = p.ndim
+
+def crf_probs_batch(
+    images: np.ndarray,
+    probs: np.ndarray,
+    iterations: int = 5,
+    spatial_sigma: float = 3.0,
+    color_sigma: float = 1.0,
+    bilateral_weight: float = 1.0,
+    gaussian_weight: float = 1.0,
+    update_factor: float = 3.0,
+    backend: str = "auto",
+) -> np.ndarray:
+    """:func:`crf_probs` of B images at once: ``images`` (B, C, *S), ``probs`` (B, *S);
+    each image has its own standardisation. Returns P(lesion) (B, *S) float32."""
+    import torch
+
+    p = np.clip(np.asarray(probs, dtype=np.float32), 1e-4, 1 - 1e-4)
+    unary = torch.from_numpy(np.log(np.stack([1 - p, p], axis=1)))  # (B, 2, *S)
+    feats = torch.from_numpy(np.stack([_standardise(im) for im in images]))  # (B, C, *S)
+    if _monai_crf(backend):
+        from monai.networks.blocks import CRF
+
+        crf = CRF(
+            iterations, bilateral_weight, gaussian_weight, spatial_sigma, color_sigma,
+            spatial_sigma, update_factor,
+        )  # fmt: skip
+        with torch.no_grad():
+            return crf(unary, feats)[:, 1].numpy().astype(np.float32)
+    # denormal kernel weights (exp of a large colour distance) make CPU arithmetic ~10x
+    # slower; flushing them to zero changes nothing measurable
+    flushed = torch.set_flush_denormal(True)
+    try:
+        return _crf_torch(unary, feats, iterations, spatial_sigma, color_sigma,
+                          bilateral_weight, gaussian_weight, update_factor)  # fmt: skip
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
+
+
+def _crf_torch(
+    unary: Any, feats: Any, iterations: int, spatial_sigma: float, color_sigma: float,
+    bilateral_weight: float, gaussian_weight: float, update_factor: float,
+) -> np.ndarray:  # fmt: skip
+    """The exact local-window mean field of :func:`crf_probs_batch` (backend "torch").
+
+    With two labels, q_0 = 1 - q_1, so the message to label 0 is W - m_1 with
+    W(x) = sum_d w_d(x) and m_1 = sum_d w_d(x) q_1(x + d), and the update is
+    q_1 = sigmoid(U_1 - U_0 + update_factor (2 m_1 - W)): one channel is passed, not two.
+    """
+    import torch
+
+    nd = unary.ndim - 2
     radius = max(1, math.ceil(2 * spatial_sigma))
-    rng = range(-radius, radius + 1)
-    offsets = [o for o in np.ndindex(*([len(rng)] * nd))]
-    kernels = []
+    size = feats.shape[2:]
     with torch.no_grad():
-        for idx in offsets:
+        fpad = _pad(feats, radius)
+        ones = _pad(torch.ones_like(feats[:, :1]), radius)
+        kernels = []
+        total = torch.zeros_like(feats[:, :1])
+        for idx in np.ndindex(*([2 * radius + 1] * nd)):
             d = [i - radius for i in idx]
             if not any(d):
                 continue
             g = math.exp(-sum(v * v for v in d) / (2 * spatial_sigma**2))
-            diff = ((feats - _shift(feats, d, radius)) ** 2).sum(dim=1, keepdim=True)
-            valid = _shift(torch.ones_like(feats[:, :1]), d, radius)
-            wb = bilateral_weight * g * torch.exp(-diff / (2 * color_sigma**2)) * valid
-            kernels.append((d, wb + gaussian_weight * g * valid))
-        q = torch.softmax(unary, dim=1)
+            view = _window(fpad, d, radius, size)
+            diff = ((feats - view) ** 2).sum(dim=1, keepdim=True)
+            valid = _window(ones, d, radius, size)
+            w = bilateral_weight * torch.exp(-diff / (2 * color_sigma**2)) + gaussian_weight
+            w = (g * valid) * w
+            total += w
+            kernels.append((d, w))
+        du = unary[:, 1:] - unary[:, :1]
+        q = torch.sigmoid(du)
         for _ in range(iterations):
+            qpad = _pad(q, radius)
             msg = torch.zeros_like(q)
             for d, w in kernels:
-                msg += w * _shift(q, d, radius)
-            q = torch.softmax(unary + update_factor * msg, dim=1)
-    return q[0, 1].numpy().astype(np.float32)
+                msg.addcmul_(w, _window(qpad, d, radius, size))
+            q = torch.sigmoid(du + update_factor * (2 * msg - total))
+    return q[:, 0].numpy().astype(np.float32)
+
+
+def _pad(x: Any, radius: int) -> Any:
+    """Zero-pad the spatial dims (all but the first two) of a torch tensor by ``radius``."""
+    import torch.nn.functional as F
+
+    return F.pad(x, [radius] * (2 * (x.ndim - 2)))
+
+
+def _window(xpad: Any, offset: Sequence[int], radius: int, size: Sequence[int]) -> Any:
+    """View y of a padded tensor with y[..., i] = x[..., i + offset] (zero outside)."""
+    sl = [slice(radius + o, radius + o + n) for o, n in zip(offset, size, strict=True)]
+    return xpad[(Ellipsis, *sl)]
 
 
 # --------------------------------------------------------------------------- filtering
@@ -372,15 +425,10 @@ def _from_prob(prob: np.ndarray, seeds: np.ndarray, band: float) -> np.ndarray:
     return out
 
 
-def pseudo_label(
-    image: np.ndarray,
-    maps: np.ndarray,
-    thresholds: Sequence[float],
-    label: int,
-    options: RefineOptions | None = None,
-) -> np.ndarray:
-    """Three-class pseudo-label (uint8, shape S: 0 / 1 / IGNORE) of one image (module
-    docstring, steps 1-6). ``image`` (C, *S); ``maps`` (K, *S) in [0, 1]."""
+def _check_inputs(
+    image: np.ndarray, maps: np.ndarray, thresholds: Sequence[float], label: int,
+    options: RefineOptions | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, RefineOptions]:  # fmt: skip
     opt = (options or RefineOptions()).check(np.shape(maps)[0] if np.ndim(maps) else None)
     maps, thr = _check_maps(maps, thresholds)
     image = np.asarray(image, dtype=np.float32)
@@ -391,36 +439,33 @@ def pseudo_label(
         )
     if int(label) not in (0, 1):
         raise InputError(f"refine: image-level label {label!r}: expected 0 or 1")
-    if int(label) == 0:
-        return np.zeros(maps.shape[1:], np.uint8)
+    return image, maps, thr, opt
+
+
+def _seeds(maps: np.ndarray, thr: np.ndarray, opt: RefineOptions) -> np.ndarray:
+    """Steps 1-2 and the never-empty fallback of a lesion image: its seeds."""
     if opt.smooth_sigma > 0:
         maps = ndimage.gaussian_filter(maps, (0,) + (opt.smooth_sigma,) * (maps.ndim - 1))
     seeds = seed_labels(maps, thr, 1, opt.fg_margin, opt.bg_margin, opt.agreement)
     if not (seeds == 1).any():
         seeds[top_region(maps.mean(axis=0), opt.top_fraction)] = 1
-    out = seeds
-    if opt.refiner == "random_walker":
-        prob = random_walker_probs(image, seeds, opt.rw_beta)
-        if prob is not None:
-            out = _from_prob(prob, seeds, opt.band)
-    elif opt.refiner == "crf":
-        if opt.crf_unary == "soft":
-            unary = soft_score(maps, thr)
-        else:
-            unary = np.full(seeds.shape, 0.5, np.float32)
-            unary[seeds == 1], unary[seeds == 0] = opt.crf_confidence, 1 - opt.crf_confidence
-        prob = crf_probs(
-            image,
-            unary,
-            opt.crf_iterations,
-            opt.crf_spatial_sigma,
-            opt.crf_color_sigma,
-            opt.crf_bilateral_weight,
-            opt.crf_gaussian_weight,
-            opt.crf_update_factor,
-            opt.crf_backend,
-        )
-        out = _from_prob(prob, seeds, opt.band)
+    return seeds
+
+
+def _crf_unary(
+    maps: np.ndarray, thr: np.ndarray, seeds: np.ndarray, opt: RefineOptions
+) -> np.ndarray:
+    """The CRF's initial lesion probability: from the seeds or the soft member score."""
+    if opt.crf_unary == "soft":
+        return soft_score(maps, thr)
+    unary = np.full(seeds.shape, 0.5, np.float32)
+    unary[seeds == 1], unary[seeds == 0] = opt.crf_confidence, 1 - opt.crf_confidence
+    return unary
+
+
+def _finish(seeds: np.ndarray, prob: np.ndarray | None, opt: RefineOptions) -> np.ndarray:
+    """Steps 3 (after the refiner's probability ``prob``; None: the seeds) to 6."""
+    out = seeds if prob is None else _from_prob(prob, seeds, opt.band)
     out = filter_components(out, seeds if opt.keep_seeded else None, opt.min_component)
     if not (out == 1).any():  # never empty: the seeds' lesion (itself never empty)
         out[seeds == 1] = 1
@@ -428,6 +473,67 @@ def pseudo_label(
     if not (out == 1).any():
         out[seeds == 1] = 1
     return out
+
+
+def _crf_options(opt: RefineOptions) -> tuple[Any, ...]:
+    return (
+        opt.crf_iterations, opt.crf_spatial_sigma, opt.crf_color_sigma,
+        opt.crf_bilateral_weight, opt.crf_gaussian_weight, opt.crf_update_factor,
+        opt.crf_backend,
+    )  # fmt: skip
+
+
+def pseudo_label(
+    image: np.ndarray,
+    maps: np.ndarray,
+    thresholds: Sequence[float],
+    label: int,
+    options: RefineOptions | None = None,
+) -> np.ndarray:
+    """Three-class pseudo-label (uint8, shape S: 0 / 1 / IGNORE) of one image (module
+    docstring, steps 1-6). ``image`` (C, *S); ``maps`` (K, *S) in [0, 1]."""
+    return pseudo_label_batch([image], [maps], [thresholds], [label], [options])[0]
+
+
+def pseudo_label_batch(
+    images: Sequence[np.ndarray],
+    maps: Sequence[np.ndarray],
+    thresholds: Sequence[Sequence[float]],
+    labels: Sequence[int],
+    options: Sequence[RefineOptions | None],
+    crf_batch: int = 32,
+) -> list[np.ndarray]:
+    """:func:`pseudo_label` of several images, each with its own maps (K_i, *S), thresholds
+    and options; CRF refinement runs ``crf_batch`` images at a time (same options and
+    shape in a batch), which is what makes it fast."""
+    out: list[np.ndarray | None] = [None] * len(images)
+    pending: dict[tuple[Any, ...], list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
+    for n, args in enumerate(zip(images, maps, thresholds, labels, options, strict=True)):
+        image, m, thr, opt = _check_inputs(*args)
+        if int(args[3]) == 0:
+            out[n] = np.zeros(m.shape[1:], np.uint8)
+            continue
+        seeds = _seeds(m, thr, opt)
+        if opt.refiner == "crf":
+            key = (_crf_options(opt), image.shape)
+            pending.setdefault(key, []).append((n, image, seeds, _crf_unary(m, thr, seeds, opt)))
+            continue
+        prob = (
+            random_walker_probs(image, seeds, opt.rw_beta)
+            if opt.refiner == "random_walker"
+            else None
+        )
+        out[n] = _finish(seeds, prob, opt)
+    for (crf_opts, _), items in pending.items():
+        for s in range(0, len(items), crf_batch):
+            chunk = items[s : s + crf_batch]
+            probs = crf_probs_batch(
+                np.stack([c[1] for c in chunk]), np.stack([c[3] for c in chunk]), *crf_opts
+            )
+            for (n, _, seeds, _), prob in zip(chunk, probs, strict=True):
+                opt = options[n] or RefineOptions()
+                out[n] = _finish(seeds, prob, opt)
+    return [o for o in out if o is not None]
 
 
 def pseudo_labels(
@@ -447,13 +553,11 @@ def pseudo_labels(
             f"member and {n} labels: expected the same count"
         )
     opt = (options or RefineOptions()).check(len(maps))
-    out = np.zeros((n, *np.shape(images)[2:]), np.uint8)
-    for i in range(n):
-        if labels[i] == 0:
-            continue
-        m = np.stack([np.asarray(mm[i], np.float32) for mm in maps])
-        out[i] = pseudo_label(images[i], m, thresholds, int(labels[i]), opt)
-    return out
+    per = [np.stack([np.asarray(mm[i], np.float32) for mm in maps]) for i in range(n)]
+    out = pseudo_label_batch(
+        list(images), per, [thresholds] * n, [int(v) for v in labels], [opt] * n
+    )
+    return np.stack(out) if out else np.zeros((0, *np.shape(images)[2:]), np.uint8)
 
 
 def pseudo_label_quality(pseudo: np.ndarray, truth: np.ndarray) -> dict[str, float]:

@@ -1,10 +1,16 @@
-"""Supervised 2-D U-Net (MONAI) on one fold: the fully supervised baseline and the second stage.
+"""2-D U-Net (MONAI) on one fold: the supervised baseline, the self-trained segmenter and
+the MIL localiser, all through the one training loop.
 
 ``targets="store"`` trains on the store's ground-truth masks (the paper's FSSS, the
 thesis's U-Net: the upper bound); a path to a ``masks.npz`` (arrays ``index`` int64 store
-indices, ``masks`` uint8 (n, H, W) in {0, 1}) trains on those pseudo-labels (the ensemble's
-masks of the training part: the usual second stage of weakly supervised segmentation);
-then only the training-part slices listed in the npz are used.
+indices, ``masks`` uint8 (n, H, W) in {0, 1, 255}) trains on those pseudo-labels (the
+refined pseudo-labels of the training part: the usual second stage of weakly supervised
+segmentation), 255 = ignore: left out of the loss (:func:`masked_dice_ce`) and of the
+validation scores; then only the training-part slices listed in the npz are used.
+``targets="labels"`` trains a localiser from the slice labels alone with the
+multiple-instance loss (:func:`ensemblecam.training.losses.mil_loss`; config
+:class:`ensemblecam.config.MilConfig`): validation is its loss on the val part, best.pt the
+lowest val loss.
 
 One run writes, in ``<out>`` (built as ``.<out>.partial`` and renamed when complete)::
 
@@ -16,17 +22,20 @@ One run writes, in ``<out>`` (built as ``.<out>.partial`` and renamed when compl
     learning_curve.png    losses and val lesion Dice per epoch
     unet.json             run summary, written last: its presence means the run is complete
 
-Validation masks come from ``cfg.val_targets``: "same" = the training targets' source (the
-store's masks, or the npz's masks of the val-part slices it lists), "store" = the store's
+Validation masks (store or npz targets) come from ``cfg.val_targets``: "same" = the
+training targets' source (the store's masks, or the npz's masks of the val-part slices it
+lists), "store" = the store's
 ground truth, "none" = no validation. Without validation slices best.pt is the last epoch.
 Val lesion Dice is accumulated over the part: 2TP / (2TP + FP + FN) (metrics.lesion_dice).
-Loss: monai DiceCELoss (Dice over the whole batch + cross-entropy), Adam. Predicted lesion:
-argmax of 2 softmax channels, or sigmoid > 0.5 of 1 channel.
+Loss: monai DiceCELoss (Dice over the whole batch + cross-entropy) on store masks, its
+masked form on pseudo-labels; Adam. Predicted lesion: argmax of 2 softmax channels, or
+sigmoid > 0.5 of 1 channel.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +47,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ensemblecam import __version__, models
-from ensemblecam.config import UNetConfig
+from ensemblecam.config import MilConfig, UNetConfig
 from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
-from ensemblecam.io.export import check_binary, check_slice_arrays, load_slice_arrays
+from ensemblecam.io.export import check_slice_arrays, load_slice_arrays
 from ensemblecam.io.split import Fold, get_fold
 from ensemblecam.io.store import SliceStore
 from ensemblecam.metrics.conventions import score, slice_counts
@@ -55,7 +64,8 @@ from ensemblecam.training.data import (
     train_loader,
 )
 from ensemblecam.training.fabric import gather, make_fabric
-from ensemblecam.training.loop import EpochData, Task, eval_batches, fit
+from ensemblecam.training.loop import EpochData, LossFn, Task, eval_batches, fit
+from ensemblecam.training.losses import IGNORE_INDEX, MaskedDiceCELoss, mil_loss
 from ensemblecam.training.records import plot_learning_curve, write_metrics_csv
 
 RUN_MARKER = "unet.json"
@@ -69,22 +79,32 @@ METRIC_COLUMNS = [
 
 
 def read_pseudo_masks(path: str | Path, store: SliceStore) -> tuple[np.ndarray, np.ndarray]:
-    """(index int64 (n,), masks uint8 (n, H, W)) of a masks.npz (or a folder holding one),
-    checked against ``store`` as exported masks are."""
+    """(index int64 (n,), masks uint8 (n, H, W) in {0, 1, 255}) of a masks.npz (or a folder
+    holding one), checked against ``store`` as exported masks are (255 = ignore)."""
     index, masks = check_slice_arrays(
         store, *load_slice_arrays(path, "masks"), "mask", f"{path}: pseudo-labels"
     )
-    check_binary(masks, f"{path}: pseudo-labels")
+    if masks.dtype != bool:
+        bad = masks[(masks != 0) & (masks != 1) & (masks != IGNORE_INDEX)]
+        if bad.size:
+            raise InputError(
+                f"{path}: pseudo-labels must be 0, 1 or {IGNORE_INDEX} (ignore), found "
+                f"value {bad.flat[0]}"
+            )
     return index, masks.astype(np.uint8)
 
 
 def _targets(
     store: SliceStore, idx: np.ndarray, source: str, pseudo: tuple[np.ndarray, np.ndarray] | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(kept store indices, mask source array, rows in it) of part ``idx`` for ``source``."""
+    """(kept store indices, mask source array, rows in it) of part ``idx`` for ``source``;
+    "labels": the slices with a known label (the label array, rows = kept indices)."""
     if source == "store":
         assert store.masks is not None
         return idx, store.masks, idx
+    if source == "labels":
+        kept = idx[store.labels[idx] >= 0]
+        return kept, store.labels, kept
     assert pseudo is not None
     index, masks = pseudo
     keep = np.isin(idx, index)
@@ -101,7 +121,7 @@ def _targets(
 class UNetPlan:
     """Everything checked before any process is started (picklable for ddp_spawn)."""
 
-    cfg: UNetConfig
+    cfg: UNetConfig | MilConfig
     store: Path
     targets: str
     source: str
@@ -124,7 +144,7 @@ def _file_digest(path: Path) -> str:
 
 
 def plan_unet(
-    cfg: UNetConfig,
+    cfg: UNetConfig | MilConfig,
     store_path: str | Path,
     splits_path: str | Path | None,
     fold: int | str,
@@ -136,20 +156,24 @@ def plan_unet(
     store = SliceStore.open(store_path)
     splits = Path(splits_path) if splits_path is not None else Path(store_path) / "splits.json"
     f = get_fold(splits, fold)
-    source = "store" if str(targets) == "store" else "npz"
+    source = str(targets) if str(targets) in ("store", "labels") else "npz"
+    if (source == "labels") != isinstance(cfg, MilConfig):
+        raise InputError(f"unet: targets {str(targets)!r} need a mil config; masks a unet config")
     if source == "store" and store.masks is None:
         raise InputError(
             f"{store.path}: store has no masks; the supervised U-Net needs targets (pass a "
             "pseudo-label masks.npz)"
         )
-    pseudo = None if source == "store" else read_pseudo_masks(targets, store)
+    pseudo = None if source != "npz" else read_pseudo_masks(targets, store)
     train_all = part_indices(store, splits, f, "train")
     train_idx, _, _ = _targets(store, train_all, source, pseudo)
     if len(train_idx) == 0:
-        where = store.path if source == "store" else targets
-        raise InputError(f"{where}: no target masks for the {len(train_all)} slices of "
+        where = targets if source == "npz" else store.path
+        what = "slice labels" if source == "labels" else "target masks"
+        raise InputError(f"{where}: no {what} for the {len(train_all)} slices of "
                          f"{f.name} train")  # fmt: skip
-    val_source: str | None = {"same": source, "store": "store", "none": None}[cfg.val_targets]
+    val_targets = "same" if source == "labels" else getattr(cfg, "val_targets", "same")
+    val_source: str | None = {"same": source, "store": "store", "none": None}[val_targets]
     if val_source == "store" and store.masks is None:
         raise InputError(f"{store.path}: store has no masks for val_targets 'store'")
     val_idx = np.zeros(0, np.int64)
@@ -173,8 +197,8 @@ def plan_unet(
         "store": str(Path(store_path).resolve()),
         "splits": str(splits.resolve()),
         "fold": f.name,
-        "targets": "store" if source == "store" else str(Path(targets).resolve()),
-        "targets_sha256": None if source == "store" else _file_digest(Path(targets)),
+        "targets": str(Path(targets).resolve()) if source == "npz" else source,
+        "targets_sha256": _file_digest(Path(targets)) if source == "npz" else None,
         "val_targets": val_source,
         "config": cfg.model_dump(mode="json"),
         "ensemblecam_version": __version__,
@@ -208,7 +232,7 @@ def plan_unet(
 
 
 def train_unet(
-    cfg: UNetConfig,
+    cfg: UNetConfig | MilConfig,
     store_path: str | Path,
     splits_path: str | Path | None,
     fold: int | str,
@@ -220,7 +244,8 @@ def train_unet(
 ) -> Path | None:
     """Train a U-Net on ``fold``'s train part of the store; return the finished run folder.
 
-    ``targets``: "store" (ground truth) or a masks.npz of pseudo-labels. A finished run in
+    ``targets``: "store" (ground truth), a masks.npz of pseudo-labels, or "labels" (the
+    MIL localiser; ``cfg`` a :class:`MilConfig`). A finished run in
     ``out`` is refused unless ``force``; an unfinished one with the same settings resumes.
     ``stop_after_epoch`` ends the run after that epoch as if killed (returns None); None is
     also returned in the non-zero ranks of a multi-process run.
@@ -233,47 +258,57 @@ def train_unet(
 
 def _dataset(
     store: SliceStore, idx: np.ndarray, source: str, pseudo: tuple[np.ndarray, np.ndarray] | None
-) -> MaskDataset:
+) -> StoreDataset:
     kept, src, rows = _targets(store, idx, source, pseudo)
     assert len(kept) == len(idx)
-    return MaskDataset(store, kept, src, rows)
+    return StoreDataset(store, kept) if source == "labels" else MaskDataset(store, kept, src, rows)
 
 
-def _make_loss(cfg: UNetConfig) -> nn.Module:
+def _make_loss(cfg: UNetConfig | MilConfig, source: str) -> LossFn:
+    """loss(float32 logits, targets) of ``source``: DiceCE on store masks, its masked form
+    (255 left out) on pseudo-labels, the MIL loss on slice labels."""
+    if isinstance(cfg, MilConfig):
+        top, bottom = cfg.top_fraction, cfg.bottom_fraction
+        return lambda z, y: mil_loss(z, y, top, bottom)
+    if source == "npz":
+        return MaskedDiceCELoss(IGNORE_INDEX, cfg.lambda_dice, cfg.lambda_ce)
     from monai.losses import DiceCELoss
 
     two = cfg.out_channels == 2
-    return DiceCELoss(
+    criterion = DiceCELoss(
         to_onehot_y=two, softmax=two, sigmoid=not two, batch=True,
         lambda_dice=cfg.lambda_dice, lambda_ce=cfg.lambda_ce,
     )  # fmt: skip
-
-
-def _loss(criterion: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    target = y.unsqueeze(1).to(logits.dtype if logits.shape[1] == 1 else torch.long)
-    return criterion(logits, target)
+    return lambda z, y: criterion(z, y.unsqueeze(1).to(z.dtype if z.shape[1] == 1 else torch.long))
 
 
 def _validate(
-    fabric: Any, model: nn.Module, loader: DataLoader, criterion: nn.Module,
-    n_total: int, case_ids: np.ndarray,
+    fabric: Any, model: nn.Module, loader: DataLoader, loss: LossFn,
+    n_total: int, case_ids: np.ndarray | None,
 ) -> dict[str, float]:  # fmt: skip
-    """Val loss (slice-weighted mean of batch losses) and segmentation metrics of the part."""
+    """Val loss (slice-weighted mean of batch losses) and, with masks (``case_ids`` given),
+    segmentation metrics of the part; ignored pixels (255) count as neither class."""
     parts: list[list[torch.Tensor]] = [[], [], [], []]
     loss_sum = torch.zeros((), device=fabric.device)
     n_seen = torch.zeros((), device=fabric.device)
     for logits, y in eval_batches(fabric, model, loader):
-        loss_sum += _loss(criterion, logits, y) * len(y)
+        loss_sum += loss(logits, y) * len(y)
         n_seen += len(y)
-        counts = slice_counts(logits_to_mask(logits).cpu().numpy(), y.cpu().numpy() > 0)
-        for p, c in zip(parts, counts, strict=True):
+        if case_ids is None:
+            continue
+        yn = y.cpu().numpy()
+        known = yn != IGNORE_INDEX
+        pred = logits_to_mask(logits).cpu().numpy() & known
+        for p, c in zip(parts, slice_counts(pred, (yn == 1) & known), strict=True):
             p.append(torch.from_numpy(c).to(fabric.device))
-    cat = [torch.cat(p) if p else torch.zeros(0, dtype=torch.int64, device=fabric.device)
-           for p in parts]  # fmt: skip
-    tp, fp, fn, tn = (gather(fabric, c, n_total) for c in cat)
     loss_sum = fabric.all_reduce(loss_sum, reduce_op="sum")
     n_seen = fabric.all_reduce(n_seen, reduce_op="sum")
-    res = score(tp, fp, fn, tn, case_ids)
+    res: dict[str, Any] = {}
+    if case_ids is not None:
+        cat = [torch.cat(p) if p else torch.zeros(0, dtype=torch.int64, device=fabric.device)
+               for p in parts]  # fmt: skip
+        tp, fp, fn, tn = (gather(fabric, c, n_total) for c in cat)
+        res = score(tp, fp, fn, tn, case_ids)
     res["val_loss"] = float(loss_sum / n_seen)
     return res
 
@@ -290,7 +325,7 @@ def _data(fabric: Any, plan: UNetPlan) -> EpochData:
     sampler = EpochSampler(len(train_ds), cfg.seed, rank, world)
     gpu = fabric.device.type == "cuda"
     loader = train_loader(train_ds, cfg.batch_size, sampler, cfg.workers, gpu)
-    criterion = _make_loss(cfg)
+    loss = _make_loss(cfg, plan.source)
     validate = None
     if plan.val_source is not None:
         shard = np.arange(len(plan.val_idx))[rank::world]
@@ -298,11 +333,12 @@ def _data(fabric: Any, plan: UNetPlan) -> EpochData:
         val_loader = batch_loader(val_ds, cfg.batch_size, num_workers=cfg.workers,
                                   pin_memory=gpu)  # fmt: skip
         n_val, case_ids = len(plan.val_idx), store.table["case"][plan.val_idx]
+        cases = None if plan.val_source == "labels" else case_ids
 
         def validate(model: nn.Module) -> dict[str, Any]:
-            return _validate(fabric, model, val_loader, criterion, n_val, case_ids)
+            return _validate(fabric, model, val_loader, loss, n_val, cases)
 
-    return EpochData(sampler, loader, lambda z, y: _loss(criterion, z, y), validate)
+    return EpochData(sampler, loader, loss, validate)
 
 
 def _run(fabric: Any, plan: UNetPlan, progress: bool | None, stop_after_epoch: int | None) -> str:
@@ -310,11 +346,14 @@ def _run(fabric: Any, plan: UNetPlan, progress: bool | None, stop_after_epoch: i
     "worker", see :func:`ensemblecam.training.loop.fit`). best.pt: highest val lesion Dice,
     ties to the lower val loss; without validation the last epoch."""
     cfg = plan.cfg
-    kind = "supervised" if plan.targets == "store" else "pseudo-labels"
+    kind = {"store": "supervised", "labels": "MIL localiser"}.get(plan.source, "pseudo-labels")
+    monitor = None if plan.val_source is None else "lesion_dice"
+    if plan.source == "labels" and plan.val_source is not None:
+        monitor = "val_loss"
     task = Task(
         stage="unet", out=plan.out, partial=plan.partial, resume_from=plan.resume_from,
         seed=cfg.seed, epochs=cfg.epochs, batch_size=cfg.batch_size, info=dict(plan.info),
-        columns=METRIC_COLUMNS, monitor=None if plan.val_source is None else "lesion_dice",
+        columns=METRIC_COLUMNS, monitor=monitor,
         build_model=lambda: build_unet(**plan.info["model_args"]),
         make_optimizer=lambda model: torch.optim.Adam(
             model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
@@ -329,7 +368,8 @@ def _finish(plan: UNetPlan, history: list[dict[str, Any]], best_epoch: int) -> N
     """Rank 0, after the last epoch: learning curve, unet.json; rename the folder."""
     best = models.read_checkpoint(plan.partial / "best.pt")["info"]["metrics"]
     write_metrics_csv(plan.partial / "metrics.csv", history, METRIC_COLUMNS)
-    plot_learning_curve(plan.partial / "learning_curve.png", history, best_epoch, UNET_SCORES)
+    scores = () if plan.source == "labels" else UNET_SCORES
+    plot_learning_curve(plan.partial / "learning_curve.png", history, best_epoch, scores)
     summary = {
         "format": RUN_FORMAT,
         "version": 1,
@@ -350,6 +390,31 @@ def _finish(plan: UNetPlan, history: list[dict[str, Any]], best_epoch: int) -> N
 # --------------------------------------------------------------------------- prediction
 
 
+def _logit_batches(
+    checkpoint: str | Path,
+    store: SliceStore,
+    indices: np.ndarray,
+    batch_size: int,
+    device: str | torch.device,
+    progress: bool | None,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows of ``indices``, float32 logits (B, K, H, W) on the CPU) per batch of a U-Net."""
+    model, info = load_unet(checkpoint)
+    if list(info.get("channels", [])) != store.channels:
+        raise InputError(
+            f"{checkpoint}: U-Net trained on channels {info.get('channels')}, store "
+            f"{store.path} has {store.channels}"
+        )
+    ds = StoreDataset(store, np.asarray(indices, dtype=np.int64))
+    model.to(device)
+    with torch.inference_mode():
+        pos = 0
+        for x, _ in tqdm(batch_loader(ds, batch_size), desc="unet predict", unit="batch",
+                         disable=None if progress is None else not progress):  # fmt: skip
+            yield slice(pos, pos + len(x)), model(x.to(device)).float().cpu()
+            pos += len(x)
+
+
 def predict_unet(
     checkpoint: str | Path,
     store: SliceStore,
@@ -359,22 +424,25 @@ def predict_unet(
     progress: bool | None = None,
 ) -> np.ndarray:
     """uint8 (n, H, W) lesion masks of the store slices ``indices`` (in that order)."""
-    model, info = load_unet(checkpoint)
-    if list(info.get("channels", [])) != store.channels:
-        raise InputError(
-            f"{checkpoint}: U-Net trained on channels {info.get('channels')}, store "
-            f"{store.path} has {store.channels}"
-        )
-    indices = np.asarray(indices, dtype=np.int64)
-    ds = StoreDataset(store, indices)
     h, w = store.size
     out = np.zeros((len(indices), h, w), np.uint8)
-    model.to(device)
-    with torch.inference_mode():
-        pos = 0
-        for x, _ in tqdm(batch_loader(ds, batch_size), desc="unet predict", unit="batch",
-                         disable=None if progress is None else not progress):  # fmt: skip
-            mask = logits_to_mask(model(x.to(device)).float())
-            out[pos : pos + len(x)] = mask.cpu().numpy()
-            pos += len(x)
+    for rows, logits in _logit_batches(checkpoint, store, indices, batch_size, device, progress):
+        out[rows] = logits_to_mask(logits).numpy()
+    return out
+
+
+def predict_lesion_logits(
+    checkpoint: str | Path,
+    store: SliceStore,
+    indices: np.ndarray,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
+) -> np.ndarray:
+    """float32 (n, H, W) lesion logits d of the store slices ``indices``: d = z_1 - z_0 of
+    2 channels (softmax P(lesion) = sigmoid(d)), d = z_0 of 1 channel."""
+    h, w = store.size
+    out = np.zeros((len(indices), h, w), np.float32)
+    for rows, z in _logit_batches(checkpoint, store, indices, batch_size, device, progress):
+        out[rows] = (z[:, 1] - z[:, 0] if z.shape[1] == 2 else z[:, 0]).numpy()
     return out

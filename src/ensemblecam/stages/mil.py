@@ -1,0 +1,103 @@
+"""The MIL localiser: a shallow U-Net trained from slice labels alone, its maps one more
+member of the map store (``localiser__mil``) that the ensemble search may pick.
+
+Why: a classifier's CAM shows where the classifier looks, which need not be the lesion (a
+classifier can tell lesion slices from global cues; its maps then miss the lesion however
+they are thresholded). The localiser is trained on the question the masks answer: with
+the multiple-instance loss (:func:`ensemblecam.training.losses.mil_loss`) a lesion-free
+slice is background at every pixel, and a lesion slice must hold some lesion pixels. Its
+few levels keep each pixel's receptive field small, so slice-wide cues cannot satisfy the
+loss. Training: :func:`ensemblecam.stages.unet.train_unet` with ``targets="labels"`` (the
+one training loop).
+
+Member maps (:func:`write_mil_maps`), for every slice of the requested parts:
+
+    m = G_sigma * sigmoid(d)            (d the lesion logit, G_sigma a Gaussian in-plane)
+    p = sigmoid(mean of the ceil(top_fraction * H * W) largest d)   (slice probability)
+
+``m`` is not normalised per slice: a lesion-free slice keeps low values, so the searched
+thresholds mean the same on every slice. ``p`` is the slice score the MIL loss trains
+(stored as the member's ``probs``, used for gating).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from ensemblecam import __version__
+from ensemblecam.config import MilConfig
+from ensemblecam.errors import InputError
+from ensemblecam.io import fsutil, mapstore
+from ensemblecam.io.split import get_fold
+from ensemblecam.io.store import SliceStore
+from ensemblecam.training.data import part_indices
+
+#: map-store member name of the localiser's maps
+MIL_MEMBER = mapstore.member_name("localiser", "mil")
+
+
+def mil_maps(
+    logits: np.ndarray, sigma: float, top_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(maps float32 (n, H, W) in [0, 1], slice probabilities float32 (n,)) of lesion logits
+    ``logits`` (n, H, W) (module docstring)."""
+    d = np.asarray(logits, dtype=np.float64)
+    prob = 1.0 / (1.0 + np.exp(-d))
+    if sigma > 0:
+        prob = ndimage.gaussian_filter(prob, (0, sigma, sigma), mode="nearest")
+    flat = d.reshape(len(d), -1)
+    k = max(1, math.ceil(top_fraction * flat.shape[1]))
+    top = -np.sort(-flat, axis=1)[:, :k].mean(axis=1) if len(flat) else np.zeros(0)
+    return prob.astype(np.float32), (1.0 / (1.0 + np.exp(-top))).astype(np.float32)
+
+
+def write_mil_maps(
+    cfg: MilConfig,
+    checkpoint: str | Path,
+    store_path: str | Path,
+    splits: str | Path | None,
+    fold: int | str,
+    parts: list[str],
+    out: str | Path,
+    force: bool = False,
+    progress: bool | None = None,
+) -> Path:
+    """Write the localiser's member (``out``, a map-store member folder) for ``parts``."""
+    from ensemblecam.stages.unet import predict_lesion_logits
+
+    store = SliceStore.open(store_path)
+    split_file = Path(splits) if splits is not None else Path(store_path) / "splits.json"
+    f = get_fold(split_file, fold)
+    if not parts:
+        raise InputError("mil: no split part to map")
+    idx = np.unique(np.concatenate([part_indices(store, split_file, f, p) for p in parts]))
+    out = Path(out)
+    partial = fsutil.prepare_output_dir(out, force, mapstore.MAP_META, stage="mil")
+    logits = predict_lesion_logits(
+        checkpoint, store, idx, batch_size=cfg.batch_size, progress=progress
+    )
+    maps, probs = mil_maps(logits, cfg.sigma(), cfg.top_fraction)
+    meta: dict[str, Any] = {
+        "member": out.name,
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "model": "unet",
+        "method": "mil",
+        "layer": None,
+        "target": "lesion",
+        "normalised": False,
+        "smooth_sigma": cfg.sigma(),
+        "top_fraction": cfg.top_fraction,
+        "store": str(Path(store_path).resolve()),
+        "store_id": store.identity,
+        "store_n_slices": store.n_slices,
+        "parts": list(parts),
+        "ensemblecam_version": __version__,
+    }
+    mapstore.write_map_set(partial, meta, idx, maps.astype(np.float16), probs)
+    fsutil.commit_output_dir(partial, out, "mil")
+    return out

@@ -1,0 +1,183 @@
+"""``ensemblecam refine``: three-class pseudo-labels of a fold's training part from the chosen
+ensemble, its searched thresholds, the images and the slice labels.
+
+For every slice of ``cfg.parts`` (:mod:`ensemblecam.refine` gives the chain):
+
+- a slice labelled lesion-free is background at every pixel; a slice of unknown label
+  (-1) is ignore at every pixel; a lesion slice never ends empty;
+- the chosen configuration decides which member maps seed a slice: ``and``/``or``/``vote:k``
+  all members with agreement M / 1 / k, ``mean`` the mean map, ``min``/``max`` the member
+  whose mask the operator picks on that slice, ``single`` its member;
+- each refiner of ``cfg.refiners`` gives one candidate: ``none`` = the ensemble's own
+  decision (seeds at margin 0: lesion where the operator says lesion, background where every
+  member says background, the rest ignore); ``crf`` / ``random_walker`` = seeds beyond
+  +-``cfg.margin`` (relative scores) grown on the image.
+
+Choice (``criterion`` in refine.json): ``masks`` when the training part has masks: the
+candidate with the highest lesion Dice against them (ignore counted as background), ties to
+the earlier candidate; ``fallback`` otherwise (no masks to choose with: the report says so).
+
+Outputs (an atomic folder ``cfg.out``): ``masks.npz`` (``index`` int64 store indices,
+``masks`` uint8 in {0, 1, 255}; what the U-Net stage trains on), ``refine.json`` (written
+last: criterion, chosen refiner, each candidate's quality on the training part, seconds).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ensemblecam.config import RefineConfig
+from ensemblecam.ensemble.operators import EnsembleConfig, parse_operator
+from ensemblecam.errors import InputError
+from ensemblecam.io import fsutil
+from ensemblecam.io.mapstore import MapSet, dequantise
+from ensemblecam.io.masks import write_masks
+from ensemblecam.io.split import get_fold
+from ensemblecam.io.store import SliceStore
+from ensemblecam.refine import IGNORE, RefineOptions, pseudo_label_batch, pseudo_label_quality
+from ensemblecam.training.data import part_indices
+
+REFINE_MARKER = "refine.json"
+REFINE_FORMAT = "ensemblecam-refine"
+
+
+def refine_options(cfg: RefineConfig, refiner: str, agreement: int) -> RefineOptions:
+    """The :class:`RefineOptions` of one candidate (module docstring); ``cfg.options`` last."""
+    margin = 0.0 if refiner == "none" else cfg.margin
+    values: dict[str, Any] = {
+        "refiner": refiner,
+        "fg_margin": margin,
+        "bg_margin": margin,
+        "agreement": agreement,
+        **cfg.options,
+    }
+    return RefineOptions.from_dict(values)
+
+
+def slice_members(
+    conf: EnsembleConfig, maps: list[np.ndarray]
+) -> tuple[np.ndarray, list[float], int]:
+    """(member maps (K, H, W), thresholds, agreement) that seed one slice under ``conf``;
+    ``maps`` the configuration's member maps of the slice, in its order."""
+    kind, k = (
+        parse_operator(conf.operator, len(conf.members))
+        if conf.operator != "single"
+        else ("single", 1)
+    )
+    thr = [float(t) for t in conf.thresholds]
+    if kind == "mean":
+        return np.mean(np.stack(maps), axis=0, dtype=np.float32)[None], thr[:1], 1
+    if kind in ("min", "max"):
+        counts = [int(np.sum(m > np.float32(t))) for m, t in zip(maps, thr, strict=True)]
+        j = int(np.argmin(counts) if kind == "min" else np.argmax(counts))
+        return maps[j][None], [thr[j]], 1
+    if kind == "single":
+        return maps[0][None], thr[:1], 1
+    agreement = {"and": len(maps), "or": 1}.get(kind, k)
+    return np.stack(maps), thr, agreement
+
+
+def _labels_of(
+    store: SliceStore,
+    idx: np.ndarray,
+    conf: EnsembleConfig,
+    sets: list[MapSet],
+    options: RefineOptions,
+) -> np.ndarray:
+    """uint8 (n, H, W) pseudo-labels of store slices ``idx`` with one candidate's options."""
+    rows = [ms.rows_for(idx) for ms in sets]
+    labels = store.labels[idx]
+    out = np.zeros((len(idx), *store.size), np.uint8)
+    out[labels < 0] = IGNORE
+    lesion = np.flatnonzero(labels > 0)
+    images, maps, thresholds, opts = [], [], [], []
+    for j in lesion:
+        member_maps = [
+            dequantise(np.asarray(ms.maps[r[j]])) for ms, r in zip(sets, rows, strict=True)
+        ]
+        m, thr, agreement = slice_members(conf, member_maps)
+        images.append(np.asarray(store.images[idx[j]], dtype=np.float32))
+        maps.append(m)
+        thresholds.append(thr)
+        opts.append(RefineOptions(**{**options.as_dict(), "agreement": min(agreement, len(m))}))
+    labelled = pseudo_label_batch(images, maps, thresholds, [1] * len(lesion), opts)
+    for j, lab in zip(lesion, labelled, strict=True):
+        out[j] = lab
+    return out
+
+
+def refine_stage(cfg: RefineConfig, force: bool = False) -> Path:
+    """Write ``cfg.out`` (module docstring); return it."""
+    store = SliceStore.open(cfg.store)
+    splits = Path(cfg.splits) if cfg.splits is not None else Path(cfg.store) / "splits.json"
+    fold = get_fold(splits, cfg.fold)
+    conf = EnsembleConfig.read(cfg.config_file, "chosen configuration")
+    if not cfg.refiners:
+        raise InputError("refine.refiners: give at least one refiner (none, crf, random_walker)")
+    if not cfg.parts or "train" not in cfg.parts:
+        raise InputError(f"refine.parts {cfg.parts}: must include train (the part to label)")
+    for name in cfg.refiners:  # bad options fail here, before any work
+        refine_options(cfg, name, len(conf.members))
+    refine_options(cfg, cfg.fallback, len(conf.members))
+    sets = [MapSet.open(Path(cfg.maps) / m) for m in conf.members]
+    for ms in sets:
+        ms.check_store(store)
+    idx = {p: part_indices(store, splits, fold, p) for p in dict.fromkeys(cfg.parts)}
+    out = Path(cfg.out)
+    fsutil.check_not_input(out, [cfg.store, splits, cfg.maps, cfg.config_file])
+    partial = fsutil.prepare_output_dir(out, force, REFINE_MARKER, stage="refine")
+    t0 = time.perf_counter()
+    train = idx["train"]
+    truth = store.masks is not None and len(train) > 0
+    candidates: dict[str, dict[str, Any]] = {}
+    labelled: dict[str, np.ndarray] = {}
+    names = list(dict.fromkeys(cfg.refiners)) if truth else [cfg.fallback]
+    for name in names:
+        t1 = time.perf_counter()
+        opt = refine_options(cfg, name, len(conf.members))
+        labelled[name] = _labels_of(store, train, conf, sets, opt)
+        quality = None
+        if truth:
+            quality = pseudo_label_quality(labelled[name], np.asarray(store.masks[train]))
+        candidates[name] = {
+            "options": opt.as_dict(),
+            "train_quality": quality,
+            "seconds": round(time.perf_counter() - t1, 2),
+        }
+    if truth:
+        chosen = max(
+            names, key=lambda n: (candidates[n]["train_quality"]["lesion_dice"], -names.index(n))
+        )
+    else:
+        chosen = cfg.fallback
+    opt = refine_options(cfg, chosen, len(conf.members))
+    index = np.unique(np.concatenate(list(idx.values())))
+    masks = np.zeros((len(index), *store.size), np.uint8)
+    in_train = np.isin(index, train)
+    masks[in_train] = labelled[chosen]
+    rest = index[~in_train]
+    if len(rest):
+        masks[~in_train] = _labels_of(store, rest, conf, sets, opt)
+    write_masks(partial / "masks.npz", index, masks)
+    fsutil.write_json(
+        partial / REFINE_MARKER,
+        {
+            "format": REFINE_FORMAT,
+            "version": 1,
+            "fold": fold.name,
+            "parts": list(idx),
+            "config": conf.to_dict(),
+            "criterion": "masks" if truth else "fallback",
+            "chosen": chosen,
+            "candidates": candidates,
+            "n_slices": {p: len(v) for p, v in idx.items()},
+            "ignored_fraction": float(np.mean(masks == IGNORE)) if masks.size else 0.0,
+            "seconds": round(time.perf_counter() - t0, 2),
+        },
+    )
+    fsutil.commit_output_dir(partial, out, "refine")
+    return out
