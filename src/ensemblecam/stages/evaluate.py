@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 from nibabel.affines import voxel_sizes
-from tqdm import tqdm
 
 from ensemblecam import metrics
+from ensemblecam import progress as progress_out
 from ensemblecam.config import EvaluateConfig
 from ensemblecam.ensemble.operators import EnsembleConfig, apply_config, gate_probs
 from ensemblecam.ensemble.rows import Rows, as_rows
@@ -63,6 +63,7 @@ def evaluate_arrays(
     classifier_threshold: float = 0.5,
     chunk: int = 256,
     progress: bool | None = None,
+    desc: str = "",
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Apply ``config`` chunk by chunk; return (metrics, per-slice counts incl. Empty baseline).
 
@@ -74,11 +75,8 @@ def evaluate_arrays(
     if n == 0:
         raise InputError("empty evaluation set: no slices to score")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("tp", "fp", "fn", "tn")}
-    for start in tqdm(
-        range(0, n, chunk),
-        desc="evaluate",
-        unit="chunk",
-        disable=None if progress is None else not progress,
+    for start in progress_out.bar(
+        range(0, n, chunk), desc=desc, unit="chunks", label="evaluate", enabled=progress
     ):
         stop = min(start + chunk, n)
         gt = gts.read(start, stop).astype(bool)
@@ -283,6 +281,7 @@ def evaluate_stage(
         cfg.min_lesion_fraction,
         cfg.classifier_threshold,
         cfg.chunk,
+        desc=out.name,
     )
 
     def predicted(rows: np.ndarray) -> np.ndarray:

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ensemblecam import __version__, models
+from ensemblecam import progress as progress_out
 from ensemblecam.config import UNetConfig
 from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
@@ -359,6 +359,20 @@ def predict_unet(
     progress: bool | None = None,
 ) -> np.ndarray:
     """uint8 (n, H, W) lesion masks of the store slices ``indices`` (in that order)."""
+    return segment_unet(checkpoint, store, indices, batch_size, device, progress)[0]
+
+
+def segment_unet(
+    checkpoint: str | Path,
+    store: SliceStore,
+    indices: np.ndarray,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 masks, float32 lesion probabilities), each (n, H, W), of the store slices
+    ``indices`` (in that order). Mask: :func:`logits_to_mask`; probability: softmax of the
+    lesion channel (2 channels) or sigmoid (1 channel), in [0, 1]."""
     model, info = load_unet(checkpoint)
     if list(info.get("channels", [])) != store.channels:
         raise InputError(
@@ -369,12 +383,16 @@ def predict_unet(
     ds = StoreDataset(store, indices)
     h, w = store.size
     out = np.zeros((len(indices), h, w), np.uint8)
+    prob = np.zeros((len(indices), h, w), np.float32)
     model.to(device)
     with torch.inference_mode():
         pos = 0
-        for x, _ in tqdm(batch_loader(ds, batch_size), desc="unet predict", unit="batch",
-                         disable=None if progress is None else not progress):  # fmt: skip
-            mask = logits_to_mask(model(x.to(device)).float())
-            out[pos : pos + len(x)] = mask.cpu().numpy()
+        batches = batch_loader(ds, batch_size)
+        for x, _ in progress_out.bar(batches, desc="segment", unit="batches", label="unet",
+                                     enabled=progress):  # fmt: skip
+            logits = model(x.to(device)).float()
+            out[pos : pos + len(x)] = logits_to_mask(logits).cpu().numpy()
+            p = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else logits.softmax(1)[:, 1]
+            prob[pos : pos + len(x)] = p.cpu().numpy()
             pos += len(x)
-    return out
+    return out, prob
