@@ -270,9 +270,10 @@ def export_cases(
     files beside masks in the same folder, ``probs=(indices, probabilities)`` probability
     files ``<case>_prob.nii.gz`` (values must lie in [0, 1]). Store slices of a case that
     are not given stay 0. An existing export is refused unless ``force``; ``force`` never
-    replaces a folder ensemblecam did not write, nor the store; ``index.json`` is written last. Its ``store``
-    names the slice store the geometry came from, or is null for a ``temporary_store``
-    (predict's scratch store), so that the index names only files that exist.
+    replaces a folder ensemblecam did not write, nor the store; ``index.json`` is written
+    last. Its ``store`` names the slice store the geometry came from, or is null for a
+    ``temporary_store`` (predict's scratch store), so that the index names only files that
+    exist.
     """
     if kind not in ("mask", "map"):
         raise InputError(f"export kind {kind!r}: expected 'mask' or 'map'")
@@ -285,9 +286,7 @@ def export_cases(
         jobs.append(("map", *check_slice_arrays(store, maps[0], maps[1], "map", "maps")))
     if probs is not None:
         p_idx, p_arr = check_slice_arrays(store, probs[0], probs[1], "prob", "probabilities")
-        ok = not p_arr.size or (
-            np.isfinite(p_arr).all() and p_arr.min() >= 0 and p_arr.max() <= 1
-        )
+        ok = not p_arr.size or (np.isfinite(p_arr).all() and p_arr.min() >= 0 and p_arr.max() <= 1)
         if not ok:
             raise InputError("probabilities: values must be finite and lie in [0, 1]")
         jobs.append(("prob", p_idx, p_arr))

@@ -13,6 +13,11 @@ background in both) and scored in the scan's voxel spacing (mm, from its affine)
 HD95 and NSD through MONAI, BraTS 2023 lesion-wise Dice/HD95, lesion detection
 (:func:`ensemblecam.metrics.case_metrics`).
 
+Predicted pixels outside the scan's foreground (:func:`foreground`: above the slice's
+minimum in some channel) are counted over the evaluated slices: ``metrics.json`` holds
+``predicted_pixels``, ``predicted_outside_foreground`` and their ratio
+``outside_foreground_fraction`` (null when nothing is predicted); the report quotes them.
+
 Over cases (:func:`add_case_statistics`, called by ``ensemblecam run``): per result row,
 the per-case values of every fold pooled (a case is identified by (fold, case)), their
 mean with a seeded percentile-bootstrap 95% CI, and paired Wilcoxon signed-rank tests of
@@ -107,6 +112,16 @@ def evaluate_arrays(
         res["classifier"] = classifier_metrics(labels, p, classifier_threshold)
     empty = empty_baseline(per, case_ids, min_lesion_fraction, classifier_threshold)
     return {"config": config, "metrics": res, "empty_baseline": empty}, per
+
+
+def foreground(images: np.ndarray) -> np.ndarray:
+    """Bool (n, H, W) foreground of images (n, C, H, W): a pixel whose intensity in any
+    channel lies above that channel's minimum over the slice (the background of a scan is
+    its darkest value; generic, no intensity constants). A blank slice has no foreground.
+    In a store cropped past the scan's edge the zero padding counts as foreground when the
+    normalisation gives the background negative values (zscore_volume)."""
+    x = np.asarray(images)
+    return (x > x.min(axis=(-2, -1), keepdims=True)).any(axis=1)
 
 
 def case_hd95(
@@ -450,6 +465,7 @@ def _write_evaluation(
         )
     case_ids = table["case"][idx]
     case_rows, empty_rows = [], []
+    outside = predicted_px = 0
     for case in dict.fromkeys(case_ids.tolist()):
         sel = np.flatnonzero(case_ids == case)
         tp, fp, fn = (int(per[k][sel].sum()) for k in ("tp", "fp", "fn"))
@@ -464,6 +480,9 @@ def _write_evaluation(
         }
         gt = np.concatenate([gts.read(int(k), int(k) + 1) for k in sel]).astype(bool)
         pr = np.asarray(predicted(sel)).astype(bool)
+        fg = foreground(np.stack([store.images[int(i)] for i in idx[sel]]))
+        outside += int(np.count_nonzero(pr & ~fg))
+        predicted_px += int(np.count_nonzero(pr))
         if cfg.hd95:
             order = np.lexsort((table["slice"][idx[sel]], table["part"][idx[sel]]))
             row["hd95_voxels"] = case_hd95(pr[order], gt[order])
@@ -494,6 +513,11 @@ def _write_evaluation(
         result["metrics"]["hd95_voxels_std"] = float(ok.std()) if ok.size else float("nan")
         result["metrics"]["hd95_undefined_cases"] = int((~np.isfinite(vals)).sum())
     result["metrics"].update(case_summary(case_rows))
+    result["metrics"].update(
+        predicted_pixels=predicted_px,
+        predicted_outside_foreground=outside,
+        outside_foreground_fraction=outside / predicted_px if predicted_px else None,
+    )
     result["empty_baseline"].update(case_summary(empty_rows))
     result["case_conventions"] = case_conventions(cfg.nsd_tolerance_mm)
     fsutil.write_json(partial / "metrics.json", result)
