@@ -242,3 +242,15 @@ def test_ensemble_config_and_masks_file(search_setup):
     want = apply_config(maps, conf, probs)
     assert want.any() and not want.all()
     assert np.array_equal(masks, want) and np.array_equal(apply_config(maps, ec, probs), want)
+
+
+def test_foreground_is_above_the_slice_minimum_in_any_channel() -> None:
+    from ensemblecam.stages.evaluate import foreground
+
+    img = np.zeros((2, 2, 2, 3), np.float32)  # (n, C, H, W)
+    img[0, 0] = [[-1, -1, 0], [-1, 2, -1]]  # channel 0: minimum -1
+    img[0, 1] = [[5, 5, 5], [5, 5, 6]]  # channel 1: minimum 5
+    # slice 1 is blank: no foreground
+    fg = foreground(img)
+    assert fg[0].tolist() == [[False, False, True], [False, True, True]]
+    assert not fg[1].any()
