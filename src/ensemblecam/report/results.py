@@ -333,10 +333,10 @@ def _outside_foreground(rep: Page, run: Run, rows: list[dict[str, Any]]) -> None
         )
         return
     rep.p(
-        "Predicted lesion pixels that lie outside the scan's foreground (foreground: a pixel "
-        "above its slice's minimum in some channel, i.e. not the empty background around "
-        "the body or head), evaluated part, all folds together. A lesion cannot lie there, so "
-        "every such pixel is a false positive; a large share means blobs outside the body."
+        "Predicted lesion pixels that lie outside the body or head (per slice: pixels above "
+        "Otsu's threshold in some channel, holes filled; as the evaluation counted them), "
+        "evaluated part, all folds together. A lesion cannot lie there, so every such pixel "
+        "is a false positive; a large share means blobs outside the body."
     )
     worst = max(body, key=lambda c: num(c[3]) if c[3] != "–" else -1.0)
     if worst[3] != "–" and float(worst[3]) > 0:

@@ -13,10 +13,11 @@ background in both) and scored in the scan's voxel spacing (mm, from its affine)
 HD95 and NSD through MONAI, BraTS 2023 lesion-wise Dice/HD95, lesion detection
 (:func:`ensemblecam.metrics.case_metrics`).
 
-Predicted pixels outside the scan's foreground (:func:`foreground`: above the slice's
-minimum in some channel) are counted over the evaluated slices: ``metrics.json`` holds
-``predicted_pixels``, ``predicted_outside_foreground`` and their ratio
-``outside_foreground_fraction`` (null when nothing is predicted); the report quotes them.
+Predicted pixels outside the scan's foreground (:func:`foreground`: the body or head,
+found per slice by Otsu's threshold with holes filled) are counted over the evaluated
+slices: ``metrics.json`` holds ``predicted_pixels``, ``predicted_outside_foreground``
+and their ratio ``outside_foreground_fraction`` (null when nothing is predicted); the
+report quotes them.
 
 Over cases (:func:`add_case_statistics`, called by ``ensemblecam run``): per result row,
 the per-case values of every fold pooled (a case is identified by (fold, case)), their
@@ -115,13 +116,42 @@ def evaluate_arrays(
 
 
 def foreground(images: np.ndarray) -> np.ndarray:
-    """Bool (n, H, W) foreground of images (n, C, H, W): a pixel whose intensity in any
-    channel lies above that channel's minimum over the slice (the background of a scan is
-    its darkest value; generic, no intensity constants). A blank slice has no foreground.
-    In a store cropped past the scan's edge the zero padding counts as foreground when the
-    normalisation gives the background negative values (zscore_volume)."""
-    x = np.asarray(images)
-    return (x > x.min(axis=(-2, -1), keepdims=True)).any(axis=1)
+    """Bool (n, H, W) body/head mask of images (n, C, H, W), per slice: pixels above the
+    Otsu threshold of the slice in some channel (``skimage.filters.threshold_otsu``; a
+    constant channel adds none), holes filled (``scipy.ndimage.binary_fill_holes``) so dark
+    tissue the body encloses counts. Otsu separates the dark background from the body
+    without an intensity constant; the slice minimum alone does not, as scans have noise in
+    the background (every pixel of the demo phantom lies above its slice's minimum)."""
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    x = np.asarray(images, dtype=np.float32)
+    out = np.zeros((x.shape[0], *x.shape[2:]), bool)
+    for k, sl in enumerate(x):
+        m = out[k]
+        for ch in sl:
+            if ch.max() > ch.min():
+                m |= ch > threshold_otsu(ch)
+        out[k] = ndimage.binary_fill_holes(m)
+    return out
+
+
+def _slice_foreground(store: Any, indices: np.ndarray) -> np.ndarray:
+    """:func:`foreground` of store slices ``indices``, cached per (store, slice): every
+    result row of an evaluation reads the same slices."""
+    key = (str(store.path), store.identity)
+    cache = _FOREGROUND.setdefault(key, {})
+    if len(_FOREGROUND) > 4:  # other stores of earlier calls
+        for old in [k for k in _FOREGROUND if k != key]:
+            del _FOREGROUND[old]
+    todo = [int(i) for i in indices if int(i) not in cache]
+    if todo:
+        for i, m in zip(todo, foreground(np.asarray(store.images[todo])), strict=True):
+            cache[i] = m
+    return np.stack([cache[int(i)] for i in indices])
+
+
+_FOREGROUND: dict[tuple[str, str], dict[int, np.ndarray]] = {}
 
 
 def case_hd95(
@@ -480,7 +510,7 @@ def _write_evaluation(
         }
         gt = np.concatenate([gts.read(int(k), int(k) + 1) for k in sel]).astype(bool)
         pr = np.asarray(predicted(sel)).astype(bool)
-        fg = foreground(np.stack([store.images[int(i)] for i in idx[sel]]))
+        fg = _slice_foreground(store, idx[sel])
         outside += int(np.count_nonzero(pr & ~fg))
         predicted_px += int(np.count_nonzero(pr))
         if cfg.hd95:
