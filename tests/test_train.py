@@ -291,4 +291,6 @@ def test_learning_curve_limits_leave_an_epoch1_spike_off_scale() -> None:
     # an ordinary decrease keeps epoch 1: [0.5, 1.0] padded by 0.025
     assert robust_limits([[1.0, 0.8, 0.6, 0.5]]) == pytest.approx((0.475, 1.025))
     assert robust_limits([[3.0]]) == pytest.approx((2.85, 3.15))  # flat: 5% of |3|
+    # two epochs: both kept (no spike can be told apart): [0.6, 1.6] padded by 0.05
+    assert robust_limits([[1.6, 0.6]]) == pytest.approx((0.55, 1.65))
     assert robust_limits([[float("nan")]]) is None

@@ -57,23 +57,24 @@ def robust_limits(
     """y-limits of per-epoch curves that an epoch-1 spike does not flatten.
 
     ``[lo, hi]`` = range of the finite values from epoch 2 on (all epochs when a series has
-    one); an epoch-1 value joins the range when it lies within one range width of it
-    (``lo - w <= v <= hi + w``, ``w = hi - lo``), so an ordinary first epoch stays on the
-    plot and only a spike is left off; then ``pad`` of the width is added on each side (a
+    fewer than 3: two points cannot tell a spike from a decrease); an epoch-1 value joins
+    the range when it lies within one range width of it (``lo - w <= v <= hi + w``,
+    ``w = hi - lo``), so an ordinary first epoch stays on the plot and only a spike is
+    left off; then ``pad`` of the width is added on each side (a
     flat range uses its magnitude, or 1, as width). None without finite values.
     """
 
     def finite(values: Sequence[float]) -> list[float]:
         return [float(v) for v in values if np.isfinite(v)]
 
-    later = [v for s in series for v in finite(s[1:] if len(s) > 1 else s)]
+    later = [v for s in series for v in finite(s[1:] if len(s) > 2 else s)]
     if not later:
         later = [v for s in series for v in finite(s)]
         if not later:
             return None
     lo, hi = min(later), max(later)
     w = hi - lo
-    firsts = [v for s in series if len(s) > 1 for v in finite(s[:1])]
+    firsts = [v for s in series if len(s) > 2 for v in finite(s[:1])]
     near = [v for v in firsts if lo - w <= v <= hi + w]
     lo, hi = min([lo, *near]), max([hi, *near])
     width = hi - lo if hi > lo else (abs(hi) or 1.0)
@@ -126,7 +127,11 @@ def plot_learning_curve(
         for ax in (ax1, ax2):
             ax.axvline(best_epoch, color="grey", ls="--", lw=1)
             ax.set_xlabel("epoch")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if len(ep) <= 12:  # every epoch a tick (also a run of one epoch)
+                ax.set_xticks(ep)
+                ax.set_xlim(min(ep) - 0.5, max(ep) + 0.5)
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=9)
         ax1.set_title("loss", fontsize=11)
