@@ -242,3 +242,19 @@ def test_ensemble_config_and_masks_file(search_setup):
     want = apply_config(maps, conf, probs)
     assert want.any() and not want.all()
     assert np.array_equal(masks, want) and np.array_equal(apply_config(maps, ec, probs), want)
+
+
+def test_foreground_is_the_otsu_body_with_holes_filled() -> None:
+    from ensemblecam.stages.evaluate import foreground
+
+    img = np.zeros((2, 2, 6, 6), np.float32)  # (n, C, H, W)
+    img[0, 0, 1:5, 1:5] = 10.0  # a body of 4x4 ...
+    img[0, 0, 2:4, 2:4] = 1.0  # ... enclosing dark tissue (below Otsu's threshold)
+    img[0, 1, 0, 5] = 7.0  # channel 1 adds a bright pixel in a corner
+    img[0, 0] += 0.01 * np.arange(36).reshape(6, 6) % 3  # background noise
+    fg = foreground(img)
+    want = np.zeros((6, 6), bool)
+    want[1:5, 1:5] = True
+    want[0, 5] = True
+    np.testing.assert_array_equal(fg[0], want)
+    assert not fg[1].any()  # a blank slice has no foreground

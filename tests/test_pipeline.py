@@ -129,6 +129,19 @@ def test_end_to_end_results_export_report(finished_run: Path, phantom: Path) -> 
         assert [int(r["tp"]) + int(r["fp"]) for r in rows] == masks.sum(axis=(1, 2)).tolist()
     html = (finished_run / "report" / "report.html").read_text()
     assert "paper_miou" in html and "data:image/png;base64," in html
+    assert 'class="percase sortable"' in html and html.count("<script>") == 1
+    # predicted lesion pixels outside the scan's foreground: counted by evaluate, quoted
+    # by the report (summed over the folds)
+    for kind, slug in (("ensemble", "ensemble"), ("pseudo_unet", "pseudo_unet")):
+        counts = []
+        for f in res["folds"]:
+            m = json.loads((finished_run / f / "eval" / slug / "metrics.json").read_text())
+            m = m["metrics"]
+            assert 0 <= m["predicted_outside_foreground"] <= m["predicted_pixels"]
+            counts.append((m["predicted_pixels"], m["predicted_outside_foreground"]))
+        total, outside = map(sum, zip(*counts, strict=True))
+        name = next(r["name"] for r in res["rows"] if r["kind"] == kind)
+        assert f"<td>{name}</td><td>{total:,}</td><td>{outside:,}</td>" in html
     run = json.loads((finished_run / "run.json").read_text())
     assert run["status"] == "complete" and run["config_hash"]
     assert "fold0/train/simplecnn" in run["timings"]
@@ -176,17 +189,49 @@ def test_predict_on_scans_without_seg(
 ) -> None:
     new = tmp_path / "new"
     shutil.copytree(phantom, new, ignore=shutil.ignore_patterns("*_seg.nii.gz"))
-    out = pipeline.predict(finished_run, new, tmp_path / "masks", progress=False)
+    folds = ["fold0", "fold1"]
+    # default: every fold's self-trained U-Net, lesion probabilities averaged
+    out = pipeline.predict(finished_run, new, tmp_path / "masks", progress=False,
+                           probabilities=True)  # fmt: skip
     index = json.loads((out / "index.json").read_text())
-    fold = index["source"]["fold"]
-    assert index["source"]["method"] == "self_trained"  # the run's final method by default
+    src = index["source"]
+    assert src["method"] == "self_trained"  # the run's final method by default
+    assert src["folds"] == folds and "fold" not in src and "mean" in src["fold_ensemble"]
     # the index names only files that exist (predict's scratch store is gone)
-    assert index["store"] is None and index["source"]["scans"] == str(new)
-    assert all((out / f).is_file() for c in index["cases"].values() for f in c.values()
-               if isinstance(f, str) and f.endswith(".nii.gz"))  # fmt: skip
+    assert index["store"] is None and src["scans"] == str(new)
+    named = [f for c in index["cases"].values() for f in c.values()
+             if isinstance(f, str) and f.endswith(".nii.gz")]  # fmt: skip
+    assert named and all((out / f).is_file() for f in named)
     said = capsys.readouterr().out
-    assert f"predict: {fold}, U-Net self-trained on ensemble pseudo-labels" in said
-    assert index["source"]["description"] in said
+    assert "predict: folds fold0, fold1 (mean of the folds' U-Net lesion probabilities" in said
+    assert all(d in said for d in src["descriptions"].values())
+    # one fold alone, with probability maps: the fold ensemble's probability is the mean of
+    # the folds' probabilities and its mask is where that mean exceeds 1/2
+    one = {}
+    for fold in folds:
+        one[fold] = pipeline.predict(finished_run, new, tmp_path / fold, progress=False,
+                                     fold=fold, probabilities=True)  # fmt: skip
+        assert json.loads((one[fold] / "index.json").read_text())["source"]["fold"] == fold
+        assert f"predict: {fold}, U-Net self-trained on ensemble pseudo-labels" in (
+            capsys.readouterr().out
+        )
+    cases = sorted(p.name for p in new.iterdir() if p.is_dir())
+    for case in cases:
+        src_img = nib.load(new / case / f"{case}_flair.nii.gz")
+        prob = nib.load(out / f"{case}_prob.nii.gz")
+        assert prob.get_data_dtype() == np.float32 and prob.shape == src_img.shape
+        np.testing.assert_allclose(prob.affine, src_img.affine)
+        p = np.asarray(prob.dataobj)
+        assert p.min() >= 0 and p.max() <= 1
+        per = [np.asarray(nib.load(one[f] / f"{case}_prob.nii.gz").dataobj) for f in folds]
+        np.testing.assert_allclose(p, np.mean(per, axis=0), atol=1e-6)
+        mask = np.asarray(nib.load(out / f"{case}.nii.gz").dataobj)
+        np.testing.assert_array_equal(mask, (p > 0.5).astype(np.uint8))
+        # a fold's own mask: its argmax, i.e. its probability above 1/2 (ties aside)
+        own = np.asarray(nib.load(one["fold0"] / f"{case}.nii.gz").dataobj)
+        assert np.mean(own == (per[0] > 0.5)) > 0.999
+    assert index["cases"][cases[0]]["prob"] == f"{cases[0]}_prob.nii.gz"
+    fold = folds[0]
     ens = pipeline.predict(
         finished_run, new, tmp_path / "ens", progress=False, method="ensemble", fold=fold
     )
@@ -196,17 +241,30 @@ def test_predict_on_scans_without_seg(
     splits = json.loads((finished_run / "split" / "splits.json").read_text())
     test_cases = next(f for f in splits["folds"] if f["name"] == fold)["test"]
     assert test_cases
-    for folder, got in (("export", out), ("export_ensemble", ens)):
+    for folder, got in (("export", one[fold]), ("export_ensemble", ens)):
         for case in test_cases:
             want = np.asarray(nib.load(finished_run / folder / f"{case}.nii.gz").dataobj)
             np.testing.assert_array_equal(
                 np.asarray(nib.load(got / f"{case}.nii.gz").dataobj), want
             )
-    for case in (p.name for p in new.iterdir() if p.is_dir()):
-        src = nib.load(new / case / f"{case}_flair.nii.gz")
+    # the ensemble method over both folds: a strict majority of the folds' masks (two
+    # folds: both), and its probability map is the fraction of folds marking the voxel
+    both = pipeline.predict(finished_run, new, tmp_path / "both", progress=False,
+                            method="ensemble", probabilities=True)  # fmt: skip
+    ens1 = pipeline.predict(finished_run, new, tmp_path / "ens1", progress=False,
+                            method="ensemble", fold="fold1")  # fmt: skip
+    for case in cases:
+        a = np.asarray(nib.load(ens / f"{case}.nii.gz").dataobj)
+        b = np.asarray(nib.load(ens1 / f"{case}.nii.gz").dataobj)
+        np.testing.assert_array_equal(np.asarray(nib.load(both / f"{case}.nii.gz").dataobj), a & b)
+        np.testing.assert_allclose(
+            np.asarray(nib.load(both / f"{case}_prob.nii.gz").dataobj), (a + b.astype(float)) / 2
+        )
+    for case in cases:
+        src_img = nib.load(new / case / f"{case}_flair.nii.gz")
         m = nib.load(out / f"{case}.nii.gz")
-        assert m.shape == src.shape
-        np.testing.assert_allclose(m.affine, src.affine)
+        assert m.shape == src_img.shape
+        np.testing.assert_allclose(m.affine, src_img.affine)
     assert not (tmp_path / ".masks.work").exists()
     with pytest.raises(InputError, match="--method best: expected one of self_trained, ensemble"):
         pipeline.predict(finished_run, new, tmp_path / "m2", progress=False, method="best")

@@ -297,8 +297,9 @@ def _headers(doc: str) -> list[str]:
 def test_report_is_self_contained(made: tuple[Path, str], run_dir: Path) -> None:
     out, doc = made
     assert out == run_dir / "report" / "report.html"
-    for bad in ("http://", "https://", 'src="file', "<script", "<link"):
+    for bad in ("http://", "https://", 'src="file', "<script ", "<link"):
         assert bad not in doc
+    assert doc.count("<script>") == 1  # the inline table sorter, nothing fetched
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', doc)
     assert len(images) >= 10
     for b64 in images:
@@ -642,3 +643,16 @@ def test_classifier_figures_in_grid(made: tuple[Path, str]) -> None:
         assert block.count('<div class="fold">') == 3
         assert block.count("learning_curve.png)</figcaption>") == 3
         assert block.count("confusion_matrix.png)</figcaption>") == 3
+
+
+def test_sortable_tables_work_without_script(made: tuple[Path, str]) -> None:
+    """The per-case statistics table is marked sortable; the sorter is inline and only
+    reorders rows, so without JavaScript the table stays as written."""
+    _, doc = made
+    from ensemblecam.report.html import SORT_SCRIPT, html_table
+
+    assert f"<script>{SORT_SCRIPT}</script>" in doc
+    assert "table.sortable" in SORT_SCRIPT and "appendChild" in SORT_SCRIPT
+    table = html_table(["case", "dice"], [["b", "2.0"], ["a", "–"]], "percase sortable")
+    assert table.startswith('<table class="percase sortable"><thead><tr><th>case</th>')
+    assert table.index("<td>b</td>") < table.index("<td>a</td>")  # written order kept

@@ -279,3 +279,18 @@ def test_resnet_learns_on_brats_phantom(tmp_path: Path) -> None:
     prob, y = train.predict(model, test_ds)
     assert 0 < y.mean() < 1
     assert classifier_metrics(y, prob)["auroc"] > 0.75
+
+
+def test_learning_curve_limits_leave_an_epoch1_spike_off_scale() -> None:
+    from ensemblecam.training.records import robust_limits
+
+    # later epochs span [0.2, 0.6] (w 0.4); the val spike 17.5 is left off, the train
+    # loss 0.7 of epoch 1 lies within one width and joins: [0.2, 0.7], padded by 5% of 0.5
+    lo, hi = robust_limits([[0.7, 0.5, 0.3, 0.2], [17.5, 0.6, 0.4, 0.5]])
+    assert (lo, hi) == pytest.approx((0.175, 0.725))
+    # an ordinary decrease keeps epoch 1: [0.5, 1.0] padded by 0.025
+    assert robust_limits([[1.0, 0.8, 0.6, 0.5]]) == pytest.approx((0.475, 1.025))
+    assert robust_limits([[3.0]]) == pytest.approx((2.85, 3.15))  # flat: 5% of |3|
+    # two epochs: both kept (no spike can be told apart): [0.6, 1.6] padded by 0.05
+    assert robust_limits([[1.6, 0.6]]) == pytest.approx((0.55, 1.65))
+    assert robust_limits([[float("nan")]]) is None

@@ -35,6 +35,19 @@ ForceOption = Annotated[
     bool, typer.Option("--force", help="Replace existing results in the output folder.")
 ]
 
+ProgressOption = Annotated[
+    str,
+    typer.Option(
+        "--progress",
+        envvar="ENSEMBLECAM_PROGRESS",
+        metavar="<auto|rich|plain|quiet>",
+        help="Progress output: rich (bars with counts and ETA, and one line per finished "
+        "stage), plain (the lines without bars, for logs), quiet (errors and the final "
+        "table only); auto: rich on a terminal, else plain. [default: auto]",
+        show_default=False,
+    ),
+]
+
 
 INTERRUPTED = "interrupted; rerun the same command to resume"
 

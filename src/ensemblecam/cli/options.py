@@ -32,7 +32,13 @@ import typer
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from ensemblecam.cli._common import int_or_str, json_object, one_line_errors, split_csv
+from ensemblecam.cli._common import (
+    ProgressOption,
+    int_or_str,
+    json_object,
+    one_line_errors,
+    split_csv,
+)
 from ensemblecam.config import Config, load_config, one_line, short_repr
 from ensemblecam.errors import InputError
 
@@ -235,7 +241,8 @@ def config_command(
     passed on), ``fn``'s own parameters after ``cfg`` (command-specific extras, declared
     with ``typer.Option``/``typer.Argument``), then one flag per field of config section
     ``section`` (default ``name``), named ``--kebab-case`` unless ``renames`` says otherwise.
-    ``cfg`` is that section read from the YAML with the given flags applied.
+    ``cfg`` is that section read from the YAML with the given flags applied. Every
+    command also takes ``--progress`` (:mod:`ensemblecam.progress`), applied while it runs.
     """
     sec_name = section or name
 
@@ -244,17 +251,27 @@ def config_command(
         model = section_model(sec_name)
         own = list(inspect.signature(fn, eval_str=True).parameters.values())[1:]
         takes_config = any(p.name == "config" for p in own)
-        clash = {p.name for p in own} & {f.field for f in flags}
+        clash = ({p.name for p in own} | {"progress"}) & {f.field for f in flags}
         assert not clash, f"{name}: parameters {clash} are also config fields"
         params = [] if takes_config else [config_option(sec_name)]
         params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
         params += [_option(f, model.model_fields[f.field]) for f in flags]
+        params.append(
+            inspect.Parameter(
+                "progress", inspect.Parameter.KEYWORD_ONLY, default="auto",
+                annotation=ProgressOption,
+            )
+        )  # fmt: skip
 
         @functools.wraps(fn)
         def command(**kwargs: Any) -> Any:
+            from ensemblecam import progress
+
             config = kwargs["config"] if takes_config else kwargs.pop("config")
+            mode = progress.check_mode(kwargs.pop("progress"))
             cfg = merged_section(config, sec_name, {f: kwargs.pop(f.field) for f in flags})
-            return fn(cfg, **kwargs)
+            with progress.configure(mode):
+                return fn(cfg, **kwargs)
 
         del command.__wrapped__  # typer must read the signature below, not fn's
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

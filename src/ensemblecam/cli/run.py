@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ensemblecam.cli import app
-from ensemblecam.cli._common import ForceOption, one_line_errors
+from ensemblecam.cli._common import ForceOption, ProgressOption, one_line_errors
 from ensemblecam.cli.options import config_command
 from ensemblecam.config import RunConfig, load_config
 from ensemblecam.errors import InputError
@@ -88,9 +88,20 @@ def predict_cmd(
         str | None,
         Opt(
             "--fold",
-            help="Fold whose models and configuration are used (default: best on calibration).",
+            help="Use only this fold's models and configuration (default: every fold's, "
+            "see --all-folds).",
         ),
     ] = None,
+    all_folds: Annotated[
+        bool,
+        Opt(
+            "--all-folds/--best-fold",
+            help="Combine the models of every fold (self_trained: mean lesion probability "
+            "> 0.5; ensemble: strict majority of the folds' masks), or use only the fold "
+            "that scored best on its calibration data. [default: all folds]",
+            show_default=False,
+        ),
+    ] = True,
     method: Annotated[
         str | None,
         Opt(
@@ -99,14 +110,28 @@ def predict_cmd(
             "(default: the run's final method, self_trained when the run trained it).",
         ),
     ] = None,
+    probabilities: Annotated[
+        bool,
+        Opt(
+            "--probabilities",
+            help="Also write <case>_prob.nii.gz beside each mask: float32 lesion probability "
+            "in [0, 1] (self_trained) or fraction of folds marking the voxel (ensemble).",
+        ),
+    ] = False,
     force: ForceOption = False,
+    progress: ProgressOption = "auto",
 ) -> None:
     """Masks for new, unlabelled scans with a run's final method (self-trained U-Net or
-    the chosen ensemble configuration)."""
+    the chosen ensemble configuration), by default combining the models of every fold."""
+    from ensemblecam import progress as progress_out
     from ensemblecam.pipeline import predict
 
-    path = predict(run, input, out, layout=layout, fold=fold, force=force, method=method)
-    typer.echo(f"masks written to {path}")
+    with progress_out.configure(progress_out.check_mode(progress)):
+        path = predict(
+            run, input, out, layout=layout, fold=fold, force=force, method=method,
+            all_folds=all_folds, probabilities=probabilities,
+        )  # fmt: skip
+        progress_out.info(f"masks written to {path}")
 
 
 @app.command("demo")
@@ -120,8 +145,17 @@ def demo_cmd(
         Opt("--config", "-c", help="Run config (default: the packaged configs/demo.yaml)."),
     ] = None,
     force: ForceOption = False,
+    progress: ProgressOption = "auto",
 ) -> None:
     """Phantom data -> full run (train, CAMs, search, evaluate, U-Net) -> HTML report."""
+    from ensemblecam import progress as progress_out
+
+    with progress_out.configure(progress_out.check_mode(progress)):
+        _demo(out, config, force)
+
+
+def _demo(out: Path, config: Path | None, force: bool) -> None:
+    """:func:`demo_cmd` in its progress mode."""
     from importlib.resources import files
 
     from ensemblecam.io import fsutil

@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
 from ensemblecam import metrics
+from ensemblecam import progress as progress_out
 from ensemblecam.ensemble import cache as slice_cache
 from ensemblecam.ensemble.accumulate import SliceAcc
 from ensemblecam.ensemble.counting import (
@@ -252,12 +252,10 @@ class _State:
 
     def chunks(self, desc: str, size: int) -> Any:
         """(start, stop) of every chunk of ``size`` slices, with a progress bar."""
-        for start in tqdm(
-            range(0, self.n, size),
-            desc=desc,
-            unit="chunk",
-            disable=None if self.progress is None else not self.progress,
-        ):
+        for start in progress_out.bar(
+            range(0, self.n, size), desc=desc, unit="chunks", label="search",
+            enabled=self.progress,
+        ):  # fmt: skip
             yield start, min(start + size, self.n)
 
     def read_chunk(self, start: int, stop: int) -> _Chunk:

@@ -20,9 +20,11 @@ Output folder (built as ``.<name>.partial`` and renamed when complete)::
 
     <case>.nii.gz       uint8 {0, 1} masks
     <case>_map.nii.gz   float32 maps (optional)
+    <case>_prob.nii.gz  float32 lesion probabilities in [0, 1] (optional, predict)
     index.json          written last: {"format": "ensemblecam-nifti-export", "version": 1,
                         "store": path or null, "kinds": [...], "cases": {case: {"mask": file,
-                        "map": file, "shape": [...], "n_slices": k, "mask_voxels": v}},
+                        "map": file, "prob": file, "shape": [...], "n_slices": k,
+                        "mask_voxels": v}},
                         "source": {...}}
 """
 
@@ -38,8 +40,8 @@ from typing import Any, Literal
 import nibabel as nib
 import numpy as np
 from nibabel import orientations as nio
-from tqdm import tqdm
 
+from ensemblecam import progress as progress_out
 from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
 from ensemblecam.io.store import SliceStore
@@ -48,7 +50,9 @@ EXPORT_FORMAT = "ensemblecam-nifti-export"
 EXPORT_VERSION = 1
 EXPORT_INDEX = "index.json"
 
-Kind = Literal["mask", "map"]
+Kind = Literal["mask", "map", "prob"]
+#: file name suffix of each kind: ``<case><suffix>.nii.gz``
+SUFFIX = {"mask": "", "map": "_map", "prob": "_prob"}
 _RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 _GEOMETRY_KEYS = ("shape", "affine", "canonical_shape", "axis", "ornt")
 
@@ -143,7 +147,8 @@ def nifti_image(
 ) -> nib.Nifti1Image:
     """A NIfTI-1 image of ``volume`` with the case's original affine (qform = sform, code 1).
 
-    Masks are stored as uint8 {0, 1} (``volume != 0``), maps as float32.
+    Masks are stored as uint8 {0, 1} (``volume != 0``), maps and probabilities as float32
+    (probabilities with display range [0, 1]).
     """
     geo = _geometry(case_geometry)
     if volume.shape[:3] != geo["shape"]:
@@ -152,10 +157,10 @@ def nifti_image(
         )
     if kind == "mask":
         data = (np.asarray(volume) != 0).astype(np.uint8)
-    elif kind == "map":
+    elif kind in ("map", "prob"):
         data = np.asarray(volume, dtype=np.float32)
     else:
-        raise InputError(f"export kind {kind!r}: expected 'mask' or 'map'")
+        raise InputError(f"export kind {kind!r}: expected 'mask', 'map' or 'prob'")
     affine = geo["affine"]
     img = nib.Nifti1Image(data, affine)
     hdr = img.header
@@ -167,6 +172,9 @@ def nifti_image(
     if kind == "mask":
         hdr["cal_min"], hdr["cal_max"] = 0, 1
         hdr["descrip"] = b"ensemblecam mask"
+    elif kind == "prob":
+        hdr["cal_min"], hdr["cal_max"] = 0.0, 1.0
+        hdr["descrip"] = b"ensemblecam lesion probability"
     else:
         finite = data[np.isfinite(data)]
         hdr["cal_min"] = float(finite.min()) if finite.size else 0.0
@@ -249,6 +257,7 @@ def export_cases(
     kind: Kind = "mask",
     *,
     maps: tuple[np.ndarray, np.ndarray] | None = None,
+    probs: tuple[np.ndarray, np.ndarray] | None = None,
     force: bool = False,
     source: Mapping[str, Any] | None = None,
     progress: bool | None = None,
@@ -258,11 +267,13 @@ def export_cases(
 
     ``arrays[i]`` belongs to store slice ``slice_indices[i]``; files are ``<case>.nii.gz``
     (kind "mask") or ``<case>_map.nii.gz`` (kind "map"). ``maps=(indices, maps)`` adds map
-    files beside masks in the same folder. Store slices of a case that are not given stay 0.
-    An existing export is refused unless ``force``; ``force`` never replaces a folder
-    ensemblecam did not write, nor the store; ``index.json`` is written last. Its ``store``
-    names the slice store the geometry came from, or is null for a ``temporary_store``
-    (predict's scratch store), so that the index names only files that exist.
+    files beside masks in the same folder, ``probs=(indices, probabilities)`` probability
+    files ``<case>_prob.nii.gz`` (values must lie in [0, 1]). Store slices of a case that
+    are not given stay 0. An existing export is refused unless ``force``; ``force`` never
+    replaces a folder ensemblecam did not write, nor the store; ``index.json`` is written
+    last. Its ``store`` names the slice store the geometry came from, or is null for a
+    ``temporary_store`` (predict's scratch store), so that the index names only files that
+    exist.
     """
     if kind not in ("mask", "map"):
         raise InputError(f"export kind {kind!r}: expected 'mask' or 'map'")
@@ -273,6 +284,12 @@ def export_cases(
         if kind == "map":
             raise InputError("maps given twice: kind is 'map' and maps= is set")
         jobs.append(("map", *check_slice_arrays(store, maps[0], maps[1], "map", "maps")))
+    if probs is not None:
+        p_idx, p_arr = check_slice_arrays(store, probs[0], probs[1], "prob", "probabilities")
+        ok = not p_arr.size or (np.isfinite(p_arr).all() and p_arr.min() >= 0 and p_arr.max() <= 1)
+        if not ok:
+            raise InputError("probabilities: values must be finite and lie in [0, 1]")
+        jobs.append(("prob", p_idx, p_arr))
     case_of = store.table["case"]
     names = list(dict.fromkeys(case_of[np.concatenate([j[1] for j in jobs])].tolist()))
     for name in names:
@@ -316,7 +333,9 @@ def _write_volumes(
     entries: dict[str, dict[str, Any]] = {name: {} for name in names}
     for job_kind, idx, arr in jobs:
         cases_here = case_of[idx]
-        bar = tqdm(names, desc=f"export {job_kind}s", unit="case", disable=_disable(progress))
+        bar = progress_out.bar(
+            names, desc=f"{job_kind}s", unit="cases", label="export", enabled=progress
+        )
         for name in bar:
             sel = np.flatnonzero(cases_here == name)
             if sel.size == 0:
@@ -332,7 +351,7 @@ def _write_volumes(
                 values,
                 dtype=np.uint8 if job_kind == "mask" else np.float32,
             )
-            fname = f"{name}.nii.gz" if job_kind == "mask" else f"{name}_map.nii.gz"
+            fname = f"{name}{SUFFIX[job_kind]}.nii.gz"
             write_case_nifti(folder / fname, volume, geometry, job_kind)
             entry = entries[name]
             entry[job_kind] = fname
@@ -341,11 +360,6 @@ def _write_volumes(
             if job_kind == "mask":
                 entry["mask_voxels"] = int(np.count_nonzero(volume))
     return entries
-
-
-def _disable(progress: bool | None) -> bool | None:
-    """tqdm's ``disable``: None = auto (off when not a terminal), True/False forced on/off."""
-    return None if progress is None else not progress
 
 
 def load_slice_arrays(path: str | os.PathLike[str], key: str) -> tuple[np.ndarray, np.ndarray]:

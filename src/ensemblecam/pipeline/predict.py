@@ -1,6 +1,17 @@
 """``ensemblecam predict``: masks for new scans with a finished run's final method: the U-Net
 self-trained on the ensemble's masks when the run has one, else the chosen ensemble
-configuration (``method`` picks either)."""
+configuration (``method`` picks either), by default with the models of every fold.
+
+Fold ensemble (the default; ``fold`` picks one fold instead). Each fold ``k`` gives every
+pixel a value ``v_k`` in [0, 1]: the self-trained U-Net's lesion probability (softmax of
+the lesion channel), or for the ensemble method its fold configuration's 0/1 mask (the
+configurations' combined maps are no probabilities: each fold has its own thresholds,
+operator and members, so their votes are averaged, not their scores). The fold ensemble's
+probability is ``p = mean_k v_k`` and its mask ``p > 0.5``: the mean U-Net probability
+above one half, or a strict majority of the folds' ensemble masks (with two folds: both).
+With one fold the mask is that fold's own (the U-Net's argmax, the configuration's mask),
+exactly what the run exported for it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ensemblecam import progress as progress_out
 from ensemblecam.config import Config
 from ensemblecam.ensemble.operators import CONFIG_KEYS
 from ensemblecam.errors import InputError
@@ -17,6 +29,12 @@ from ensemblecam.io import fsutil
 from ensemblecam.io.runlayout import RunLayout
 from ensemblecam.pipeline.results import describe_config
 from ensemblecam.pipeline.run import METHOD_NAMES, final_method, load_run_config
+
+#: how the folds' values are combined (index.json ``source.fold_ensemble``)
+FOLD_RULE = {
+    "self_trained": "mean of the folds' U-Net lesion probabilities; mask where > 0.5",
+    "ensemble": "fraction of the folds' configuration masks marking the pixel; mask where > 0.5",
+}
 
 
 def _best_fold(lay: RunLayout, results: dict[str, Any]) -> str:
@@ -39,18 +57,22 @@ def predict(
     force: bool = False,
     progress: bool | None = None,
     method: str | None = None,
+    all_folds: bool = True,
+    probabilities: bool = False,
 ) -> Path:
     """Masks for new, unlabelled scans with a finished run's final method.
 
     The scans are prepared with the run's prepare settings (seg files ignored). ``method``
-    "self_trained": segmented by the U-Net of ``fold`` self-trained on the ensemble's masks
-    (``fold<k>/pseudo/best.pt``); "ensemble": mapped with the classifiers of ``fold`` and
+    "self_trained": segmented by the U-Net of each fold self-trained on the ensemble's
+    masks (``fold<k>/pseudo/best.pt``); "ensemble": mapped with each fold's classifiers and
     combined with that fold's chosen configuration. Default method: the run's final one
-    (self_trained when the run trained it: ``run.pseudo_unet`` and ``fold<k>/pseudo/unet.json``
-    present); default fold: the one whose
-    ensemble configuration scored best on its calibration data. One line says which fold,
-    method and configuration were used; index.json records them. Masks are exported as
-    NIfTI in each scan's original geometry (``<out>/<case>.nii.gz``).
+    (self_trained when the run trained it: ``run.pseudo_unet`` and every fold's
+    ``pseudo/unet.json`` present). Folds: ``fold`` if given, else every fold of the run
+    (``all_folds``, combined as in the module docstring), else the one whose ensemble
+    configuration scored best on its calibration data. One line says which folds, method
+    and configurations were used; index.json records them. Masks are exported as NIfTI in
+    each scan's original geometry (``<out>/<case>.nii.gz``); ``probabilities`` adds
+    ``<case>_prob.nii.gz`` (float32 in [0, 1], same geometry).
 
     Checked before any work: ``out`` apart from the run and the scans, and replaceable
     (see :func:`ensemblecam.io.fsutil.check_replaceable`); the scratch folder
@@ -61,20 +83,20 @@ def predict(
     cfg = load_run_config(run_dir)
     lay = RunLayout(run_dir)
     results = fsutil.read_json(lay.results_json, "run results (is the run complete?)")
-    fold = fold or _best_fold(lay, results)
-    if fold not in results["folds"]:
+    if fold is not None and fold not in results["folds"]:
         raise InputError(f"fold {fold!r}: the run has folds {', '.join(results['folds'])}")
-    has_own = lay.fold(fold).unet_record("pseudo_unet").is_file()
+    folds = [fold] if fold else list(results["folds"]) if all_folds else [_best_fold(lay, results)]
+    has_own = all(lay.fold(f).unet_record("pseudo_unet").is_file() for f in folds)
     method = method or (final_method(cfg) if has_own else "ensemble")
     if method not in METHOD_NAMES:
         raise InputError(f"--method {method}: expected one of {', '.join(METHOD_NAMES)}")
-    checkpoint = lay.fold(fold).unet_checkpoint("pseudo_unet")
     if method == "self_trained" and not has_own:
+        missing = next(f for f in folds if not lay.fold(f).unet_record("pseudo_unet").is_file())
         raise InputError(
-            f"{checkpoint.parent}: the run has no self-trained U-Net for {fold} "
-            "(run.pseudo_unet was off); use --method ensemble"
+            f"{lay.fold(missing).unet_checkpoint('pseudo_unet').parent}: the run has no "
+            f"self-trained U-Net for {missing} (run.pseudo_unet was off); use --method ensemble"
         )
-    chosen = fsutil.read_json(lay.fold(fold).best, "search result")
+    chosen = {f: fsutil.read_json(lay.fold(f).best, "search result") for f in folds}
     if (out / "index.json").exists() and not force and fsutil.is_ours(out):
         raise InputError(f"{out}: already holds predicted masks; use --force to replace them")
     fsutil.check_replaceable(out, force, "index.json")
@@ -84,8 +106,9 @@ def predict(
     with fsutil.output_guard(out, [run_dir, input_dir]):
         try:
             return _predict_in(
-                run_dir, input_dir, out, work, cfg, chosen, fold, method, layout, force, progress
-            )
+                run_dir, input_dir, out, work, cfg, chosen, method, layout, force, progress,
+                probabilities,
+            )  # fmt: skip
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -96,15 +119,15 @@ def _predict_in(
     out: Path,
     work: Path,
     cfg: Config,
-    chosen: dict[str, Any],
-    fold: str,
+    chosen: dict[str, dict[str, Any]],
     method: str,
     layout: str | None,
     force: bool,
     progress: bool | None,
+    probabilities: bool,
 ) -> Path:
-    """:func:`predict` once the checks are made: prepare, then segment (self-trained U-Net)
-    or map and combine (ensemble), export."""
+    """:func:`predict` once the checks are made: prepare, then per fold segment
+    (self-trained U-Net) or map and combine (ensemble), combine the folds, export."""
     from ensemblecam.io.export import export_cases
     from ensemblecam.io.store import SliceStore
     from ensemblecam.stages.prepare import prepare_store
@@ -121,40 +144,65 @@ def _predict_in(
     )
     prepare_store(pcfg, force=True)
     store = SliceStore.open(work / "store")
-    conf = {k: chosen[k] for k in CONFIG_KEYS}
+    folds = list(chosen)
+    confs = {f: {k: chosen[f][k] for k in CONFIG_KEYS} for f in folds}
+    lay = RunLayout(run_dir)
     source: dict[str, Any] = {
         "command": "ensemblecam predict",
         "run": str(run_dir),
         "scans": str(input_dir),
-        "fold": fold,
+        "folds": folds,
         "method": method,
         "method_name": METHOD_NAMES[method],
-        "configuration": conf,
-        "description": describe_config(conf),
+        "fold_ensemble": FOLD_RULE[method] if len(folds) > 1 else None,
+        "configurations": confs,
+        "descriptions": {f: describe_config(c) for f, c in confs.items()},
     }
+    if len(folds) == 1:
+        source.update(
+            fold=folds[0],
+            configuration=confs[folds[0]],
+            description=describe_config(confs[folds[0]]),
+        )
+    how = f"{folds[0]}" if len(folds) == 1 else f"folds {', '.join(folds)} ({FOLD_RULE[method]})"
+    configs = "; ".join(f"{f}: {describe_config(c)}" for f, c in confs.items())
+    masks, probs = [], []
     if method == "self_trained":
         from ensemblecam.models import read_checkpoint
-        from ensemblecam.stages.unet import predict_unet
+        from ensemblecam.stages.unet import segment_unet
 
-        checkpoint = RunLayout(run_dir).fold(fold).unet_checkpoint("pseudo_unet")
-        _check_channels(input_dir, store, read_checkpoint(checkpoint)["info"]["channels"])
-        source["checkpoint"] = str(checkpoint)
-        print(
-            f"predict: {fold}, {METHOD_NAMES[method]} ({checkpoint}), trained on the masks of "
-            f"the configuration {describe_config(conf)}"
+        checkpoints = {f: lay.fold(f).unet_checkpoint("pseudo_unet") for f in folds}
+        source["checkpoints"] = {f: str(c) for f, c in checkpoints.items()}
+        if len(folds) == 1:
+            source["checkpoint"] = str(checkpoints[folds[0]])
+        progress_out.info(
+            f"predict: {how}, {METHOD_NAMES[method]} "
+            f"({', '.join(map(str, checkpoints.values()))}), trained on the masks of the "
+            f"configuration {configs}"
         )
-        masks = predict_unet(
-            checkpoint, store, np.arange(store.n_slices), cfg.unet.batch_size, progress=progress
-        )
+        for ck in checkpoints.values():
+            _check_channels(input_dir, store, read_checkpoint(ck)["info"]["channels"])
+            m, p = segment_unet(
+                ck, store, np.arange(store.n_slices), cfg.unet.batch_size, progress=progress
+            )
+            masks.append(m)
+            probs.append(p)
     else:
-        print(f"predict: {fold}, {METHOD_NAMES[method]}: {describe_config(conf)}")
-        masks = _ensemble_masks(run_dir, input_dir, work, cfg, chosen, fold, store, progress)
+        progress_out.info(f"predict: {how}, {METHOD_NAMES[method]}: {configs}")
+        for f in folds:
+            m = _ensemble_masks(run_dir, input_dir, work / f, cfg, chosen[f], f, store, progress)
+            masks.append(m)
+            probs.append(m.astype(np.float32))
+    prob = probs[0] if len(probs) == 1 else np.mean(probs, axis=0, dtype=np.float32)
+    mask = masks[0] if len(masks) == 1 else (prob > 0.5).astype(np.uint8)
+    index = np.arange(store.n_slices)
     export_cases(
         store,
-        np.arange(store.n_slices),
-        masks,
+        index,
+        mask,
         out,
         kind="mask",
+        probs=(index, prob) if probabilities else None,
         force=force,
         source=source,
         progress=progress,
@@ -189,6 +237,7 @@ def _ensemble_masks(
     from ensemblecam.stages.cam import run_cam
     from ensemblecam.stages.evaluate import config_masks
 
+    work.mkdir(parents=True, exist_ok=True)
     tags = list(dict.fromkeys(m.split("__")[0] for m in chosen["members"]))
     methods = list(dict.fromkeys(m.split("__", 1)[1] for m in chosen["members"]))
     checkpoints = [RunLayout(run_dir).fold(fold).checkpoint(t) for t in tags]
@@ -196,7 +245,7 @@ def _ensemble_masks(
         _check_channels(input_dir, store, load_checkpoint(ck)[1]["channels"])
     ccfg = cfg.cam.model_copy(
         update={
-            "store": work / "store",
+            "store": store.path,
             "parts": ["all"],
             "checkpoints": checkpoints,
             "tags": tags,

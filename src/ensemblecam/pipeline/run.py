@@ -39,6 +39,7 @@ import numpy as np
 import yaml
 
 from ensemblecam import __version__, environment
+from ensemblecam import progress as progress_out
 from ensemblecam.config import Config, EvaluateConfig, SearchConfig, load_config
 from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
@@ -118,11 +119,13 @@ class Runner:
         pending = folder.with_name(f".{folder.name}.pending.json")
         old = _read_key(stamp)
         if old == key:
+            progress_out.done(name, None)
             return False
         attempt = _read_key(pending)
         if old is None and attempt == key and marker is not None and (folder / marker).exists():
             _stamp(stamp, name, key, 0.0)  # finished just before an interruption
             pending.unlink(missing_ok=True)
+            progress_out.done(name, None)
             return False
         stale = sorted(p for p in _stage_partials(folder) if p.exists())
         if stale and attempt != key:
@@ -139,7 +142,8 @@ class Runner:
         fsutil.write_json(pending, {"key": key, "stage": name})
         t0 = time.perf_counter()
         try:
-            fn(force)
+            with progress_out.stage(name):
+                fn(force)
         except (InputError, OSError):  # refused: leave no partial this attempt started
             for p in _stage_partials(folder) - before:
                 shutil.rmtree(p, ignore_errors=True)
@@ -151,6 +155,7 @@ class Runner:
         pending.unlink(missing_ok=True)
         self.timings[name] = round(seconds, 2)
         self.ran.append(name)
+        progress_out.done(name, seconds)
         return True
 
 
@@ -415,8 +420,10 @@ def _run_locked(cfg: Config, root: Path, force: bool, progress: bool | None) -> 
         from ensemblecam.report import write_report
 
         t0 = time.perf_counter()
-        write_report(root, force=True)
+        with progress_out.stage("report"):
+            write_report(root, force=True)
         runner.timings["report"] = round(time.perf_counter() - t0, 2)
+        progress_out.done("report", runner.timings["report"])
         _write_run_record(root, cfg, runner, started, "complete")
     for p in _sweep(root):
         print(f"note: removed the leftover {p}")

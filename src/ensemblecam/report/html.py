@@ -36,6 +36,39 @@ figcaption{font-size:.8em;color:#555;max-width:600px}
 dt{font-weight:bold;margin-top:.4em}
 nav{position:sticky;top:0;background:#fff;padding:.3em 0;border-bottom:1px solid #eee}
 nav a{margin-right:1em}
+table.sortable th{cursor:pointer}
+table.sortable th[aria-sort=ascending]::after{content:" \\25B2"}
+table.sortable th[aria-sort=descending]::after{content:" \\25BC"}
+"""
+
+#: The page's one script: a click on a header of a ``table.sortable`` sorts its rows by
+#: that column (again: the other way); numbers (the leading number of a cell, e.g. the mean
+#: of "20.2 [14.5, 26.0]") before text, blank or "–" cells last. Without JavaScript the
+#: table keeps the order it was written in.
+SORT_SCRIPT = """
+document.querySelectorAll("table.sortable").forEach(function (t) {
+  var heads = t.tHead.rows[0].cells;
+  Array.prototype.forEach.call(heads, function (th, i) {
+    th.title = "click to sort";
+    th.addEventListener("click", function () {
+      var body = t.tBodies[0], rows = Array.prototype.slice.call(body.rows);
+      var asc = th.getAttribute("aria-sort") !== "ascending";
+      Array.prototype.forEach.call(heads, function (h) { h.removeAttribute("aria-sort"); });
+      th.setAttribute("aria-sort", asc ? "ascending" : "descending");
+      function key(r) {
+        var s = r.cells[i].textContent.trim(), x = parseFloat(s);
+        return isNaN(x) ? [s === "" || s === "\\u2013" ? 2 : 1, s] : [0, x];
+      }
+      rows.sort(function (a, b) {
+        var x = key(a), y = key(b);
+        if (x[0] !== y[0]) return x[0] - y[0];
+        var r = x[1] < y[1] ? -1 : x[1] > y[1] ? 1 : 0;
+        return asc ? r : -r;
+      });
+      rows.forEach(function (r) { body.appendChild(r); });
+    });
+  });
+});
 """
 
 
@@ -49,6 +82,7 @@ def _th(h: str) -> str:
 
 
 def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
+    """A table; ``cls`` its class names (``sortable``: a click on a header sorts it)."""
     head = "".join(f"<th>{_th(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
     c = f' class="{esc(cls)}"' if cls else ""
@@ -111,5 +145,7 @@ def document(title: str, sections: Sequence[tuple[str, str]], parts: Sequence[st
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>\n"
-        f"<h1>{esc(title)}</h1>\n<nav>{nav}</nav>\n" + "".join(parts) + "</body></html>\n"
+        f"<h1>{esc(title)}</h1>\n<nav>{nav}</nav>\n"
+        + "".join(parts)
+        + f"<script>{SORT_SCRIPT}</script>\n</body></html>\n"
     )

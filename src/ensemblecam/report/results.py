@@ -118,6 +118,7 @@ def section_results(rep: Page, run: Run, folds: list[str]) -> None:
     rep.add(_results_table(rows, names, ref_key))
     if ref_key is not None:
         rep.p(f"Published: {REFERENCE_SOURCES[ref_key]}.")
+    _outside_foreground(rep, run, rows)
     okrows = [r for r in rows if np.isfinite(num((r.get("mean") or {}).get(objective)))]
     if okrows:
         rep.figure(
@@ -289,6 +290,70 @@ def _p_text(p: Any) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
+def outside_foreground(run: Run, row: dict[str, Any]) -> tuple[int, int] | None:
+    """(predicted lesion pixels, those outside the scan's foreground) of a result row, summed
+    over its folds' evaluations (``metrics.json`` beside each per-case file results.json
+    names); None when an evaluation did not record them (an older run) or for Empty."""
+    files = ((row.get("cases") or {}).get("files") or {}).values()
+    if row.get("kind") == "empty" or not files:
+        return None
+    total = outside = 0
+    for f in files:
+        path = (run.path / str(f)).parent / "metrics.json"
+        if not path.is_file():
+            return None
+        m = fsutil.read_json(path, "evaluation").get("metrics") or {}
+        if m.get("predicted_pixels") is None or m.get("predicted_outside_foreground") is None:
+            return None
+        total += int(m["predicted_pixels"])
+        outside += int(m["predicted_outside_foreground"])
+    return total, outside
+
+
+def _outside_foreground(rep: Page, run: Run, rows: list[dict[str, Any]]) -> None:
+    """Per row: the share of predicted lesion pixels outside the scan's foreground, as the
+    evaluation counted it (never recomputed here)."""
+    found = [(r, outside_foreground(run, r)) for r in rows]
+    body = [
+        [
+            r["name"],
+            f"{v[0]:,}",
+            f"{v[1]:,}",
+            f"{100 * v[1] / v[0]:.1f}" if v[0] else "–",
+        ]
+        for r, v in found
+        if v is not None
+    ]
+    rep.add("<h3>Predicted lesion outside the scan</h3>\n")
+    if not body:
+        rep.p(
+            "Not recorded: this run's evaluations predate the count of predicted pixels "
+            "outside the scan's foreground (rerun the evaluate stage to get it).",
+            "note",
+        )
+        return
+    rep.p(
+        "Predicted lesion pixels that lie outside the body or head (per slice: pixels above "
+        "Otsu's threshold in some channel, holes filled; as the evaluation counted them), "
+        "evaluated part, all folds together. A lesion cannot lie there, so every such pixel "
+        "is a false positive; a large share means blobs outside the body."
+    )
+    worst = max(body, key=lambda c: num(c[3]) if c[3] != "–" else -1.0)
+    if worst[3] != "–" and float(worst[3]) > 0:
+        rep.p(
+            f"Highest share: {worst[0]}, {worst[3]}% of its predicted lesion pixels lie "
+            "outside the scan.",
+            "note",
+        )
+    rep.add(
+        html_table(
+            ["result", "predicted lesion pixels", "outside the foreground", "share outside (%)"],
+            body,
+            "sortable",
+        )
+    )
+
+
 def section_case_statistics(rep: Page, run: Run) -> None:
     """Per-case 3-D metrics with 95% CIs, paired tests against the chosen configuration and
     box/strip plots; every number is read from results.json and the per-case CSV files
@@ -324,7 +389,9 @@ def section_case_statistics(rep: Page, run: Run) -> None:
             )
         body.append(cells)
     rep.add(
-        html_table(["result", "cases", *(_CASE_LABELS.get(m, m) for m in names)], body, "cases")
+        html_table(
+            ["result", "cases", *(_CASE_LABELS.get(m, m) for m in names)], body, "cases sortable"
+        )
     )
     rep.add(
         "<details><summary>Per-case conventions</summary>\n"
@@ -436,8 +503,10 @@ def _per_case_table(rep: Page, run: Run, row: dict[str, Any], names: list[str]) 
     ]
     rep.add(
         f"<details><summary>Every case of {esc(row['name'])} ({len(body)} cases, "
-        "lowest case Dice first, click to open)</summary>\n"
-        + html_table(["fold", "case", *(_CASE_LABELS.get(m, m) for m in cols)], body, "percase")
+        "lowest case Dice first, click to open; click a column header to sort)</summary>\n"
+        + html_table(
+            ["fold", "case", *(_CASE_LABELS.get(m, m) for m in cols)], body, "percase sortable"
+        )
         + "</details>\n"
     )
 
@@ -486,7 +555,7 @@ def section_heatmaps(rep: Page, run: Run, folds: list[str]) -> None:
             f"the fold's chosen operator '{best.get('operator')}' and members ({axes}); "
             f"red frame: chosen {describe_config(best)} = "
             f"{format_metric(objective, best.get(objective))}",
-            360,
+            560,
         )
         made += 1
     rep.add("</div>\n")

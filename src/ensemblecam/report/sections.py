@@ -410,7 +410,7 @@ def section_classifiers(rep: Page, run: Run, folds: list[str]) -> None:
         for figs in per_fold.values():
             rep.add('<div class="fold">\n')
             for name, png, caption in figs:
-                rep.figure(name, png, caption, 200 if "confusion" in name else 370)
+                rep.figure(name, png, caption, 280 if "confusion" in name else 560)
             rep.add("</div>\n")
         rep.add("</div>\n")
 

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.lib.format import open_memmap
-from tqdm.auto import tqdm
 
 from ensemblecam import models
+from ensemblecam import progress as progress_out
 from ensemblecam.cam.engine import CamEngine, find_target_layer, spatial_layers
 from ensemblecam.cam.methods import METHODS
 from ensemblecam.config import CamConfig
@@ -248,7 +248,10 @@ def _run(fabric: Any, plan: CamPlan, progress: bool | None, stop_after: int | No
         )  # fmt: skip
         maps = [np.load(p / "maps.npy", mmap_mode="r+") for p in partials]
         probs = [np.load(p / "probs.npy", mmap_mode="r+") for p in partials]
-        bar = tqdm(mine, desc=f"cam {plan.tags[k]}", disable=None if progress else True)
+        bar = progress_out.bar(
+            mine, desc=f"{plan.tags[k]} ({', '.join(methods)})", unit="batches",
+            label="cam", enabled=progress is not False and rank == 0,
+        )  # fmt: skip
         for b in bar:
             if stopped:
                 break

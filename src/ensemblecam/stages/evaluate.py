@@ -13,6 +13,12 @@ background in both) and scored in the scan's voxel spacing (mm, from its affine)
 HD95 and NSD through MONAI, BraTS 2023 lesion-wise Dice/HD95, lesion detection
 (:func:`ensemblecam.metrics.case_metrics`).
 
+Predicted pixels outside the scan's foreground (:func:`foreground`: the body or head,
+found per slice by Otsu's threshold with holes filled) are counted over the evaluated
+slices: ``metrics.json`` holds ``predicted_pixels``, ``predicted_outside_foreground``
+and their ratio ``outside_foreground_fraction`` (null when nothing is predicted); the
+report quotes them.
+
 Over cases (:func:`add_case_statistics`, called by ``ensemblecam run``): per result row,
 the per-case values of every fold pooled (a case is identified by (fold, case)), their
 mean with a seeded percentile-bootstrap 95% CI, and paired Wilcoxon signed-rank tests of
@@ -29,9 +35,9 @@ from typing import Any
 
 import numpy as np
 from nibabel.affines import voxel_sizes
-from tqdm import tqdm
 
 from ensemblecam import metrics
+from ensemblecam import progress as progress_out
 from ensemblecam.config import EvaluateConfig
 from ensemblecam.ensemble.operators import EnsembleConfig, apply_config, gate_probs
 from ensemblecam.ensemble.rows import Rows, as_rows
@@ -63,6 +69,7 @@ def evaluate_arrays(
     classifier_threshold: float = 0.5,
     chunk: int = 256,
     progress: bool | None = None,
+    desc: str = "",
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Apply ``config`` chunk by chunk; return (metrics, per-slice counts incl. Empty baseline).
 
@@ -74,11 +81,8 @@ def evaluate_arrays(
     if n == 0:
         raise InputError("empty evaluation set: no slices to score")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("tp", "fp", "fn", "tn")}
-    for start in tqdm(
-        range(0, n, chunk),
-        desc="evaluate",
-        unit="chunk",
-        disable=None if progress is None else not progress,
+    for start in progress_out.bar(
+        range(0, n, chunk), desc=desc, unit="chunks", label="evaluate", enabled=progress
     ):
         stop = min(start + chunk, n)
         gt = gts.read(start, stop).astype(bool)
@@ -109,6 +113,45 @@ def evaluate_arrays(
         res["classifier"] = classifier_metrics(labels, p, classifier_threshold)
     empty = empty_baseline(per, case_ids, min_lesion_fraction, classifier_threshold)
     return {"config": config, "metrics": res, "empty_baseline": empty}, per
+
+
+def foreground(images: np.ndarray) -> np.ndarray:
+    """Bool (n, H, W) body/head mask of images (n, C, H, W), per slice: pixels above the
+    Otsu threshold of the slice in some channel (``skimage.filters.threshold_otsu``; a
+    constant channel adds none), holes filled (``scipy.ndimage.binary_fill_holes``) so dark
+    tissue the body encloses counts. Otsu separates the dark background from the body
+    without an intensity constant; the slice minimum alone does not, as scans have noise in
+    the background (every pixel of the demo phantom lies above its slice's minimum)."""
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    x = np.asarray(images, dtype=np.float32)
+    out = np.zeros((x.shape[0], *x.shape[2:]), bool)
+    for k, sl in enumerate(x):
+        m = out[k]
+        for ch in sl:
+            if ch.max() > ch.min():
+                m |= ch > threshold_otsu(ch)
+        out[k] = ndimage.binary_fill_holes(m)
+    return out
+
+
+def _slice_foreground(store: Any, indices: np.ndarray) -> np.ndarray:
+    """:func:`foreground` of store slices ``indices``, cached per (store, slice): every
+    result row of an evaluation reads the same slices."""
+    key = (str(store.path), store.identity)
+    cache = _FOREGROUND.setdefault(key, {})
+    if len(_FOREGROUND) > 4:  # other stores of earlier calls
+        for old in [k for k in _FOREGROUND if k != key]:
+            del _FOREGROUND[old]
+    todo = [int(i) for i in indices if int(i) not in cache]
+    if todo:
+        for i, m in zip(todo, foreground(np.asarray(store.images[todo])), strict=True):
+            cache[i] = m
+    return np.stack([cache[int(i)] for i in indices])
+
+
+_FOREGROUND: dict[tuple[str, str], dict[int, np.ndarray]] = {}
 
 
 def case_hd95(
@@ -283,6 +326,7 @@ def evaluate_stage(
         cfg.min_lesion_fraction,
         cfg.classifier_threshold,
         cfg.chunk,
+        desc=out.name,
     )
 
     def predicted(rows: np.ndarray) -> np.ndarray:
@@ -451,6 +495,7 @@ def _write_evaluation(
         )
     case_ids = table["case"][idx]
     case_rows, empty_rows = [], []
+    outside = predicted_px = 0
     for case in dict.fromkeys(case_ids.tolist()):
         sel = np.flatnonzero(case_ids == case)
         tp, fp, fn = (int(per[k][sel].sum()) for k in ("tp", "fp", "fn"))
@@ -465,6 +510,9 @@ def _write_evaluation(
         }
         gt = np.concatenate([gts.read(int(k), int(k) + 1) for k in sel]).astype(bool)
         pr = np.asarray(predicted(sel)).astype(bool)
+        fg = _slice_foreground(store, idx[sel])
+        outside += int(np.count_nonzero(pr & ~fg))
+        predicted_px += int(np.count_nonzero(pr))
         if cfg.hd95:
             order = np.lexsort((table["slice"][idx[sel]], table["part"][idx[sel]]))
             row["hd95_voxels"] = case_hd95(pr[order], gt[order])
@@ -495,6 +543,11 @@ def _write_evaluation(
         result["metrics"]["hd95_voxels_std"] = float(ok.std()) if ok.size else float("nan")
         result["metrics"]["hd95_undefined_cases"] = int((~np.isfinite(vals)).sum())
     result["metrics"].update(case_summary(case_rows))
+    result["metrics"].update(
+        predicted_pixels=predicted_px,
+        predicted_outside_foreground=outside,
+        outside_foreground_fraction=outside / predicted_px if predicted_px else None,
+    )
     result["empty_baseline"].update(case_summary(empty_rows))
     result["case_conventions"] = case_conventions(cfg.nsd_tolerance_mm)
     fsutil.write_json(partial / "metrics.json", result)

@@ -61,8 +61,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from nibabel import orientations as nio
-from tqdm import tqdm
 
+from ensemblecam import progress as progress_out
 from ensemblecam.config import PrepareConfig
 from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
@@ -615,7 +615,7 @@ def _run_parallel(
 ) -> Iterator[tuple[int, Any]]:
     """Yield ``(job_position, fn(*job))`` as results arrive; InputErrors propagate; on any
     exception or interruption the jobs not yet started are cancelled."""
-    bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=None)
+    bar = progress_out.bar(total=len(jobs), desc=desc, unit="cases", label="prepare")
     try:
         if workers <= 1 or len(jobs) <= 1:
             for i, job in enumerate(jobs):

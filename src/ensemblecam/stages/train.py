@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from ensemblecam import __version__, models
+from ensemblecam import progress as progress_out
 from ensemblecam.config import PRESETS, TrainConfig
 from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
@@ -87,7 +87,7 @@ def predict(
     else:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     probs, labels = [], []
-    for x, y in tqdm(loader, desc="predict", disable=None if progress else True):
+    for x, y in progress_out.bar(loader, desc="predict", unit="batches", enabled=progress):
         probs.append(torch.softmax(model(x.to(device)).float(), dim=1)[:, 1].cpu())
         labels.append(y)
     if not probs:

@@ -44,9 +44,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ensemblecam import __version__, models
+from ensemblecam import progress as progress_out
 from ensemblecam.config import MilConfig, UNetConfig
 from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
@@ -409,8 +409,9 @@ def _logit_batches(
     model.to(device)
     with torch.inference_mode():
         pos = 0
-        for x, _ in tqdm(batch_loader(ds, batch_size), desc="unet predict", unit="batch",
-                         disable=None if progress is None else not progress):  # fmt: skip
+        batches = batch_loader(ds, batch_size)
+        for x, _ in progress_out.bar(batches, desc="segment", unit="batches", label="unet",
+                                     enabled=progress):  # fmt: skip
             yield slice(pos, pos + len(x)), model(x.to(device)).float().cpu()
             pos += len(x)
 
@@ -424,11 +425,27 @@ def predict_unet(
     progress: bool | None = None,
 ) -> np.ndarray:
     """uint8 (n, H, W) lesion masks of the store slices ``indices`` (in that order)."""
+    return segment_unet(checkpoint, store, indices, batch_size, device, progress)[0]
+
+
+def segment_unet(
+    checkpoint: str | Path,
+    store: SliceStore,
+    indices: np.ndarray,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 masks, float32 lesion probabilities), each (n, H, W), of the store slices
+    ``indices`` (in that order). Mask: :func:`logits_to_mask`; probability: softmax of the
+    lesion channel (2 channels) or sigmoid (1 channel), in [0, 1]."""
     h, w = store.size
     out = np.zeros((len(indices), h, w), np.uint8)
-    for rows, logits in _logit_batches(checkpoint, store, indices, batch_size, device, progress):
-        out[rows] = logits_to_mask(logits).numpy()
-    return out
+    prob = np.zeros((len(indices), h, w), np.float32)
+    for rows, z in _logit_batches(checkpoint, store, indices, batch_size, device, progress):
+        out[rows] = logits_to_mask(z).numpy()
+        prob[rows] = (torch.sigmoid(z[:, 0]) if z.shape[1] == 1 else z.softmax(1)[:, 1]).numpy()
+    return out, prob
 
 
 def predict_lesion_logits(

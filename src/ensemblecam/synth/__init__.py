@@ -37,8 +37,8 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 from scipy import ndimage as ndi
-from tqdm import tqdm
 
+from ensemblecam import progress as progress_out
 from ensemblecam.config import SynthConfig
 from ensemblecam.errors import InputError
 from ensemblecam.io.fsutil import commit_output_dir, prepare_output_dir, write_json, write_text
@@ -638,12 +638,12 @@ def synth_dataset(cfg: SynthConfig, force: bool = False) -> Path:
         (cfg.layout, partial, n, i, cfg.seed, shape, i not in free) for i, n in enumerate(names)
     ]
     workers = min(cfg.workers, len(jobs), os.cpu_count() or 1)
-    bar = dict(total=len(jobs), desc=f"synth {cfg.layout}", unit="case", disable=None)
+    bar = {"total": len(jobs), "desc": cfg.layout, "unit": "cases", "label": "synth"}
     if workers <= 1:
-        infos = [write_case(*j) for j in tqdm(jobs, **bar)]  # type: ignore[arg-type]
+        infos = [write_case(*j) for j in progress_out.bar(jobs, **bar)]  # type: ignore[arg-type]
     else:
         with ProcessPoolExecutor(max_workers=workers) as ex:
-            infos = list(tqdm(ex.map(_write_case_star, jobs), **bar))  # type: ignore[arg-type]
+            infos = list(progress_out.bar(ex.map(_write_case_star, jobs), **bar))  # type: ignore[arg-type]
 
     if cfg.layout == "brats":
         write_text(partial / "name_mapping.csv", _brats_name_mapping(names, cfg.seed))

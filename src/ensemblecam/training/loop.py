@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from ensemblecam import progress as progress_out
 from ensemblecam.models.checkpoints import read_checkpoint, save_checkpoint
 from ensemblecam.training.data import EpochSampler
 from ensemblecam.training.fabric import rng_state, set_rng_state, start_run
@@ -95,19 +95,19 @@ def train_one_epoch(
     batch_size: int,
     desc: str,
     progress: bool | None,
+    label: str = "",
 ) -> tuple[float, float, float]:
     """One pass over ``loader``: (mean loss over all ranks, images seen by all ranks, seconds).
 
-    A tqdm bar (rank 0) shows images/s; ``loss_fn(logits, targets)`` gets float32 logits.
+    A bar (rank 0) counts the batches, with the last batch's loss.
     """
     model.train()
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), device=fabric.device)
     n_seen = torch.zeros((), device=fabric.device)
-    world = fabric.world_size
-    bar = tqdm(
-        total=len(loader) * batch_size * world, unit="img", desc=desc, leave=False,
-        disable=None if fabric.global_rank == 0 and progress is not False else True,
+    bar = progress_out.bar(
+        total=len(loader), desc=desc, unit="batches", label=label,
+        enabled=fabric.global_rank == 0 and progress is not False,
     )  # fmt: skip
     for batch in loader:
         x, y = fabric.to_device(batch)
@@ -117,8 +117,8 @@ def train_one_epoch(
         optimizer.step()
         loss_sum += loss.detach() * len(y)
         n_seen += len(y)
-        bar.update(len(y) * world)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
     seconds = time.perf_counter() - t0
     loss_sum = fabric.all_reduce(loss_sum, reduce_op="sum")
@@ -168,8 +168,41 @@ def fit(fabric: Any, task: Task, progress: bool | None, stop_after_epoch: int | 
             fabric.print(f"resuming {task.out} after epoch {run.start}")
     data = task.make_data(fabric)
 
+    epochs = progress_out.bar(
+        total=task.epochs, desc="epochs", unit="epochs", label=task.prefix.strip(),
+        enabled=rank0 and progress is not False, completed=run.start,
+    )  # fmt: skip
+    with epochs:
+        status = _epochs(fabric, task, model, optimizer, scheduler, data, run, progress, epochs,
+                         stop_after_epoch)  # fmt: skip
+    if status is not None:
+        return status
+    if rank0:
+        # the resume state (optimizer, RNG, last weights) is needed only while training runs
+        (task.partial / "last.pt").unlink(missing_ok=True)
+        task.finish(run.history, run.best_epoch)
+    fabric.barrier()
+    return "done" if rank0 else "worker"
+
+
+def _epochs(
+    fabric: Any,
+    task: Task,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    data: EpochData,
+    run: _LoopState,
+    progress: bool | None,
+    bar: progress_out.Bar,
+    stop_after_epoch: int | None,
+) -> str | None:
+    """The epochs still to train: None when all are done, "stopped" after
+    ``stop_after_epoch`` (as if killed)."""
+    rank0 = fabric.global_rank == 0
     for epoch in range(run.start + 1, task.epochs + 1):
         row, val = _epoch(fabric, task, model, optimizer, scheduler, data, epoch, progress)
+        bar.update()
         run.history.append(row)
         key = epoch_key(row, task.monitor)
         improved = run.best_key is None or key > run.best_key
@@ -180,12 +213,7 @@ def fit(fabric: Any, task: Task, progress: bool | None, stop_after_epoch: int | 
         fabric.barrier()
         if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < task.epochs:
             return "stopped"
-    if rank0:
-        # the resume state (optimizer, RNG, last weights) is needed only while training runs
-        (task.partial / "last.pt").unlink(missing_ok=True)
-        task.finish(run.history, run.best_epoch)
-    fabric.barrier()
-    return "done" if rank0 else "worker"
+    return None
 
 
 def _restore(
@@ -216,7 +244,7 @@ def _epoch(
     lr = optimizer.param_groups[0]["lr"]
     train_loss, n_seen, seconds = train_one_epoch(
         fabric, model, data.loader, optimizer, data.loss, task.batch_size,
-        f"{task.prefix}epoch {epoch}/{task.epochs}", progress,
+        f"epoch {epoch}/{task.epochs}", progress, task.prefix.strip(),
     )  # fmt: skip
     if scheduler is not None:
         scheduler.step()
@@ -257,5 +285,5 @@ def _save_epoch(
     save_checkpoint(task.partial / "last.pt", model, info, state)
     write_metrics_csv(task.partial / "metrics.csv", run.history, task.columns)
     logged = "".join(f" {k} {row[k]:.4f}" for k in task.log_keys if k in row)
-    fabric.print(f"{task.prefix}epoch {row['epoch']}/{task.epochs}: train_loss "
-                 f"{row['train_loss']:.4f}{logged}{' *' if improved else ''}")  # fmt: skip
+    progress_out.info(f"{task.prefix}epoch {row['epoch']}/{task.epochs}: train_loss "
+                      f"{row['train_loss']:.4f}{logged}{' *' if improved else ''}")  # fmt: skip
