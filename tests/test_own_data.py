@@ -87,7 +87,7 @@ def test_masks_for_some_cases_calibrate_and_score(brats: Path, tmp_path: Path) -
     cases = sorted(p.name for p in brats.iterdir() if p.is_dir())
     annotated = set(cases[::2]) | {cases[1]}  # 4 of 6
     csv = folder_from_brats(brats, tmp_path / "own", annotated)
-    cfg = _config(tmp_path, tmp_path / "own", csv, run={"pseudo_unet": False, "report": False})
+    cfg = _config(tmp_path, tmp_path / "own", csv, run={"pseudo_unet": False})
     root = pipeline.run_pipeline(cfg, progress=False)
     store = SliceStore.open(root / "store")
     assert store.masks is not None
@@ -113,6 +113,8 @@ def test_masks_for_some_cases_calibrate_and_score(brats: Path, tmp_path: Path) -
     assert res["rows"][0]["mean"]["paper_miou"] is not None
     md = (root / "results.md").read_text()
     assert "annotated" in md
+    html = (root / "report" / "report.html").read_text()
+    assert "Mask-free against mask-calibrated choice" in html and "annotated of" in html
     assert len(sorted((root / "export").rglob("*.nii.gz"))) == 6
 
 

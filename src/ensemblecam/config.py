@@ -51,8 +51,9 @@ class PrepareConfig(Section):
     layout: Literal["brats", "msd", "kits", "folder"] = Field("brats", description="data layout")
     labels_csv: Path | None = Field(
         None,
-        description="CSV case,slice,label of image-level labels for data without masks "
-        "(slice = index along the canonical slice axis)",
+        description="CSV case,slice,label of image-level labels of every slice (slice = "
+        "index along the canonical slice axis); seg files are then optional: cases with one "
+        "keep their masks (calibration, scores)",
     )
     out: Path = Field(Path("store"), description="slice store folder to write")
     masks: bool = Field(
