@@ -155,3 +155,24 @@ def test_label_gate_is_youden_optimal() -> None:
     # g=0.3: TPR 1, FPR 1/3 (J 2/3); g=0.7: TPR 2/3, FPR 0 (J 2/3): the lower gate wins
     assert youden_gate(p, y, np.array([0.3, 0.5, 0.7])) == 0.3
     assert youden_gate(p, y, np.array([0.95])) is None  # J = 0: no gating
+
+
+def test_label_search_areas_and_budget_by_hand() -> None:
+    """Two 2x2 slices, one member: lesion slice map [.9 .5; .1 .1], lesion-free slice
+    map [.7 0; 0 0]. Threshold t calls m > t. t=0.6: lesion area 1/4, free area 1/4;
+    t=0.8: 1/4 and 0; t=0.4: 2/4 and 1/4. With a budget of 0.25 the criterion takes the
+    smallest threshold within it (0.4: score 1/4); with 0.1 only 0.8 (score 1/4) fits."""
+    from ensemblecam.ensemble.labels import label_search
+    from ensemblecam.ensemble.rows import Rows
+
+    maps = [Rows(np.array([[[0.9, 0.5], [0.1, 0.1]], [[0.7, 0.0], [0.0, 0.0]]], np.float32))]
+    args = (np.array([1, 0]), np.array([0, 1]), (2, 2), np.array([0.4, 0.6, 0.8], np.float32))
+    rows = label_search(maps, *args, ["and"], [(0,)], ["m"], fp_budget=0.25).ranked("label_score")
+    by_t = {r["thresholds"][0]: r for r in rows}
+    assert by_t[0.4]["lesion_slice_area"] == 0.5 and by_t[0.4]["free_slice_area"] == 0.25
+    assert by_t[0.6]["label_score"] == 0.0 and by_t[0.8]["label_score"] == 0.25
+    assert rows[0]["thresholds"] == [0.4] and rows[0]["label_score"] == 0.25
+    rows = label_search(maps, *args, ["and"], [(0,)], ["m"], fp_budget=0.1).ranked("label_score")
+    assert rows[0]["thresholds"] == [0.8] and np.isnan(rows[1]["label_score"])  # over budget
+    with pytest.raises(InputError, match="needs both"):
+        label_search(maps, np.array([1, 1]), *args[1:], ["and"], [(0,)], ["m"])
