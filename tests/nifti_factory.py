@@ -149,3 +149,33 @@ def folder_dataset(
         if labels:
             write_nifti(root / "labels" / f"{name}.nii.gz", seg)
     return names
+
+
+def folder_from_brats(
+    src: Path,
+    dst: Path,
+    with_masks: set[str] | frozenset[str] = frozenset(),
+    modalities: tuple[str, ...] = ("flair", "t1ce", "t2"),
+) -> Path:
+    """Rewrite a BraTS-layout data set (e.g. a synth phantom) in the ``folder`` layout
+    (``images/<case>_<modality>.nii.gz``; ``labels/<case>.nii.gz`` only for the cases in
+    ``with_masks``) and write ``dst/labels.csv`` (case,slice,label: 1 if the slice of the
+    RAS+ canonical volume along axis 2 has a lesion voxel); return the CSV path."""
+    import shutil
+
+    rows = ["case,slice,label"]
+    for case_dir in sorted(p for p in Path(src).iterdir() if p.is_dir()):
+        case = case_dir.name
+        for mod in modalities:
+            target = dst / "images" / f"{case}_{mod}.nii.gz"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(case_dir / f"{case}_{mod}.nii.gz", target)
+        seg_file = case_dir / f"{case}_seg.nii.gz"
+        if case in with_masks:
+            (dst / "labels").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(seg_file, dst / "labels" / f"{case}.nii.gz")
+        seg = np.asanyarray(nib.as_closest_canonical(nib.load(seg_file)).dataobj)
+        for s in range(seg.shape[2]):
+            rows.append(f"{case},{s},{int((seg[:, :, s] > 0).any())}")
+    (dst / "labels.csv").write_text("\n".join(rows) + "\n")
+    return dst / "labels.csv"

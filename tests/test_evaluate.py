@@ -163,8 +163,13 @@ def test_cli_bad_inputs(search_setup):
     (store / "store.json").write_text(
         (store / "store.json").read_text().replace('"has_masks": true', '"has_masks": false')
     )
-    r = runner.invoke(app, [*base, "--members", "a__gradcam"])
-    assert r.exit_code == 2 and "no masks" in r.output
+    r = runner.invoke(app, [*base, "--members", "a__gradcam", "--criterion", "masks"])
+    assert r.exit_code == 2 and "no annotated case" in r.output
+    # ... auto: the slice labels choose (labels criterion)
+    r = runner.invoke(app, [*base, "--members", "a__gradcam", "--fp-budget", "0.5"])
+    assert r.exit_code == 0 and "label_score=" in r.output, r.output
+    best = json.loads((tmp / "o" / "best.json").read_text())
+    assert best["criterion"]["name"] == "labels" and "paper_miou" not in best
 
 
 def test_cli_top_k_and_slice_objective(search_setup):

@@ -343,7 +343,13 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
 def test_shipped_configs_are_valid() -> None:
     root = Path(__file__).resolve().parents[1] / "configs"
     names = sorted(p.name for p in root.glob("*.yaml"))
-    assert names == ["demo.yaml", "paper-brats.yaml", "paper-prostate.yaml", "thesis-kits.yaml"]
+    assert names == [
+        "demo.yaml",
+        "own-data.yaml",
+        "paper-brats.yaml",
+        "paper-prostate.yaml",
+        "thesis-kits.yaml",
+    ]
     brats = load_config(root / "paper-brats.yaml")
     assert brats.split.folds == 3 and brats.run.models == ["resnet34", "resnet50"]
     assert brats.prepare.crop_box == (56, 184, 56, 184)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from ensemblecam.pipeline import demo_markdown
 
@@ -51,3 +52,47 @@ def test_public_api_names_resolve() -> None:
     for name in ensemblecam.__all__:
         assert getattr(ensemblecam, name) is not None, name
     assert issubclass(ensemblecam.InputError, ValueError)
+
+
+def test_own_data_commands_run(tmp_path: Path, monkeypatch: Any) -> None:
+    """The "Your own data" section's commands run as written on tiny generated data: a
+    folder-layout phantom with slice labels only and configs/own-data.yaml with its
+    training sizes made tiny (its data, labels, search and run settings kept)."""
+    import shlex
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from ensemblecam.cli import app
+    from ensemblecam.config import SynthConfig, load_config
+    from ensemblecam.synth import synth_dataset
+    from nifti_factory import folder_from_brats
+
+    section = README.split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)\n```", section, re.S)
+    assert len(blocks) == 1
+    synth_dataset(
+        SynthConfig(out=tmp_path / "phantom", n_cases=6, shape=(48, 48, 12), seed=3, workers=1)
+    )
+    folder_from_brats(tmp_path / "phantom", tmp_path / "mydata")
+    cfg = load_config(ROOT / "configs" / "own-data.yaml").model_dump(mode="json")
+    assert cfg["prepare"]["labels_csv"] == "mydata/labels.csv"
+    assert cfg["prepare"]["layout"] == "folder" and not cfg["run"]["unet"]
+    cfg["split"]["folds"] = 2
+    cfg["train"].update(model_args={"width": 8}, epochs=1, batch_size=16, accelerator="cpu")
+    cfg["cam"].update(batch_size=64, accelerator="cpu")
+    cfg["unet"].update(epochs=1, channels=[4, 8], strides=[2], num_res_units=0, accelerator="cpu")
+    cfg["run"]["models"] = ["simplecnn"]
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "own-data.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    for line in blocks[0].splitlines():
+        args = shlex.split(line)
+        assert args[0] == "ensemblecam"
+        result = CliRunner().invoke(app, args[1:])
+        assert result.exit_code == 0, (line, result.output)
+    assert (tmp_path / "mystore" / "slices.csv").is_file()
+    run = tmp_path / "runs" / "mine"
+    assert len(list((run / "export").rglob("*.nii.gz"))) == 6
+    assert (run / "report" / "report.html").is_file()
+    assert json.loads((run / "results.json").read_text())["scored"] is False

@@ -52,8 +52,9 @@ class PrepareConfig(Section):
     layout: Literal["brats", "msd", "kits", "folder"] = Field("brats", description="data layout")
     labels_csv: Path | None = Field(
         None,
-        description="CSV case,slice,label of image-level labels for data without masks "
-        "(slice = index along the canonical slice axis)",
+        description="CSV case,slice,label of image-level labels of every slice (slice = "
+        "index along the canonical slice axis); seg files are then optional: cases with one "
+        "keep their masks (calibration, scores)",
     )
     out: Path = Field(Path("store"), description="slice store folder to write")
     masks: bool = Field(
@@ -253,7 +254,27 @@ class SearchConfig(Section):
         description="thresholds start:stop:step or a,b,c (at most 10,001; a "
         "search scores at most 1,000,000 configurations)",
     )
-    objective: str = Field("paper_miou", description="metric that ranks configurations")
+    objective: str = Field(
+        "paper_miou", description="metric that ranks configurations (criterion masks)"
+    )
+    criterion: Literal["auto", "masks", "labels"] = Field(
+        "auto",
+        description="what chooses the configuration: masks (objective on the annotated "
+        "cases), labels (slice labels only: fp_budget) or auto (masks if the calibration "
+        "part has an annotated case, else labels)",
+    )
+    fp_budget: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="labels criterion: largest share of the pixels of lesion-free slices "
+        "called lesion",
+    )
+    compare_labels: bool = Field(
+        True,
+        description="criterion masks: also record what the labels criterion picks "
+        "(best_labels.json; a results row)",
+    )
     gate: bool = Field(False, description="also search classifier gating")
     gate_grid: str = Field("0.1:0.9:0.1", description="gate probability thresholds")
     max_members: int | None = Field(None, ge=1, description="largest member subset searched")

@@ -19,15 +19,17 @@ def search_cmd(cfg: SearchConfig, force: ForceOption = False) -> None:
     ranking.csv. With a data-set objective, slice/case metrics are computed (exactly, in
     a second pass) only for the --top-k best rows of every multi-member operator and for
     every single-member/mean row; elsewhere they are blank. A slice/case objective or
-    --top-k 0 computes them for every row.
+    --top-k 0 computes them for every row. Without masks (or --criterion labels) the
+    slice labels alone choose (labels criterion, --fp-budget).
     """
     from ensemblecam.stages.search import run_search_stage
 
     with fsutil.output_guard(cfg.out, [cfg.store, cfg.splits, cfg.maps]):
         b = run_search_stage(cfg, force=force)
+    score = "label_score" if "label_score" in b else cfg.objective
     typer.echo(
         f"best: {b['operator']} {'+'.join(b['members'])} thresholds {b['thresholds']} "
-        f"gate {b['gate']} {cfg.objective}={b[cfg.objective]:.4f} -> {cfg.out}"
+        f"gate {b['gate']} {score}={b[score]:.4f} -> {cfg.out}"
     )
 
 

@@ -88,12 +88,17 @@ def _nii_stem(path: Path) -> str | None:
 
 
 def discover(
-    layout: str, root: Path, modalities: list[str] | None = None, require_seg: bool = True
+    layout: str,
+    root: Path,
+    modalities: list[str] | None = None,
+    require_seg: bool = True,
+    keep_seg: bool = False,
 ) -> Discovery:
     """Find the cases of data set ``root`` in ``layout``.
 
     ``modalities`` (lower case) selects and orders the channels (default per layout).
-    With ``require_seg`` every case needs its seg file; otherwise seg files are ignored.
+    With ``require_seg`` every case needs its seg file; otherwise seg files are ignored,
+    or, with ``keep_seg``, kept for the cases that have one (masks for a subset).
     A missing modality or seg file, an unknown modality or an empty data set raises
     :class:`InputError` naming the file or folder.
     """
@@ -109,8 +114,8 @@ def discover(
     found: Discovery = finder(root, mods, require_seg)
     if not found.cases:
         raise InputError(f"{root}: empty data set (no {layout} cases found)")
-    if not require_seg:
-        for case in found.cases:
+    for case in found.cases:
+        if not (require_seg or keep_seg) or (case.seg is not None and not case.seg.is_file()):
             case.seg = None
     return found
 

@@ -5,8 +5,10 @@ files written from it (results.json, results.csv, results.md, the demo's table).
 
     {"format": "ensemblecam-results", "version": 1, "objective": "paper_miou",
      "folds": ["fold0", ...], "metric_names": [...],
+     "scored": true (false: no masks in the evaluation part, every metric null),
+     "criteria": {"fold0": best.json's "criterion" (what chose the configuration), ...},
      "rows": [{"name": "ensemble (best configuration)", "kind": "ensemble" | "operator" |
-               "single" | "empty" | "unet" | "pseudo_unet",
+               "single" | "labels" | "empty" | "unet" | "pseudo_unet",
                "config": {"fold0": {"operator", "members", "thresholds", "gate"} | null, ...},
                "per_fold": {"fold0": {metric: value, ...}, ...},
                "mean": {metric: value}, "std": {metric: value},
@@ -44,11 +46,18 @@ def describe_config(conf: dict[str, Any]) -> str:
     return f"{conf['operator']}: {ths}{gate}"
 
 
-def result_rows(fold: FoldLayout) -> list[dict[str, Any]]:
+#: the results row of the labels criterion's choice when masks chose the ensemble
+LABELS_ROW = "ensemble chosen from slice labels only (no masks)"
+LABELS_SLUG = "labels_choice"
+
+
+def result_rows(fold: FoldLayout, scored: bool = True) -> list[dict[str, Any]]:
     """Rows evaluated per fold, each chosen on calibration data only: the ensemble (the best
     configuration overall), each operator's best (over member subsets and thresholds), each
-    single member at its best threshold, and the Empty prediction (read from the chosen
-    row's evaluation, ``empty_baseline``)."""
+    single member at its best threshold, the labels criterion's choice when masks chose
+    the ensemble (search/best_labels.json), and the Empty prediction (read from the chosen
+    row's evaluation, ``empty_baseline``). Not ``scored`` (no masks to score with): only
+    the ensemble row, whose masks are still written."""
     best = fsutil.read_json(fold.best, "search result")
     per = fsutil.read_json(fold.best_per_candidate, "search result")
     objective = best.get("objective", "paper_miou")
@@ -61,6 +70,8 @@ def result_rows(fold: FoldLayout) -> list[dict[str, Any]]:
             "config": {k: best[k] for k in keys},
         }
     ]
+    if not scored:
+        return rows
     by_op: dict[str, tuple[dict[str, Any], float]] = {}
     singles = []
     for cand in per:  # best row of every (operator, member subset), best first
@@ -88,6 +99,18 @@ def result_rows(fold: FoldLayout) -> list[dict[str, Any]]:
                 "config": conf,
             }
         )
+    labels_file = fold.search / "best_labels.json"
+    if labels_file.is_file():
+        lab = fsutil.read_json(labels_file, "search result")
+        if "skipped" not in lab:
+            rows.append(
+                {
+                    "name": LABELS_ROW,
+                    "kind": "labels",
+                    "slug": LABELS_SLUG,
+                    "config": {k: lab[k] for k in keys},
+                }
+            )
     rows.append(
         {"name": "Empty (all background)", "kind": "empty", "slug": CHOSEN_SLUG, "config": None}
     )
@@ -104,6 +127,9 @@ def with_metrics(rows: list[dict[str, Any]], fold: FoldLayout) -> list[dict[str,
     the Empty row: that file's ``empty_baseline``)."""
     out = []
     for row in rows:
+        if row.get("scored") is False:  # no masks in the evaluation part
+            out.append({**row, "metrics": {m: None for m in TABLE_METRICS}})
+            continue
         res = fsutil.read_json(fold.eval_metrics(row["slug"]), "evaluation")
         metrics = res["empty_baseline"] if row["kind"] == "empty" else res["metrics"]
         out.append({**row, "metrics": {m: metrics.get(m) for m in TABLE_METRICS}})
@@ -147,6 +173,8 @@ def aggregate(fold_results: dict[str, dict[str, Any]], objective: str) -> dict[s
         "version": 1,
         "objective": objective,
         "folds": list(fold_results),
+        "scored": all(r.get("scored", True) for r in fold_results.values()),
+        "criteria": {f: r.get("criterion") for f, r in fold_results.items()},
         "metric_names": list(TABLE_METRICS),
         "rows": rows,
     }
@@ -195,12 +223,43 @@ def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return ["method", *SUMMARY_METRICS], rows
 
 
+#: what results.md and the report say when the evaluation part has no masks
+NO_MASKS_NOTE = (
+    "No masks in the evaluated data, so nothing is scored: the masks are written (export/) "
+    "but every metric is undefined (-)."
+)
+
+
+def criteria_text(results: dict[str, Any]) -> str:
+    """One sentence per distinct criterion of the folds: what chose the configuration."""
+    out = []
+    for fold, c in (results.get("criteria") or {}).items():
+        if not c:
+            continue
+        if c.get("name") == "labels":
+            text = (
+                f"slice labels only (labels criterion: at most {100 * c['fp_budget']:g}% of "
+                f"the pixels of lesion-free slices called lesion; {c.get('n_cases')} cases)"
+            )
+        else:
+            text = (
+                f"masks of {c.get('n_annotated_cases')} annotated of {c.get('n_cases')} "
+                f"calibration cases ({c.get('objective')})"
+            )
+        out.append(f"{fold}: {text}")
+    return "Configuration chosen by " + "; ".join(out) + "." if out else ""
+
+
 def results_markdown(results: dict[str, Any]) -> str:
-    """The summary table as Markdown (written as results.md; the README quotes the demo's)."""
+    """The summary table as Markdown (written as results.md; the README quotes the demo's),
+    then what chose the configuration and, without masks, that nothing is scored."""
     header, rows = summary_rows(results)
     lines = [f"| {' | '.join(header)} |", f"|---|{'---:|' * (len(header) - 1)}"]
     lines += [f"| {' | '.join(r)} |" for r in rows]
-    return "\n".join(lines) + "\n"
+    notes = [n for n in (criteria_text(results),) if n]
+    if results.get("scored") is False:
+        notes.insert(0, NO_MASKS_NOTE)
+    return "\n".join(lines) + "\n" + "".join(f"\n{n}\n" for n in notes)
 
 
 def demo_markdown(results: dict[str, Any], run_record: dict[str, Any]) -> str:

@@ -334,9 +334,67 @@ def check_run_config(cfg: Config) -> None:
     if cfg.train.weights is not None and not Path(cfg.train.weights).is_file():
         raise InputError(f"{cfg.train.weights}: weights file not found (train.weights)")
     resolve_recipe(cfg.train)
+    _check_masks_needed(cfg)
     if rc.unet or rc.pseudo_unet:
         with torch.device("meta"):
             build_unet(**model_args(cfg.unet, n_ch))
+
+
+def expected_masks(cfg: Config) -> str:
+    """Which cases the prepared store will have masks for, from the prepare config and the
+    data folder's file names (nothing is read): "all", "some" or "none"."""
+    pc = cfg.prepare
+    if not pc.masks:
+        return "none"
+    if pc.labels_csv is None:
+        return "all"  # prepare requires every seg file
+    from ensemblecam.io.layouts import discover
+
+    assert pc.data is not None
+    cases = discover(pc.layout, Path(pc.data), pc.modalities, False, keep_seg=True).cases
+    n = sum(c.seg is not None for c in cases)
+    return "all" if n == len(cases) else "some" if n else "none"
+
+
+def _check_masks_needed(cfg: Config) -> None:
+    """Options that need masks (or labels) refused up front when the data has none."""
+    pc, rc, sc = cfg.prepare, cfg.run, cfg.search
+    if not pc.masks and pc.labels_csv is None:
+        raise InputError(
+            "config: prepare.masks is false and no prepare.labels_csv: the slices have no "
+            "labels to train on (give a labels CSV or the seg files)"
+        )
+    have = expected_masks(cfg)
+    why = (
+        "prepare.masks is false"
+        if not pc.masks
+        else f"no case of {pc.data} has a seg file (labels from {pc.labels_csv})"
+    )
+    if have == "none":
+        if rc.unet:
+            raise InputError(
+                f"config: run.unet (the fully supervised U-Net) needs masks, but {why}; "
+                "set run.unet: false"
+            )
+        if sc.criterion == "masks":
+            raise InputError(
+                f"config: search.criterion masks needs masks, but {why}; use labels or auto"
+            )
+        if sc.calibration_cases.strip() not in ("", "all"):
+            raise InputError(
+                f"config: search.calibration_cases {sc.calibration_cases} counts annotated "
+                f"cases, but {why}; leave it at all"
+            )
+        if rc.pseudo_unet and cfg.unet.val_targets == "store":
+            raise InputError(
+                f"config: unet.val_targets store needs masks, but {why}; use same or none"
+            )
+    if have == "some" and rc.unet:
+        raise InputError(
+            f"config: run.unet (the fully supervised U-Net) trains on the masks of every "
+            f"training case, but only some cases of {pc.data} have seg files; set "
+            "run.unet: false"
+        )
 
 
 def run_pipeline(cfg: Config, force: bool = False, progress: bool | None = None) -> Path:
@@ -466,7 +524,8 @@ def _run_fold(
     ecfg: EvaluateConfig = cfg.evaluate.model_copy(
         update=f.update(fold=str(k), part=rc.eval_part, maps=f.fold.maps)
     )
-    rows = _fold_evaluate(f, ecfg, k_search)
+    scored = _part_annotated(store, splits, k, rc.eval_part)
+    rows = _fold_evaluate(f, ecfg, k_search, scored)
     if rc.unet:
         rows.append(
             _unet_row(cfg, runner, store, splits, k, f.fold, "unet", "store", k_split, ecfg)
@@ -487,7 +546,22 @@ def _run_fold(
                 ecfg,
             )
         )  # fmt: skip
-    return {"dir": f.fold.dir, "rows": with_metrics(rows, f.fold)}
+    for row in rows if not scored else []:
+        row["scored"] = False  # no masks to score with: masks written, metrics null
+    return {
+        "dir": f.fold.dir,
+        "rows": with_metrics(rows, f.fold),
+        "scored": scored,
+        "criterion": fsutil.read_json(f.fold.best, "search result").get("criterion"),
+    }
+
+
+def _part_annotated(store: Path, splits: Path, k: int, part: str) -> bool:
+    """Whether split part ``part`` of fold ``k`` has a case with masks (it can be scored)."""
+    from ensemblecam.stages.search import n_annotated_cases, part_slices
+
+    st, _, idx = part_slices(store, splits, k, part)
+    return n_annotated_cases(st, idx) > 0
 
 
 def _fold_train(f: _Fold, k_split: str) -> list[str]:
@@ -566,11 +640,14 @@ def _fold_search(f: _Fold, k_cam: str) -> str:
     return k_search
 
 
-def _fold_evaluate(f: _Fold, ecfg: EvaluateConfig, k_search: str) -> list[dict[str, Any]]:
-    """Every result row (chosen, per operator, single members, Empty) on the held-out part."""
+def _fold_evaluate(
+    f: _Fold, ecfg: EvaluateConfig, k_search: str, scored: bool = True
+) -> list[dict[str, Any]]:
+    """Every result row (chosen, per operator, single members, Empty) on the held-out part;
+    not ``scored`` (no masks there): only the chosen configuration's masks are written."""
     from ensemblecam.stages.evaluate import evaluate_stage, write_config_masks
 
-    rows = result_rows(f.fold)
+    rows = result_rows(f.fold, scored)
     k_eval = stable_hash(
         [
             "evaluate",
@@ -588,7 +665,7 @@ def _fold_evaluate(f: _Fold, ecfg: EvaluateConfig, k_search: str) -> list[dict[s
             for stale in eval_dir.iterdir():
                 if stale.is_dir() and stale.name not in keep:
                     shutil.rmtree(stale)
-        for row in rows:
+        for row in rows if scored else []:
             if row["config"] is not None:
                 evaluate_stage(ecfg, row["config"], f.fold.eval_row(row["slug"]), force=True)
         write_config_masks(ecfg, rows[0]["config"], f.fold.eval_masks)

@@ -44,8 +44,36 @@ def section_summary(rep: Page, run: Run, folds: list[str]) -> None:
     rep.h2("summary", "Summary")
     objective = str(run.results.get("objective", "paper_miou"))
     rep.add(html_table(["", "what was run"], _run_facts(run, folds, objective), "facts"))
+    _masks_notes(rep, run)
     _headline(rep, run, folds, objective)
     _where(rep, run)
+
+
+def _masks_notes(rep: Page, run: Run) -> None:
+    """What chose the configuration (masks of how many cases, or slice labels only), the
+    labels criterion's choice against the masks' one, and, without masks, that nothing is
+    scored."""
+    from ensemblecam.pipeline.results import LABELS_ROW, NO_MASKS_NOTE, criteria_text
+
+    res = run.results
+    if res.get("scored") is False:
+        rep.p(esc(NO_MASKS_NOTE), "note")
+    text = criteria_text(res)
+    if text:
+        rep.p(esc(text))
+    rows = {r.get("kind"): r for r in res.get("rows") or []}
+    lab, ens = rows.get("labels"), rows.get("ensemble")
+    if lab is not None and ens is not None:
+        cells = [
+            f"{m} {fmt_pct(_mean(lab, m))} vs {fmt_pct(_mean(ens, m))}"
+            for m in ("lesion_dice", "paper_miou")
+        ]
+        rep.p(
+            esc(
+                f"Mask-free against mask-calibrated choice on held-out data: the "
+                f"'{LABELS_ROW}' row reaches {'; '.join(cells)} (the chosen ensemble's)."
+            )
+        )
 
 
 def _run_facts(run: Run, folds: list[str], objective: str) -> list[tuple[str, str]]:
@@ -111,10 +139,17 @@ def _run_facts(run: Run, folds: list[str], objective: str) -> list[tuple[str, st
             "search",
             f"operators {', '.join(map(str, ops)) or '?'}, threshold grid "
             f"{grid or '?'}, up to {search.get('max_members', '?')} members, "
-            f"chosen by {objective} on the calibration part",
+            f"chosen by {_criterion_name(best0, objective)} on the calibration part",
         )
     )
     return facts
+
+
+def _criterion_name(best: dict[str, Any], objective: str) -> str:
+    """ "paper_miou" (masks) or "the labels criterion" (slice labels only)."""
+    if (best.get("criterion") or {}).get("name") == "labels":
+        return "the labels criterion (slice labels only, no masks)"
+    return objective
 
 
 def _headline(rep: Page, run: Run, folds: list[str], objective: str) -> None:

@@ -55,7 +55,7 @@ from ensemblecam.metrics.conventions import (
     score,
     slice_counts,
 )
-from ensemblecam.stages.search import annotated_part, open_inputs
+from ensemblecam.stages.search import annotated_part, open_inputs, part_slices
 
 
 def evaluate_arrays(
@@ -316,6 +316,7 @@ def evaluate_stage(
     inp = open_inputs(
         cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, conf["members"], what="evaluation"
     )
+    assert inp.masks is not None
     result, per = evaluate_arrays(
         inp.maps,
         inp.masks,
@@ -356,10 +357,12 @@ def evaluate_masks(
     force: bool = False,
     source: str = "",
     keep_masks: bool = False,
+    keep: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Score predicted masks (S, H, W) of ``cfg``'s part (store order, e.g. a U-Net's) in
     every convention, like :func:`evaluate_stage`; the Empty baseline alongside.
-    ``keep_masks``: also write them as ``<out>/masks.npz`` (:func:`write_masks`)."""
+    ``keep_masks``: also write them as ``<out>/masks.npz`` (:func:`write_masks`); ``keep``
+    (store indices, masks): write those instead (e.g. every slice of the part)."""
     store, idx, gts = _part_with_masks(cfg)
     if pred.shape != (len(idx), *store.size):
         raise InputError(
@@ -399,7 +402,9 @@ def evaluate_masks(
     _write_evaluation(
         partial, cfg, store, idx, gts, per, result, None, lambda rows: pred[rows].astype(bool)
     )
-    if keep_masks:
+    if keep is not None:
+        write_masks(partial / MASKS_FILE, *keep)
+    elif keep_masks:
         write_masks(partial / MASKS_FILE, idx, pred)
     fsutil.commit_output_dir(partial, out)
     return result
@@ -408,13 +413,38 @@ def evaluate_masks(
 def evaluate_unet(
     cfg: EvaluateConfig, checkpoint: Path, out: Path, force: bool = False
 ) -> dict[str, Any]:
-    """Predict ``cfg``'s part with a U-Net checkpoint and score it (:func:`evaluate_masks`);
-    the predicted masks are kept as ``<out>/masks.npz`` (what ``run`` exports)."""
+    """Predict every slice of ``cfg``'s part with a U-Net checkpoint and score the annotated
+    ones (:func:`evaluate_masks`); all predicted masks are kept as ``<out>/masks.npz`` (what
+    ``run`` exports). A part without masks: masks.npz and a metrics.json with
+    ``"scored": false`` and null metrics."""
     from ensemblecam.stages.unet import predict_unet
 
-    store, idx, _ = _part_with_masks(cfg)
+    store, _, idx = part_slices(cfg.store, cfg.splits, cfg.fold, cfg.part)
     pred = predict_unet(checkpoint, store, idx)
-    return evaluate_masks(cfg, pred, out, force=force, source=str(checkpoint), keep_masks=True)
+    ann = (
+        store.table["has_mask"][idx].astype(bool)
+        if store.masks is not None
+        else np.zeros(len(idx), bool)
+    )
+    if ann.any():
+        return evaluate_masks(
+            cfg, pred[ann], out, force=force, source=str(checkpoint), keep=(idx, pred)
+        )
+    partial = fsutil.prepare_output_dir(out, force, "metrics.json")
+    write_masks(partial / MASKS_FILE, idx, pred)
+    result = {
+        "config": None,
+        "metrics": None,
+        "scored": False,
+        "note": "no masks in this part: masks written, nothing scored",
+        "store": str(cfg.store),
+        "fold": cfg.fold,
+        "part": cfg.part,
+        "source": str(checkpoint),
+    }
+    fsutil.write_json(partial / "metrics.json", result)
+    fsutil.commit_output_dir(partial, out)
+    return result
 
 
 def config_masks(
@@ -441,12 +471,12 @@ def config_masks(
 def write_config_masks(
     cfg: EvaluateConfig, chosen: EnsembleConfig | dict[str, Any], path: Path
 ) -> Path:
-    """The configuration's masks of ``cfg``'s part as ``masks.npz``
-    (:func:`ensemblecam.io.masks.write_masks`), the format export and pseudo-label
-    training read."""
+    """The configuration's masks of every slice of ``cfg``'s part (masks not needed) as
+    ``masks.npz`` (:func:`ensemblecam.io.masks.write_masks`), the format export and
+    pseudo-label training read."""
     conf = chosen if isinstance(chosen, EnsembleConfig) else EnsembleConfig.from_dict(chosen)
     inp = open_inputs(
-        cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, conf.members, what="mask export"
+        cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, conf.members, slices="all"
     )
     return write_masks(path, inp.indices, config_masks(inp.maps, inp.probs, conf, cfg.chunk))
 

@@ -33,8 +33,11 @@ Crops (windows are per case, the same on every slice):
 
 Slice label: ``lesion_fraction > min_lesion_fraction`` where ``lesion_fraction`` = merged
 lesion pixels in the window / window pixels (so with the default 0, any lesion voxel).
-With a labels CSV (``case,slice,label``) there are no masks: labels come from the CSV,
-``lesion_fraction`` is NaN and ``has_mask`` is 0.
+With a labels CSV (``case,slice,label``) the labels of every slice come from the CSV. Seg
+files are then optional: the cases that have one (and ``masks`` on) keep their masks
+(``has_mask`` 1, ``lesion_fraction`` from the mask; used to calibrate and to score), the
+others have ``lesion_fraction`` NaN and ``has_mask`` 0. The store has ``masks.npy`` if any
+case has a mask (zeros for the others).
 
 Resume: the store is built in ``.<out>.partial``; the arrays are preallocated there
 (``np.lib.format.open_memmap``) and each finished case is recorded in ``done/<case>.json``.
@@ -498,6 +501,8 @@ def process_case(
             if m is not None:
                 frac = float(m[k].sum()) / area
                 label = int(frac > settings.min_lesion_fraction)
+                if plan.csv_labels is not None:  # the CSV's labels are the labels
+                    label = plan.csv_labels[s]
             elif plan.csv_labels is not None:
                 frac, label = float("nan"), plan.csv_labels[s]
             else:  # unlabelled scans (masks off, no CSV): label unknown
@@ -525,7 +530,9 @@ def process_case(
     return rows, replaced
 
 
-def _case_geometry(plan: CasePlan, axis: int, has_mask: bool) -> dict[str, Any]:
+def _case_geometry(plan: CasePlan, axis: int, has_masks: bool) -> dict[str, Any]:
+    """cases.json entry; ``has_mask``: the store has masks and this case has a seg file."""
+    has_mask = bool(has_masks and plan.seg)
     files: dict[str, str] = dict(plan.images)
     if plan.seg:
         files["seg"] = plan.seg
@@ -547,9 +554,14 @@ def _case_geometry(plan: CasePlan, axis: int, has_mask: bool) -> dict[str, Any]:
 
 
 def resolve_settings(
-    cfg: PrepareConfig, allowed: set[int] | None, modalities: list[str]
+    cfg: PrepareConfig,
+    allowed: set[int] | None,
+    modalities: list[str],
+    seg_cases: list[Any] | None = None,
 ) -> Settings:
-    """Fill per-layout defaults and validate option combinations."""
+    """Fill per-layout defaults and validate option combinations; ``seg_cases``: the
+    discovered cases (with a labels CSV the store has masks if any of them has a seg)."""
+    seg_cases = seg_cases or []
     lesion = (
         cfg.lesion_labels if cfg.lesion_labels is not None else (DEFAULT_LESION_LABELS[cfg.layout])
     )
@@ -597,7 +609,7 @@ def resolve_settings(
         allowed_labels=sorted(allowed) if allowed is not None else None,
         min_lesion_fraction=cfg.min_lesion_fraction,
         dtype=cfg.dtype,
-        has_masks=cfg.labels_csv is None and cfg.masks,
+        has_masks=cfg.masks and (cfg.labels_csv is None or any(c.seg for c in seg_cases)),
         labels_csv=str(cfg.labels_csv) if cfg.labels_csv else None,
         nonfinite=cfg.nonfinite,
     )
@@ -651,9 +663,13 @@ def prepare_store(cfg: PrepareConfig, force: bool = False, checkpoint: bool = Tr
     if (out / MANIFEST).exists() and not force:
         raise InputError(f"{out}: already holds results ({MANIFEST}); use --force to replace them")
     found = discover(
-        cfg.layout, Path(cfg.data), cfg.modalities, require_seg=cfg.labels_csv is None and cfg.masks
+        cfg.layout,
+        Path(cfg.data),
+        cfg.modalities,
+        require_seg=cfg.labels_csv is None and cfg.masks,
+        keep_seg=cfg.masks,
     )
-    settings = resolve_settings(cfg, found.allowed_labels, found.modalities)
+    settings = resolve_settings(cfg, found.allowed_labels, found.modalities, found.cases)
     plans = [plan_case(c, cfg.axis, cfg.slice_range, cfg.every_nth) for c in found.cases]
     if cfg.labels_csv is not None:
         read_labels_csv(Path(cfg.labels_csv), plans, cfg.axis)

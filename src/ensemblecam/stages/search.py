@@ -4,6 +4,14 @@ Outputs (an atomic folder): ranking.csv/json, grid_<operator>[__members].npy/.js
 best_per_candidate.json, best.json (the best row + the search settings; its configuration
 keys are :data:`ensemblecam.ensemble.operators.CONFIG_KEYS`), and with several
 ``calibration_cases`` calibration_curve.csv/json.
+
+Criterion (``search.criterion``; best.json ``criterion`` records which one chose the
+configuration and on how many cases): ``masks`` ranks by ``objective`` against the
+masks of the calibration part's annotated cases; ``labels`` uses the slice labels only
+(:mod:`ensemblecam.ensemble.labels`); ``auto`` is ``masks`` when the calibration part
+has an annotated case, else ``labels``. With masks and ``compare_labels``, what the
+labels criterion would choose on the same part is written to best_labels.json (with its
+metrics against the calibration masks), so the two choices can be compared.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ class Inputs:
     member_names: list[str]
     maps: list[Rows]
     probs: list[np.ndarray]
-    masks: Rows
+    masks: Rows | None  # None: opened without masks (``slices`` "labelled" or "all")
     case_ids: np.ndarray
     labels: np.ndarray
 
@@ -73,6 +81,33 @@ def annotated_part(
     return store, splits, idx
 
 
+def part_slices(
+    store_path: Any, splits: Any, fold: int | str, part: str, labelled: bool = False
+) -> tuple[Any, Path, np.ndarray]:
+    """(store, split file, store indices of every slice of the part); ``labelled``: only
+    slices with a known label (0 or 1). No masks needed; an empty part is one InputError."""
+    from ensemblecam.io.split import get_fold
+    from ensemblecam.io.store import SliceStore
+
+    store = SliceStore.open(store_path)
+    splits = Path(splits) if splits is not None else store.path / "splits.json"
+    cases = get_fold(splits, int(fold) if str(fold).isdigit() else fold).part(part)
+    idx = store.indices_for_cases(list(cases))
+    if labelled:
+        idx = idx[np.isin(store.labels[idx], (0, 1))]
+    if len(idx) == 0:
+        raise InputError(f"{splits}: {part} of fold {fold} has no {'labelled ' * labelled}slice")
+    return store, splits, idx
+
+
+def n_annotated_cases(store: Any, idx: np.ndarray) -> int:
+    """Cases with a mask among store indices ``idx`` (0 for a store without masks)."""
+    if store.masks is None:
+        return 0
+    keep = store.table["has_mask"][idx].astype(bool)
+    return len(set(store.table["case"][idx][keep].tolist()))
+
+
 def open_inputs(
     store_path: Any,
     splits: Any,
@@ -83,16 +118,22 @@ def open_inputs(
     n_cases: int | None = None,
     seed: int = 0,
     what: str = "calibration",
+    slices: str = "annotated",
 ) -> Inputs:
     """Open store + split part + members; every misalignment is one InputError line.
 
-    ``n_cases``: keep only N annotated cases of the part, chosen with ``seed``.
+    ``slices``: "annotated" (the part's slices with masks; ``n_cases``: only N annotated
+    cases, chosen with ``seed``), "labelled" (every slice with a label, no masks read) or
+    "all" (every slice, no masks read).
     """
     from ensemblecam.io.mapstore import MapSet
 
     if not members:
         raise InputError("no members given (--members a__gradcam,b__gradcam)")
-    store, splits, idx = annotated_part(store_path, splits, fold, part, what, n_cases, seed)
+    if slices == "annotated":
+        store, splits, idx = annotated_part(store_path, splits, fold, part, what, n_cases, seed)
+    else:
+        store, splits, idx = part_slices(store_path, splits, fold, part, slices == "labelled")
     root = Path(maps_root)
     names, srcs, probs = [], [], []
     for name in members:
@@ -105,10 +146,10 @@ def open_inputs(
         ms = MapSet.open(root / name)
         ms.check_store(store)
         rows = ms.rows_for(idx)
-        if tuple(ms.maps.shape[1:]) != tuple(store.masks.shape[1:]):
+        if tuple(ms.maps.shape[1:]) != tuple(store.size):
             raise InputError(
                 f"member {name!r}: maps of shape {tuple(ms.maps.shape[1:])} but "
-                f"masks of shape {tuple(store.masks.shape[1:])}"
+                f"slices of shape {tuple(store.size)}"
             )
         names.append(name)
         srcs.append(Rows(ms.maps, rows))
@@ -119,7 +160,7 @@ def open_inputs(
         names,
         srcs,
         probs,
-        Rows(store.masks, idx),
+        Rows(store.masks, idx) if slices == "annotated" else None,
         store.table["case"][idx],
         store.labels[idx],
     )
@@ -135,6 +176,7 @@ def run_search(cfg: SearchConfig, n_cases: int | None) -> tuple[SearchResult, li
     allowed = objective_names(cfg.min_lesion_fraction, True)
     if cfg.objective not in allowed:
         raise InputError(f"objective {cfg.objective!r}: expected one of {', '.join(allowed)}")
+    assert inp.masks is not None
     res = search(
         inp.maps,
         inp.masks,
@@ -153,6 +195,63 @@ def run_search(cfg: SearchConfig, n_cases: int | None) -> tuple[SearchResult, li
     )
     res.store_id = inp.store.identity
     return res, res.ranked(cfg.objective)
+
+
+def run_label_search(
+    cfg: SearchConfig,
+) -> tuple[SearchResult, list[dict[str, Any]], dict[str, Any]]:
+    """The labels criterion (:mod:`ensemblecam.ensemble.labels`) on every labelled slice of
+    the calibration part: (result, ranked rows, best.json ``criterion`` record). With
+    ``cfg.gate`` every row's gate is the Youden gate of its members' mean probability."""
+    from ensemblecam.ensemble.labels import label_search, label_settings, youden_gate
+
+    inp = open_inputs(
+        cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, cfg.members, slices="labelled"
+    )
+    res = label_search(
+        inp.maps,
+        inp.labels,
+        inp.case_ids,
+        inp.store.size,
+        parse_grid(cfg.grid),
+        cfg.operators,
+        subsets_of(len(inp.maps), cfg.max_members),
+        inp.member_names,
+        cfg.fp_budget,
+        cfg.chunk,
+    )
+    res.store_id = inp.store.identity
+    ranked = res.ranked("label_score")
+    if cfg.gate:
+        gates = parse_grid(cfg.gate_grid)
+        by_name = dict(zip(inp.member_names, inp.probs, strict=True))
+        chosen: dict[tuple[str, ...], float | None] = {}
+        for row in ranked:
+            key = tuple(row["members"])
+            if key not in chosen:
+                p = np.mean([by_name[m] for m in key], axis=0)
+                chosen[key] = youden_gate(p, inp.labels, gates)
+            row["gate"] = chosen[key]
+    n_pos = int((inp.labels == 1).sum())
+    info = label_settings(cfg.fp_budget, n_pos, int((inp.labels == 0).sum()))
+    info["n_cases"] = len(set(inp.case_ids.tolist()))
+    return res, ranked, info
+
+
+def resolve_criterion(cfg: SearchConfig) -> str:
+    """``cfg.criterion``, with ``auto`` resolved: ``masks`` if the calibration part has an
+    annotated slice, else ``labels``. ``masks`` on a part without masks is refused."""
+    if cfg.criterion == "labels":
+        return "labels"
+    store, _, idx = part_slices(cfg.store, cfg.splits, cfg.fold, cfg.part)
+    if n_annotated_cases(store, idx) == 0:
+        if cfg.criterion == "masks":
+            raise InputError(
+                f"{store.path}: search.criterion masks, but the {cfg.part} part of fold "
+                f"{cfg.fold} has no annotated case; use criterion labels or auto"
+            )
+        return "labels"
+    return "masks"
 
 
 def check_search_config(cfg: SearchConfig) -> None:
@@ -178,7 +277,7 @@ def run_search_stage(cfg: SearchConfig, force: bool = False) -> dict[str, Any]:
 
     ``cfg.calibration_cases`` "N1,N2,all" repeats the search on N annotated cases each and
     writes calibration_curve.csv/json (how the chosen configuration changes with N); the
-    outputs of the last entry are kept.
+    outputs of the last entry are kept. The criterion: module docstring.
     """
     ns: list[int | None] = []
     for v in [v.strip() for v in cfg.calibration_cases.split(",") if v.strip()] or ["all"]:
@@ -191,7 +290,19 @@ def run_search_stage(cfg: SearchConfig, force: bool = False) -> dict[str, Any]:
                 f"--calibration-cases {short_repr(cfg.calibration_cases)}: N, all or N1,N2"
             )
     check_search_config(cfg)
+    criterion = resolve_criterion(cfg)
+    if criterion == "labels" and ns != [None]:
+        raise InputError(
+            f"--calibration-cases {cfg.calibration_cases}: counts annotated cases, but the "
+            "labels criterion uses no masks (leave it at all)"
+        )
     partial = fsutil.prepare_output_dir(cfg.out, force, "best.json")
+    settings = cfg.model_dump(mode="json")
+    if criterion == "labels":
+        res, ranked, info = run_label_search(cfg)
+        write_search_outputs(partial, res, ranked, "label_score", settings, info)
+        fsutil.commit_output_dir(partial, cfg.out)
+        return dict(ranked[0])
     curve = []
     res, ranked = None, []
     for n_cases in ns:
@@ -205,12 +316,52 @@ def run_search_stage(cfg: SearchConfig, force: bool = False) -> dict[str, Any]:
             }
         )
     assert res is not None
-    write_search_outputs(partial, res, ranked, cfg.objective, cfg.model_dump(mode="json"))
+    store, _, idx = annotated_part(cfg.store, cfg.splits, cfg.fold, cfg.part, n_cases=ns[-1],
+                                   seed=cfg.seed)  # fmt: skip
+    _, _, part_idx = part_slices(cfg.store, cfg.splits, cfg.fold, cfg.part)
+    info = {
+        "name": "masks",
+        "objective": cfg.objective,
+        "n_annotated_cases": n_annotated_cases(store, idx),
+        "n_cases": len(set(store.table["case"][part_idx].tolist())),
+    }
+    write_search_outputs(partial, res, ranked, cfg.objective, settings, info)
+    if cfg.compare_labels:
+        _write_label_choice(cfg, partial, ranked)
     if len(ns) > 1:
         fsutil.write_json(partial / "calibration_curve.json", curve)
         fsutil.write_text(partial / "calibration_curve.csv", fsutil.csv_text(curve))
     fsutil.commit_output_dir(partial, cfg.out)
     return dict(ranked[0])
+
+
+def _write_label_choice(cfg: SearchConfig, out: Path, ranked: list[dict[str, Any]]) -> None:
+    """best_labels.json: the configuration the labels criterion picks on the same part, its
+    label metrics and (from the mask search's ``ranked`` rows, same configuration) its
+    metrics against the calibration masks. Skipped, with a note in it, when the part's
+    labels do not allow the criterion (no lesion or no lesion-free slice)."""
+    try:
+        _, lranked, info = run_label_search(cfg)
+    except InputError as exc:
+        fsutil.write_json(out / "best_labels.json", {"skipped": str(exc)})
+        return
+    pick = lranked[0]
+    conf = EnsembleConfig.from_dict(pick).to_dict()
+    same = next(
+        (r for r in ranked if EnsembleConfig.from_dict(r).to_dict() == conf),
+        None,
+    )
+    fsutil.write_json(
+        out / "best_labels.json",
+        {
+            **conf,
+            **{k: pick[k] for k in ("label_score", "lesion_slice_area", "free_slice_area")},
+            "criterion": info,
+            "calibration_masks": None
+            if same is None
+            else {k: v for k, v in same.items() if k not in conf},
+        },
+    )
 
 
 def write_search_outputs(
@@ -219,9 +370,11 @@ def write_search_outputs(
     ranked: list[dict[str, Any]],
     objective: str,
     settings: dict[str, Any],
+    criterion: dict[str, Any] | None = None,
 ) -> None:
     """ranking.csv/json, grid_<operator>[__members].npy/.json, best_per_candidate.json (the
-    best row of every operator x member subset), best.json (each atomic)."""
+    best row of every operator x member subset), best.json (each atomic; ``criterion``:
+    what chose the configuration, recorded in best.json)."""
     fsutil.write_text(out / "ranking.csv", fsutil.csv_text(ranked))
     fsutil.write_json(
         out / "ranking.json",
@@ -240,7 +393,8 @@ def write_search_outputs(
         if len(cand.members) < 2 and m_all > 1:
             continue
         values = cand.metrics[objective]
-        best_gate = int(np.nanargmax(values.reshape(values.shape[0], -1).max(axis=1)))
+        finite = np.where(np.isfinite(values), values, -np.inf)
+        best_gate = int(np.argmax(finite.reshape(values.shape[0], -1).max(axis=1)))
         name = f"grid_{cand.operator.replace(':', '')}"
         if len(cand.members) != m_all:
             name += "__" + "+".join(res.member_names[i] for i in cand.members)
@@ -269,6 +423,8 @@ def write_search_outputs(
         n_slices=res.n_slices,
         n_lesion_slices=res.n_lesion_slices,
     )
+    if criterion is not None:
+        best["criterion"] = criterion
     if res.store_id is not None:
         best["store_id"] = res.store_id
     fsutil.write_json(out / "best.json", best)
