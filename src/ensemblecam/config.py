@@ -491,7 +491,6 @@ class RefineConfig(Section):
         default_factory=dict,
         description='further refine options, e.g. {"band": 0.1, "min_component": 0.2}',
     )
-    workers: int = Field(2, ge=1, description="parallel processes")
     out: Path = Field(Path("refine"), description="output folder")
 
 

@@ -29,6 +29,9 @@ def main() -> None:
 
 
 # Stage commands register themselves on ``app`` when imported (this order = help order).
-STAGES = ("synth", "prepare", "train", "cam", "search", "export", "report", "run", "unet", "score")
+STAGES = (
+    "synth", "prepare", "train", "cam", "search", "refine", "export", "report", "run", "unet",
+    "score",
+)  # fmt: skip
 for _stage in STAGES:
     importlib.import_module(f"ensemblecam.cli.{_stage}")

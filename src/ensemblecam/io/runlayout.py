@@ -10,9 +10,14 @@
       fold<k>/
         models/<model>/     classifier training runs (best.pt, metrics.csv, PNGs, train.json)
         maps/<model>__<method>/  map sets for the calibration and evaluation parts
+                            (+ maps/localiser__mil/: the MIL localiser's maps)
+        mil/                MIL localiser trained from the slice labels (best.pt, unet.json)
         search/             ranking.csv/json, best.json, grid_<operator>.npy/json (search)
         unet/               supervised U-Net (fully supervised upper bound)
-        pseudo_targets/     the chosen ensemble's masks of the training part (masks.npz)
+        refine/             refined pseudo-labels of the train/val parts (masks.npz with
+                            0/1/255) and refine.json (candidates, their quality, the choice)
+        pseudo_targets/     the chosen ensemble's masks of the training part (masks.npz),
+                            used instead of refine/ when run.refine is off
         pseudo/             U-Net self-trained on those pseudo-labels (second stage)
         eval/<row>/         metrics.json, per_slice.csv, per_case.csv for each result row
                             (+ per_case_empty.csv: the Empty prediction on the same cases;
@@ -149,6 +154,24 @@ class FoldLayout:
 
     def unet_learning_curve(self, kind: str) -> Path:
         return self.unet(kind) / "learning_curve.png"
+
+    @property
+    def mil(self) -> Path:
+        """The MIL localiser's training folder (its maps: ``map_set(MIL_MEMBER)``)."""
+        return self.dir / "mil"
+
+    @property
+    def refine(self) -> Path:
+        return self.dir / "refine"
+
+    @property
+    def refine_record(self) -> Path:
+        return self.refine / "refine.json"
+
+    @property
+    def refined_labels(self) -> Path:
+        """refine/masks.npz: three-class pseudo-labels (0, 1, 255) of the train/val parts."""
+        return self.refine / "masks.npz"
 
     @property
     def pseudo_targets(self) -> Path:

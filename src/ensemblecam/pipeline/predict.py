@@ -233,27 +233,37 @@ def _ensemble_masks(
     """The chosen configuration's masks of every slice of the prepared ``store``: maps of
     the fold's classifiers (written under ``work``), combined."""
     from ensemblecam.io.mapstore import MapSet
-    from ensemblecam.models import load_checkpoint
+    from ensemblecam.models import load_checkpoint, read_checkpoint
     from ensemblecam.stages.cam import run_cam
     from ensemblecam.stages.evaluate import config_masks
+    from ensemblecam.stages.mil import MIL_MEMBER, write_mil_maps
 
     work.mkdir(parents=True, exist_ok=True)
-    tags = list(dict.fromkeys(m.split("__")[0] for m in chosen["members"]))
-    methods = list(dict.fromkeys(m.split("__", 1)[1] for m in chosen["members"]))
-    checkpoints = [RunLayout(run_dir).fold(fold).checkpoint(t) for t in tags]
-    for ck in checkpoints:
-        _check_channels(input_dir, store, load_checkpoint(ck)[1]["channels"])
-    ccfg = cfg.cam.model_copy(
-        update={
-            "store": store.path,
-            "parts": ["all"],
-            "checkpoints": checkpoints,
-            "tags": tags,
-            "methods": methods,
-            "out": work / "maps",
-            "force": True,
-        }
-    )
-    run_cam(ccfg, progress=progress)
+    lay = RunLayout(run_dir).fold(fold)
+    cams = [m for m in chosen["members"] if m != MIL_MEMBER]
+    if len(cams) < len(chosen["members"]):  # the MIL localiser's maps
+        _check_channels(input_dir, store, read_checkpoint(lay.mil / "best.pt")["info"]["channels"])
+        write_mil_maps(
+            cfg.mil, lay.mil / "best.pt", store.path, np.arange(store.n_slices),
+            work / "maps" / MIL_MEMBER, force=True, progress=progress,
+        )  # fmt: skip
+    if cams:
+        tags = list(dict.fromkeys(m.split("__")[0] for m in cams))
+        methods = list(dict.fromkeys(m.split("__", 1)[1] for m in cams))
+        checkpoints = [lay.checkpoint(t) for t in tags]
+        for ck in checkpoints:
+            _check_channels(input_dir, store, load_checkpoint(ck)[1]["channels"])
+        ccfg = cfg.cam.model_copy(
+            update={
+                "store": store.path,
+                "parts": ["all"],
+                "checkpoints": checkpoints,
+                "tags": tags,
+                "methods": methods,
+                "out": work / "maps",
+                "force": True,
+            }
+        )
+        run_cam(ccfg, progress=progress)
     sets = [MapSet.open(work / "maps" / m) for m in chosen["members"]]
     return config_masks([ms.maps for ms in sets], [ms.probs for ms in sets], chosen)

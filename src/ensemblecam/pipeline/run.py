@@ -278,7 +278,8 @@ def _write_run_record(root: Path, cfg: Config, runner: Runner, started: float, s
 def check_run_config(cfg: Config) -> None:
     """Every check of a run configuration that needs no stage output, made before any
     work: data folder, models (built on the meta device: names and arguments), folds,
-    CAM methods and target, pretrained weights, training recipe, U-Net architecture."""
+    CAM methods and target, pretrained weights, training recipe, U-Net and MIL localiser
+    architectures, refine options."""
     import torch
 
     from ensemblecam import models
@@ -338,6 +339,14 @@ def check_run_config(cfg: Config) -> None:
     if rc.unet or rc.pseudo_unet:
         with torch.device("meta"):
             build_unet(**model_args(cfg.unet, n_ch))
+    if rc.mil:
+        with torch.device("meta"):
+            build_unet(**model_args(cfg.mil, n_ch))
+    if rc.pseudo_unet and rc.refine:
+        from ensemblecam.stages.refine import refine_options
+
+        for name in [*cfg.refine.refiners, cfg.refine.fallback]:
+            refine_options(cfg.refine, name, 1)
 
 
 def expected_masks(cfg: Config) -> str:
@@ -488,10 +497,14 @@ def _run_locked(cfg: Config, root: Path, force: bool, progress: bool | None) -> 
     return root
 
 
-def _members(cfg: Config) -> list[str]:
+def _members(cfg: Config, with_mil: bool = False) -> list[str]:
+    """Map-store members of a run: every (classifier, CAM method), then with ``with_mil``
+    the MIL localiser's (when ``run.mil``)."""
     from ensemblecam.io.mapstore import member_name
+    from ensemblecam.stages.mil import MIL_MEMBER
 
-    return [member_name(m, method) for m in cfg.run.models for method in cfg.cam.methods]
+    cams = [member_name(m, method) for m in cfg.run.models for method in cfg.cam.methods]
+    return [*cams, MIL_MEMBER] if with_mil and cfg.run.mil else cams
 
 
 @dataclass
@@ -515,12 +528,12 @@ def _run_fold(
     cfg: Config, runner: Runner, store: Path, splits: Path, k: int, name: str, k_split: str
 ) -> dict[str, Any]:
     """Train, map, search, evaluate (with baselines) one fold; return its result rows."""
-    from ensemblecam.stages.evaluate import write_config_masks
-
     f = _Fold(cfg, runner, store, splits, k, name, runner.layout.fold(name))
     rc = cfg.run
-    k_cam = _fold_cam(f, _fold_train(f, k_split))
-    k_search = _fold_search(f, k_cam)
+    k_maps = [_fold_cam(f, _fold_train(f, k_split))]
+    if rc.mil:
+        k_maps.append(_fold_mil(f, k_split))
+    k_search = _fold_search(f, stable_hash(k_maps) if rc.mil else k_maps[0])
     ecfg: EvaluateConfig = cfg.evaluate.model_copy(
         update=f.update(fold=str(k), part=rc.eval_part, maps=f.fold.maps)
     )
@@ -531,21 +544,12 @@ def _run_fold(
             _unet_row(cfg, runner, store, splits, k, f.fold, "unet", "store", k_split, ecfg)
         )
     if rc.pseudo_unet:
-        tcfg_e = ecfg.model_copy(update={"part": "train"})
-        k_pt = stable_hash(["pseudo_targets", k_search, _options(cfg.evaluate)])
-        runner.stage(
-            f"{name}/pseudo_targets",
-            f.fold.pseudo_targets,
-            k_pt,
-            None,
-            lambda force: write_config_masks(tcfg_e, rows[0]["config"], f.fold.pseudo_masks),
-        )
+        targets, k_pt = _fold_pseudo_labels(f, ecfg, rows[0]["config"], k_search)
+        if rc.refine and _part_annotated(store, splits, k, "train"):
+            rows.append(_pseudo_label_row(f, ecfg, k_pt))
         rows.append(
-            _unet_row(
-                cfg, runner, store, splits, k, f.fold, "pseudo_unet", f.fold.pseudo_masks, k_pt,
-                ecfg,
-            )
-        )  # fmt: skip
+            _unet_row(cfg, runner, store, splits, k, f.fold, "pseudo_unet", targets, k_pt, ecfg)
+        )
     for row in rows if not scored else []:
         row["scored"] = False  # no masks to score with: masks written, metrics null
     return {
@@ -592,9 +596,7 @@ def _fold_cam(f: _Fold, train_keys: list[str]) -> str:
     from ensemblecam.stages.cam import run_cam
 
     rc = f.cfg.run
-    parts = list(dict.fromkeys([rc.calibration_part, rc.eval_part]))
-    if rc.pseudo_unet and "train" not in parts:
-        parts.append("train")
+    parts = _map_parts(f.cfg)
     ccfg = f.cfg.cam.model_copy(
         update=f.update(
             fold=f.k,
@@ -615,6 +617,116 @@ def _fold_cam(f: _Fold, train_keys: list[str]) -> str:
     return k_cam
 
 
+def _map_parts(cfg: Config) -> list[str]:
+    """Split parts every member's maps are made for: calibration, evaluation, and the parts
+    the self-training labels (train; val for its validation when refining)."""
+    rc = cfg.run
+    parts = [rc.calibration_part, rc.eval_part]
+    if rc.pseudo_unet:
+        parts += ["train", "val"] if rc.refine else ["train"]
+    return list(dict.fromkeys(parts))
+
+
+def _fold_mil(f: _Fold, k_split: str) -> str:
+    """Train the MIL localiser on the fold's slice labels and write its member maps."""
+    from ensemblecam.io.store import SliceStore
+    from ensemblecam.stages.mil import MIL_MEMBER, parts_union, write_mil_maps
+    from ensemblecam.stages.unet import RUN_MARKER, train_unet
+
+    mcfg = f.cfg.mil.model_copy(update={"epochs": f.cfg.mil.epochs or f.cfg.unet.epochs})
+    k_mil = stable_hash(["mil", _options(mcfg), f.k, k_split])
+    out = f.fold.mil
+    f.runner.stage(
+        f"{f.name}/mil",
+        out,
+        k_mil,
+        RUN_MARKER,
+        lambda force: train_unet(
+            mcfg, f.store, f.splits, f.k, out, "labels", force, progress=f.runner.progress
+        ),
+    )
+    parts = _map_parts(f.cfg)
+    k_maps = stable_hash(["mil maps", k_mil, parts])
+    member = f.fold.map_set(MIL_MEMBER)
+    f.runner.stage(
+        f"{f.name}/mil/maps",
+        member,
+        k_maps,
+        "meta.json",
+        lambda force: write_mil_maps(
+            mcfg,
+            out / "best.pt",
+            f.store,
+            parts_union(SliceStore.open(f.store), f.splits, f.k, parts),
+            member,
+            force,
+            f.runner.progress,
+        ),
+    )
+    return k_maps
+
+
+def _fold_pseudo_labels(
+    f: _Fold, ecfg: EvaluateConfig, chosen: dict[str, Any], k_search: str
+) -> tuple[Path, str]:
+    """The self-training targets of the fold and their stage key: the refined three-class
+    pseudo-labels (``run.refine``) or the chosen configuration's plain masks."""
+    from ensemblecam.stages.evaluate import write_config_masks
+    from ensemblecam.stages.refine import REFINE_MARKER, refine_stage
+
+    if f.cfg.run.refine:
+        rcfg = f.cfg.refine.model_copy(
+            update=f.update(
+                fold=str(f.k), maps=f.fold.maps, config_file=f.fold.best, out=f.fold.refine
+            )
+        )
+        key = stable_hash(["refine", _options(f.cfg.refine), k_search])
+        f.runner.stage(
+            f"{f.name}/refine",
+            f.fold.refine,
+            key,
+            REFINE_MARKER,
+            lambda force: refine_stage(rcfg, force=force),
+        )
+        return f.fold.refined_labels, key
+    tcfg = ecfg.model_copy(update={"part": "train"})
+    key = stable_hash(["pseudo_targets", k_search, _options(f.cfg.evaluate)])
+    f.runner.stage(
+        f"{f.name}/pseudo_targets",
+        f.fold.pseudo_targets,
+        key,
+        None,
+        lambda force: write_config_masks(tcfg, chosen, f.fold.pseudo_masks),
+    )
+    return f.fold.pseudo_masks, key
+
+
+def _pseudo_label_row(f: _Fold, ecfg: EvaluateConfig, k_refine: str) -> dict[str, Any]:
+    """Score the refined pseudo-labels of the training part's annotated slices against
+    their masks (ignore counted as background): how good the self-training targets are.
+    Not a held-out result: the refiner was chosen on the same masks."""
+    from ensemblecam.io.masks import read_masks
+    from ensemblecam.stages.evaluate import evaluate_masks
+    from ensemblecam.stages.search import annotated_part
+
+    tcfg = ecfg.model_copy(update={"part": "train"})
+    slug = "pseudo_labels"
+
+    def run(force: bool) -> None:
+        _, _, idx = annotated_part(f.store, f.splits, f.k, "train", "evaluation")
+        index, labels = read_masks(f.fold.refined_labels)
+        rows = np.searchsorted(index, idx)
+        pred = (np.asarray(labels)[rows] == 1).astype(np.uint8)
+        evaluate_masks(tcfg, pred, f.fold.eval_row(slug), force=True, source=str(index))
+
+    key = stable_hash([slug, k_refine, _options(f.cfg.evaluate)])
+    f.runner.stage(
+        f"{f.name}/pseudo_labels/evaluate", f.fold.eval_row(slug), key, "metrics.json", run
+    )
+    name = "refined pseudo-labels (training part: not held out)"
+    return {"name": name, "kind": "pseudo_labels", "slug": slug, "config": None}
+
+
 def _fold_search(f: _Fold, k_cam: str) -> str:
     """The ensemble search on the fold's calibration part."""
     from ensemblecam.stages.search import run_search_stage
@@ -625,7 +737,7 @@ def _fold_search(f: _Fold, k_cam: str) -> str:
             fold=str(f.k),
             part=rc.calibration_part,
             maps=f.fold.maps,
-            members=_members(f.cfg),
+            members=_members(f.cfg, with_mil=True),
             out=f.fold.search,
         )
     )
@@ -660,7 +772,7 @@ def _fold_evaluate(
     eval_dir = f.fold.eval
 
     def evaluate_all(force: bool) -> None:
-        keep = {r["slug"] for r in rows} | {"unet", "pseudo_unet"}
+        keep = {r["slug"] for r in rows} | {"unet", "pseudo_unet", "pseudo_labels"}
         if eval_dir.is_dir():  # rows of an earlier search that are no longer evaluated
             for stale in eval_dir.iterdir():
                 if stale.is_dir() and stale.name not in keep:

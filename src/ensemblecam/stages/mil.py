@@ -56,26 +56,33 @@ def mil_maps(
     return prob.astype(np.float32), (1.0 / (1.0 + np.exp(-top))).astype(np.float32)
 
 
+def parts_union(
+    store: SliceStore, splits: str | Path, fold: int | str, parts: list[str]
+) -> np.ndarray:
+    """Ascending store indices of the split ``parts`` of ``fold`` (``["all"]``: every slice)."""
+    if parts == ["all"]:
+        return np.arange(store.n_slices, dtype=np.int64)
+    if not parts:
+        raise InputError("mil: no split part to map")
+    f = get_fold(splits, fold)
+    return np.unique(np.concatenate([part_indices(store, Path(splits), f, p) for p in parts]))
+
+
 def write_mil_maps(
     cfg: MilConfig,
     checkpoint: str | Path,
     store_path: str | Path,
-    splits: str | Path | None,
-    fold: int | str,
-    parts: list[str],
+    indices: np.ndarray,
     out: str | Path,
     force: bool = False,
     progress: bool | None = None,
 ) -> Path:
-    """Write the localiser's member (``out``, a map-store member folder) for ``parts``."""
+    """Write the localiser's member (``out``, a map-store member folder) for the store
+    slices ``indices``."""
     from ensemblecam.stages.unet import predict_lesion_logits
 
     store = SliceStore.open(store_path)
-    split_file = Path(splits) if splits is not None else Path(store_path) / "splits.json"
-    f = get_fold(split_file, fold)
-    if not parts:
-        raise InputError("mil: no split part to map")
-    idx = np.unique(np.concatenate([part_indices(store, split_file, f, p) for p in parts]))
+    idx = np.asarray(indices, dtype=np.int64)
     out = Path(out)
     partial = fsutil.prepare_output_dir(out, force, mapstore.MAP_META, stage="mil")
     logits = predict_lesion_logits(
@@ -95,7 +102,6 @@ def write_mil_maps(
         "store": str(Path(store_path).resolve()),
         "store_id": store.identity,
         "store_n_slices": store.n_slices,
-        "parts": list(parts),
         "ensemblecam_version": __version__,
     }
     mapstore.write_map_set(partial, meta, idx, maps.astype(np.float16), probs)

@@ -13,9 +13,10 @@ For every slice of ``cfg.parts`` (:mod:`ensemblecam.refine` gives the chain):
   member says background, the rest ignore); ``crf`` / ``random_walker`` = seeds beyond
   +-``cfg.margin`` (relative scores) grown on the image.
 
-Choice (``criterion`` in refine.json): ``masks`` when the training part has masks: the
-candidate with the highest lesion Dice against them (ignore counted as background), ties to
-the earlier candidate; ``fallback`` otherwise (no masks to choose with: the report says so).
+Choice (``criterion`` in refine.json): ``masks`` when cases of the training part have masks:
+the candidate with the highest lesion Dice against them on those cases (ignore counted as
+background), ties to the earlier candidate; ``fallback`` otherwise (no masks to choose
+with: the report says so).
 
 Outputs (an atomic folder ``cfg.out``): ``masks.npz`` (``index`` int64 store indices,
 ``masks`` uint8 in {0, 1, 255}; what the U-Net stage trains on), ``refine.json`` (written
@@ -132,7 +133,12 @@ def refine_stage(cfg: RefineConfig, force: bool = False) -> Path:
     partial = fsutil.prepare_output_dir(out, force, REFINE_MARKER, stage="refine")
     t0 = time.perf_counter()
     train = idx["train"]
-    truth = store.masks is not None and len(train) > 0
+    annotated = (
+        store.table["has_mask"][train].astype(bool)
+        if store.masks is not None
+        else np.zeros(len(train), bool)
+    )
+    truth = bool(annotated.any())
     candidates: dict[str, dict[str, Any]] = {}
     labelled: dict[str, np.ndarray] = {}
     names = list(dict.fromkeys(cfg.refiners)) if truth else [cfg.fallback]
@@ -142,7 +148,9 @@ def refine_stage(cfg: RefineConfig, force: bool = False) -> Path:
         labelled[name] = _labels_of(store, train, conf, sets, opt)
         quality = None
         if truth:
-            quality = pseudo_label_quality(labelled[name], np.asarray(store.masks[train]))
+            quality = pseudo_label_quality(
+                labelled[name][annotated], np.asarray(store.masks[train[annotated]])
+            )
         candidates[name] = {
             "options": opt.as_dict(),
             "train_quality": quality,
@@ -175,6 +183,7 @@ def refine_stage(cfg: RefineConfig, force: bool = False) -> Path:
             "chosen": chosen,
             "candidates": candidates,
             "n_slices": {p: len(v) for p, v in idx.items()},
+            "n_annotated_slices": int(annotated.sum()),
             "ignored_fraction": float(np.mean(masks == IGNORE)) if masks.size else 0.0,
             "seconds": round(time.perf_counter() - t0, 2),
         },

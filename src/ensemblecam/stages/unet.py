@@ -282,6 +282,14 @@ def _make_loss(cfg: UNetConfig | MilConfig, source: str) -> LossFn:
     return lambda z, y: criterion(z, y.unsqueeze(1).to(z.dtype if z.shape[1] == 1 else torch.long))
 
 
+def known_counts(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per-slice (TP, FP, FN, TN) of bool masks ``pred`` against targets in {0, 1, 255}
+    over the known pixels only: an ignored (255) pixel counts in none of the four."""
+    known = target != IGNORE_INDEX
+    tp, fp, fn, tn = slice_counts(pred & known, (target == 1) & known)
+    return tp, fp, fn, tn - (~known).sum(axis=(1, 2))
+
+
 def _validate(
     fabric: Any, model: nn.Module, loader: DataLoader, loss: LossFn,
     n_total: int, case_ids: np.ndarray | None,
@@ -296,10 +304,8 @@ def _validate(
         n_seen += len(y)
         if case_ids is None:
             continue
-        yn = y.cpu().numpy()
-        known = yn != IGNORE_INDEX
-        pred = logits_to_mask(logits).cpu().numpy() & known
-        for p, c in zip(parts, slice_counts(pred, (yn == 1) & known), strict=True):
+        counts = known_counts(logits_to_mask(logits).cpu().numpy(), y.cpu().numpy())
+        for p, c in zip(parts, counts, strict=True):
             p.append(torch.from_numpy(c).to(fabric.device))
     loss_sum = fabric.all_reduce(loss_sum, reduce_op="sum")
     n_seen = fabric.all_reduce(n_seen, reduce_op="sum")

@@ -1,0 +1,143 @@
+"""Benchmark: how good the weakly supervised masks are, per built-in phantom layout.
+
+The demo-scale protocol (the packaged ``configs/demo.yaml``: phantom size, classifiers,
+CAM methods, search, U-Net budget) on a phantom of each layout (brats, msd, kits; prepare
+options from each layout's defaults), on ``--folds`` (default: fold 0 only, to stay within
+the time budget). For each layout it reports, on the held-out test part, lesion Dice and
+case Dice of: Empty, the best single member (the single row with the highest held-out
+lesion Dice: generous to the baseline), the ensemble (chosen on the training part), the
+refined pseudo-labels (the training part: what self-training learns from, not held out),
+the self-trained U-Net (the final weak method) and the fully supervised U-Net (same
+epochs), plus ``weak_over_supervised`` = best weak method's lesion Dice / supervised's
+(weak methods: single members, ensemble, self-trained U-Net; goal >= 0.8), and the share
+of run time the refine stage took.
+
+Usage: python benchmarks/bench_quality.py [--layouts brats,msd,kits] [--work DIR]
+       [--folds 0] [--keep]
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from ensemblecam.config import load_config
+from ensemblecam.pipeline import run_pipeline
+from ensemblecam.synth import synth_dataset
+
+ROWS = {
+    "empty": "Empty",
+    "single": "best single member",
+    "ensemble": "ensemble",
+    "pseudo_labels": "refined pseudo-labels (train part)",
+    "pseudo_unet": "self-trained U-Net",
+    "unet": "supervised U-Net",
+}
+METRICS = ("lesion_dice", "case_dice_mean")
+
+
+def run_layout(layout: str, work: Path, folds: list[int]) -> dict[str, Any]:
+    """One demo-scale run of ``layout``; its table figures and timings."""
+    cfg = load_config(Path(str(files("ensemblecam") / "configs" / "demo.yaml")))
+    cfg.synth.layout = layout
+    cfg.synth.out = work / f"phantom_{layout}"
+    cfg.prepare.layout = layout
+    cfg.prepare.modalities = None if layout != "brats" else cfg.prepare.modalities
+    cfg.prepare.data = cfg.synth.out
+    cfg.run.out = work / f"run_{layout}"
+    cfg.run.folds = folds
+    cfg.run.export = False
+    cfg.run.report = False
+    t0 = time.perf_counter()
+    synth_dataset(cfg.synth, force=True)
+    run_pipeline(cfg, force=True, progress=False)
+    seconds = time.perf_counter() - t0
+    results = json.loads((cfg.run.out / "results.json").read_text())
+    run = json.loads((cfg.run.out / "run.json").read_text())
+    out: dict[str, Any] = {}
+    for kind in ROWS:
+        rows = [r for r in results["rows"] if r["kind"] == kind]
+        if not rows:
+            continue
+        row = max(rows, key=lambda r: r["mean"].get("lesion_dice") or 0.0)
+        out[kind] = {m: row["mean"].get(m) for m in METRICS} | {"name": row["name"]}
+    weak = [out[k]["lesion_dice"] or 0.0 for k in ("single", "ensemble", "pseudo_unet") if k in out]
+    sup = (out.get("unet") or {}).get("lesion_dice")
+    timings = run.get("timings", {})
+    refine_s = sum(v for k, v in timings.items() if k.endswith("/refine"))
+    stages_s = sum(timings.values())
+    return {
+        "rows": out,
+        "weak_over_supervised": (max(weak) / sup) if sup else None,
+        "best_weak": max(weak) if weak else None,
+        "seconds": round(seconds, 1),
+        "refine_seconds": round(refine_s, 1),
+        "refine_share": round(refine_s / stages_s, 4) if stages_s else None,
+        "chosen": [
+            json.loads((cfg.run.out / f / "search" / "best.json").read_text())["members"]
+            for f in results["folds"]
+        ],
+        "refiner": [
+            json.loads((cfg.run.out / f / "refine" / "refine.json").read_text())["chosen"]
+            for f in results["folds"]
+            if (cfg.run.out / f / "refine" / "refine.json").is_file()
+        ],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layouts", default="brats,msd,kits")
+    ap.add_argument("--folds", default="0", help="fold positions, e.g. 0 or 0,1,2")
+    ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_quality_"))
+    work.mkdir(parents=True, exist_ok=True)
+    folds = [int(f) for f in args.folds.split(",")]
+    t0 = time.perf_counter()
+    figures: dict[str, Any] = {}
+    try:
+        for layout in args.layouts.split(","):
+            figures[layout] = res = run_layout(layout, work, folds)
+            print(f"\n## {layout} (folds {args.folds}, {res['seconds']:.0f} s)")
+            print("| method | lesion Dice | case Dice |\n|---|---:|---:|")
+            for kind, label in ROWS.items():
+                if kind in res["rows"]:
+                    r = res["rows"][kind]
+                    cells = " | ".join("-" if r[m] is None else f"{r[m]:.3f}" for m in METRICS)
+                    print(f"| {label} | {cells} |")
+            ratio = res["weak_over_supervised"]
+            share = 100 * (res["refine_share"] or 0)
+            print(f"weak / supervised = {'-' if ratio is None else f'{ratio:.2f}'}; refine "
+                  f"{res['refine_seconds']:.0f} s ({share:.1f}% of the stages); members "
+                  f"chosen {res['chosen']}; refiner {res['refiner']}")  # fmt: skip
+    finally:
+        if not args.keep and args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    total = time.perf_counter() - t0
+    summary = {
+        "benchmark": "quality",
+        "folds": folds,
+        "total_seconds": round(total, 1),
+        **{
+            layout: {
+                **{k: v for k, v in res["rows"].items()},
+                "weak_over_supervised": res["weak_over_supervised"],
+                "refine_share": res["refine_share"],
+            }
+            for layout, res in figures.items()
+        },
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
