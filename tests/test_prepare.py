@@ -219,6 +219,58 @@ def test_normalisations_and_constant_slices(tmp_path: Path) -> None:
     assert prep.minmax_slices(np.ones((2, 3, 3))).sum() == 0
 
 
+def test_ct_window_values_and_layout_defaults(tmp_path: Path) -> None:
+    kits_dataset(tmp_path / "d", n_cases=2)
+    path = tmp_path / "d" / "case_00000" / "imaging.nii.gz"
+    img = nib.load(str(path))
+    hu_values = np.array([-1000.0, -150.0, -50.0, 50.0, 250.0, 1000.0], np.float32)
+    hu = np.broadcast_to(hu_values[np.arange(img.shape[0]) % 6][:, None, None], img.shape)
+    write_nifti(path, np.ascontiguousarray(hu), img.affine)
+    st = run(tmp_path / "d", tmp_path / "a", layout="kits", dtype="float32")
+    assert st.manifest["prepare"]["normalise"] == "ct_window"
+    assert st.manifest["prepare"]["window"] == [50.0, 400.0]
+    # L50 W400 = -150..250 HU: (hu + 150) / 400 clipped to [0, 1]
+    by_hu = {-1000.0: 0.0, -150.0: 0.0, -50.0: 0.25, 50.0: 0.5, 250.0: 1.0, 1000.0: 1.0}
+    expected = np.vectorize(by_hu.get)(canonical(path)).astype(np.float32)
+    rows = np.flatnonzero(st.table["case"] == "case_00000")
+    for i in rows:
+        np.testing.assert_array_equal(st.images[i, 0], expected[..., int(st.table["slice"][i])])
+    # another window: L40 W350 = -135..215 HU
+    st = run(tmp_path / "d", tmp_path / "b", layout="kits", window=(40.0, 350.0), dtype="float32")
+    by_hu = {-1000.0: 0.0, -150.0: 0.0, -50.0: 85 / 350, 50.0: 185 / 350, 250.0: 1.0, 1000.0: 1.0}
+    expected = np.vectorize(by_hu.get)(canonical(path)).astype(np.float32)
+    np.testing.assert_allclose(st.images[rows[3], 0], expected[..., 3], rtol=1e-6)
+    # an explicit normalisation overrides the layout's default; MRI layouts keep min-max
+    st = run(tmp_path / "d", tmp_path / "c", layout="kits", normalise="minmax_slice")
+    assert st.manifest["prepare"]["normalise"] == "minmax_slice"
+    assert float(st.images[rows[3], 0].max()) == 1.0
+    assert float(st.images[rows[3], 0].min()) == 0.0
+    brats_dataset(tmp_path / "b", n_cases=1, modalities=("flair",))
+    st = run(tmp_path / "b", tmp_path / "e", modalities=["flair"])
+    assert st.manifest["prepare"]["normalise"] == "minmax_slice"
+    for window in ((50.0, 0.0), (50.0, -10.0), (float("nan"), 400.0)):
+        with pytest.raises(InputError, match=r"window .*: need a finite level and a width > 0"):
+            run(tmp_path / "d", tmp_path / "f", layout="kits", window=window)
+    assert not (tmp_path / "f").exists()
+
+
+def test_kits_slice_labels(tmp_path: Path) -> None:
+    """A slice is a lesion slice iff it holds tumour (2) or cyst (3); kidney (1) alone is not."""
+    kits_dataset(tmp_path / "d", n_cases=2)  # case 0: kidneys z 1-6, tumour z 3-4, cyst z 5
+    st = run(tmp_path / "d", tmp_path / "a", layout="kits")
+    t = st.table
+    by_case = {c: t["label"][t["case"] == c].tolist() for c in st.case_names}
+    assert by_case == {"case_00000": [0, 0, 0, 1, 1, 1, 0, 0], "case_00001": [0] * 8}
+    seg = canonical(tmp_path / "d" / "case_00000" / "segmentation.nii.gz")
+    for i in np.flatnonzero(t["case"] == "case_00000"):
+        s = int(t["slice"][i])
+        np.testing.assert_array_equal(st.masks[i], np.isin(seg[..., s], (2, 3)))
+        assert t["lesion_fraction"][i] == np.isin(seg[..., s], (2, 3)).sum() / seg[..., s].size
+    tumour_only = run(tmp_path / "d", tmp_path / "b", layout="kits", lesion_labels=[2])
+    labels = tumour_only.table["label"][tumour_only.table["case"] == "case_00000"].tolist()
+    assert labels == [0, 0, 0, 1, 1, 0, 0, 0]
+
+
 def test_label_merging_and_min_fraction(tmp_path: Path) -> None:
     brats_dataset(tmp_path / "d", n_cases=2, modalities=("flair",))
     full = run(tmp_path / "d", tmp_path / "a", modalities=["flair"])

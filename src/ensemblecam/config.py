@@ -69,11 +69,18 @@ class PrepareConfig(Section):
     axis: int = Field(
         2, ge=0, le=2, description="slice axis of the RAS+ canonical volume (2 = axial)"
     )
-    normalise: Literal["minmax_slice", "zscore_volume", "percentile"] = Field(
-        "minmax_slice", description="intensity normalisation (paper: minmax_slice)"
+    normalise: Literal["minmax_slice", "zscore_volume", "percentile", "ct_window"] | None = Field(
+        None,
+        description="intensity normalisation (default per layout: kits ct_window; brats, "
+        "msd, folder minmax_slice as in the paper)",
     )
     percentiles: tuple[float, float] = Field(
         (0.5, 99.5), description="clip range for 'percentile' normalisation"
+    )
+    window: tuple[float, float] = Field(
+        (50.0, 400.0),
+        description="level,width (HU) of 'ct_window' normalisation (default: the standard "
+        "abdominal soft-tissue window L50 W400, i.e. -150..250 HU)",
     )
     crop: Literal["none", "fixed", "bbox", "kidney"] = Field("none", description="crop mode")
     crop_box: tuple[int, int, int, int] | None = Field(

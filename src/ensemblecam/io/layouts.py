@@ -47,6 +47,16 @@ DEFAULT_LESION_LABELS: dict[str, list[int] | None] = {
     "kits": [2, 3],
     "folder": None,
 }
+#: Default intensity normalisation per layout (``prepare.normalise``): the paper's min-max
+#: per slice for MRI; for CT (Hounsfield units, air -1000 and bone up to ~+1000 in every
+#: slice) the abdominal soft-tissue window, so that the ~50 HU contrasts between kidney,
+#: tumour and cyst are not squeezed into a few percent of the range.
+DEFAULT_NORMALISE: dict[str, str] = {
+    "brats": "minmax_slice",
+    "msd": "minmax_slice",
+    "kits": "ct_window",
+    "folder": "minmax_slice",
+}
 #: Seg label values a layout allows; ``None`` = any non-negative integer.
 ALLOWED_LABELS: dict[str, set[int] | None] = {
     "brats": {0, 1, 2, 4},

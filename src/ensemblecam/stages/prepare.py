@@ -14,6 +14,13 @@ Normalisation (per channel, computed on the raw voxels):
   voxels (std 0 -> 1).
 - ``percentile``: ``clip((x - p_lo) / (p_hi - p_lo), 0, 1)`` with the volume's
   percentiles; ``p_hi == p_lo`` gives zeros.
+- ``ct_window``: the radiological display window of level ``L`` and width ``W`` (HU):
+  ``clip((x - (L - W/2)) / W, 0, 1)``. Default L50 W400 (-150..250 HU), the standard
+  abdominal soft-tissue window: fat, soft tissue, enhanced kidney and their lesions keep
+  their contrast, air and bone saturate. Fixed in HU, so identical for every scan.
+
+Default per layout (:data:`ensemblecam.io.layouts.DEFAULT_NORMALISE`): ``kits``
+``ct_window``, the others ``minmax_slice``.
 
 Crops (windows are per case, the same on every slice):
 
@@ -71,6 +78,7 @@ from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
 from ensemblecam.io.layouts import (
     DEFAULT_LESION_LABELS,
+    DEFAULT_NORMALISE,
     KIDNEY_LABEL,
     Case,
     discover,
@@ -129,6 +137,12 @@ def percentile_clip(v: np.ndarray, lo_pct: float, hi_pct: float) -> np.ndarray:
     if hi <= lo:
         return np.zeros_like(v, dtype=np.float32)
     return np.clip((v - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def ct_window(v: np.ndarray, level: float, width: float) -> np.ndarray:
+    """Display window in HU: ``clip((v - (level - width / 2)) / width, 0, 1)`` (float32)."""
+    lo = level - width / 2.0
+    return np.clip((v - np.float32(lo)) / np.float32(width), 0.0, 1.0).astype(np.float32)
 
 
 def crop_pad(x: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -347,6 +361,7 @@ class Settings:
     axis: int
     normalise: str
     percentiles: tuple[float, float]
+    window: tuple[float, float]
     crop: str
     crop_box: tuple[int, int, int, int] | None
     crop_size: tuple[int, int] | None
@@ -473,6 +488,9 @@ def process_case(
     elif settings.normalise == "percentile":
         lo_p, hi_p = settings.percentiles
         vols = [percentile_clip(v.astype(np.float32, copy=False), lo_p, hi_p) for v in vols]
+    elif settings.normalise == "ct_window":
+        level, width = settings.window
+        vols = [ct_window(v.astype(np.float32, copy=False), level, width) for v in vols]
     plane = [d for a, d in enumerate(plan.canonical_shape) if a != axis]
     stack = np.empty((len(idx), len(vols), *plane), np.float32)
     for c, v in enumerate(vols):
@@ -594,12 +612,17 @@ def resolve_settings(
     lo_p, hi_p = cfg.percentiles
     if not 0 <= lo_p < hi_p <= 100:
         raise InputError(f"percentiles {lo_p},{hi_p}: need 0 <= low < high <= 100")
+    level, width = cfg.window
+    if not (math.isfinite(level) and math.isfinite(width) and width > 0):
+        raise InputError(f"window {level:g},{width:g}: need a finite level and a width > 0 (HU)")
+    normalise = cfg.normalise or DEFAULT_NORMALISE[cfg.layout]
     return Settings(
         layout=cfg.layout,
         modalities=modalities,
         axis=cfg.axis,
-        normalise=cfg.normalise,
+        normalise=normalise,
         percentiles=(lo_p, hi_p),
+        window=(level, width),
         crop=cfg.crop,
         crop_box=cfg.crop_box,
         crop_size=tuple(crop_size) if crop_size else None,
