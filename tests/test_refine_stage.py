@@ -195,3 +195,13 @@ def test_mil_localiser_trains_from_labels_and_writes_a_member(
     assert ms.maps.shape == (5, 24, 24) and ms.meta["normalised"] is False
     assert cfg.sigma() == 2.0 and ms.meta["smooth_sigma"] == 2.0
     assert ((np.asarray(ms.maps) >= 0) & (np.asarray(ms.maps) <= 1)).all()
+
+
+def test_oversample_weights_hand_computed() -> None:
+    lesion = np.array([True, False, False, False, False, False, False, False, False, False])
+    w = unet.oversample_weights(lesion, 0.33)
+    assert w is not None and np.isclose(w[0], 0.33 * 9 / 0.67) and (w[1:] == 1).all()
+    assert np.isclose(w[0] / w.sum(), 0.33)  # P(lesion) = share
+    assert unet.oversample_weights(np.array([True, False]), 0.33) is None  # 50% >= 33%
+    assert unet.oversample_weights(lesion, 0.0) is None
+    assert unet.oversample_weights(np.zeros(4, bool), 0.33) is None

@@ -419,6 +419,13 @@ class UNetConfig(DeviceConfig):
     val_targets: Literal["same", "store", "none"] = Field(
         "same", description="validation masks: same source as training, store ground truth, none"
     )
+    oversample: float = Field(
+        0.33,
+        ge=0.0,
+        lt=1.0,
+        description="least share of training samples drawn from slices whose target has "
+        "lesion pixels (nnU-Net's foreground oversampling, 0.33); 0: plain shuffling",
+    )
     seed: int = Field(0, description="seed of initialisation and data order")
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
 

@@ -446,7 +446,11 @@ def _run_locked(cfg: Config, root: Path, force: bool, progress: bool | None) -> 
 
     store = lay.store
     pcfg = cfg.prepare.model_copy(update={"out": store})
-    k_store = stable_hash(["prepare", _options(cfg.prepare), str(cfg.prepare.data)])
+    from ensemblecam.io.layouts import DEFAULT_NORMALISE
+
+    # the normalisation as resolved: its default depends on the layout
+    norm = cfg.prepare.normalise or DEFAULT_NORMALISE[cfg.prepare.layout]
+    k_store = stable_hash(["prepare", _options(cfg.prepare), str(cfg.prepare.data), norm])
     runner.stage(
         "prepare",
         store,

@@ -264,6 +264,29 @@ def _dataset(
     return StoreDataset(store, kept) if source == "labels" else MaskDataset(store, kept, src, rows)
 
 
+def _has_lesion(ds: MaskDataset) -> np.ndarray:
+    """Bool (n,): the target of each training slice has a lesion pixel."""
+    out = np.zeros(len(ds), bool)
+    for s in range(0, len(ds), 256):
+        rows = ds.mask_rows[s : s + 256]
+        order = np.argsort(rows, kind="stable")
+        block = np.asarray(ds.mask_source[rows[order]])
+        out[s + order] = (block == 1).any(axis=(1, 2))
+    return out
+
+
+def oversample_weights(lesion: np.ndarray, share: float) -> np.ndarray | None:
+    """Sampling weights giving slices with lesion at least ``share`` of the draws: w = 1 for
+    lesion-free slices and ``share n_0 / ((1 - share) n_1)`` for the n_1 lesion slices (so
+    P(lesion) = share); None (plain shuffling) when they already make up that share, or
+    when either kind is absent."""
+    n1 = int(np.sum(lesion))
+    n0 = len(lesion) - n1
+    if share <= 0 or n1 == 0 or n0 == 0 or n1 / len(lesion) >= share:
+        return None
+    return np.where(lesion, share * n0 / ((1 - share) * n1), 1.0)
+
+
 def _make_loss(cfg: UNetConfig | MilConfig, source: str) -> LossFn:
     """loss(float32 logits, targets) of ``source``: DiceCE on store masks, its masked form
     (255 left out) on pseudo-labels, the MIL loss on slice labels."""
@@ -328,7 +351,10 @@ def _data(fabric: Any, plan: UNetPlan) -> EpochData:
     uses_npz = "npz" in (plan.source, plan.val_source)
     pseudo = read_pseudo_masks(plan.targets, store) if uses_npz else None
     train_ds = _dataset(store, plan.train_idx, plan.source, pseudo)
-    sampler = EpochSampler(len(train_ds), cfg.seed, rank, world)
+    weights = None
+    if isinstance(train_ds, MaskDataset):
+        weights = oversample_weights(_has_lesion(train_ds), cfg.oversample)
+    sampler = EpochSampler(len(train_ds), cfg.seed, rank, world, weights)
     gpu = fabric.device.type == "cuda"
     loader = train_loader(train_ds, cfg.batch_size, sampler, cfg.workers, gpu)
     loss = _make_loss(cfg, plan.source)
