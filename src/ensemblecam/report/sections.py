@@ -35,7 +35,9 @@ from ensemblecam.report.text import (
     row_config_text,
 )
 
-_SUMMARY_KINDS = ("ensemble", "empty", "unet", "pseudo_unet")
+#: the headline rows, in the order of the chain: ensemble -> refined pseudo-labels ->
+#: self-trained U-Net, then the bounds
+_SUMMARY_KINDS = ("ensemble", "pseudo_labels", "pseudo_unet", "unet", "empty")
 
 
 def section_summary(rep: Page, run: Run, folds: list[str]) -> None:
@@ -202,14 +204,65 @@ def _headline(rep: Page, run: Run, folds: list[str], objective: str) -> None:
                     )
             rep.p("; ".join(parts) + ".")
             _other_headline_metrics(rep, ens, empty, [m for m in metrics if m != objective])
+        _final_method(rep, chosen, metrics)
         if empty is not None:
             _not_better_than_empty(rep, rows, empty, metrics)
+        _refine_notes(rep, run, folds)
         if ens is not None and folds:
             rep.p(
                 "Chosen configuration per fold: "
                 + "; ".join(f"{f}: {row_config_text(ens, f)}" for f in folds)
                 + "."
             )
+
+
+def _final_method(rep: Page, rows: list[dict[str, Any]], metrics: list[str]) -> None:
+    """The final masks (the self-trained U-Net's, when the run has one) against the
+    ensemble and the supervised U-Net, in each summary metric."""
+    own = next((r for r in rows if r.get("kind") == "pseudo_unet"), None)
+    if own is None:
+        return
+    parts = []
+    for m in metrics:
+        text = f"{m} {format_metric(m, _mean(own, m), (own.get('std') or {}).get(m))}"
+        for kind, label in (("ensemble", "ensemble"), ("unet", "supervised U-Net")):
+            other = next((r for r in rows if r.get("kind") == kind), None)
+            if other is not None and math.isfinite(_mean(other, m)):
+                text += f", {label} {format_metric(m, _mean(other, m))}"
+                if kind == "unet" and _mean(other, m) > 0 and math.isfinite(_mean(own, m)):
+                    text += f" (weak / supervised {_mean(own, m) / _mean(other, m):.2f})"
+        parts.append(text)
+    rep.p(
+        "The final masks (exported, and what predict gives) are the "
+        f"{esc(str(own['name']))}'s: " + "; ".join(parts) + "."
+    )
+
+
+def _refine_notes(rep: Page, run: Run, folds: list[str]) -> None:
+    """Per fold: which refiner made the self-training labels and why (refine.json), and
+    whether the chosen ensemble uses the MIL localiser."""
+    lines = []
+    for f in folds:
+        path = run.layout.fold(f).refine_record
+        if not path.is_file():
+            continue
+        rec = fsutil.read_json(path, "refine record")
+        cands = rec.get("candidates") or {}
+        scores = ", ".join(
+            f"{name} {fmt_pct((c.get('train_quality') or {}).get('lesion_dice'))}"
+            for name, c in cands.items()
+            if c.get("train_quality")
+        )
+        why = (
+            f"highest lesion Dice against the training part's masks ({scores})"
+            if rec.get("criterion") == "masks"
+            else "no masks to choose with: the configured fallback"
+        )
+        members = (rec.get("config") or {}).get("members") or []
+        mil = " (the ensemble includes the MIL localiser)" if "localiser__mil" in members else ""
+        lines.append(f"{f}: {esc(str(rec.get('chosen')))}, {why}{mil}")
+    if lines:
+        rep.p("Refiner of the self-training labels per fold: " + "; ".join(lines) + ".")
 
 
 def _mean(row: dict[str, Any], metric: str) -> float:
