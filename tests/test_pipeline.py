@@ -290,6 +290,89 @@ def test_predict_on_scans_without_seg(
     assert not (tmp_path / "bad_out").exists()
 
 
+def test_classifier_gate_in_run_and_predict(
+    finished_run: Path, phantom: Path, tmp_path: Path
+) -> None:
+    from ensemblecam.io.masks import read_masks
+    from ensemblecam.io.runlayout import RunLayout
+    from ensemblecam.io.store import SliceStore
+    from ensemblecam.pipeline.run import load_run_config
+    from ensemblecam.stages.gate import classifier_probs
+    from ensemblecam.stages.unet import predict_unet
+
+    lay = RunLayout(finished_run).fold("fold0")
+    store = SliceStore.open(finished_run / "store")
+    member = lay.map_set("simplecnn__gradcam")
+    idx = read_masks(lay.row_masks("pseudo_unet"))[0]
+    p = np.load(member / "probs.npy")[np.searchsorted(np.load(member / "index.npy"), idx)]
+    raw = predict_unet(lay.unet_checkpoint("pseudo_unet"), store, idx)
+    assert raw.any()
+    # predict's forward pass gives the probabilities the run's maps hold
+    ck = [lay.checkpoint("simplecnn")]
+    np.testing.assert_allclose(classifier_probs(ck, store, idx), p, atol=1e-5)
+
+    def gated_as_said(threshold: float) -> np.ndarray:
+        """The evaluated (and exported) masks are the U-Net's, emptied where the
+        classifier's P(lesion) (probs.npy of its maps) is below the threshold."""
+        gate = json.loads(lay.eval_metrics("pseudo_unet").read_text())["gate"]
+        assert gate["threshold"] == threshold and gate["classifiers"] == [str(member)]
+        got = read_masks(lay.row_masks("pseudo_unet"))[1]
+        low = p < threshold
+        assert gate["n_gated"] == int(low.sum()) > 0
+        assert not got[low].any()
+        np.testing.assert_array_equal(got[~low], raw[~low])
+        return low
+
+    gated_as_said(0.5)  # the default
+    # a threshold inside the tiny classifier's range (the middle of its widest gap), so
+    # slices on both sides; only the self-trained rows' evaluation and the export rerun
+    u = np.unique(p)
+    k = int(np.argmax(np.diff(u)))
+    assert u[k + 1] - u[k] > 1e-5  # far from the recomputation tolerance above
+    cfg = load_run_config(finished_run)
+    cfg.run.gate_threshold = float((u[k] + u[k + 1]) / 2)
+    pipeline.run_pipeline(cfg, force=True, progress=False)
+    ran = set(json.loads((finished_run / "run.json").read_text())["ran_this_time"])
+    assert {"fold0/pseudo_unet/evaluate", "fold1/pseudo_unet/evaluate", "export"} <= ran
+    assert not any(r.endswith(("/cam", "/pseudo_unet", "/unet/evaluate")) for r in ran)
+    assert (~gated_as_said(cfg.run.gate_threshold)).any()
+    # predict: the run's gate by default, --gate none keeps the U-Net's masks
+    new = tmp_path / "new"
+    shutil.copytree(phantom, new, ignore=shutil.ignore_patterns("*_seg.nii.gz"))
+    on = pipeline.predict(finished_run, new, tmp_path / "on", progress=False, fold="fold0",
+                          probabilities=True)  # fmt: skip
+    off = pipeline.predict(finished_run, new, tmp_path / "off", progress=False, fold="fold0",
+                           gate="none")  # fmt: skip
+    rec = json.loads((on / "index.json").read_text())["source"]["gate"]
+    assert rec["classifiers"] == [str(ck[0])] and rec["threshold"] == cfg.run.gate_threshold
+    assert json.loads((off / "index.json").read_text())["source"]["gate"] is None
+    emptied = kept = 0
+    for case in sorted(c.name for c in new.iterdir() if c.is_dir()):
+        a = np.asarray(nib.load(on / f"{case}.nii.gz").dataobj)
+        b = np.asarray(nib.load(off / f"{case}.nii.gz").dataobj)
+        pr = np.asarray(nib.load(on / f"{case}_prob.nii.gz").dataobj)
+        for z in range(a.shape[2]):  # axial slices: kept whole or emptied whole
+            if np.array_equal(a[..., z], b[..., z]):
+                kept += int(a[..., z].any())
+            else:
+                assert not a[..., z].any() and not pr[..., z].any()
+                emptied += 1
+    assert 0 < emptied <= rec["n_gated"] and kept > 0
+    result = CliRunner().invoke(
+        app,
+        ["predict", "--run", str(finished_run), "--input", str(new), "--out",
+         str(tmp_path / "x"), "--gate", "yes"],
+    )  # fmt: skip
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "--gate yes: expected one of none, classifiers" in result.output
+    assert not (tmp_path / "x").exists()
+    # gate off: the masks are the U-Net's
+    cfg.run.gate = "none"
+    pipeline.run_pipeline(cfg, force=True, progress=False)
+    assert "gate" not in json.loads(lay.eval_metrics("pseudo_unet").read_text())
+    np.testing.assert_array_equal(read_masks(lay.row_masks("pseudo_unet"))[1], raw)
+
+
 def test_kill_and_resume(phantom: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _config(
         tmp_path,

@@ -395,6 +395,20 @@ class RunConfig(Section):
         "three-class pseudo-labels (section refine) before self-training; off: the plain "
         "ensemble masks with the slice labels applied",
     )
+    gate: Literal["none", "classifiers"] = Field(
+        "classifiers",
+        description="classifier gating of the self-trained U-Net's masks (evaluation, "
+        "export/, predict): classifiers empties every slice whose mean classifier "
+        "P(lesion) is below gate_threshold; none keeps the U-Net's masks as they are",
+    )
+    gate_threshold: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="gate: slices with mean classifier P(lesion) below this are emptied "
+        "(0.5: the classifiers' own decision threshold)",
+    )
     export: bool = Field(True, description="write the evaluated masks as NIfTI")
     export_maps: bool = Field(False, description="also export the first member's maps")
     report: bool = Field(True, description="write the HTML report")

@@ -118,6 +118,15 @@ def predict_cmd(
             "in [0, 1] (self_trained) or fraction of folds marking the voxel (ensemble).",
         ),
     ] = False,
+    gate: Annotated[
+        str | None,
+        Opt(
+            "--gate",
+            help="none or classifiers: empty the self-trained U-Net's mask on every slice "
+            "the run's classifiers call lesion-free (mean P(lesion) < run.gate_threshold) "
+            "(default: the run's run.gate).",
+        ),
+    ] = None,
     force: ForceOption = False,
     progress: ProgressOption = "auto",
 ) -> None:
@@ -129,7 +138,7 @@ def predict_cmd(
     with progress_out.configure(progress_out.check_mode(progress)):
         path = predict(
             run, input, out, layout=layout, fold=fold, force=force, method=method,
-            all_folds=all_folds, probabilities=probabilities,
+            all_folds=all_folds, probabilities=probabilities, gate=gate,
         )  # fmt: skip
         progress_out.info(f"masks written to {path}")
 

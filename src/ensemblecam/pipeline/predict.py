@@ -11,6 +11,13 @@ probability is ``p = mean_k v_k`` and its mask ``p > 0.5``: the mean U-Net proba
 above one half, or a strict majority of the folds' ensemble masks (with two folds: both).
 With one fold the mask is that fold's own (the U-Net's argmax, the configuration's mask),
 exactly what the run exported for it.
+
+Classifier gating (self_trained, ``run.gate: classifiers`` of the run or ``gate``): every
+fold's classifiers (``run.models``) classify each new slice in one forward pass; a slice
+whose gate probability ``g = mean over folds and classifiers of P(lesion)`` is below
+``run.gate_threshold`` gets an empty mask and probability 0 (so the mask stays
+``p > 0.5``). With one fold this is the gate the run applied to its evaluated masks
+(:mod:`ensemblecam.stages.gate`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from ensemblecam.io import fsutil
 from ensemblecam.io.runlayout import RunLayout
 from ensemblecam.pipeline.results import describe_config
 from ensemblecam.pipeline.run import METHOD_NAMES, final_method, load_run_config
+from ensemblecam.stages.gate import GATES
 
 #: how the folds' values are combined (index.json ``source.fold_ensemble``)
 FOLD_RULE = {
@@ -59,6 +67,7 @@ def predict(
     method: str | None = None,
     all_folds: bool = True,
     probabilities: bool = False,
+    gate: str | None = None,
 ) -> Path:
     """Masks for new, unlabelled scans with a finished run's final method.
 
@@ -72,7 +81,9 @@ def predict(
     configuration scored best on its calibration data. One line says which folds, method
     and configurations were used; index.json records them. Masks are exported as NIfTI in
     each scan's original geometry (``<out>/<case>.nii.gz``); ``probabilities`` adds
-    ``<case>_prob.nii.gz`` (float32 in [0, 1], same geometry).
+    ``<case>_prob.nii.gz`` (float32 in [0, 1], same geometry). ``gate`` ("none" or
+    "classifiers"; default the run's ``run.gate``): classifier gating of the self-trained
+    U-Net's masks (module docstring; the ensemble method has its configuration's own).
 
     Checked before any work: ``out`` apart from the run and the scans, and replaceable
     (see :func:`ensemblecam.io.fsutil.check_replaceable`); the scratch folder
@@ -96,6 +107,9 @@ def predict(
             f"{lay.fold(missing).unet_checkpoint('pseudo_unet').parent}: the run has no "
             f"self-trained U-Net for {missing} (run.pseudo_unet was off); use --method ensemble"
         )
+    gate = cfg.run.gate if gate is None else gate
+    if gate not in GATES:
+        raise InputError(f"--gate {gate}: expected one of {', '.join(GATES)}")
     chosen = {f: fsutil.read_json(lay.fold(f).best, "search result") for f in folds}
     if (out / "index.json").exists() and not force and fsutil.is_ours(out):
         raise InputError(f"{out}: already holds predicted masks; use --force to replace them")
@@ -107,7 +121,7 @@ def predict(
         try:
             return _predict_in(
                 run_dir, input_dir, out, work, cfg, chosen, method, layout, force, progress,
-                probabilities,
+                probabilities, gate,
             )  # fmt: skip
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -125,6 +139,7 @@ def _predict_in(
     force: bool,
     progress: bool | None,
     probabilities: bool,
+    gate: str = "none",
 ) -> Path:
     """:func:`predict` once the checks are made: prepare, then per fold segment
     (self-trained U-Net) or map and combine (ensemble), combine the folds, export."""
@@ -175,10 +190,13 @@ def _predict_in(
         source["checkpoints"] = {f: str(c) for f, c in checkpoints.items()}
         if len(folds) == 1:
             source["checkpoint"] = str(checkpoints[folds[0]])
+        gated = gate == "classifiers"
+        thr = cfg.run.gate_threshold
         progress_out.info(
             f"predict: {how}, {METHOD_NAMES[method]} "
             f"({', '.join(map(str, checkpoints.values()))}), trained on the masks of the "
             f"configuration {configs}"
+            + (f"; slices the classifiers call lesion-free (P < {thr:g}) emptied" if gated else "")
         )
         for ck in checkpoints.values():
             _check_channels(input_dir, store, read_checkpoint(ck)["info"]["channels"])
@@ -187,6 +205,9 @@ def _predict_in(
             )
             masks.append(m)
             probs.append(p)
+        source["gate"] = None
+        if gated:
+            source["gate"] = _gate(lay, folds, cfg, store, input_dir, masks, probs, progress)
     else:
         progress_out.info(f"predict: {how}, {METHOD_NAMES[method]}: {configs}")
         for f in folds:
@@ -209,6 +230,43 @@ def _predict_in(
         temporary_store=True,
     )
     return out
+
+
+def _gate(
+    lay: RunLayout,
+    folds: list[str],
+    cfg: Config,
+    store: Any,
+    input_dir: str | Path,
+    masks: list[np.ndarray],
+    probs: list[np.ndarray],
+    progress: bool | None,
+) -> dict[str, Any]:
+    """Classifier gating in place (module docstring): every fold's classifiers on every
+    slice, gate probability the mean over folds; masks and probabilities of the slices
+    below ``run.gate_threshold`` zeroed. Returns the index.json record."""
+    from ensemblecam.models import read_checkpoint
+    from ensemblecam.stages.gate import classifier_probs, gate_masks, gate_record
+
+    checkpoints = [lay.fold(f).checkpoint(m) for f in folds for m in cfg.run.models]
+    for ck in checkpoints:
+        _check_channels(input_dir, store, read_checkpoint(ck)["info"]["channels"])
+    per_fold = [
+        classifier_probs(
+            [lay.fold(f).checkpoint(m) for m in cfg.run.models],
+            store,
+            np.arange(store.n_slices),
+            cfg.cam.batch_size,
+            progress,
+        )
+        for f in folds
+    ]
+    g = np.mean(per_fold, axis=0)
+    thr = cfg.run.gate_threshold
+    for i in range(len(masks)):
+        masks[i] = gate_masks(masks[i], g, thr)
+        probs[i] = gate_masks(probs[i], g, thr)
+    return gate_record(g, thr, [str(c) for c in checkpoints])
 
 
 def _check_channels(input_dir: str | Path, store: Any, channels: list[str]) -> None:

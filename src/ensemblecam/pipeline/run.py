@@ -819,13 +819,19 @@ def _unet_row(
     )
     ev = fold.eval_row(kind)
     # "masks": the evaluation keeps the U-Net's masks (an older row without them reruns)
-    k_ev = stable_hash([kind, "evaluate", key, _options(cfg.evaluate), ecfg.part, "masks"])
+    k_parts: list[Any] = [kind, "evaluate", key, _options(cfg.evaluate), ecfg.part, "masks"]
+    gate: tuple[list[Path], float] | None = None
+    if kind == "pseudo_unet" and cfg.run.gate == "classifiers":
+        # the classifiers' probabilities (their map sets) are upstream of ``key`` already
+        sets = [fold.map_set(f"{m}__{cfg.cam.methods[0]}") for m in cfg.run.models]
+        gate = (sets, cfg.run.gate_threshold)
+        k_parts.append(["gate", cfg.run.gate, cfg.run.gate_threshold])  # ungated: old key
     runner.stage(
         f"{fold.name}/{kind}/evaluate",
         ev,
-        k_ev,
+        stable_hash(k_parts),
         fold.eval_metrics(kind).name,
-        lambda force: evaluate_unet(ecfg, fold.unet_checkpoint(kind), ev, force=force),
+        lambda force: evaluate_unet(ecfg, fold.unet_checkpoint(kind), ev, force=force, gate=gate),
     )
     label = "U-Net, fully supervised" if kind == "unet" else METHOD_NAMES["self_trained"]
     return {"name": label, "kind": kind, "slug": kind, "config": None}

@@ -358,11 +358,13 @@ def evaluate_masks(
     source: str = "",
     keep_masks: bool = False,
     keep: tuple[np.ndarray, np.ndarray] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score predicted masks (S, H, W) of ``cfg``'s part (store order, e.g. a U-Net's) in
     every convention, like :func:`evaluate_stage`; the Empty baseline alongside.
     ``keep_masks``: also write them as ``<out>/masks.npz`` (:func:`write_masks`); ``keep``
-    (store indices, masks): write those instead (e.g. every slice of the part)."""
+    (store indices, masks): write those instead (e.g. every slice of the part); ``extra``:
+    more keys of metrics.json."""
     store, idx, gts = _part_with_masks(cfg)
     if pred.shape != (len(idx), *store.size):
         raise InputError(
@@ -398,6 +400,7 @@ def evaluate_masks(
         "fold": cfg.fold,
         "part": cfg.part,
         "source": source,
+        **(extra or {}),
     }
     _write_evaluation(
         partial, cfg, store, idx, gts, per, result, None, lambda rows: pred[rows].astype(bool)
@@ -411,16 +414,28 @@ def evaluate_masks(
 
 
 def evaluate_unet(
-    cfg: EvaluateConfig, checkpoint: Path, out: Path, force: bool = False
+    cfg: EvaluateConfig,
+    checkpoint: Path,
+    out: Path,
+    force: bool = False,
+    gate: tuple[Sequence[Path], float] | None = None,
 ) -> dict[str, Any]:
     """Predict every slice of ``cfg``'s part with a U-Net checkpoint and score the annotated
     ones (:func:`evaluate_masks`); all predicted masks are kept as ``<out>/masks.npz`` (what
     ``run`` exports). A part without masks: masks.npz and a metrics.json with
-    ``"scored": false`` and null metrics."""
+    ``"scored": false`` and null metrics. ``gate`` (classifier map sets, threshold): slices
+    whose mean classifier probability is below the threshold are emptied first
+    (:mod:`ensemblecam.stages.gate`; metrics.json ``gate`` records it)."""
+    from ensemblecam.stages.gate import gate_masks, gate_record, map_set_probs
     from ensemblecam.stages.unet import predict_unet
 
     store, _, idx = part_slices(cfg.store, cfg.splits, cfg.fold, cfg.part)
     pred = predict_unet(checkpoint, store, idx)
+    extra: dict[str, Any] = {}
+    if gate is not None:
+        probs = map_set_probs(gate[0], idx)
+        pred = gate_masks(pred, probs, gate[1])
+        extra["gate"] = gate_record(probs, gate[1], [str(p) for p in gate[0]])
     ann = (
         store.table["has_mask"][idx].astype(bool)
         if store.masks is not None
@@ -428,8 +443,9 @@ def evaluate_unet(
     )
     if ann.any():
         return evaluate_masks(
-            cfg, pred[ann], out, force=force, source=str(checkpoint), keep=(idx, pred)
-        )
+            cfg, pred[ann], out, force=force, source=str(checkpoint), keep=(idx, pred),
+            extra=extra,
+        )  # fmt: skip
     partial = fsutil.prepare_output_dir(out, force, "metrics.json")
     write_masks(partial / MASKS_FILE, idx, pred)
     result = {
@@ -441,6 +457,7 @@ def evaluate_unet(
         "fold": cfg.fold,
         "part": cfg.part,
         "source": str(checkpoint),
+        **extra,
     }
     fsutil.write_json(partial / "metrics.json", result)
     fsutil.commit_output_dir(partial, out)
