@@ -23,10 +23,13 @@ from ensemblecam.cli.options import config_command
 from ensemblecam.config import PRESETS, Config
 
 #: config section -> command; every stage section has one
-STAGES = ("synth", "prepare", "split", "train", "search", "evaluate", "cam", "run", "unet")
+STAGES = (
+    "synth", "prepare", "split", "train", "search", "evaluate", "cam", "run", "unet", "mil",
+    "refine",
+)  # fmt: skip
 #: the one flag not named after its field: evaluate's chosen configuration (best.json),
 #: since --config is the YAML in every command
-RENAMED = {("evaluate", "config_file"): "--best"}
+RENAMED = {("evaluate", "config_file"): "--best", ("refine", "config_file"): "--best"}
 
 
 def _commands() -> dict:

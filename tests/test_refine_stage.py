@@ -205,3 +205,29 @@ def test_oversample_weights_hand_computed() -> None:
     assert unet.oversample_weights(np.array([True, False]), 0.33) is None  # 50% >= 33%
     assert unet.oversample_weights(lesion, 0.0) is None
     assert unet.oversample_weights(np.zeros(4, bool), 0.33) is None
+
+
+def test_mil_and_refine_commands(store_with_maps: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ensemblecam.cli import app
+
+    root = store_with_maps
+    maps = tmp_path / "maps"
+    r = CliRunner().invoke(app, [
+        "mil", "--store", str(root / "store"), "--out", str(tmp_path / "mil"), "--maps",
+        str(maps), "--parts", "train", "--epochs", "1", "--channels", "4,8", "--strides", "2",
+        "--batch-size", "8", "--accelerator", "cpu", "--progress", "quiet",
+    ])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert mapstore.MapSet.open(maps / MIL_MEMBER).meta["method"] == "mil"
+    args = [
+        "refine", "--store", str(root / "store"), "--maps", str(root / "maps"), "--best",
+        str(root / "best.json"), "--refiners", "none", "--out", str(tmp_path / "ref"),
+    ]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0 and "refiner none (criterion masks)" in r.output, r.output
+    r = CliRunner().invoke(app, args)  # a finished result is not replaced without --force
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    r = CliRunner().invoke(app, [*args[:-2], "--margin", "2", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "margin" in r.output and not (tmp_path / "x").exists()

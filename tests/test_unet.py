@@ -193,7 +193,7 @@ def test_bad_inputs_are_one_line_errors(tiny_store: Path, tmp_path: Path) -> Non
     fails("expected arrays 'index' and 'masks'", npz)
     fails("missing.npz: masks file not found", tmp_path / "missing.npz")
     np.savez(npz, index=np.array([0]), masks=np.full((1, 32, 32), 2, np.uint8))
-    fails("pseudo-labels must be 0, 1 or 255 \(ignore\), found value 2", npz)
+    fails(r"pseudo-labels must be 0, 1 or 255 \(ignore\), found value 2", npz)
     test = SliceStore.open(tiny_store).indices_for_cases(
         get_fold(tiny_store / "splits.json", 0).test)  # fmt: skip
     np.savez(npz, index=test, masks=np.zeros((len(test), 32, 32), np.uint8))

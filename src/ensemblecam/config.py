@@ -458,7 +458,10 @@ class MilConfig(DeviceConfig):
     norm: Literal["instance", "batch"] = Field("instance", description="normalisation layer")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability")
     epochs: int | None = Field(
-        None, ge=1, description="training epochs (default: unet.epochs, the segmenter's budget)"
+        None,
+        ge=1,
+        description="training epochs (default: in run unet.epochs, the segmenter's budget; "
+        "in the mil command 30)",
     )
     batch_size: int = Field(16, ge=1, description="batch size per device")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")

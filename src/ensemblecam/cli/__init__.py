@@ -30,8 +30,8 @@ def main() -> None:
 
 # Stage commands register themselves on ``app`` when imported (this order = help order).
 STAGES = (
-    "synth", "prepare", "train", "cam", "search", "refine", "export", "report", "run", "unet",
-    "score",
+    "synth", "prepare", "train", "cam", "mil", "search", "refine", "export", "report", "run",
+    "unet", "score",
 )  # fmt: skip
 for _stage in STAGES:
     importlib.import_module(f"ensemblecam.cli.{_stage}")

@@ -1,0 +1,56 @@
+"""``ensemblecam mil``: the MIL localiser on one fold, then its maps as a map-store member."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ensemblecam.cli import app
+from ensemblecam.cli._common import ForceOption, int_or_str
+from ensemblecam.cli.options import config_command
+from ensemblecam.config import MilConfig
+
+Opt = typer.Option
+
+
+@config_command(app, "mil")
+def mil_command(
+    cfg: MilConfig,
+    store: Annotated[Path, Opt("--store", help="Slice store folder.")] = Path("store"),
+    splits: Annotated[
+        Path | None, Opt("--splits", help="Split file (default <store>/splits.json).")
+    ] = None,
+    fold: Annotated[str, Opt("--fold", help="Fold position or name.")] = "0",
+    out: Annotated[Path, Opt("--out", help="Run output folder.")] = Path("runs/mil"),
+    maps: Annotated[
+        Path, Opt("--maps", help="Map store root: the member localiser__mil is written there.")
+    ] = Path("maps"),
+    parts: Annotated[
+        str, Opt("--parts", help="Split parts mapped (comma-separated, or all).")
+    ] = "train,val,test",
+    force: ForceOption = False,
+) -> None:
+    """Train a localiser from the slice labels alone (multiple-instance loss; no mask is
+    read) on a fold's training part, and write its maps for --parts as the map-store member
+    localiser__mil, which `ensemblecam search --members` can combine with CAM members."""
+    from ensemblecam.io import fsutil
+    from ensemblecam.io.store import SliceStore
+    from ensemblecam.stages.mil import MIL_MEMBER, parts_union, write_mil_maps
+    from ensemblecam.stages.unet import train_unet
+
+    fold_key = int_or_str(fold)
+    assert fold_key is not None
+    if cfg.epochs is None:
+        cfg = cfg.model_copy(update={"epochs": 30})
+    member = maps / MIL_MEMBER
+    split_file = splits if splits is not None else store / "splits.json"
+    with fsutil.output_guard(out, [store, splits]):
+        result = train_unet(cfg, store, splits, fold_key, out, "labels", force=force)
+    if result is None:
+        return
+    idx = parts_union(SliceStore.open(store), split_file, fold_key, parts.split(","))
+    with fsutil.output_guard(member, [store, splits, out]):
+        write_mil_maps(cfg, result / "best.pt", store, idx, member, force=force)
+    typer.echo(f"trained the MIL localiser on {fold} ({len(idx)} slices mapped): {member}")
