@@ -80,7 +80,7 @@ def test_slice_members_per_operator() -> None:
 
 def test_refine_stage_labels_and_choice(store_with_maps: Path) -> None:
     root = store_with_maps
-    out = refine_stage(_rcfg(root, refiners=["none", "random_walker"]))
+    out = refine_stage(_rcfg(root, refiners=["none", "random_walker"], ignore=True))
     rec = json.loads((out / "refine.json").read_text())
     st = SliceStore.open(root / "store")
     fold = get_fold(root / "store" / "splits.json", 0)
@@ -98,6 +98,7 @@ def test_refine_stage_labels_and_choice(store_with_maps: Path) -> None:
     # "none" keeps the ensemble's decision: lesion exactly where both members say lesion
     none = refine_stage(_rcfg(root, refiners=["none"], out=root / "none"))
     _, nl = read_masks(none)
+    assert set(np.unique(nl)) == {0, 1}  # ignore off (the default): uncertain -> background
     sets = [mapstore.MapSet.open(root / "maps" / m) for m in ("a__gradcam", "b__gradcam")]
     both = (np.asarray(sets[0].maps[index], np.float32) > 0.5) & (
         np.asarray(sets[1].maps[index], np.float32) > 0.3

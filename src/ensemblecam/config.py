@@ -518,6 +518,13 @@ class RefineConfig(Section):
         description="crf/random_walker seeds: relative score (0 at the searched threshold, "
         "+-1 at the map's ends) beyond +-margin",
     )
+    ignore: bool = Field(
+        False,
+        description="keep uncertain pixels (members disagree, CRF/random-walker band) as 255, "
+        "left out of the self-training loss; off: they are background (measured better: "
+        "the self-trained U-Net reached held-out lesion Dice 0.63 vs 0.54 on the brats "
+        "phantom, 0.635 vs 0.586 on msd)",
+    )
     options: dict[str, Any] = Field(
         default_factory=dict,
         description='further refine options, e.g. {"band": 0.1, "min_component": 0.2}',

@@ -18,6 +18,9 @@ the candidate with the highest lesion Dice against them on those cases (ignore c
 background), ties to the earlier candidate; ``fallback`` otherwise (no masks to choose
 with: the report says so).
 
+With ``cfg.ignore`` off (the default) the uncertain pixels of labelled slices are then
+written as background; slices of unknown label stay ignore.
+
 Outputs (an atomic folder ``cfg.out``): ``masks.npz`` (``index`` int64 store indices,
 ``masks`` uint8 in {0, 1, 255}; what the U-Net stage trains on), ``refine.json`` (written
 last: criterion, chosen refiner, each candidate's quality on the training part, seconds).
@@ -170,6 +173,10 @@ def refine_stage(cfg: RefineConfig, force: bool = False) -> Path:
     rest = index[~in_train]
     if len(rest):
         masks[~in_train] = _labels_of(store, rest, conf, sets, opt)
+    if not cfg.ignore:  # uncertain pixels of labelled slices become background
+        labelled = masks[store.labels[index] >= 0]
+        labelled[labelled == IGNORE] = 0
+        masks[store.labels[index] >= 0] = labelled
     write_masks(partial / "masks.npz", index, masks)
     fsutil.write_json(
         partial / REFINE_MARKER,
