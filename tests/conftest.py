@@ -1,11 +1,15 @@
-"""Shared fixtures: tiny slice stores built directly in the store format."""
+"""Shared fixtures: tiny slice stores built directly in the store format; one intra-op
+thread for modules that train tiny models (``pytestmark = pytest.mark.usefixtures(
+"one_thread")``)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from store_factory import build_store
 
@@ -19,3 +23,12 @@ def tiny_store(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     np.random.seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models: one intra-op thread avoids OpenMP contention on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,44 +12,21 @@ import numpy as np
 import pytest
 
 from ensemblecam import pipeline
-from ensemblecam.config import Config, SynthConfig
+from ensemblecam.config import Config
 from ensemblecam.errors import InputError
 from ensemblecam.io.split import get_fold
 from ensemblecam.io.store import SliceStore
-from ensemblecam.synth import synth_dataset
 from nifti_factory import folder_from_brats
+from tiny_run import tiny_phantom, tiny_sections
 
-TINY: dict[str, Any] = {
-    "prepare": {"layout": "folder", "workers": 1},
-    "split": {"scheme": "kfold", "folds": 2, "val_fraction": 0.25, "seed": 0},
-    "train": {
-        "model_args": {"width": 8},
-        "epochs": 2,
-        "batch_size": 16,
-        "optimizer": "adam",
-        "lr": 3e-3,
-        "accelerator": "cpu",
-        "monitor": "val_loss",
-    },
-    "cam": {"methods": ["gradcam", "layercam"], "batch_size": 64, "accelerator": "cpu"},
-    "search": {"operators": ["and", "or"], "grid": "0:0.8:0.2"},
-    "unet": {
-        "epochs": 1,
-        "channels": [4, 8],
-        "strides": [2],
-        "num_res_units": 0,
-        "batch_size": 32,
-        "accelerator": "cpu",
-    },
-    "run": {"models": ["simplecnn"], "unet": False, "pseudo_unet": True, "report": True},
-}
+TINY = tiny_sections(
+    prepare={"layout": "folder"}, search={"operators": ["and", "or"]}, run={"unet": False}
+)
 
 
 @pytest.fixture(scope="module")
 def brats(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("phantom") / "brats"
-    synth_dataset(SynthConfig(out=root, n_cases=6, shape=(48, 48, 12), seed=3, workers=1))
-    return root
+    return tiny_phantom(tmp_path_factory.mktemp("phantom") / "brats")
 
 
 def _config(tmp: Path, data: Path, csv: Path, **sections: dict[str, Any]) -> Config:

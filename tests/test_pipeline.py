@@ -16,41 +16,16 @@ from typer.testing import CliRunner
 
 from ensemblecam import pipeline
 from ensemblecam.cli import app
-from ensemblecam.config import Config, SynthConfig, load_config
+from ensemblecam.config import Config, load_config
 from ensemblecam.errors import InputError
-from ensemblecam.synth import synth_dataset
+from tiny_run import tiny_phantom, tiny_sections
 
-TINY: dict[str, Any] = {
-    "prepare": {"layout": "brats", "workers": 1},
-    "split": {"scheme": "kfold", "folds": 2, "val_fraction": 0.25, "seed": 0},
-    "train": {
-        "model_args": {"width": 8},
-        "epochs": 2,
-        "batch_size": 16,
-        "optimizer": "adam",
-        "lr": 3e-3,
-        "accelerator": "cpu",
-        "monitor": "val_loss",
-    },
-    "cam": {"methods": ["gradcam", "layercam"], "batch_size": 64, "accelerator": "cpu"},
-    "search": {"operators": ["and", "or", "min", "max"], "grid": "0:0.8:0.2"},
-    "unet": {
-        "epochs": 1,
-        "channels": [4, 8],
-        "strides": [2],
-        "num_res_units": 0,
-        "batch_size": 32,
-        "accelerator": "cpu",
-    },
-    "run": {"models": ["simplecnn"], "unet": True, "pseudo_unet": True, "report": True},
-}
+TINY = tiny_sections()
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("phantom") / "brats"
-    synth_dataset(SynthConfig(out=root, n_cases=6, shape=(48, 48, 12), seed=3, workers=1))
-    return root
+    return tiny_phantom(tmp_path_factory.mktemp("phantom") / "brats")
 
 
 def _config(tmp: Path, phantom: Path, **changes: Any) -> Config:

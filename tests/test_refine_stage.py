@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from ensemblecam.config import MilConfig, RefineConfig, UNetConfig
 from ensemblecam.ensemble.operators import EnsembleConfig
@@ -26,13 +25,7 @@ from ensemblecam.stages.refine import refine_stage, slice_members
 from ensemblecam.training.data import part_indices
 from store_factory import build_store
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

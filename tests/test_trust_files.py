@@ -40,12 +40,7 @@ from store_factory import build_store
 REFUSED = "refused: loading it would need unpickling arbitrary objects"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Payload:

@@ -26,13 +26,7 @@ FAST = dict(channels=[8, 16, 32], strides=[2, 2], num_res_units=1, epochs=4, bat
             lr=1e-2, accelerator="cpu")  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny 32x32 models: one intra-op thread avoids OpenMP contention on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**kw: Any) -> UNetConfig:
