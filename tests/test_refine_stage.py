@@ -73,7 +73,7 @@ def test_slice_members_per_operator() -> None:
 
 def test_refine_stage_labels_and_choice(store_with_maps: Path) -> None:
     root = store_with_maps
-    out = refine_stage(_rcfg(root, refiners=["none", "random_walker"], ignore=True))
+    out = refine_stage(_rcfg(root, refiners=["none", "random_walker"]))
     rec = json.loads((out / "refine.json").read_text())
     st = SliceStore.open(root / "store")
     fold = get_fold(root / "store" / "splits.json", 0)
@@ -89,9 +89,9 @@ def test_refine_stage_labels_and_choice(store_with_maps: Path) -> None:
     assert rec["criterion"] == "masks" and rec["chosen"] == max(dice, key=dice.get)
     assert rec["n_annotated_slices"] == len(train)
     # "none" keeps the ensemble's decision: lesion exactly where both members say lesion
-    none = refine_stage(_rcfg(root, refiners=["none"], out=root / "none"))
+    none = refine_stage(_rcfg(root, refiners=["none"], out=root / "none", ignore=False))
     _, nl = read_masks(none)
-    assert set(np.unique(nl)) == {0, 1}  # ignore off (the default): uncertain -> background
+    assert set(np.unique(nl)) == {0, 1}  # ignore off: uncertain pixels -> background
     sets = [mapstore.MapSet.open(root / "maps" / m) for m in ("a__gradcam", "b__gradcam")]
     both = (np.asarray(sets[0].maps[index], np.float32) > 0.5) & (
         np.asarray(sets[1].maps[index], np.float32) > 0.3

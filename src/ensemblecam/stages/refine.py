@@ -18,8 +18,8 @@ the candidate with the highest lesion Dice against them on those cases (ignore c
 background), ties to the earlier candidate; ``fallback`` otherwise (no masks to choose
 with: the report says so).
 
-With ``cfg.ignore`` off (the default) the uncertain pixels of labelled slices are then
-written as background; slices of unknown label stay ignore.
+With ``cfg.ignore`` off the uncertain pixels of labelled slices are then written as
+background (slices of unknown label stay ignore); on (the default) they stay 255.
 
 Outputs (an atomic folder ``cfg.out``): ``masks.npz`` (``index`` int64 store indices,
 ``masks`` uint8 in {0, 1, 255}; what the U-Net stage trains on), ``refine.json`` (written
