@@ -114,6 +114,45 @@ def _labels_of(
     return out
 
 
+def _choose(
+    cfg: RefineConfig,
+    store: SliceStore,
+    train: np.ndarray,
+    annotated: np.ndarray,
+    conf: EnsembleConfig,
+    sets: list[MapSet],
+) -> tuple[str, dict[str, dict[str, Any]], np.ndarray]:
+    """(chosen refiner, each candidate's record, the chosen labels of ``train``): every
+    candidate scored on the annotated slices, or only the fallback without any."""
+    truth = bool(annotated.any())
+    names = list(dict.fromkeys(cfg.refiners)) if truth else [cfg.fallback]
+    candidates: dict[str, dict[str, Any]] = {}
+    labels: dict[str, np.ndarray] = {}
+    for name in names:
+        t1 = time.perf_counter()
+        opt = refine_options(cfg, name, len(conf.members))
+        labels[name] = _labels_of(store, train, conf, sets, opt)
+        quality = None
+        if truth:
+            assert store.masks is not None
+            quality = pseudo_label_quality(
+                labels[name][annotated], np.asarray(store.masks[train[annotated]])
+            )
+        candidates[name] = {
+            "options": opt.as_dict(),
+            "train_quality": quality,
+            "seconds": round(time.perf_counter() - t1, 2),
+        }
+    chosen = max(
+        names,
+        key=lambda n: (
+            (candidates[n]["train_quality"] or {}).get("lesion_dice", 0.0),
+            -names.index(n),
+        ),
+    )
+    return chosen, candidates, labels[chosen]
+
+
 def refine_stage(cfg: RefineConfig, force: bool = False) -> Path:
     """Write ``cfg.out`` (module docstring); return it."""
     store = SliceStore.open(cfg.store)
@@ -141,42 +180,19 @@ def refine_stage(cfg: RefineConfig, force: bool = False) -> Path:
         if store.masks is not None
         else np.zeros(len(train), bool)
     )
-    truth = bool(annotated.any())
-    candidates: dict[str, dict[str, Any]] = {}
-    labelled: dict[str, np.ndarray] = {}
-    names = list(dict.fromkeys(cfg.refiners)) if truth else [cfg.fallback]
-    for name in names:
-        t1 = time.perf_counter()
-        opt = refine_options(cfg, name, len(conf.members))
-        labelled[name] = _labels_of(store, train, conf, sets, opt)
-        quality = None
-        if truth:
-            quality = pseudo_label_quality(
-                labelled[name][annotated], np.asarray(store.masks[train[annotated]])
-            )
-        candidates[name] = {
-            "options": opt.as_dict(),
-            "train_quality": quality,
-            "seconds": round(time.perf_counter() - t1, 2),
-        }
-    if truth:
-        chosen = max(
-            names, key=lambda n: (candidates[n]["train_quality"]["lesion_dice"], -names.index(n))
-        )
-    else:
-        chosen = cfg.fallback
+    chosen, candidates, train_labels = _choose(cfg, store, train, annotated, conf, sets)
     opt = refine_options(cfg, chosen, len(conf.members))
     index = np.unique(np.concatenate(list(idx.values())))
     masks = np.zeros((len(index), *store.size), np.uint8)
     in_train = np.isin(index, train)
-    masks[in_train] = labelled[chosen]
+    masks[in_train] = train_labels
     rest = index[~in_train]
     if len(rest):
         masks[~in_train] = _labels_of(store, rest, conf, sets, opt)
     if not cfg.ignore:  # uncertain pixels of labelled slices become background
-        labelled = masks[store.labels[index] >= 0]
-        labelled[labelled == IGNORE] = 0
-        masks[store.labels[index] >= 0] = labelled
+        known = masks[store.labels[index] >= 0]
+        known[known == IGNORE] = 0
+        masks[store.labels[index] >= 0] = known
     write_masks(partial / "masks.npz", index, masks)
     fsutil.write_json(
         partial / REFINE_MARKER,
@@ -186,7 +202,7 @@ def refine_stage(cfg: RefineConfig, force: bool = False) -> Path:
             "fold": fold.name,
             "parts": list(idx),
             "config": conf.to_dict(),
-            "criterion": "masks" if truth else "fallback",
+            "criterion": "masks" if annotated.any() else "fallback",
             "chosen": chosen,
             "candidates": candidates,
             "n_slices": {p: len(v) for p, v in idx.items()},
