@@ -37,7 +37,8 @@ def mil_command(
     localiser__mil, which `ensemblecam search --members` can combine with CAM members."""
     from ensemblecam.io import fsutil
     from ensemblecam.io.store import SliceStore
-    from ensemblecam.stages.mil import MIL_MEMBER, parts_union, write_mil_maps
+    from ensemblecam.stages.cam import split_indices
+    from ensemblecam.stages.mil import MIL_MEMBER, write_mil_maps
     from ensemblecam.stages.unet import train_unet
 
     fold_key = int_or_str(fold)
@@ -45,12 +46,11 @@ def mil_command(
     if cfg.epochs is None:
         cfg = cfg.model_copy(update={"epochs": 30})
     member = maps / MIL_MEMBER
-    split_file = splits if splits is not None else store / "splits.json"
     with fsutil.output_guard(out, [store, splits]):
         result = train_unet(cfg, store, splits, fold_key, out, "labels", force=force)
     if result is None:
         return
-    idx = parts_union(SliceStore.open(store), split_file, fold_key, parts.split(","))
+    idx = split_indices(SliceStore.open(store), splits, fold_key, parts.split(","))
     with fsutil.output_guard(member, [store, splits, out]):
         write_mil_maps(cfg, result / "best.pt", store, idx, member, force=force)
     typer.echo(f"trained the MIL localiser on {fold} ({len(idx)} slices mapped): {member}")

@@ -395,7 +395,7 @@ def ground_truth(store: SliceStore) -> tuple[np.ndarray, np.ndarray]:
     """``(index, masks)`` of every store slice that has a ground-truth mask."""
     if store.masks is None:
         raise InputError(f"{store.path}: store has no masks (has_masks is false)")
-    idx = np.flatnonzero(store.table["has_mask"].astype(bool))
+    idx = np.flatnonzero(store.annotated(np.arange(store.n_slices)))
     if idx.size == 0:
         raise InputError(f"{store.path}: no slice of the store has a ground-truth mask")
     if idx.size == store.n_slices:  # keep it memory-mapped

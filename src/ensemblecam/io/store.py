@@ -167,6 +167,13 @@ class SliceStore:
         """Case names in store order, each once."""
         return list(dict.fromkeys(self.table["case"].tolist()))
 
+    def annotated(self, indices: np.ndarray) -> np.ndarray:
+        """Bool per store index in ``indices``: the slice has a ground-truth mask (the
+        table's ``has_mask``; False everywhere in a store without masks)."""
+        if self.masks is None:
+            return np.zeros(len(indices), bool)
+        return self.table["has_mask"][np.asarray(indices)].astype(bool)
+
     def indices_for_cases(self, cases: list[str]) -> np.ndarray:
         """Store indices of every slice of ``cases`` (in store order)."""
         unknown = sorted(set(cases) - set(self.cases))

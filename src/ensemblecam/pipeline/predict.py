@@ -248,20 +248,15 @@ def _gate(
     from ensemblecam.models import read_checkpoint
     from ensemblecam.stages.gate import classifier_probs, gate_masks, gate_record
 
-    checkpoints = [lay.fold(f).checkpoint(m) for f in folds for m in cfg.run.models]
+    per_fold = {f: [lay.fold(f).checkpoint(m) for m in cfg.run.models] for f in folds}
+    checkpoints = [ck for cks in per_fold.values() for ck in cks]
     for ck in checkpoints:
         _check_channels(input_dir, store, read_checkpoint(ck)["info"]["channels"])
-    per_fold = [
-        classifier_probs(
-            [lay.fold(f).checkpoint(m) for m in cfg.run.models],
-            store,
-            np.arange(store.n_slices),
-            cfg.cam.batch_size,
-            progress,
-        )
-        for f in folds
+    fold_probs = [
+        classifier_probs(cks, store, np.arange(store.n_slices), cfg.cam.batch_size, progress)
+        for cks in per_fold.values()
     ]
-    g = np.mean(per_fold, axis=0)
+    g = np.mean(fold_probs, axis=0)
     thr = cfg.run.gate_threshold
     for i in range(len(masks)):
         masks[i] = gate_masks(masks[i], g, thr)

@@ -634,7 +634,8 @@ def _map_parts(cfg: Config) -> list[str]:
 def _fold_mil(f: _Fold, k_split: str) -> str:
     """Train the MIL localiser on the fold's slice labels and write its member maps."""
     from ensemblecam.io.store import SliceStore
-    from ensemblecam.stages.mil import MIL_MEMBER, parts_union, write_mil_maps
+    from ensemblecam.stages.cam import split_indices
+    from ensemblecam.stages.mil import MIL_MEMBER, write_mil_maps
     from ensemblecam.stages.unet import RUN_MARKER, train_unet
 
     mcfg = f.cfg.mil.model_copy(update={"epochs": f.cfg.mil.epochs or f.cfg.unet.epochs})
@@ -661,7 +662,7 @@ def _fold_mil(f: _Fold, k_split: str) -> str:
             mcfg,
             out / "best.pt",
             f.store,
-            parts_union(SliceStore.open(f.store), f.splits, f.k, parts),
+            split_indices(SliceStore.open(f.store), f.splits, f.k, parts),
             member,
             force,
             f.runner.progress,
@@ -823,7 +824,9 @@ def _unet_row(
     gate: tuple[list[Path], float] | None = None
     if kind == "pseudo_unet" and cfg.run.gate == "classifiers":
         # the classifiers' probabilities (their map sets) are upstream of ``key`` already
-        sets = [fold.map_set(f"{m}__{cfg.cam.methods[0]}") for m in cfg.run.models]
+        from ensemblecam.io.mapstore import member_name
+
+        sets = [fold.map_set(member_name(m, cfg.cam.methods[0])) for m in cfg.run.models]
         gate = (sets, cfg.run.gate_threshold)
         k_parts.append(["gate", cfg.run.gate, cfg.run.gate_threshold])  # ungated: old key
     runner.stage(

@@ -507,7 +507,8 @@ def pseudo_label_batch(
     and options; CRF refinement runs ``crf_batch`` images at a time (same options and
     shape in a batch), which is what makes it fast."""
     out: list[np.ndarray | None] = [None] * len(images)
-    pending: dict[tuple[Any, ...], list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
+    #: CRF work grouped by (CRF options, shape): (position, image, seeds, unary, options)
+    pending: dict[tuple[Any, ...], list[tuple[int, np.ndarray, np.ndarray, np.ndarray, Any]]] = {}
     for n, args in enumerate(zip(images, maps, thresholds, labels, options, strict=True)):
         image, m, thr, opt = _check_inputs(*args)
         if int(args[3]) == 0:
@@ -516,7 +517,8 @@ def pseudo_label_batch(
         seeds = _seeds(m, thr, opt)
         if opt.refiner == "crf":
             key = (_crf_options(opt), image.shape)
-            pending.setdefault(key, []).append((n, image, seeds, _crf_unary(m, thr, seeds, opt)))
+            unary = _crf_unary(m, thr, seeds, opt)
+            pending.setdefault(key, []).append((n, image, seeds, unary, opt))
             continue
         prob = (
             random_walker_probs(image, seeds, opt.rw_beta)
@@ -530,8 +532,7 @@ def pseudo_label_batch(
             probs = crf_probs_batch(
                 np.stack([c[1] for c in chunk]), np.stack([c[3] for c in chunk]), *crf_opts
             )
-            for (n, _, seeds, _), prob in zip(chunk, probs, strict=True):
-                opt = options[n] or RefineOptions()
+            for (n, _, seeds, _, opt), prob in zip(chunk, probs, strict=True):
                 out[n] = _finish(seeds, prob, opt)
     return [o for o in out if o is not None]
 

@@ -99,15 +99,18 @@ def choose_layer(
     return find_target_layer(model, shape)
 
 
-def split_indices(store: SliceStore, cfg: CamConfig) -> np.ndarray:
-    """Ascending store indices of the requested split parts (``all``: every slice)."""
-    parts = [p.strip() for p in cfg.parts if p.strip()]
+def split_indices(
+    store: SliceStore, splits: str | Path | None, fold_key: int | str, part_names: list[str]
+) -> np.ndarray:
+    """Ascending store indices of the split parts ``part_names`` of fold ``fold_key``
+    (``all``: every slice); ``splits`` None: the store's splits.json."""
+    parts = [p.strip() for p in part_names if p.strip()]
     if not parts:
         raise InputError("--parts: no split part given")
     if parts == ["all"]:
         return np.arange(store.n_slices, dtype=np.int64)
-    splits = cfg.splits if cfg.splits is not None else Path(cfg.store) / "splits.json"
-    fold = get_fold(splits, cfg.fold)
+    splits = Path(splits) if splits is not None else store.path / "splits.json"
+    fold = get_fold(splits, fold_key)
     idx: list[np.ndarray] = []
     for part in parts:
         if part not in PARTS:
@@ -135,7 +138,7 @@ def plan_cam(cfg: CamConfig) -> CamPlan:
     if cfg.raw and cfg.dtype == "uint8":
         raise InputError("--raw maps are not in [0, 1]: use --dtype float16 or float32")
     _target(cfg.target)
-    indices = split_indices(store, cfg)
+    indices = split_indices(store, cfg.splits, cfg.fold, cfg.parts)
     tags = list(cfg.tags) if cfg.tags else [model_tag(Path(c)) for c in cfg.checkpoints]
     if len(tags) != len(cfg.checkpoints):
         raise InputError(f"--tags: {len(tags)} tags for {len(cfg.checkpoints)} checkpoints")

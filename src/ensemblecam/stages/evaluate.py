@@ -436,11 +436,7 @@ def evaluate_unet(
         probs = map_set_probs(gate[0], idx)
         pred = gate_masks(pred, probs, gate[1])
         extra["gate"] = gate_record(probs, gate[1], [str(p) for p in gate[0]])
-    ann = (
-        store.table["has_mask"][idx].astype(bool)
-        if store.masks is not None
-        else np.zeros(len(idx), bool)
-    )
+    ann = store.annotated(idx)
     if ann.any():
         return evaluate_masks(
             cfg, pred[ann], out, force=force, source=str(checkpoint), keep=(idx, pred),

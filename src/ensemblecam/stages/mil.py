@@ -31,11 +31,8 @@ from scipy import ndimage
 
 from ensemblecam import __version__
 from ensemblecam.config import MilConfig
-from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil, mapstore
-from ensemblecam.io.split import get_fold
 from ensemblecam.io.store import SliceStore
-from ensemblecam.training.data import part_indices
 
 #: map-store member name of the localiser's maps
 MIL_MEMBER = mapstore.member_name("localiser", "mil")
@@ -54,18 +51,6 @@ def mil_maps(
     k = max(1, math.ceil(top_fraction * flat.shape[1]))
     top = -np.sort(-flat, axis=1)[:, :k].mean(axis=1) if len(flat) else np.zeros(0)
     return prob.astype(np.float32), (1.0 / (1.0 + np.exp(-top))).astype(np.float32)
-
-
-def parts_union(
-    store: SliceStore, splits: str | Path, fold: int | str, parts: list[str]
-) -> np.ndarray:
-    """Ascending store indices of the split ``parts`` of ``fold`` (``["all"]``: every slice)."""
-    if parts == ["all"]:
-        return np.arange(store.n_slices, dtype=np.int64)
-    if not parts:
-        raise InputError("mil: no split part to map")
-    f = get_fold(splits, fold)
-    return np.unique(np.concatenate([part_indices(store, Path(splits), f, p) for p in parts]))
 
 
 def write_mil_maps(

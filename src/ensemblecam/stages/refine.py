@@ -29,6 +29,7 @@ last: criterion, chosen refiner, each candidate's quality on the training part, 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,7 @@ def _labels_of(
         images.append(np.asarray(store.images[idx[j]], dtype=np.float32))
         maps.append(m)
         thresholds.append(thr)
-        opts.append(RefineOptions(**{**options.as_dict(), "agreement": min(agreement, len(m))}))
+        opts.append(replace(options, agreement=min(agreement, len(m))))
     labelled = pseudo_label_batch(images, maps, thresholds, [1] * len(lesion), opts)
     for j, lab in zip(lesion, labelled, strict=True):
         out[j] = lab
@@ -175,11 +176,7 @@ def refine_stage(cfg: RefineConfig, force: bool = False) -> Path:
     partial = fsutil.prepare_output_dir(out, force, REFINE_MARKER, stage="refine")
     t0 = time.perf_counter()
     train = idx["train"]
-    annotated = (
-        store.table["has_mask"][train].astype(bool)
-        if store.masks is not None
-        else np.zeros(len(train), bool)
-    )
+    annotated = store.annotated(train)
     chosen, candidates, train_labels = _choose(cfg, store, train, annotated, conf, sets)
     opt = refine_options(cfg, chosen, len(conf.members))
     index = np.unique(np.concatenate(list(idx.values())))

@@ -75,7 +75,7 @@ def annotated_part(
         rng = np.random.default_rng(seed)
         annotated = sorted(rng.permutation(annotated)[:n_cases].tolist())
     idx = store.indices_for_cases(annotated)
-    idx = idx[store.table["has_mask"][idx].astype(bool)]
+    idx = idx[store.annotated(idx)]
     if len(idx) == 0:
         raise InputError(f"{splits}: {what} set ({part} of fold {fold}) has no annotated slice")
     return store, splits, idx
@@ -102,10 +102,7 @@ def part_slices(
 
 def n_annotated_cases(store: Any, idx: np.ndarray) -> int:
     """Cases with a mask among store indices ``idx`` (0 for a store without masks)."""
-    if store.masks is None:
-        return 0
-    keep = store.table["has_mask"][idx].astype(bool)
-    return len(set(store.table["case"][idx][keep].tolist()))
+    return len(set(store.table["case"][idx][store.annotated(idx)].tolist()))
 
 
 def open_inputs(

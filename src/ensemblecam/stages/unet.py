@@ -379,9 +379,9 @@ def _run(fabric: Any, plan: UNetPlan, progress: bool | None, stop_after_epoch: i
     ties to the lower val loss; without validation the last epoch."""
     cfg = plan.cfg
     kind = {"store": "supervised", "labels": "MIL localiser"}.get(plan.source, "pseudo-labels")
-    monitor = None if plan.val_source is None else "lesion_dice"
-    if plan.source == "labels" and plan.val_source is not None:
-        monitor = "val_loss"
+    monitor = None
+    if plan.val_source is not None:
+        monitor = "val_loss" if plan.source == "labels" else "lesion_dice"
     task = Task(
         stage="unet", out=plan.out, partial=plan.partial, resume_from=plan.resume_from,
         seed=cfg.seed, epochs=cfg.epochs, batch_size=cfg.batch_size, info=dict(plan.info),
