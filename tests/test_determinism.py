@@ -46,7 +46,7 @@ def test_pipeline_twice_gives_identical_files(
     )
     data = json.loads(json.dumps(TINY))
     data["prepare"]["data"] = str(phantom)
-    data["run"].update(out=str(tmp_path / "run"), pseudo_unet=False, report=False)
+    data["run"].update(out=str(tmp_path / "run"), pseudo_unet=False, final="auto", report=False)
     cfg = Config.model_validate(data)
     first = pipeline.run_pipeline(cfg, progress=False)
     shutil.move(first, tmp_path / "first")

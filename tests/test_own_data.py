@@ -64,7 +64,7 @@ def test_masks_for_some_cases_calibrate_and_score(brats: Path, tmp_path: Path) -
     cases = sorted(p.name for p in brats.iterdir() if p.is_dir())
     annotated = set(cases[::2]) | {cases[1]}  # 4 of 6
     csv = folder_from_brats(brats, tmp_path / "own", annotated)
-    cfg = _config(tmp_path, tmp_path / "own", csv, run={"pseudo_unet": False})
+    cfg = _config(tmp_path, tmp_path / "own", csv, run={"pseudo_unet": False, "final": "auto"})
     root = pipeline.run_pipeline(cfg, progress=False)
     store = SliceStore.open(root / "store")
     assert store.masks is not None

@@ -144,7 +144,13 @@ def test_rerun_skips_everything_and_changed_option_reruns_dependents(
     assert not any(r.endswith("/unet") for r in ran)  # the supervised U-Net does not depend on it
     # without the self-trained U-Net, export/ holds the ensemble's masks and the ensemble's
     # own export folder goes; nothing is retrained
-    off = _config(finished_run.parent, phantom, search__grid="0:0.9:0.3", run__pseudo_unet=False)
+    off = _config(
+        finished_run.parent,
+        phantom,
+        search__grid="0:0.9:0.3",
+        run__pseudo_unet=False,
+        run__final="auto",
+    )
     pipeline.run_pipeline(off, force=True, progress=False)
     ran = json.loads((finished_run / "run.json").read_text())["ran_this_time"]
     assert "export" in ran and not any("/train/" in r or "pseudo" in r for r in ran)
@@ -157,6 +163,59 @@ def test_rerun_skips_everything_and_changed_option_reruns_dependents(
     index = json.loads((finished_run / "export" / "index.json").read_text())
     assert index["source"]["method"] == "self_trained"
     assert (finished_run / "export_ensemble" / "index.json").is_file()
+
+
+def test_choose_final_hand_computed() -> None:
+    from ensemblecam.pipeline.run import choose_final
+
+    cfg = Config.model_validate(tiny_sections(run={"final": "auto"}))
+    sel = {"fold0": {"ensemble": 0.6, "self_trained": 0.5},
+           "fold1": {"ensemble": 0.2, "self_trained": 0.4}}  # fmt: skip
+    got = choose_final(cfg, {f: {"select": s} for f, s in sel.items()})
+    assert got["method"] == "self_trained"  # means: ensemble 0.40 < self-trained 0.45
+    assert got["val_lesion_dice"] == pytest.approx({"ensemble": 0.4, "self_trained": 0.45})
+    sel["fold1"]["ensemble"] = 0.4  # 0.50 > 0.45
+    assert choose_final(cfg, {f: {"select": s} for f, s in sel.items()})["method"] == "ensemble"
+    sel["fold1"]["ensemble"] = 0.3  # a tie (0.45 each): the self-trained U-Net
+    assert choose_final(cfg, {f: {"select": s} for f, s in sel.items()})["method"] == (
+        "self_trained"
+    )
+    # a fold whose val part has no masks: nothing to choose with, the default
+    no_masks = choose_final(cfg, {"fold0": {"select": sel["fold0"]}, "fold1": {"select": None}})
+    assert no_masks["method"] == "self_trained" and "no masks" in no_masks["chosen_by"]
+    fixed = cfg.model_copy(update={"run": cfg.run.model_copy(update={"final": "ensemble"})})
+    assert choose_final(fixed, {"fold0": {"select": sel["fold0"]}})["method"] == "ensemble"
+    off = cfg.model_copy(update={"run": cfg.run.model_copy(update={"pseudo_unet": False})})
+    assert choose_final(off, {})["method"] == "ensemble"
+
+
+def test_final_choice_on_val_masks(finished_run: Path, phantom: Path, tmp_path: Path) -> None:
+    """run.final auto scores both candidates on each fold's val part and exports the one
+    with the higher mean lesion Dice; only the selection and export stages run."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    auto = load_config(run / "config.yaml")  # as the run was last made, with final auto
+    auto.run.out, auto.run.final = run, "auto"
+    pipeline.run_pipeline(auto, force=True, progress=False)
+    ran = json.loads((run / "run.json").read_text())["ran_this_time"]
+    assert {"fold0/select", "fold1/select"} <= set(ran)
+    assert not any("/train/" in r or r.endswith(("/cam", "/pseudo_unet")) for r in ran)
+    res = json.loads((run / "results.json").read_text())
+    final = res["final"]
+    scores = {m: [] for m in ("ensemble", "self_trained")}
+    for f in res["folds"]:
+        for m in scores:
+            metrics = json.loads((run / f / "select" / m / "metrics.json").read_text())
+            assert metrics["part"] == "val"
+            scores[m].append(metrics["metrics"]["lesion_dice"] or 0.0)
+    means = {m: float(np.mean(v)) for m, v in scores.items()}
+    assert final["val_lesion_dice"] == pytest.approx(means)
+    want = "ensemble" if means["ensemble"] > means["self_trained"] else "self_trained"
+    assert final["method"] == want
+    index = json.loads((run / "export" / "index.json").read_text())
+    assert index["source"]["method"] == want
+    assert (run / "export_ensemble").is_dir() == (want == "self_trained")
+    assert "Final masks (export/, predict):" in (run / "results.md").read_text()
 
 
 def test_predict_on_scans_without_seg(
@@ -354,6 +413,7 @@ def test_kill_and_resume(phantom: Path, tmp_path: Path, monkeypatch: pytest.Monk
         phantom,
         run__unet=False,
         run__pseudo_unet=False,
+        run__final="auto",
         run__report=False,
         run__export=False,
     )

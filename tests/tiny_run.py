@@ -32,7 +32,14 @@ TINY: dict[str, Any] = {
         "batch_size": 32,
         "accelerator": "cpu",
     },
-    "run": {"models": ["simplecnn"], "unet": True, "pseudo_unet": True, "report": True},
+    # final self_trained: the tests know which exports exist (auto: test_final_choice)
+    "run": {
+        "models": ["simplecnn"],
+        "unet": True,
+        "pseudo_unet": True,
+        "report": True,
+        "final": "self_trained",
+    },
 }
 
 

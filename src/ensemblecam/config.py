@@ -395,6 +395,12 @@ class RunConfig(Section):
         "three-class pseudo-labels (section refine) before self-training; off: the plain "
         "ensemble masks with the slice labels applied",
     )
+    final: Literal["auto", "self_trained", "ensemble"] = Field(
+        "auto",
+        description="the final method (export/, predict): auto takes the one with the higher "
+        "mean lesion Dice on the val part's masks over the folds (self_trained when the val "
+        "part has no masks); self_trained needs run.pseudo_unet",
+    )
     gate: Literal["none", "classifiers"] = Field(
         "classifiers",
         description="classifier gating of the self-trained U-Net's masks (evaluation, "

@@ -107,7 +107,7 @@ def predict_cmd(
         Opt(
             "--method",
             help="self_trained (the U-Net self-trained on the ensemble's masks) or ensemble "
-            "(default: the run's final method, self_trained when the run trained it).",
+            "(default: the run's final method, results.json final).",
         ),
     ] = None,
     probabilities: Annotated[

@@ -19,6 +19,8 @@
         pseudo_targets/     the chosen ensemble's masks of the training part (masks.npz),
                             used instead of refine/ when run.refine is off
         pseudo/             U-Net self-trained on those pseudo-labels (second stage)
+        select/<method>/    the ensemble and the self-trained U-Net scored on the val
+                            part's masks: the choice of the final method (run.final auto)
         eval/<row>/         metrics.json, per_slice.csv, per_case.csv for each result row
                             (+ per_case_empty.csv: the Empty prediction on the same cases;
                             U-Net rows also masks.npz: their masks of the evaluation part)
@@ -28,8 +30,9 @@
       results.csv           the same, one line per row, mean and std per metric
       results.md            the summary table as Markdown
       export/               NIfTI masks of every evaluated case (original scan geometry):
-                            the final method's, the self-trained U-Net's when it ran, else
-                            the ensemble's; index.json ``source.method`` says which
+                            the final method's (results.json ``final``: by default the
+                            better of the two on the val part's masks); index.json
+                            ``source.method`` says which
       export_ensemble/      the ensemble's masks beside them (only when export/ holds the
                             self-trained U-Net's)
       report/report.html    self-contained HTML report + PNGs
@@ -172,6 +175,11 @@ class FoldLayout:
     def refined_labels(self) -> Path:
         """refine/masks.npz: three-class pseudo-labels (0, 1, 255) of the train/val parts."""
         return self.refine / "masks.npz"
+
+    @property
+    def select(self) -> Path:
+        """select/<method>/: the final candidates scored on the val part (the choice)."""
+        return self.dir / "select"
 
     @property
     def pseudo_targets(self) -> Path:

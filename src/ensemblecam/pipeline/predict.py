@@ -1,6 +1,7 @@
-"""``ensemblecam predict``: masks for new scans with a finished run's final method: the U-Net
-self-trained on the ensemble's masks when the run has one, else the chosen ensemble
-configuration (``method`` picks either), by default with the models of every fold.
+"""``ensemblecam predict``: masks for new scans with a finished run's final method (results.json
+``final``: the U-Net self-trained on the ensemble's masks or the chosen ensemble
+configuration, whichever scored higher on the val part's masks; ``method`` picks either),
+by default with the models of every fold.
 
 Fold ensemble (the default; ``fold`` picks one fold instead). Each fold ``k`` gives every
 pixel a value ``v_k`` in [0, 1]: the self-trained U-Net's lesion probability (softmax of
@@ -75,8 +76,8 @@ def predict(
     "self_trained": segmented by the U-Net of each fold self-trained on the ensemble's
     masks (``fold<k>/pseudo/best.pt``); "ensemble": mapped with each fold's classifiers and
     combined with that fold's chosen configuration. Default method: the run's final one
-    (self_trained when the run trained it: ``run.pseudo_unet`` and every fold's
-    ``pseudo/unet.json`` present). Folds: ``fold`` if given, else every fold of the run
+    (results.json ``final``; ensemble when a fold has no ``pseudo/unet.json``). Folds:
+    ``fold`` if given, else every fold of the run
     (``all_folds``, combined as in the module docstring), else the one whose ensemble
     configuration scored best on its calibration data. One line says which folds, method
     and configurations were used; index.json records them. Masks are exported as NIfTI in
@@ -98,7 +99,7 @@ def predict(
         raise InputError(f"fold {fold!r}: the run has folds {', '.join(results['folds'])}")
     folds = [fold] if fold else list(results["folds"]) if all_folds else [_best_fold(lay, results)]
     has_own = all(lay.fold(f).unet_record("pseudo_unet").is_file() for f in folds)
-    method = method or (final_method(cfg) if has_own else "ensemble")
+    method = method or (final_method(cfg, results) if has_own else "ensemble")
     if method not in METHOD_NAMES:
         raise InputError(f"--method {method}: expected one of {', '.join(METHOD_NAMES)}")
     if method == "self_trained" and not has_own:

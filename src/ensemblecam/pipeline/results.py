@@ -250,13 +250,38 @@ def criteria_text(results: dict[str, Any]) -> str:
     return "Configuration chosen by " + "; ".join(out) + "." if out else ""
 
 
+#: results.json ``final.method`` -> what the final masks are (export/, predict)
+FINAL_NAMES = {
+    "self_trained": "the U-Net self-trained on the refined pseudo-labels",
+    "ensemble": "the ensemble's (best configuration)",
+}
+
+
+def final_text(results: dict[str, Any]) -> str:
+    """One sentence: whose masks are final (exported, used by predict) and what chose it."""
+    final = results.get("final")
+    if not final:
+        return ""
+    text = f"Final masks (export/, predict): {FINAL_NAMES[final['method']]}"
+    scores = final.get("val_lesion_dice")
+    if scores:
+        text += (
+            f", the higher mean lesion Dice on the val part's masks (self-trained "
+            f"{100 * scores['self_trained']:.1f}%, ensemble {100 * scores['ensemble']:.1f}%)"
+        )
+    else:
+        text += f" ({final.get('chosen_by')})"
+    return text + "."
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """The summary table as Markdown (written as results.md; the README quotes the demo's),
-    then what chose the configuration and, without masks, that nothing is scored."""
+    then what chose the configuration and the final method and, without masks, that
+    nothing is scored."""
     header, rows = summary_rows(results)
     lines = [f"| {' | '.join(header)} |", f"|---|{'---:|' * (len(header) - 1)}"]
     lines += [f"| {' | '.join(r)} |" for r in rows]
-    notes = [n for n in (criteria_text(results),) if n]
+    notes = [n for n in (criteria_text(results), final_text(results)) if n]
     if results.get("scored") is False:
         notes.insert(0, NO_MASKS_NOTE)
     return "\n".join(lines) + "\n" + "".join(f"\n{n}\n" for n in notes)

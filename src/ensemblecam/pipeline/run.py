@@ -342,6 +342,8 @@ def check_run_config(cfg: Config) -> None:
     if rc.mil:
         with torch.device("meta"):
             build_unet(**model_args(cfg.mil, n_ch))
+    if rc.final == "self_trained" and not rc.pseudo_unet:
+        raise InputError("config: run.final self_trained needs run.pseudo_unet: true")
     if rc.pseudo_unet and rc.refine:
         from ensemblecam.stages.refine import refine_options
 
@@ -477,6 +479,7 @@ def _run_locked(cfg: Config, root: Path, force: bool, progress: bool | None) -> 
             cfg, runner, store, splits, k, folds[k].name, k_split
         )
     results = aggregate(fold_results, cfg.search.objective)
+    results["final"] = choose_final(cfg, fold_results)
     from ensemblecam.stages.evaluate import add_case_statistics
 
     add_case_statistics(results, fold_results, root)  # per-case CIs, paired tests
@@ -485,7 +488,7 @@ def _run_locked(cfg: Config, root: Path, force: bool, progress: bool | None) -> 
     fsutil.write_text(lay.results_md, results_markdown(results))
 
     if rc.export:
-        _export(cfg, runner, [lay.fold(f) for f in fold_results])
+        _export(cfg, runner, [lay.fold(f) for f in fold_results], results["final"]["method"])
     _write_run_record(root, cfg, runner, started, "complete")
     if rc.report:
         from ensemblecam.report import write_report
@@ -534,6 +537,7 @@ def _run_fold(
     """Train, map, search, evaluate (with baselines) one fold; return its result rows."""
     f = _Fold(cfg, runner, store, splits, k, name, runner.layout.fold(name))
     rc = cfg.run
+    selection = None
     k_maps = [_fold_cam(f, _fold_train(f, k_split))]
     if rc.mil:
         k_maps.append(_fold_mil(f, k_split))
@@ -554,6 +558,8 @@ def _run_fold(
         rows.append(
             _unet_row(cfg, runner, store, splits, k, f.fold, "pseudo_unet", targets, k_pt, ecfg)
         )
+        if rc.final == "auto" and _part_annotated(store, splits, k, "val"):
+            selection = _fold_select(f, ecfg, rows[0]["config"], k_search, k_pt)
     for row in rows if not scored else []:
         row["scored"] = False  # no masks to score with: masks written, metrics null
     return {
@@ -561,6 +567,59 @@ def _run_fold(
         "rows": with_metrics(rows, f.fold),
         "scored": scored,
         "criterion": fsutil.read_json(f.fold.best, "search result").get("criterion"),
+        "select": selection,
+    }
+
+
+def _fold_select(
+    f: _Fold, ecfg: EvaluateConfig, chosen: dict[str, Any], k_search: str, k_pt: str
+) -> dict[str, float | None]:
+    """Lesion Dice of the fold's two final candidates, the chosen ensemble and the
+    self-trained U-Net (gated as in its evaluation), on the val part's annotated slices:
+    calibration data, never the held-out part (``select/<method>/metrics.json``)."""
+    from ensemblecam.stages.evaluate import evaluate_stage, evaluate_unet
+
+    vcfg = ecfg.model_copy(update={"part": "val"})
+    sel = f.fold.select
+    gate = _gate(f.cfg, f.fold)
+
+    def run(force: bool) -> None:
+        evaluate_stage(vcfg, chosen, sel / "ensemble", force=True)
+        ckpt = f.fold.unet_checkpoint("pseudo_unet")
+        evaluate_unet(vcfg, ckpt, sel / "self_trained", force=True, gate=gate)
+
+    parts = ["select", k_search, _unet_key(f.cfg, "pseudo_unet", f.k, k_pt), gate is not None]
+    key = stable_hash([*parts, f.cfg.run.gate_threshold, _options(f.cfg.evaluate)])
+    f.runner.stage(f"{f.name}/select", sel, key, None, run)
+    return {
+        m: fsutil.read_json(sel / m / "metrics.json", "evaluation")["metrics"].get("lesion_dice")
+        for m in ("ensemble", "self_trained")
+    }
+
+
+def choose_final(cfg: Config, fold_results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The run's final method (results.json ``final``): ``run.final`` when set; with
+    ``auto``, the candidate with the higher mean lesion Dice over the folds on the val
+    part's masks (self-trained U-Net on a tie), or the self-trained U-Net when a fold's
+    val part has no masks to choose with; the ensemble when no U-Net was self-trained."""
+    rc = cfg.run
+    if not rc.pseudo_unet:
+        return {"method": "ensemble", "chosen_by": "run.pseudo_unet is off"}
+    if rc.final != "auto":
+        return {"method": rc.final, "chosen_by": "run.final"}
+    per_fold = {name: res.get("select") for name, res in fold_results.items()}
+    if any(s is None for s in per_fold.values()):
+        return {"method": "self_trained", "chosen_by": "no masks in the val part: the default"}
+    means = {
+        m: float(np.mean([s[m] or 0.0 for s in per_fold.values()]))
+        for m in ("ensemble", "self_trained")
+    }
+    method = "ensemble" if means["ensemble"] > means["self_trained"] else "self_trained"
+    return {
+        "method": method,
+        "chosen_by": "mean lesion Dice on the val part's masks",
+        "val_lesion_dice": means,
+        "per_fold": per_fold,
     }
 
 
@@ -623,11 +682,12 @@ def _fold_cam(f: _Fold, train_keys: list[str]) -> str:
 
 def _map_parts(cfg: Config) -> list[str]:
     """Split parts every member's maps are made for: calibration, evaluation, and the parts
-    the self-training labels (train; val for its validation when refining)."""
+    the self-training labels (train; val for its validation when refining, and for the
+    choice of the final method)."""
     rc = cfg.run
     parts = [rc.calibration_part, rc.eval_part]
     if rc.pseudo_unet:
-        parts += ["train", "val"] if rc.refine else ["train"]
+        parts += ["train", "val"] if rc.refine or rc.final == "auto" else ["train"]
     return list(dict.fromkeys(parts))
 
 
@@ -808,7 +868,7 @@ def _unet_row(
     from ensemblecam.stages.unet import train_unet
 
     out = fold.unet(kind)
-    key = stable_hash([kind, _options(cfg.unet), k, upstream])
+    key = _unet_key(cfg, kind, k, upstream)
     runner.stage(
         f"{fold.name}/{kind}",
         out,
@@ -821,13 +881,8 @@ def _unet_row(
     ev = fold.eval_row(kind)
     # "masks": the evaluation keeps the U-Net's masks (an older row without them reruns)
     k_parts: list[Any] = [kind, "evaluate", key, _options(cfg.evaluate), ecfg.part, "masks"]
-    gate: tuple[list[Path], float] | None = None
-    if kind == "pseudo_unet" and cfg.run.gate == "classifiers":
-        # the classifiers' probabilities (their map sets) are upstream of ``key`` already
-        from ensemblecam.io.mapstore import member_name
-
-        sets = [fold.map_set(member_name(m, cfg.cam.methods[0])) for m in cfg.run.models]
-        gate = (sets, cfg.run.gate_threshold)
+    gate = _gate(cfg, fold) if kind == "pseudo_unet" else None
+    if gate is not None:  # the classifiers' map sets are upstream of ``key`` already
         k_parts.append(["gate", cfg.run.gate, cfg.run.gate_threshold])  # ungated: old key
     runner.stage(
         f"{fold.name}/{kind}/evaluate",
@@ -840,20 +895,38 @@ def _unet_row(
     return {"name": label, "kind": kind, "slug": kind, "config": None}
 
 
-def final_method(cfg: Config) -> str:
+def _unet_key(cfg: Config, kind: str, k: int, upstream: str) -> str:
+    """Stage key of fold ``k``'s U-Net ``kind`` trained on targets with key ``upstream``."""
+    return stable_hash([kind, _options(cfg.unet), k, upstream])
+
+
+def _gate(cfg: Config, fold: FoldLayout) -> tuple[list[Path], float] | None:
+    """The self-trained U-Net's classifier gate (map sets of the first CAM method, whose
+    slice probabilities are the classifiers'; threshold), or None (``run.gate: none``)."""
+    if cfg.run.gate != "classifiers":
+        return None
+    from ensemblecam.io.mapstore import member_name
+
+    sets = [fold.map_set(member_name(m, cfg.cam.methods[0])) for m in cfg.run.models]
+    return sets, cfg.run.gate_threshold
+
+
+def final_method(cfg: Config, results: dict[str, Any] | None = None) -> str:
     """The method whose masks a run exports to ``export/`` and ``predict`` uses by default:
-    ``self_trained`` (the U-Net self-trained on the ensemble's masks) when ``run.pseudo_unet``,
-    else ``ensemble``."""
-    return "self_trained" if cfg.run.pseudo_unet else "ensemble"
+    results.json's ``final`` (:func:`choose_final`); a run without it: ``self_trained``
+    (the U-Net self-trained on the ensemble's masks) when ``run.pseudo_unet``, else
+    ``ensemble``."""
+    chosen = (results or {}).get("final") or {}
+    return chosen.get("method") or ("self_trained" if cfg.run.pseudo_unet else "ensemble")
 
 
-def _export(cfg: Config, runner: Runner, folds: list[FoldLayout]) -> None:
+def _export(cfg: Config, runner: Runner, folds: list[FoldLayout], method: str) -> None:
     """Masks of every evaluated case (each fold's evaluation part) as NIfTI: the final
-    method's in ``export/``; with the self-trained U-Net, the ensemble's in
+    ``method``'s in ``export/``; with the self-trained U-Net, the ensemble's in
     ``export_ensemble/`` (a leftover of an earlier run with it is removed otherwise)."""
     lay = runner.layout
     ensemble = ([f.eval_masks for f in folds], [f.eval / STAMP for f in folds])
-    if final_method(cfg) == "self_trained":
+    if method == "self_trained":
         slug = "pseudo_unet"
         own = ([f.row_masks(slug) for f in folds], [f.eval_row(slug) / STAMP for f in folds])
         _export_masks(cfg, runner, folds, "export", lay.export, "self_trained", *own, False)

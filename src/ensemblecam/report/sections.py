@@ -13,7 +13,7 @@ import numpy as np
 
 from ensemblecam.io import fsutil
 from ensemblecam.io.runlayout import TRAIN_FIGURES, FoldLayout
-from ensemblecam.pipeline.results import SUMMARY_METRICS
+from ensemblecam.pipeline.results import SUMMARY_METRICS, final_text
 from ensemblecam.report.figures import (
     lesion_fraction_histogram,
 )
@@ -204,7 +204,7 @@ def _headline(rep: Page, run: Run, folds: list[str], objective: str) -> None:
                     )
             rep.p("; ".join(parts) + ".")
             _other_headline_metrics(rep, ens, empty, [m for m in metrics if m != objective])
-        _final_method(rep, chosen, metrics)
+        _final_method(rep, res, chosen, metrics)
         if empty is not None:
             _not_better_than_empty(rep, rows, empty, metrics)
         _refine_notes(rep, run, folds)
@@ -216,25 +216,31 @@ def _headline(rep: Page, run: Run, folds: list[str], objective: str) -> None:
             )
 
 
-def _final_method(rep: Page, rows: list[dict[str, Any]], metrics: list[str]) -> None:
-    """The final masks (the self-trained U-Net's, when the run has one) against the
-    ensemble and the supervised U-Net, in each summary metric."""
-    own = next((r for r in rows if r.get("kind") == "pseudo_unet"), None)
-    if own is None:
+def _final_method(
+    rep: Page, results: dict[str, Any], rows: list[dict[str, Any]], metrics: list[str]
+) -> None:
+    """The final masks (results.json ``final``: the self-trained U-Net's or the ensemble's)
+    against the other candidate and the supervised U-Net, in each summary metric."""
+    method = (results.get("final") or {}).get("method", "self_trained")
+    kind = "pseudo_unet" if method == "self_trained" else "ensemble"
+    own = next((r for r in rows if r.get("kind") == kind), None)
+    if own is None or not any(r.get("kind") == "pseudo_unet" for r in rows):
         return
+    other_kind = "ensemble" if kind == "pseudo_unet" else "pseudo_unet"
+    others = ((other_kind, "the other candidate"), ("unet", "supervised U-Net"))
     parts = []
     for m in metrics:
         text = f"{m} {format_metric(m, _mean(own, m), (own.get('std') or {}).get(m))}"
-        for kind, label in (("ensemble", "ensemble"), ("unet", "supervised U-Net")):
-            other = next((r for r in rows if r.get("kind") == kind), None)
+        for okind, label in others:
+            other = next((r for r in rows if r.get("kind") == okind), None)
             if other is not None and math.isfinite(_mean(other, m)):
                 text += f", {label} {format_metric(m, _mean(other, m))}"
-                if kind == "unet" and _mean(other, m) > 0 and math.isfinite(_mean(own, m)):
+                if okind == "unet" and _mean(other, m) > 0 and math.isfinite(_mean(own, m)):
                     text += f" (weak / supervised {_mean(own, m) / _mean(other, m):.2f})"
         parts.append(text)
+    why = final_text(results)
     rep.p(
-        "The final masks (exported, and what predict gives) are the "
-        f"{esc(str(own['name']))}'s: " + "; ".join(parts) + "."
+        f"The final masks are the {esc(str(own['name']))}'s: " + "; ".join(parts) + ". " + esc(why)
     )
 
 
