@@ -28,7 +28,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from ensemblecam.config import load_config
+from ensemblecam.config import Config, load_config
 from ensemblecam.pipeline import run_pipeline
 from ensemblecam.synth import synth_dataset
 
@@ -43,8 +43,8 @@ ROWS = {
 METRICS = ("lesion_dice", "case_dice_mean")
 
 
-def run_layout(layout: str, work: Path, folds: list[int]) -> dict[str, Any]:
-    """One demo-scale run of ``layout``; its table figures and timings."""
+def demo_config(layout: str, work: Path, folds: list[int]) -> Config:
+    """The packaged demo config for a phantom of ``layout`` in ``work`` (no export/report)."""
     cfg = load_config(Path(str(files("ensemblecam") / "configs" / "demo.yaml")))
     cfg.synth.layout = layout
     cfg.synth.out = work / f"phantom_{layout}"
@@ -55,19 +55,46 @@ def run_layout(layout: str, work: Path, folds: list[int]) -> dict[str, Any]:
     cfg.run.folds = folds
     cfg.run.export = False
     cfg.run.report = False
+    return cfg
+
+
+def _single_member(row: dict[str, Any]) -> str | None:
+    """The member of a ``single`` results row (None for other rows)."""
+    if row["kind"] != "single":
+        return None
+    confs = list((row.get("config") or {}).values())
+    return (confs[0].get("members") or [None])[0] if confs else None
+
+
+def best_rows(results: dict[str, Any], exclude_singles: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Per row kind of :data:`ROWS`: the row with the highest held-out lesion Dice (the
+    single-member rows of the members ``exclude_singles`` left out), as {metric: mean,
+    "name": row name}."""
+    out: dict[str, Any] = {}
+    for kind in ROWS:
+        rows = [
+            r
+            for r in results["rows"]
+            if r["kind"] == kind
+            and (_single_member(r) is None or _single_member(r) not in exclude_singles)
+        ]
+        if not rows:
+            continue
+        row = max(rows, key=lambda r: r["mean"].get("lesion_dice") or 0.0)
+        out[kind] = {m: row["mean"].get(m) for m in METRICS} | {"name": row["name"]}
+    return out
+
+
+def run_layout(layout: str, work: Path, folds: list[int]) -> dict[str, Any]:
+    """One demo-scale run of ``layout``; its table figures and timings."""
+    cfg = demo_config(layout, work, folds)
     t0 = time.perf_counter()
     synth_dataset(cfg.synth, force=True)
     run_pipeline(cfg, force=True, progress=False)
     seconds = time.perf_counter() - t0
     results = json.loads((cfg.run.out / "results.json").read_text())
     run = json.loads((cfg.run.out / "run.json").read_text())
-    out: dict[str, Any] = {}
-    for kind in ROWS:
-        rows = [r for r in results["rows"] if r["kind"] == kind]
-        if not rows:
-            continue
-        row = max(rows, key=lambda r: r["mean"].get("lesion_dice") or 0.0)
-        out[kind] = {m: row["mean"].get(m) for m in METRICS} | {"name": row["name"]}
+    out = best_rows(results)
     weak = [out[k]["lesion_dice"] or 0.0 for k in ("single", "ensemble", "pseudo_unet") if k in out]
     sup = (out.get("unet") or {}).get("lesion_dice")
     timings = run.get("timings", {})

@@ -199,6 +199,11 @@ class TrainConfig(DeviceConfig):
         default_factory=dict,
         description='extra model keyword arguments, e.g. {"widen_factor": 0.5}',
     )
+    output_stride: int | None = Field(
+        None,
+        description="built-in ResNets: 16 or 8 replaces the stride of layer4 (16) or "
+        "layer3 and layer4 (8) by dilation, for finer CAMs (default: the network's own, 32)",
+    )
     weights: Path | None = Field(
         None, description="local pretrained weights file (optional; nothing is downloaded)"
     )
@@ -344,6 +349,17 @@ class CamConfig(DeviceConfig):
     )
     out: Path = Field(Path("maps"), description="map store root (one folder per member)")
     layer: str | None = Field(None, description="target layer (dotted name; default automatic)")
+    layers: list[str] | None = Field(
+        None,
+        description="several target layers whose maps are fused (each upsampled and "
+        "normalised, then averaged and normalised again); replaces layer (which may then "
+        "only name one of them)",
+    )
+    flip_tta: bool = Field(
+        False,
+        description="horizontal-flip test-time augmentation: a slice's map is the mean of "
+        "its map and the flipped-back map of its mirror image, its probability the mean",
+    )
     target: str = Field("lesion", description="target class: lesion, predicted or an index")
     dtype: Literal["float16", "uint8", "float32"] = Field("float16", description="map dtype")
     raw: bool = Field(False, description="store un-normalised maps (float16/float32 only)")

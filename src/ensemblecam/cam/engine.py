@@ -9,7 +9,10 @@ not require gradients, so nothing below the target layer is recorded or differen
 
 Output convention: maps at the target layer -> ReLU -> (bi/tri)linear upsampling to the
 input size (``align_corners=False``) -> per-image min-max to [0, 1] (a constant map gives
-zeros). ``raw=True`` skips the min-max.
+zeros). ``raw=True`` skips the min-max. Two options, in the engine so that every method
+gets them: horizontal-flip test-time augmentation (``flip_tta``) and the fusion of several
+target layers (``layer`` a list); :func:`ensemblecam.cam.methods.fuse` gives the order of
+operations.
 """
 
 from __future__ import annotations
@@ -121,7 +124,9 @@ def _noise_key(seed: int, key: int) -> int:
 @dataclass
 class CamResult:
     """Maps of one batch: ``maps[method]`` (B, *size) float32, logits (B, n_classes),
-    ``probs`` softmax probability of class 1 (B,), ``target`` class index per image (B,)."""
+    ``probs`` softmax probability of class 1 (B,), ``target`` class index per image (B,);
+    ``layer_maps[method]`` the method's (ReLU'd) map at the first target layer, before
+    upsampling, of the un-flipped image."""
 
     maps: dict[str, Tensor]
     logits: Tensor
@@ -136,7 +141,9 @@ class CamEngine:
     Args:
         model: classifier mapping (B, C, *S) to (B, n_classes) logits; put in eval mode.
         methods: method names (see :data:`ensemblecam.cam.methods.METHODS`).
-        layer: dotted module name of the target layer; None finds it automatically.
+        layer: dotted module name of the target layer; None finds it automatically; a
+            list of names fuses the maps of those layers (:func:`~ensemblecam.cam.methods.fuse`):
+            every layer's activation and gradient come from the same forward/backward pass.
         target: ``"lesion"`` (class 1), ``"predicted"`` (argmax) or a class index.
         smooth_n, smooth_sigma: Smooth Grad-CAM++'s number of noisy inputs and noise std
             (input units); noise is seeded per image from (``seed``, image key).
@@ -154,13 +161,19 @@ class CamEngine:
             (CPUs with AVX512-BF16 or AMX, recent GPUs).
         score_tol: target max error of a normalised Score-CAM map in ``"bf16"`` mode
             (``inf``: no float32 re-scoring).
+        flip_tta: horizontal-flip test-time augmentation: each batch is run as the images
+            and their mirror images (flipped along the last axis) in one pass; a slice's
+            map averages the image's map and the flipped-back map of its mirror image
+            (:func:`~ensemblecam.cam.methods.fuse`), its probability the two softmax
+            probabilities; ``target="predicted"`` takes the class of highest mean
+            probability, for both views.
     """
 
     def __init__(
         self,
         model: nn.Module,
         methods: Sequence[str] = ("gradcam",),
-        layer: str | None = None,
+        layer: str | Sequence[str] | None = None,
         target: Target = "lesion",
         smooth_n: int = 8,
         smooth_sigma: float = 0.1,
@@ -170,6 +183,7 @@ class CamEngine:
         accelerate: bool = True,
         score_precision: Precision = "fp32",
         score_tol: float = 1e-3,
+        flip_tta: bool = False,
     ) -> None:
         bad = [m for m in methods if m not in M.METHODS]
         if bad or not methods:
@@ -197,10 +211,15 @@ class CamEngine:
             raise InputError(f"score_precision {score_precision!r}: expected fp32 or bf16")
         if not score_tol >= 0:
             raise InputError(f"score_tol {score_tol}: must be >= 0")
+        names = [layer] if isinstance(layer, str) else None if layer is None else list(layer)
+        if names is not None and (not names or not all(isinstance(n, str) for n in names)):
+            raise InputError(f"layer {layer!r}: expected a module name or a list of names")
         self.model = model.eval()
         self.methods = list(dict.fromkeys(methods))
-        self.layer = layer
+        #: target layer names (None until resolved when found automatically)
+        self.layers: list[str] | None = None if names is None else list(dict.fromkeys(names))
         self._layer_checked = False
+        self.flip_tta = bool(flip_tta)
         self.target = target
         self.smooth_n = smooth_n
         self.smooth_sigma = smooth_sigma
@@ -215,39 +234,71 @@ class CamEngine:
         self.score_stats = ScoreStats()
         self._capture = False
         self._need_grad = False
-        self._acts: list[Tensor] = []
-        self._handle: Any = None
+        self._acts: dict[str, list[Tensor]] = {}
+
+    @property
+    def layer(self) -> str | None:
+        """The target layer names joined by ``+`` (one name: that name; None: not resolved)."""
+        return None if self.layers is None else "+".join(self.layers)
 
     # ----------------------------------------------------------------- layer and hook
-    def resolve_layer(self, input_shape: Sequence[int]) -> str:
-        """Find/check the target layer for inputs of shape (C, *S); returns its name."""
+    def resolve_layers(self, input_shape: Sequence[int]) -> list[str]:
+        """Find/check the target layer(s) for inputs of shape (C, *S); returns the names."""
         if not self._layer_checked:
-            self.layer = find_target_layer(self.model, input_shape, self.layer)
+            if self.layers is None:
+                self.layers = [find_target_layer(self.model, input_shape)]
+            else:
+                self.layers = [find_target_layer(self.model, input_shape, n) for n in self.layers]
             self._layer_checked = True
-        return str(self.layer)
+        assert self.layers is not None
+        return list(self.layers)
 
-    def _hook(self, _m: nn.Module, _i: Any, out: Any) -> Any:
-        if not self._capture:
+    def resolve_layer(self, input_shape: Sequence[int]) -> str:
+        """Find/check the target layer(s) for inputs of shape (C, *S); the names joined by +."""
+        return "+".join(self.resolve_layers(input_shape))
+
+    def _hook(self, name: str) -> Callable[..., Any]:
+        """Forward hook of layer ``name``: records its output (see :meth:`_hooked`)."""
+
+        def hook(_m: nn.Module, _i: Any, out: Any) -> Any:
+            if not self._capture:
+                return None
+            if not isinstance(out, Tensor):
+                raise InputError(f"layer {name!r} does not output a tensor")
+            if self._need_grad:
+                # the first target layer becomes a leaf; a later one already depends on it
+                # and stays in the graph (its gradient flows on to the earlier layer)
+                act = out if out.requires_grad else out.detach().requires_grad_(True)
+                self._acts[name].append(act)
+                return act.clone()  # later in-place ops must not touch the recorded tensor
+            self._acts[name].append(out.detach())
             return None
-        if not isinstance(out, Tensor):
-            raise InputError(f"layer {self.layer!r} does not output a tensor")
-        if self._need_grad:
-            leaf = out.detach().requires_grad_(True)
-            self._acts.append(leaf)
-            return leaf.clone()  # later in-place ops must not touch the leaf
-        self._acts.append(out.detach())
-        return None
+
+        return hook
 
     @contextmanager
     def _hooked(self, need_grad: bool) -> Iterator[None]:
-        module = self.model.get_submodule(str(self.layer))
-        handle = module.register_forward_hook(self._hook)
-        self._capture, self._need_grad, self._acts = True, need_grad, []
+        assert self.layers is not None
+        handles = [
+            self.model.get_submodule(n).register_forward_hook(self._hook(n)) for n in self.layers
+        ]
+        self._capture, self._need_grad = True, need_grad
+        self._acts = {n: [] for n in self.layers}
         try:
             yield
         finally:
             self._capture = False
-            handle.remove()
+            for h in handles:
+                h.remove()
+
+    def _recorded(self) -> list[Tensor]:
+        """The one activation of each target layer recorded by the last forward pass."""
+        out = []
+        for name, acts in self._acts.items():
+            if len(acts) != 1:
+                raise InputError(f"layer {name!r} ran {len(acts)} times in one forward")
+            out.append(acts[0])
+        return out
 
     def close(self) -> None:
         """Drop cached traced models (hooks never outlive a call)."""
@@ -260,22 +311,26 @@ class CamEngine:
         self.close()
 
     # ----------------------------------------------------------------- helpers
-    def _targets(self, logits: Tensor) -> Tensor:
+    def _targets(self, logits: Tensor, views: int = 1) -> Tensor:
+        """Target class per row of ``logits`` (``views`` stacked copies of the batch: the
+        predicted class is that of the highest probability averaged over the views)."""
         n_cls = logits.shape[1]
         if self.target == "predicted":
-            return logits.argmax(dim=1)
+            if views == 1:
+                return logits.argmax(dim=1)
+            probs = torch.softmax(logits.float(), dim=1).reshape(views, -1, n_cls).mean(0)
+            return probs.argmax(dim=1).repeat(views)
         cls = 1 if self.target == "lesion" else int(self.target)
         if cls >= n_cls:
             raise InputError(f"target class {cls}: the network has only {n_cls} outputs")
         return torch.full((logits.shape[0],), cls, dtype=torch.long, device=logits.device)
 
-    def _forward_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits and the (leaf) target-layer activation, with a graph above the layer only."""
+    def _forward_grad(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Logits and each target layer's activation (the first a leaf), with a graph above
+        the first target layer only."""
         with self._hooked(need_grad=True), torch.enable_grad():
             logits = self.model(x)
-        if len(self._acts) != 1:
-            raise InputError(f"layer {self.layer!r} ran {len(self._acts)} times in one forward")
-        return logits, self._acts[0]
+        return logits, self._recorded()
 
     def _score_forward(self, x_example: Tensor) -> Callable[[Tensor], Tensor]:
         if self._fast is None:
@@ -329,8 +384,9 @@ class CamEngine:
 
     def _smooth_grads(
         self, x: Tensor, target: Tensor, keys: Sequence[int]
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Means of g, g^2, g^3 over ``smooth_n`` noisy copies of each image (batched)."""
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per target layer, means of g, g^2, g^3 over ``smooth_n`` noisy copies of each
+        image (batched)."""
         n = self.smooth_n
         noise = torch.empty((x.shape[0], n, *x.shape[1:]), dtype=x.dtype)
         for i, key in enumerate(keys):
@@ -338,21 +394,25 @@ class CamEngine:
             noise[i] = torch.randn((n, *x.shape[1:]), generator=gen, dtype=x.dtype)
         noisy = (x.unsqueeze(1) + self.smooth_sigma * noise.to(x.device)).flatten(0, 1)
         tgt = target.repeat_interleave(n)
-        sums: list[Tensor] = []
+        sums: list[list[Tensor]] = []  # per layer: g, g^2, g^3 of every noisy input
         step = max(1, self.score_batch)
         for start in range(0, noisy.shape[0], step):
             sl = slice(start, start + step)
-            logits, act = self._forward_grad(noisy[sl])
+            logits, acts = self._forward_grad(noisy[sl])
             with torch.enable_grad():
-                (g,) = torch.autograd.grad(logits.gather(1, tgt[sl, None]).sum(), act)
-            g = g.detach()
-            parts = [g, g * g, g * g * g]
-            if not sums:
-                sums = [p.new_zeros((noisy.shape[0], *p.shape[1:])) for p in parts]
-            for s, p in zip(sums, parts, strict=True):
-                s[sl] = p
+                grads = torch.autograd.grad(logits.gather(1, tgt[sl, None]).sum(), acts)
+            for i, g in enumerate(grads):
+                g = g.detach()
+                parts = [g, g * g, g * g * g]
+                if len(sums) <= i:
+                    sums.append([p.new_zeros((noisy.shape[0], *p.shape[1:])) for p in parts])
+                for s, p in zip(sums[i], parts, strict=True):
+                    s[sl] = p
         b = x.shape[0]
-        return tuple(s.reshape(b, n, *s.shape[1:]).mean(1) for s in sums)  # type: ignore[return-value]
+        return [
+            tuple(s.reshape(b, n, *s.shape[1:]).mean(1) for s in layer)  # type: ignore[misc]
+            for layer in sums
+        ]
 
     # ----------------------------------------------------------------- main call
     def __call__(
@@ -361,55 +421,82 @@ class CamEngine:
         """Maps of every method for the batch ``x`` (B, C, *S).
 
         ``keys`` identify images for Smooth Grad-CAM++'s noise (default 0..B-1; pass store
-        indices so results do not depend on batching). ``raw`` skips the min-max.
+        indices so results do not depend on batching). ``raw`` skips the min-max. With
+        ``flip_tta`` the batch runs as (B images, B mirror images) in one pass (a mirror
+        image gets its image's key); ``logits`` are then the un-flipped images'.
         """
         if x.ndim < 3:
             raise InputError(f"input of shape {tuple(x.shape)}: expected (B, C, *spatial)")
-        self.resolve_layer(tuple(x.shape[1:]))
+        layers = self.resolve_layers(tuple(x.shape[1:]))
         keys = list(range(x.shape[0])) if keys is None else list(keys)
         if len(keys) != x.shape[0]:
             raise InputError(f"{len(keys)} keys for a batch of {x.shape[0]}")
         grad_methods = [m for m in self.methods if m in M.GRADIENT_METHODS]
         size = tuple(x.shape[2:])
-        layer_maps: dict[str, Tensor] = {}
+        b, views = x.shape[0], 2 if self.flip_tta else 1
+        if views > 1:
+            x, keys = torch.cat([x, x.flip(-1)]), keys * views
+        layer_maps: dict[str, list[Tensor]] = {}
         with frozen_params(self.model):
             if grad_methods:
-                logits, act = self._forward_grad(x)
-                target = self._targets(logits)
-                (g,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), act)
-                a, g = act.detach(), g.detach()
+                logits, acts_g = self._forward_grad(x)
+                target = self._targets(logits, views)
+                grads = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), acts_g)
+                acts = [a.detach() for a in acts_g]
+                gs: list[Tensor | None] = [g.detach() for g in grads]
                 logits = logits.detach()
             else:
                 with self._hooked(need_grad=False), torch.inference_mode():
                     logits = self.model(x)
-                if len(self._acts) != 1:
-                    raise InputError(f"layer {self.layer!r} ran {len(self._acts)} times")
-                a, g = self._acts[0].clone(), None
+                acts, gs = [a.clone() for a in self._recorded()], [None] * len(layers)
                 logits = logits.clone()
-                target = self._targets(logits)
+                target = self._targets(logits, views)
+            smooth = (
+                self._smooth_grads(x, target, keys)
+                if "smoothgradcampp" in self.methods
+                else [None] * len(layers)
+            )
             with torch.no_grad():
                 for method in self.methods:
-                    layer_maps[method] = self._method_map(method, x, a, g, target, keys)
-        self._acts = []
+                    layer_maps[method] = [
+                        self._method_map(method, x, a, g, target, keys, name, sm)
+                        for name, a, g, sm in zip(layers, acts, gs, smooth, strict=True)
+                    ]
+        self._acts = {}
         logits = logits.float()
         probs = (
             torch.softmax(logits, dim=1)[:, 1]
             if logits.shape[1] > 1
             else torch.sigmoid(logits[:, 0])
         )
+        if views > 1:
+            probs = probs.reshape(views, b).mean(0)
+            logits, target = logits[:b], target[:b]
         maps = {
-            m: M.postprocess(lm.float(), size, normalise=not raw) for m, lm in layer_maps.items()
+            m: M.fuse([lm.float() for lm in lms], size, views, normalise=not raw)
+            for m, lms in layer_maps.items()
         }
-        return CamResult(maps, logits, probs, target, layer_maps)
+        first = {m: lms[0][:b] for m, lms in layer_maps.items()}
+        return CamResult(maps, logits, probs, target, first)
 
     def _method_map(
-        self, method: str, x: Tensor, a: Tensor, g: Tensor | None, target: Tensor, keys: list[int]
+        self,
+        method: str,
+        x: Tensor,
+        a: Tensor,
+        g: Tensor | None,
+        target: Tensor,
+        keys: list[int],
+        layer: str,
+        smooth: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> Tensor:
+        """One method's ReLU'd map (B, *S) at ``layer`` (activations ``a``, gradients ``g``;
+        ``smooth``: Smooth Grad-CAM++'s mean g, g^2, g^3 at that layer)."""
         if method == "cam":
             fc = last_linear(self.model)
             if fc is None or fc.in_features != a.shape[1]:
                 raise InputError(
-                    f"method cam needs global pooling + a linear head on layer {self.layer!r} "
+                    f"method cam needs global pooling + a linear head on layer {layer!r} "
                     f"({a.shape[1]} channels); use gradcam instead"
                 )
             return M.combine(a, M.cam_weights(fc.weight.detach(), target))
@@ -430,8 +517,8 @@ class CamEngine:
         if method == "layercam":
             return M.combine(a, M.layercam_weights(a, g))
         if method == "smoothgradcampp":
-            with frozen_params(self.model):
-                mg, mg2, mg3 = self._smooth_grads(x, target, keys)
+            assert smooth is not None
+            mg, mg2, mg3 = smooth
             return M.combine(a, M.gradcampp_weights(a, mg2, mg3, mg))
         raise InputError(f"CAM method {method!r}: unknown")
 
@@ -440,7 +527,7 @@ def compute_cams(
     model: nn.Module,
     x: Tensor,
     methods: Sequence[str] = ("gradcam",),
-    layer: str | None = None,
+    layer: str | Sequence[str] | None = None,
     target: Target = "lesion",
     raw: bool = False,
     **kwargs: Any,

@@ -9,6 +9,8 @@ them into a map ``relu(sum_k w_k A^k)`` of shape (B, *S).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -155,3 +157,44 @@ def postprocess(maps: Tensor, size: tuple[int, ...], normalise: bool = True) -> 
     out = minmax(up)
     const = is_constant(maps)
     return torch.where(const.reshape(-1, *([1] * len(size))), torch.zeros_like(out), out)
+
+
+def fuse(
+    layer_maps: Sequence[Tensor], size: tuple[int, ...], views: int = 1, normalise: bool = True
+) -> Tensor:
+    """Maps of several target layers and/or flip views -> one map per image (B, *size).
+
+    ``layer_maps[l]`` is layer l's ReLU'd map, shape (V B, *S_l): V = ``views`` stacked
+    copies of the batch, view 0 the images, view 1 their mirror images (flipped along the
+    last axis). Order of operations, per image:
+
+    1. per layer l and view v: ``U_lv = upsample(A_lv, size)`` (:func:`upsample`), view 1
+       flipped back along the last axis;
+    2. per layer: ``M_l = mean_v U_lv``; normalised: ``M_l <- minmax(M_l)``, all zeros when
+       every view's layer map is constant (as :func:`postprocess`);
+    3. ``M = mean_l M_l``; normalised and more than one layer: ``M <- minmax(M)``, so the
+       fused map spans [0, 1] like a single map.
+
+    Raw maps (``normalise=False``): steps 1-3 without any min-max. One layer and one view
+    is exactly :func:`postprocess`. Flip test-time augmentation of CAMs as used for
+    weakly supervised segmentation by e.g. Ahn & Kwak, "Learning Pixel-level Semantic
+    Affinity with Image-level Supervision", CVPR 2018; several layers' maps of one network
+    combined as in Jiang et al., LayerCAM (IEEE TIP 30, 2021), here by their mean.
+    """
+    if not layer_maps or views not in (1, 2):
+        raise ValueError("fuse: need at least one layer map and 1 or 2 views")
+    if len(layer_maps) == 1 and views == 1:
+        return postprocess(layer_maps[0], size, normalise)
+    fused = []
+    for maps in layer_maps:
+        b = maps.shape[0] // views
+        up = upsample(maps, size).reshape(views, b, *size)
+        if views > 1:
+            up = torch.cat([up[:1], up[1:].flip(-1)])
+        m = up.mean(0)
+        if normalise:
+            const = is_constant(maps.reshape(views, b, -1), start_dim=2).all(0)
+            m = torch.where(const.reshape(-1, *([1] * len(size))), 0.0, minmax(m))
+        fused.append(m)
+    out = torch.stack(fused).mean(0)
+    return minmax(out) if normalise and len(fused) > 1 else out

@@ -5,6 +5,8 @@ Layout of one member folder ``<maps_root>/<member>/`` (written by ``ensemblecam 
     meta.json   written last: its presence means the member is complete.
                 {"format": "ensemblecam-map-store", "version": 1, "member": name,
                  "checkpoint": path, "model": name, "method": name, "layer": name,
+                 "layers": [names] (fused layers; "layer" joins them with "+"),
+                 "flip_tta": bool (horizontal-flip test-time augmentation),
                  "target": "lesion" | "predicted" | int, "dtype": "float16" | "uint8",
                  "normalised": true, "store": slice-store path, "n": N, "size": [H, W],
                  "store_id": identity of the slice store, "store_n_slices": its slices}

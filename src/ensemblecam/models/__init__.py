@@ -24,6 +24,7 @@ from ensemblecam.models.classifiers import (
     cam_layer,
     first_conv,
     head_prefix,
+    set_output_stride,
 )
 from ensemblecam.models.segmenters import UNet2D, build_unet, load_unet, logits_to_mask
 
@@ -47,5 +48,6 @@ __all__ = [
     "read_checkpoint",
     "safe_torch_load",
     "save_checkpoint",
+    "set_output_stride",
     "unwrap",
 ]

@@ -7,7 +7,8 @@ batch to (B, num_classes) logits, class index 1 = lesion. Built-in names:
   MONAI's 3-D ones to match the torchvision/ImageNet layout (``conv1_t_stride=2``,
   ``bias_downsample=False``), so an ImageNet ResNet state dict loads key for key
   (conv1, bn1, layer1..4, fc). Any MONAI ``ResNet`` keyword can be passed
-  (e.g. ``widen_factor=0.25`` for a small test model).
+  (e.g. ``widen_factor=0.25`` for a small test model). ``output_stride=16`` or ``8``
+  replaces the stride of the last stage(s) by dilation (:func:`set_output_stride`).
 - ``vgg19`` (``batch_norm=False``, ``head="gap"`` or ``"torchvision"``): written from torch
   layers with torchvision's ``features``/``avgpool``/``classifier`` layout, so the feature
   weights of an ImageNet VGG-19 load; the default ``gap`` head is global average pooling
@@ -48,7 +49,9 @@ _VGG19_CFG: list[int | str] = [
 def _build_resnet(name: str) -> Callable[..., nn.Module]:
     block, layers = _RESNETS[name]
 
-    def build(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    def build(
+        in_channels: int, num_classes: int, output_stride: int | None = None, **kwargs: Any
+    ) -> nn.Module:
         from monai.networks.nets import ResNet
 
         args: dict[str, Any] = {"conv1_t_stride": 2, "bias_downsample": False}
@@ -63,9 +66,86 @@ def _build_resnet(name: str) -> Callable[..., nn.Module]:
             **args,
         )
         model.cam_layer = "layer4"  # type: ignore[assignment]
+        if output_stride is not None:
+            set_output_stride(model, output_stride)
         return model
 
     return build
+
+
+#: Output strides :func:`set_output_stride` accepts -> the stages that lose their stride.
+OUTPUT_STRIDES: dict[int, tuple[str, ...]] = {32: (), 16: ("layer4",), 8: ("layer3", "layer4")}
+
+
+def _convs(block: nn.Module) -> list[nn.Conv2d]:
+    """The main-path ``Conv2d`` modules of a residual block, in registration order."""
+    return [
+        m for name, m in block.named_modules()
+        if isinstance(m, nn.Conv2d) and not name.startswith("downsample")
+    ]  # fmt: skip
+
+
+def set_output_stride(model: nn.Module, output_stride: int) -> nn.Module:
+    """Make a ResNet's output stride ``output_stride`` (32, 16 or 8) by replacing the
+    stride of its last stage(s) with dilation, in place; returns ``model``.
+
+    Convention (torchvision's ``replace_stride_with_dilation``; Chen et al., "DeepLab:
+    Semantic Image Segmentation with Deep Convolutional Nets, Atrous Convolution, and
+    Fully Connected CRFs", arXiv:1606.00915): stages ``layer4`` (OS 16) or ``layer3`` and
+    ``layer4`` (OS 8) keep their resolution. In such a stage with incoming dilation
+    ``p`` (1, or 2 for ``layer4`` at OS 8) and stride ``s = 2``, the dilation becomes
+    ``d = p s``: the first block's strided conv and its downsample conv get stride 1, the
+    strided conv keeps dilation ``p`` (it still reads the stage's input grid), and every
+    later k x k conv of the stage (k > 1) gets dilation ``d`` and padding ``d (k - 1) / 2``
+    (it reads the grid that is no longer sub-sampled). So the output is the same function
+    sampled densely: where the original network computed its output, the dilated one
+    computes the same value (same weights: the state dict is unchanged). For OS 8 that is
+    ``layer3``: p = 1, d = 2; ``layer4``: p = 2, d = 4.
+
+    Works on a ResNet whose ``layer3``/``layer4`` are sequences of residual blocks with a
+    module downsample (MONAI's ``shortcut_type="B"``, torchvision's); anything else is an
+    InputError. Calling it on an already dilated network is an InputError too.
+    """
+    if output_stride not in OUTPUT_STRIDES:
+        raise InputError(f"output_stride {output_stride}: expected 8, 16 or 32")
+    name = type(model).__name__
+    stages = [getattr(model, s, None) for s in ("layer3", "layer4")]
+    if not all(isinstance(s, nn.Sequential) and len(s) for s in stages):
+        raise InputError(f"output_stride: {name} has no ResNet stages layer3/layer4")
+    for stage in stages:
+        convs = [c for block in stage for c in _convs(block)]
+        if any(c.dilation != (1,) * len(c.dilation) for c in convs):
+            raise InputError(f"output_stride: {name} is already dilated")
+    prev = 1
+    for stage_name in OUTPUT_STRIDES[output_stride]:
+        stage = getattr(model, stage_name)
+        first = stage[0]
+        down = getattr(first, "downsample", None)
+        if down is not None and not isinstance(down, nn.Module):
+            raise InputError(
+                f"output_stride: {name} {stage_name} has a function shortcut "
+                "(shortcut_type 'A'); use shortcut_type 'B'"
+            )
+        strided = [c for c in _convs(first) if max(c.stride) > 1]
+        down_convs = [m for m in (down.modules() if down else []) if isinstance(m, nn.Conv2d)]
+        if len(strided) != 1 or any(max(c.stride) != 2 for c in strided + down_convs):
+            raise InputError(f"output_stride: {name} {stage_name} is not a stride-2 stage")
+        dil = prev * 2
+        for block in stage:
+            for conv in _convs(block):
+                k = conv.kernel_size
+                if conv is strided[0]:
+                    conv.stride = (1,) * len(k)
+                    d = prev
+                else:
+                    d = dil
+                if max(k) > 1:
+                    conv.dilation = (d,) * len(k)
+                    conv.padding = tuple(d * (kk - 1) // 2 for kk in k)
+        for conv in down_convs:
+            conv.stride = (1,) * len(conv.stride)
+        prev = dil
+    return model
 
 
 class VGG19(nn.Module):
@@ -177,9 +257,18 @@ def _unknown(name: str) -> InputError:
 
 
 def build_model(name: str, in_channels: int, num_classes: int = 2, **kwargs: Any) -> nn.Module:
-    """A freshly initialised classifier ``name`` for ``in_channels``-channel 2-D input."""
+    """A freshly initialised classifier ``name`` for ``in_channels``-channel 2-D input.
+
+    ``output_stride`` (8, 16, 32; None: the network's own) is accepted by the built-in
+    ResNets only (:func:`set_output_stride`)."""
     if in_channels < 1 or num_classes < 1:
         raise InputError(f"model {name!r}: in_channels and num_classes must be >= 1")
+    if kwargs.get("output_stride") is not None and name not in _RESNETS:
+        raise InputError(
+            f"model {name!r}: output_stride is supported by the built-in ResNets only "
+            f"({', '.join(_RESNETS)})"
+        )
+    kwargs = {k: v for k, v in kwargs.items() if not (k == "output_stride" and v is None)}
     try:
         if name in _BUILTIN:
             return _BUILTIN[name](in_channels, num_classes, **kwargs)

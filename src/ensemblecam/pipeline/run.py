@@ -285,7 +285,8 @@ def check_run_config(cfg: Config) -> None:
     from ensemblecam import models
     from ensemblecam.cam.methods import METHODS
     from ensemblecam.models.segmenters import build_unet, model_args
-    from ensemblecam.stages.train import resolve_recipe
+    from ensemblecam.stages.cam import target_layers
+    from ensemblecam.stages.train import output_stride_arg, resolve_recipe
 
     rc = cfg.run
     if cfg.prepare.data is None:
@@ -297,15 +298,16 @@ def check_run_config(cfg: Config) -> None:
     if len(set(rc.models)) != len(rc.models):
         raise InputError(f"config: run.models {rc.models} has duplicates")
     n_ch = len(cfg.prepare.modalities) if cfg.prepare.modalities else 1
+    build_args = {**cfg.train.model_args, **output_stride_arg(cfg.train)}
     for name in rc.models:
         try:
             try:
                 with torch.device("meta"):  # no memory, no initialisation cost
-                    models.build_model(name, n_ch, 2, **cfg.train.model_args)
+                    models.build_model(name, n_ch, 2, **build_args)
             except InputError:
                 raise
             except Exception:  # a model reading tensor values while built: build it for real
-                models.build_model(name, n_ch, 2, **cfg.train.model_args)
+                models.build_model(name, n_ch, 2, **build_args)
         except InputError as exc:
             raise InputError(f"config: run.models: {exc}") from exc
         except Exception as exc:  # a model's own argument checks
@@ -327,6 +329,7 @@ def check_run_config(cfg: Config) -> None:
         raise InputError(
             f"config: cam.methods {','.join(bad) or '(none)'}: expected any of {', '.join(METHODS)}"
         )
+    target_layers(cfg.cam)
     if cfg.cam.target not in ("lesion", "predicted", "0", "1"):
         raise InputError(
             f"config: cam.target {cfg.cam.target!r}: expected lesion, predicted, "

@@ -125,7 +125,9 @@ def _run_facts(run: Run, folds: list[str], objective: str) -> list[tuple[str, st
     methods = list(dict.fromkeys(m.partition("__")[2] for m in members))
     cam = cfg.get("cam") or {}
     methods = methods or [str(m) for m in cam.get("methods") or []]
-    layer = f" at {cam['layer']}" if cam.get("layer") else ""
+    names = cam.get("layers") or ([cam["layer"]] if cam.get("layer") else [])
+    layer = f" at {' + '.join(map(str, names))}" if names else ""
+    layer += " with flip test-time augmentation" if cam.get("flip_tta") else ""
     facts.append(
         (
             "CAM methods",

@@ -49,7 +49,7 @@ class CamPlan:
     cfg: CamConfig
     indices: np.ndarray
     tags: list[str]
-    layers: list[str]
+    layers: list[list[str]]  # per checkpoint: its target layer(s)
     members: list[list[Path]] = field(default_factory=list)  # per checkpoint, per method
     store_id: str = ""  # SliceStore.identity of cfg.store
 
@@ -84,6 +84,31 @@ def check_fit(checkpoint: Path, info: dict[str, Any], store: SliceStore) -> None
             f"{checkpoint}: trained on {list(size)} slices, the store {store.path} has "
             f"{list(store.size)}"
         )
+
+
+def target_layers(cfg: CamConfig) -> list[str] | None:
+    """The configured target layers: ``layers`` if given (``layer`` may then only be None
+    or one of them), else ``[layer]``, else None (automatic)."""
+    if cfg.layers is None:
+        return None if cfg.layer is None else [cfg.layer]
+    names = list(dict.fromkeys(n.strip() for n in cfg.layers))
+    if not names or not all(names):
+        raise InputError(f"cam.layers {cfg.layers}: give at least one layer name, none empty")
+    if cfg.layer is not None and cfg.layer not in names:
+        raise InputError(
+            f"cam.layer {cfg.layer!r} is not one of cam.layers {names}: set one of them "
+            "(layers replaces layer)"
+        )
+    return names
+
+
+def choose_layers(
+    model: torch.nn.Module, info: dict[str, Any], shape: tuple, layers: list[str] | None
+) -> list[str]:
+    """Every one of ``layers`` (checked), or the single layer of :func:`choose_layer`."""
+    if layers is None:
+        return [choose_layer(model, info, shape, None)]
+    return [find_target_layer(model, shape, name) for name in layers]
 
 
 def choose_layer(
@@ -138,6 +163,7 @@ def plan_cam(cfg: CamConfig) -> CamPlan:
     if cfg.raw and cfg.dtype == "uint8":
         raise InputError("--raw maps are not in [0, 1]: use --dtype float16 or float32")
     _target(cfg.target)
+    wanted = target_layers(cfg)
     indices = split_indices(store, cfg.splits, cfg.fold, cfg.parts)
     tags = list(cfg.tags) if cfg.tags else [model_tag(Path(c)) for c in cfg.checkpoints]
     if len(tags) != len(cfg.checkpoints):
@@ -154,7 +180,7 @@ def plan_cam(cfg: CamConfig) -> CamPlan:
             raise InputError(
                 f"--target {cfg.target}: {ck} has {n_cls} classes (indices 0..{n_cls - 1})"
             )
-        layers.append(choose_layer(model, info, shape, cfg.layer))
+        layers.append(choose_layers(model, info, shape, wanted))
         paths = []
         for method in dict.fromkeys(cfg.methods):
             path = Path(cfg.out) / mapstore.member_name(tag, method)
@@ -180,12 +206,18 @@ def run_cam(
     return make_fabric(cfg).launch(_run, plan, progress, stop_after_batches)
 
 
+def _layer_record(layers: list[str]) -> str | list[str]:
+    """A member's ``layer`` record: the name of its one layer, or the list of its layers."""
+    return layers[0] if len(layers) == 1 else list(layers)
+
+
 def _plan_record(plan: CamPlan, k: int, method: str) -> dict[str, Any]:
     cfg = plan.cfg
     return {
         "checkpoint": str(Path(cfg.checkpoints[k]).resolve()),
         "method": method,
-        "layer": plan.layers[k],
+        "layer": _layer_record(plan.layers[k]),
+        "flip_tta": cfg.flip_tta,
         "target": cfg.target,
         "dtype": cfg.dtype,
         "raw": cfg.raw,
@@ -247,7 +279,7 @@ def _run(fabric: Any, plan: CamPlan, progress: bool | None, stop_after: int | No
         engine = CamEngine(
             model, methods, plan.layers[k], _target(cfg.target), cfg.smooth_n, cfg.smooth_sigma,
             cfg.seed, cfg.score_batch, cfg.top_k, score_precision=cfg.score_precision,
-            score_tol=cfg.score_tol,
+            score_tol=cfg.score_tol, flip_tta=cfg.flip_tta,
         )  # fmt: skip
         maps = [np.load(p / "maps.npy", mmap_mode="r+") for p in partials]
         probs = [np.load(p / "probs.npy", mmap_mode="r+") for p in partials]
@@ -308,7 +340,8 @@ def _commit_member(
     meta = {
         "format": mapstore.MAP_FORMAT, "version": mapstore.MAP_VERSION,
         "member": path.name, "checkpoint": rec["checkpoint"], "model": info.get("model"),
-        "method": method, "layer": plan.layers[k], "target": _target(cfg.target),
+        "method": method, "layer": "+".join(plan.layers[k]), "layers": plan.layers[k],
+        "flip_tta": cfg.flip_tta, "target": _target(cfg.target),
         "dtype": map_dtype, "normalised": not cfg.raw, "store": rec["store"],
         "store_id": store.identity, "store_n_slices": store.n_slices,
         "n": len(plan.indices), "size": list(store.size), "parts": list(cfg.parts),

@@ -72,6 +72,21 @@ def resolve_recipe(cfg: TrainConfig) -> dict[str, Any]:
     return recipe
 
 
+def output_stride_arg(cfg: TrainConfig) -> dict[str, int]:
+    """``{"output_stride": n}`` when ``cfg.output_stride`` is set (stored with the other
+    build arguments in the checkpoint, so the cam stage rebuilds the dilated network);
+    a different ``output_stride`` in ``model_args`` is an InputError."""
+    if cfg.output_stride is None:
+        return {}
+    given = cfg.model_args.get("output_stride")
+    if given is not None and given != cfg.output_stride:
+        raise InputError(
+            f"train.output_stride {cfg.output_stride} contradicts train.model_args "
+            f"output_stride {given}"
+        )
+    return {"output_stride": cfg.output_stride}
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -142,6 +157,7 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         )
     in_channels = len(store.channels)
     model_args = {**cfg.model_args, "in_channels": in_channels, "num_classes": 2}
+    model_args.update(output_stride_arg(cfg))
     model = models.build_model(cfg.model, **model_args)  # unknown name / bad args fail here
     if cfg.weights is not None:
         models.load_pretrained(model, cfg.weights)  # a file that does not fit fails here
