@@ -218,6 +218,42 @@ def test_final_choice_on_val_masks(finished_run: Path, phantom: Path, tmp_path: 
     assert "Final masks (export/, predict):" in (run / "results.md").read_text()
 
 
+def test_second_self_training_round(finished_run: Path, tmp_path: Path) -> None:
+    """run.rounds 2: round 1's U-Net (pseudo_round1/) maps the refined parts, those maps at
+    threshold 0.5 are refined into round 2's labels, and pseudo/ is round 2's U-Net."""
+    from ensemblecam.io.masks import read_masks
+    from ensemblecam.io.store import SliceStore
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    cfg = load_config(run / "config.yaml")
+    cfg.run.out, cfg.run.rounds = run, 2
+    pipeline.run_pipeline(cfg, force=True, progress=False)
+    ran = json.loads((run / "run.json").read_text())["ran_this_time"]
+    for f in ("fold0", "fold1"):
+        for stage in ("pseudo_round1", "pseudo_round1/maps", "refine_round2", "pseudo_unet"):
+            assert f"{f}/{stage}" in ran
+    assert not any("/train/" in r or r.endswith(("/cam", "/search", "/refine")) for r in ran)
+    res = json.loads((run / "results.json").read_text())
+    kinds = [r["kind"] for r in res["rows"]]
+    assert kinds.count("pseudo_round") == 1 and kinds.count("pseudo_unet") == 1
+    fold = run / "fold0"
+    conf = json.loads((fold / "round2.json").read_text())
+    assert conf == {"operator": "single", "members": ["selftrain__round1"],
+                    "thresholds": [0.5], "gate": None}  # fmt: skip
+    meta = json.loads((fold / "maps" / "selftrain__round1" / "meta.json").read_text())
+    assert meta["checkpoint"] == str((fold / "pseudo_round1" / "best.pt").resolve())
+    # round 2's labels follow the slice labels: lesion-free slices all background, lesion
+    # slices never empty
+    index, labels = read_masks(fold / "refine_round2" / "masks.npz")
+    slice_labels = SliceStore.open(run / "store").labels[index]
+    lab = np.asarray(labels)
+    assert (lab[slice_labels == 0] == 0).all()
+    assert ((lab[slice_labels == 1] == 1).sum(axis=(1, 2)) > 0).all()
+    rec = json.loads((fold / "pseudo" / "unet.json").read_text())
+    assert str(fold / "refine_round2" / "masks.npz") in json.dumps(rec)
+
+
 def test_predict_on_scans_without_seg(
     finished_run: Path, phantom: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -411,6 +411,14 @@ class RunConfig(Section):
         "three-class pseudo-labels (section refine) before self-training; off: the plain "
         "ensemble masks with the slice labels applied",
     )
+    rounds: int = Field(
+        1,
+        ge=1,
+        description="self-training rounds: each round after the first trains a new U-Net "
+        "on the previous one's lesion probabilities (a single member at threshold 0.5) "
+        "refined again like the ensemble's (section refine); the last round's U-Net is the "
+        "self-trained result",
+    )
     final: Literal["auto", "self_trained", "ensemble"] = Field(
         "auto",
         description="the final method (export/, predict): auto takes the one with the higher "

@@ -19,6 +19,10 @@
         pseudo_targets/     the chosen ensemble's masks of the training part (masks.npz),
                             used instead of refine/ when run.refine is off
         pseudo/             U-Net self-trained on those pseudo-labels (second stage)
+        pseudo_round<r>/, round<r+1>.json, refine_round<r+1>/  (run.rounds > 1) an earlier
+                            round's U-Net, the single member of its maps
+                            (maps/selftrain__round<r>/) and the next round's pseudo-labels;
+                            pseudo/ is always the last round's U-Net
         select/<method>/    the ensemble and the self-trained U-Net scored on the val
                             part's masks: the choice of the final method (run.final auto)
         eval/<row>/         metrics.json, per_slice.csv, per_case.csv for each result row
@@ -146,8 +150,18 @@ class FoldLayout:
         return self.eval_row(slug) / "masks.npz"
 
     def unet(self, kind: str) -> Path:
-        """U-Net training folder: ``unet`` (store masks) or ``pseudo`` (pseudo-labels)."""
-        return self.dir / ("unet" if kind == "unet" else "pseudo")
+        """U-Net training folder: ``unet`` (store masks), ``pseudo`` (pseudo-labels: the
+        last self-training round) or ``pseudo_round<r>`` (an earlier round)."""
+        return self.dir / {"unet": "unet", "pseudo_unet": "pseudo"}.get(kind, kind)
+
+    def round_config(self, r: int) -> Path:
+        """round<r>.json: the single-member configuration self-training round ``r`` refines
+        (the previous round's U-Net maps at threshold 0.5)."""
+        return self.dir / f"round{r}.json"
+
+    def round_refine(self, r: int) -> Path:
+        """refine_round<r>/: the pseudo-labels of self-training round ``r`` (as refine/)."""
+        return self.dir / f"refine_round{r}"
 
     def unet_record(self, kind: str) -> Path:
         return self.unet(kind) / "unet.json"

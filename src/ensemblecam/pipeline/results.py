@@ -7,8 +7,10 @@ files written from it (results.json, results.csv, results.md, the demo's table).
      "folds": ["fold0", ...], "metric_names": [...],
      "scored": true (false: no masks in the evaluation part, every metric null),
      "criteria": {"fold0": best.json's "criterion" (what chose the configuration), ...},
+     "final": {"method": "self_trained" | "ensemble", "chosen_by": ..., "val_lesion_dice":
+               {...} (run.final auto with masks in the val part)},
      "rows": [{"name": "ensemble (best configuration)", "kind": "ensemble" | "operator" |
-               "single" | "labels" | "empty" | "unet" | "pseudo_unet",
+               "single" | "labels" | "empty" | "unet" | "pseudo_unet" | "pseudo_round",
                "config": {"fold0": {"operator", "members", "thresholds", "gate"} | null, ...},
                "per_fold": {"fold0": {metric: value, ...}, ...},
                "mean": {metric: value}, "std": {metric: value},

@@ -558,6 +558,10 @@ def _run_fold(
         targets, k_pt = _fold_pseudo_labels(f, ecfg, rows[0]["config"], k_search)
         if rc.refine and _part_annotated(store, splits, k, "train"):
             rows.append(_pseudo_label_row(f, ecfg, k_pt))
+        for r in range(1, rc.rounds):  # earlier self-training rounds: their U-Net relabels
+            kind = f"pseudo_round{r}"
+            rows.append(_unet_row(cfg, runner, store, splits, k, f.fold, kind, targets, k_pt, ecfg))
+            targets, k_pt = _fold_next_round(f, r, k_pt)
         rows.append(
             _unet_row(cfg, runner, store, splits, k, f.fold, "pseudo_unet", targets, k_pt, ecfg)
         )
@@ -769,6 +773,50 @@ def _fold_pseudo_labels(
     return f.fold.pseudo_masks, key
 
 
+def _fold_next_round(f: _Fold, r: int, k_prev: str) -> tuple[Path, str]:
+    """Self-training round ``r + 1``'s targets and stage key: round ``r``'s U-Net maps the
+    refined parts (member ``selftrain__round<r>``: its softmax P(lesion), unsmoothed), and
+    the refine stage turns that single member at threshold 0.5 into three-class
+    pseudo-labels (slice labels applied, refiner chosen as in round 1)."""
+    from ensemblecam.io.mapstore import member_name
+    from ensemblecam.io.store import SliceStore
+    from ensemblecam.stages.cam import split_indices
+    from ensemblecam.stages.mil import write_unet_maps
+    from ensemblecam.stages.refine import REFINE_MARKER, refine_stage
+
+    kind = f"pseudo_round{r}"
+    member = member_name("selftrain", f"round{r}")
+    parts = list(f.cfg.refine.parts)
+    conf = f.fold.round_config(r + 1)
+
+    def write_maps(force: bool) -> None:
+        idx = split_indices(SliceStore.open(f.store), f.splits, f.k, parts)
+        ckpt = f.fold.unet_checkpoint(kind)
+        top, batch = f.cfg.mil.top_fraction, f.cfg.unet.batch_size
+        out_maps = f.fold.map_set(member)
+        write_unet_maps(
+            ckpt, f.store, idx, out_maps, f"round{r}", 0.0, top, batch, force, f.runner.progress
+        )
+        single = {"operator": "single", "members": [member], "thresholds": [0.5], "gate": None}
+        fsutil.write_json(conf, single)
+
+    k_maps = stable_hash(["round maps", _unet_key(f.cfg, kind, f.k, k_prev), parts])
+    f.runner.stage(f"{f.name}/{kind}/maps", f.fold.map_set(member), k_maps, "meta.json", write_maps)
+    out = f.fold.round_refine(r + 1)
+    rcfg = f.cfg.refine.model_copy(
+        update=f.update(fold=str(f.k), maps=f.fold.maps, config_file=conf, out=out)
+    )
+    key = stable_hash(["refine", _options(f.cfg.refine), k_maps])
+    f.runner.stage(
+        f"{f.name}/refine_round{r + 1}",
+        out,
+        key,
+        REFINE_MARKER,
+        lambda force: refine_stage(rcfg, force=force),
+    )
+    return out / "masks.npz", key
+
+
 def _pseudo_label_row(f: _Fold, ecfg: EvaluateConfig, k_refine: str) -> dict[str, Any]:
     """Score the refined pseudo-labels of the training part's annotated slices against
     their masks (ignore counted as background): how good the self-training targets are.
@@ -840,7 +888,8 @@ def _fold_evaluate(
     eval_dir = f.fold.eval
 
     def evaluate_all(force: bool) -> None:
-        keep = {r["slug"] for r in rows} | {"unet", "pseudo_unet", "pseudo_labels"}
+        rounds = {f"pseudo_round{r}" for r in range(1, f.cfg.run.rounds)}
+        keep = {r["slug"] for r in rows} | {"unet", "pseudo_unet", "pseudo_labels"} | rounds
         if eval_dir.is_dir():  # rows of an earlier search that are no longer evaluated
             for stale in eval_dir.iterdir():
                 if stale.is_dir() and stale.name not in keep:
@@ -884,7 +933,7 @@ def _unet_row(
     ev = fold.eval_row(kind)
     # "masks": the evaluation keeps the U-Net's masks (an older row without them reruns)
     k_parts: list[Any] = [kind, "evaluate", key, _options(cfg.evaluate), ecfg.part, "masks"]
-    gate = _gate(cfg, fold) if kind == "pseudo_unet" else None
+    gate = _gate(cfg, fold) if kind != "unet" else None
     if gate is not None:  # the classifiers' map sets are upstream of ``key`` already
         k_parts.append(["gate", cfg.run.gate, cfg.run.gate_threshold])  # ungated: old key
     runner.stage(
@@ -894,8 +943,10 @@ def _unet_row(
         fold.eval_metrics(kind).name,
         lambda force: evaluate_unet(ecfg, fold.unet_checkpoint(kind), ev, force=force, gate=gate),
     )
-    label = "U-Net, fully supervised" if kind == "unet" else METHOD_NAMES["self_trained"]
-    return {"name": label, "kind": kind, "slug": kind, "config": None}
+    label = {"unet": "U-Net, fully supervised", "pseudo_unet": METHOD_NAMES["self_trained"]}
+    name = label.get(kind) or f"U-Net self-trained, round {kind.removeprefix('pseudo_round')}"
+    row_kind = "pseudo_round" if kind.startswith("pseudo_round") else kind
+    return {"name": name, "kind": row_kind, "slug": kind, "config": None}
 
 
 def _unet_key(cfg: Config, kind: str, k: int, upstream: str) -> str:

@@ -64,31 +64,57 @@ def write_mil_maps(
 ) -> Path:
     """Write the localiser's member (``out``, a map-store member folder) for the store
     slices ``indices``."""
+    return write_unet_maps(
+        checkpoint,
+        store_path,
+        indices,
+        out,
+        "mil",
+        cfg.sigma(),
+        cfg.top_fraction,
+        cfg.batch_size,
+        force,
+        progress,
+    )
+
+
+def write_unet_maps(
+    checkpoint: str | Path,
+    store_path: str | Path,
+    indices: np.ndarray,
+    out: str | Path,
+    method: str,
+    sigma: float,
+    top_fraction: float,
+    batch_size: int = 32,
+    force: bool = False,
+    progress: bool | None = None,
+) -> Path:
+    """Write a U-Net's lesion maps as a map-store member (``out``) for the store slices
+    ``indices``: :func:`mil_maps` of its lesion logits (sigma 0: its softmax P(lesion))."""
     from ensemblecam.stages.unet import predict_lesion_logits
 
     store = SliceStore.open(store_path)
     idx = np.asarray(indices, dtype=np.int64)
     out = Path(out)
-    partial = fsutil.prepare_output_dir(out, force, mapstore.MAP_META, stage="mil")
-    logits = predict_lesion_logits(
-        checkpoint, store, idx, batch_size=cfg.batch_size, progress=progress
-    )
-    maps, probs = mil_maps(logits, cfg.sigma(), cfg.top_fraction)
+    partial = fsutil.prepare_output_dir(out, force, mapstore.MAP_META, stage=method)
+    logits = predict_lesion_logits(checkpoint, store, idx, batch_size=batch_size, progress=progress)
+    maps, probs = mil_maps(logits, sigma, top_fraction)
     meta: dict[str, Any] = {
         "member": out.name,
         "checkpoint": str(Path(checkpoint).resolve()),
         "model": "unet",
-        "method": "mil",
+        "method": method,
         "layer": None,
         "target": "lesion",
         "normalised": False,
-        "smooth_sigma": cfg.sigma(),
-        "top_fraction": cfg.top_fraction,
+        "smooth_sigma": sigma,
+        "top_fraction": top_fraction,
         "store": str(Path(store_path).resolve()),
         "store_id": store.identity,
         "store_n_slices": store.n_slices,
         "ensemblecam_version": __version__,
     }
     mapstore.write_map_set(partial, meta, idx, maps.astype(np.float16), probs)
-    fsutil.commit_output_dir(partial, out, "mil")
+    fsutil.commit_output_dir(partial, out, method)
     return out
