@@ -223,5 +223,24 @@ def test_mil_and_refine_commands(store_with_maps: Path, tmp_path: Path) -> None:
     assert r.exit_code == 0 and "refiner none (criterion masks)" in r.output, r.output
     r = CliRunner().invoke(app, args)  # a finished result is not replaced without --force
     assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
-    r = CliRunner().invoke(app, [*args[:-2], "--margin", "2", "--out", str(tmp_path / "x")])
+    r = CliRunner().invoke(app, [*args[:-2], "--margins", "2", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "margin" in r.output and not (tmp_path / "x").exists()
+
+
+def test_candidates_are_refiners_times_margins() -> None:
+    from ensemblecam.config import RefineConfig
+    from ensemblecam.stages.refine import candidates, fallback
+
+    cfg = RefineConfig(refiners=["none", "crf", "random_walker"], margins=[0.0, 0.5])
+    assert candidates(cfg) == {
+        "none": ("none", 0.0),
+        "crf@0": ("crf", 0.0),
+        "crf@0.5": ("crf", 0.5),
+        "random_walker@0": ("random_walker", 0.0),
+        "random_walker@0.5": ("random_walker", 0.5),
+    }
+    assert fallback(cfg) == ("none", 0.0)
+    assert fallback(cfg.model_copy(update={"fallback": "crf", "margins": [0.25]})) == (
+        "crf@0.25",
+        0.25,
+    )

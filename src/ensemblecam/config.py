@@ -17,7 +17,7 @@ import math
 import os
 import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -541,12 +541,12 @@ class RefineConfig(Section):
     fallback: Literal["none", "crf", "random_walker"] = Field(
         "none", description="refiner used when the part has no masks to choose with"
     )
-    margin: float = Field(
-        0.5,
-        ge=0.0,
-        lt=1.0,
+    margins: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        [0.0, 0.5],
+        min_length=1,
         description="crf/random_walker seeds: relative score (0 at the searched threshold, "
-        "+-1 at the map's ends) beyond +-margin",
+        "+-1 at the map's ends) beyond +-margin; each margin gives each image refiner one "
+        "candidate (the fallback takes the first)",
     )
     ignore: bool = Field(
         True,

@@ -348,10 +348,9 @@ def check_run_config(cfg: Config) -> None:
     if rc.final == "self_trained" and not rc.pseudo_unet:
         raise InputError("config: run.final self_trained needs run.pseudo_unet: true")
     if rc.pseudo_unet and rc.refine:
-        from ensemblecam.stages.refine import refine_options
+        from ensemblecam.stages.refine import check_refine_options
 
-        for name in [*cfg.refine.refiners, cfg.refine.fallback]:
-            refine_options(cfg.refine, name, 1)
+        check_refine_options(cfg.refine, 1)
 
 
 def expected_masks(cfg: Config) -> str:

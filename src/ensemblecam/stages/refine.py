@@ -8,10 +8,12 @@ For every slice of ``cfg.parts`` (:mod:`ensemblecam.refine` gives the chain):
 - the chosen configuration decides which member maps seed a slice: ``and``/``or``/``vote:k``
   all members with agreement M / 1 / k, ``mean`` the mean map, ``min``/``max`` the member
   whose mask the operator picks on that slice, ``single`` its member;
-- each refiner of ``cfg.refiners`` gives one candidate: ``none`` = the ensemble's own
-  decision (seeds at margin 0: lesion where the operator says lesion, background where every
-  member says background, the rest ignore); ``crf`` / ``random_walker`` = seeds beyond
-  +-``cfg.margin`` (relative scores) grown on the image.
+- the candidates (:func:`candidates`): ``none`` = the ensemble's own decision (seeds at
+  margin 0: lesion where the operator says lesion, background where every member says
+  background, the rest ignore); ``crf@m`` / ``random_walker@m`` for each margin ``m`` of
+  ``cfg.margins`` = seeds beyond +-m (relative scores) grown on the image (m = 0: the
+  ensemble's decision refined; larger m: only its confident core, the rest decided by the
+  image).
 
 Choice (``criterion`` in refine.json): ``masks`` when cases of the training part have masks:
 the candidate with the highest lesion Dice against them on those cases (ignore counted as
@@ -50,9 +52,27 @@ REFINE_MARKER = "refine.json"
 REFINE_FORMAT = "ensemblecam-refine"
 
 
-def refine_options(cfg: RefineConfig, refiner: str, agreement: int) -> RefineOptions:
+def candidates(cfg: RefineConfig) -> dict[str, tuple[str, float]]:
+    """Candidate name -> (refiner, seed margin): ``none`` once, every other refiner of
+    ``cfg.refiners`` at every margin of ``cfg.margins`` (named ``<refiner>@<margin>``)."""
+    out: dict[str, tuple[str, float]] = {}
+    for refiner in cfg.refiners:
+        for m in [0.0] if refiner == "none" else cfg.margins:
+            out["none" if refiner == "none" else f"{refiner}@{m:g}"] = (refiner, float(m))
+    return out
+
+
+def fallback(cfg: RefineConfig) -> tuple[str, float]:
+    """(refiner, margin) used without masks to choose with: ``cfg.fallback`` at the first
+    margin, named as a candidate."""
+    margin = 0.0 if cfg.fallback == "none" else float(cfg.margins[0])
+    return cfg.fallback if cfg.fallback == "none" else f"{cfg.fallback}@{margin:g}", margin
+
+
+def refine_options(
+    cfg: RefineConfig, refiner: str, agreement: int, margin: float = 0.0
+) -> RefineOptions:
     """The :class:`RefineOptions` of one candidate (module docstring); ``cfg.options`` last."""
-    margin = 0.0 if refiner == "none" else cfg.margin
     values: dict[str, Any] = {
         "refiner": refiner,
         "fg_margin": margin,
@@ -61,6 +81,12 @@ def refine_options(cfg: RefineConfig, refiner: str, agreement: int) -> RefineOpt
         **cfg.options,
     }
     return RefineOptions.from_dict(values)
+
+
+def check_refine_options(cfg: RefineConfig, n_members: int) -> None:
+    """Every candidate's and the fallback's options are valid (one error line if not)."""
+    for refiner, margin in [*candidates(cfg).values(), (cfg.fallback, fallback(cfg)[1])]:
+        refine_options(cfg, refiner, n_members, margin)
 
 
 def slice_members(
@@ -126,12 +152,14 @@ def _choose(
     """(chosen refiner, each candidate's record, the chosen labels of ``train``): every
     candidate scored on the annotated slices, or only the fallback without any."""
     truth = bool(annotated.any())
-    names = list(dict.fromkeys(cfg.refiners)) if truth else [cfg.fallback]
-    candidates: dict[str, dict[str, Any]] = {}
+    fb_name, fb_margin = fallback(cfg)
+    todo = candidates(cfg) if truth else {fb_name: (cfg.fallback, fb_margin)}
+    names = list(todo)
+    records: dict[str, dict[str, Any]] = {}
     labels: dict[str, np.ndarray] = {}
-    for name in names:
+    for name, (refiner, margin) in todo.items():
         t1 = time.perf_counter()
-        opt = refine_options(cfg, name, len(conf.members))
+        opt = refine_options(cfg, refiner, len(conf.members), margin)
         labels[name] = _labels_of(store, train, conf, sets, opt)
         quality = None
         if truth:
@@ -139,7 +167,7 @@ def _choose(
             quality = pseudo_label_quality(
                 labels[name][annotated], np.asarray(store.masks[train[annotated]])
             )
-        candidates[name] = {
+        records[name] = {
             "options": opt.as_dict(),
             "train_quality": quality,
             "seconds": round(time.perf_counter() - t1, 2),
@@ -147,11 +175,11 @@ def _choose(
     chosen = max(
         names,
         key=lambda n: (
-            (candidates[n]["train_quality"] or {}).get("lesion_dice", 0.0),
+            (records[n]["train_quality"] or {}).get("lesion_dice", 0.0),
             -names.index(n),
         ),
     )
-    return chosen, candidates, labels[chosen]
+    return chosen, records, labels[chosen]
 
 
 def refine_stage(cfg: RefineConfig, force: bool = False) -> Path:
@@ -164,9 +192,7 @@ def refine_stage(cfg: RefineConfig, force: bool = False) -> Path:
         raise InputError("refine.refiners: give at least one refiner (none, crf, random_walker)")
     if not cfg.parts or "train" not in cfg.parts:
         raise InputError(f"refine.parts {cfg.parts}: must include train (the part to label)")
-    for name in cfg.refiners:  # bad options fail here, before any work
-        refine_options(cfg, name, len(conf.members))
-    refine_options(cfg, cfg.fallback, len(conf.members))
+    check_refine_options(cfg, len(conf.members))  # bad options fail here, before any work
     sets = [MapSet.open(Path(cfg.maps) / m) for m in conf.members]
     for ms in sets:
         ms.check_store(store)
@@ -177,8 +203,8 @@ def refine_stage(cfg: RefineConfig, force: bool = False) -> Path:
     t0 = time.perf_counter()
     train = idx["train"]
     annotated = store.annotated(train)
-    chosen, candidates, train_labels = _choose(cfg, store, train, annotated, conf, sets)
-    opt = refine_options(cfg, chosen, len(conf.members))
+    chosen, records, train_labels = _choose(cfg, store, train, annotated, conf, sets)
+    opt = RefineOptions.from_dict(records[chosen]["options"])
     index = np.unique(np.concatenate(list(idx.values())))
     masks = np.zeros((len(index), *store.size), np.uint8)
     in_train = np.isin(index, train)
@@ -201,7 +227,7 @@ def refine_stage(cfg: RefineConfig, force: bool = False) -> Path:
             "config": conf.to_dict(),
             "criterion": "masks" if annotated.any() else "fallback",
             "chosen": chosen,
-            "candidates": candidates,
+            "candidates": records,
             "n_slices": {p: len(v) for p, v in idx.items()},
             "n_annotated_slices": int(annotated.sum()),
             "ignored_fraction": float(np.mean(masks == IGNORE)) if masks.size else 0.0,
