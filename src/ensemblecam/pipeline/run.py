@@ -751,7 +751,7 @@ def _fold_pseudo_labels(
                 fold=str(f.k), maps=f.fold.maps, config_file=f.fold.best, out=f.fold.refine
             )
         )
-        key = stable_hash(["refine", _options(f.cfg.refine), k_search])
+        key = _refine_key(f.cfg, k_search)
         f.runner.stage(
             f"{f.name}/refine",
             f.fold.refine,
@@ -770,6 +770,14 @@ def _fold_pseudo_labels(
         lambda force: write_config_masks(tcfg, chosen, f.fold.pseudo_masks),
     )
     return f.fold.pseudo_masks, key
+
+
+def _refine_key(cfg: Config, upstream: str) -> str:
+    """Stage key of a refine stage: its options and resolved candidates (a changed default
+    margin list changes the key) on maps and configuration with key ``upstream``."""
+    from ensemblecam.stages.refine import candidates
+
+    return stable_hash(["refine", _options(cfg.refine), candidates(cfg.refine), upstream])
 
 
 def _fold_next_round(f: _Fold, r: int, k_prev: str) -> tuple[Path, str]:
@@ -805,7 +813,7 @@ def _fold_next_round(f: _Fold, r: int, k_prev: str) -> tuple[Path, str]:
     rcfg = f.cfg.refine.model_copy(
         update=f.update(fold=str(f.k), maps=f.fold.maps, config_file=conf, out=out)
     )
-    key = stable_hash(["refine", _options(f.cfg.refine), k_maps])
+    key = _refine_key(f.cfg, k_maps)
     f.runner.stage(
         f"{f.name}/refine_round{r + 1}",
         out,
