@@ -528,7 +528,7 @@ def _pass1(
     L = st.L
     used = sorted({i for e in st.plan if e.kind != "mean" for i in e.members})
     order = sorted(range(len(st.plan)), key=lambda c: st.plan[c].kind in ("min", "max"))
-    for start, stop in st.chunks("search", st.chunk):
+    for start, stop in st.chunks("threshold grid", st.chunk):
         ch = st.read_chunk(start, stop)
         st.hw = st.hw or st.gts.array.shape[1:]
         assert ch.gt8 is not None
@@ -696,7 +696,7 @@ def _top_k_pass(
     tk = _top_k_plan(st, results, objective, top_k)
     if tk is None:  # only one-threshold candidates: all exact after pass 1
         return {}
-    for start, stop in st.chunks("search top-k", tk.chunk):
+    for start, stop in st.chunks("top-ranked rows", tk.chunk):
         ch, hists = _top_k_hists(st, tk, start, stop, cache)
         done = np.unique(ch.cids[st.last_pos[ch.cids] < stop])
         for c in tk.todo:

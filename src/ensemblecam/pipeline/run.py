@@ -130,7 +130,7 @@ class Runner:
         stale = sorted(p for p in _stage_partials(folder) if p.exists())
         if stale and attempt != key:
             why = "an unknown key" if attempt is None else f"stage key {attempt}"
-            print(
+            progress_out.info(
                 f"note: {name}: removing the unfinished attempt made with other settings "
                 f"({why}, now {key}): {', '.join(map(str, stale))}"
             )
