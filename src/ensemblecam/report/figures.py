@@ -4,6 +4,7 @@ no pyplot state), each returning PNG bytes."""
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,7 +230,13 @@ def gallery_figure(rows: Sequence[GalleryRow], title: str = "") -> bytes:
     mask_cols = list(dict.fromkeys(k for r in rows for k in r.masks))
     cols = ["image", "ground truth", *map_cols, *mask_cols]
     size = 1.7
-    note_lines = max((n.count("\n") + 1 for r in rows for n in r.notes.values()), default=0)
+    # notes wrapped to the cell's width (7 pt text: about 0.6 x 7 pt per character)
+    width = int(size * 72 / (0.6 * 7))
+    notes = [
+        {c: "\n".join(textwrap.fill(ln, width) for ln in n.split("\n")) for c, n in r.notes.items()}
+        for r in rows
+    ]
+    note_lines = max((n.count("\n") + 1 for ns in notes for n in ns.values()), default=0)
     gap = 0.15 * note_lines + 0.15  # inches under each row for the notes
     fig = Figure(figsize=(size * len(cols), (size + gap) * len(rows) + (0.4 if title else 0.1)))
     axes = np.asarray(
@@ -279,8 +286,8 @@ def gallery_figure(rows: Sequence[GalleryRow], title: str = "") -> bytes:
                 outline(ax)
             else:
                 ax.axis("off")
-            if col in row.notes:
-                ax.set_xlabel(row.notes[col], fontsize=7)
+            if col in notes[i]:
+                ax.set_xlabel(notes[i][col], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     return figure_png(fig)
