@@ -4,7 +4,8 @@ Cases of every fold's evaluated (held-out) part are pooled and ranked by the cas
 evaluation stored for the fold's chosen configuration (``eval/ensemble/per_case.csv``: 3-D
 Dice over the case's evaluated slices, cases without lesion left out). Each shown case is
 represented by its slice with the largest ground-truth lesion; the chosen ensemble's mask
-is the one the evaluation wrote (``eval/masks.npz``). The operator columns show each
+is the one the evaluation wrote (``eval/masks.npz``), and so is the self-trained U-Net's
+(``eval/pseudo_unet/masks.npz``, when the run has one). The operator columns show each
 operator's best configuration (ranking.csv) on that slice's maps, drawn for comparison.
 """
 
@@ -37,6 +38,7 @@ class _FoldGallery:
     best: dict[str, Any]  # search/best.json
     index: np.ndarray  # eval/masks.npz: store indices ...
     masks: np.ndarray  # ... and the chosen configuration's masks there
+    own: tuple[np.ndarray, np.ndarray] | None = None  # eval/pseudo_unet/masks.npz
 
 
 def _fold_case_scores(
@@ -61,7 +63,13 @@ def _fold_case_scores(
         for c in dict.fromkeys(cases.tolist())
         if c in listed
     ]
-    return out, _FoldGallery(best, *chosen)
+    own = None
+    if f.row_masks("pseudo_unet").is_file():
+        from ensemblecam.io.masks import read_masks
+
+        index, masks = read_masks(f.row_masks("pseudo_unet"))
+        own = (np.asarray(index), np.asarray(masks))
+    return out, _FoldGallery(best, *chosen, own)
 
 
 def _gallery_row(run: Run, score: _CaseScore, fg: _FoldGallery) -> GalleryRow:
@@ -92,6 +100,8 @@ def _gallery_row(run: Run, score: _CaseScore, fg: _FoldGallery) -> GalleryRow:
             notes[op] = _config_note(cfg)
     masks["chosen ensemble"] = fg.masks[int(np.flatnonzero(fg.index == i)[0])]
     notes["chosen ensemble"] = f"{best.get('operator')}:\n{_config_note(best)}"
+    if fg.own is not None and (fg.own[0] == i).any():
+        masks["self-trained U-Net"] = fg.own[1][int(np.flatnonzero(fg.own[0] == i)[0])]
     return GalleryRow(
         title=f"{score.case} s{int(store.table['slice'][i])}\n{score.fold}, "
         f"case Dice {100 * score.dice:.1f}",
