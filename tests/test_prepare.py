@@ -240,14 +240,14 @@ def test_ct_window_values_and_layout_defaults(tmp_path: Path) -> None:
     by_hu = {-1000.0: 0.0, -150.0: 0.0, -50.0: 85 / 350, 50.0: 185 / 350, 250.0: 1.0, 1000.0: 1.0}
     expected = np.vectorize(by_hu.get)(canonical(path)).astype(np.float32)
     np.testing.assert_allclose(st.images[rows[3], 0], expected[..., 3], rtol=1e-6)
-    # an explicit normalisation overrides the layout's default; MRI layouts keep min-max
+    # an explicit normalisation overrides the layout's default; MRI layouts: percentiles
     st = run(tmp_path / "d", tmp_path / "c", layout="kits", normalise="minmax_slice")
     assert st.manifest["prepare"]["normalise"] == "minmax_slice"
     assert float(st.images[rows[3], 0].max()) == 1.0
     assert float(st.images[rows[3], 0].min()) == 0.0
     brats_dataset(tmp_path / "b", n_cases=1, modalities=("flair",))
     st = run(tmp_path / "b", tmp_path / "e", modalities=["flair"])
-    assert st.manifest["prepare"]["normalise"] == "minmax_slice"
+    assert st.manifest["prepare"]["normalise"] == "percentile"
     for window in ((50.0, 0.0), (50.0, -10.0), (float("nan"), 400.0)):
         with pytest.raises(InputError, match=r"window .*: need a finite level and a width > 0"):
             run(tmp_path / "d", tmp_path / "f", layout="kits", window=window)

@@ -72,7 +72,7 @@ class PrepareConfig(Section):
     normalise: Literal["minmax_slice", "zscore_volume", "percentile", "ct_window"] | None = Field(
         None,
         description="intensity normalisation (default per layout: kits ct_window; brats, "
-        "msd, folder minmax_slice as in the paper)",
+        "msd, folder percentile, per volume; the paper configs: minmax_slice, per slice)",
     )
     percentiles: tuple[float, float] = Field(
         (0.5, 99.5), description="clip range for 'percentile' normalisation"

@@ -20,7 +20,8 @@ Normalisation (per channel, computed on the raw voxels):
   their contrast, air and bone saturate. Fixed in HU, so identical for every scan.
 
 Default per layout (:data:`ensemblecam.io.layouts.DEFAULT_NORMALISE`): ``kits``
-``ct_window``, the others ``minmax_slice``.
+``ct_window``, the others ``percentile`` (per volume; the paper's ``minmax_slice`` is
+per slice, and its configs keep it).
 
 Crops (windows are per case, the same on every slice):
 
