@@ -71,10 +71,12 @@ def test_brats_default_store(tmp_path: Path) -> None:
     geo = st.cases[names[0]]
     assert geo["shape"] == [24, 24, 8] and geo["axis"] == 2 and geo["has_mask"] is True
     assert set(geo["files"]) == {"flair", "t1ce", "t2", "seg"}
-    # channel 0 is flair: per-slice min-max of the canonical flair volume
+    # channel 0 is flair: the canonical flair volume clipped to its own 0.5 and 99.5
+    # percentiles (the whole volume's, not the slice's) and scaled to 0..1
     flair = canonical(tmp_path / "d" / names[0] / f"{names[0]}_flair.nii.gz")
-    s = flair[:, :, 3]
-    np.testing.assert_allclose(st.images[3, 0], (s - s.min()) / (s.max() - s.min()), atol=1e-3)
+    lo, hi = np.percentile(flair, [0.5, 99.5])
+    want = np.clip((flair[:, :, 3] - lo) / (hi - lo), 0, 1)
+    np.testing.assert_allclose(st.images[3, 0], want, atol=1e-3)
     # labels = any lesion; the last case is lesion-free; slices 2..5 of the others positive
     t = st.table
     assert t["label"].tolist() == [int(2 <= s <= 5) for s in range(8)] * 2 + [0] * 8
@@ -200,7 +202,8 @@ def test_normalisations_and_constant_slices(tmp_path: Path) -> None:
         data = img.get_fdata().astype(np.float32)
         data[..., 0] = 7.0
         write_nifti(p, data, img.affine)
-    st = run(tmp_path / "d", tmp_path / "a", modalities=["flair"])
+    # per-slice min-max (the paper's): a constant slice gives zeros
+    st = run(tmp_path / "d", tmp_path / "a", modalities=["flair"], normalise="minmax_slice")
     assert np.isfinite(st.images).all() and not st.images[0].any()
     st = run(
         tmp_path / "d",
