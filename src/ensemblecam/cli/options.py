@@ -53,7 +53,10 @@ def _members(tp: Any) -> tuple[Any, ...]:
 
 
 def _label(tp: Any) -> str:
-    """Readable name of a scalar annotation: ``int``, ``path``, ``fp32|bf16``, ``int|str``."""
+    """Readable name of a scalar annotation: ``int``, ``path``, ``fp32|bf16``, ``int|str``
+    (constraints of an ``Annotated`` type are left to pydantic's message)."""
+    if get_origin(tp) is Annotated:
+        return _label(get_args(tp)[0])
     if get_origin(tp) is Literal:
         return "|".join(str(c) for c in get_args(tp))
     members = _members(tp)
