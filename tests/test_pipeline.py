@@ -216,6 +216,9 @@ def test_final_choice_on_val_masks(finished_run: Path, phantom: Path, tmp_path: 
     assert index["source"]["method"] == want
     assert (run / "export_ensemble").is_dir() == (want == "self_trained")
     assert "Final masks (export/, predict):" in (run / "results.md").read_text()
+    # predict applies the same final method by default
+    pred = pipeline.predict(run, phantom, tmp_path / "pred", progress=False, fold="fold0")
+    assert json.loads((pred / "index.json").read_text())["source"]["method"] == want
 
 
 def test_second_self_training_round(finished_run: Path, tmp_path: Path) -> None:
