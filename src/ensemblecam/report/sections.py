@@ -59,10 +59,10 @@ def _masks_notes(rep: Page, run: Run) -> None:
 
     res = run.results
     if res.get("scored") is False:
-        rep.p(esc(NO_MASKS_NOTE), "note")
+        rep.p(NO_MASKS_NOTE, "note")
     text = criteria_text(res)
     if text:
-        rep.p(esc(text))
+        rep.p(text)
     rows = {r.get("kind"): r for r in res.get("rows") or []}
     lab, ens = rows.get("labels"), rows.get("ensemble")
     if lab is not None and ens is not None:
@@ -241,9 +241,7 @@ def _final_method(
                     text += f" (weak / supervised {_mean(own, m) / _mean(other, m):.2f})"
         parts.append(text)
     why = final_text(results)
-    rep.p(
-        f"The final masks are the {esc(str(own['name']))}'s: " + "; ".join(parts) + ". " + esc(why)
-    )
+    rep.p(f"The final masks are the {own['name']}'s: " + "; ".join(parts) + ". " + why)
 
 
 def _refine_notes(rep: Page, run: Run, folds: list[str]) -> None:
@@ -268,7 +266,7 @@ def _refine_notes(rep: Page, run: Run, folds: list[str]) -> None:
         )
         members = (rec.get("config") or {}).get("members") or []
         mil = " (the ensemble includes the MIL localiser)" if "localiser__mil" in members else ""
-        lines.append(f"{f}: {esc(str(rec.get('chosen')))}, {why}{mil}")
+        lines.append(f"{f}: {rec.get('chosen')}, {why}{mil}")
     if lines:
         rep.p("Refiner of the self-training labels per fold: " + "; ".join(lines) + ".")
 
