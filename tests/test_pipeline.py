@@ -189,6 +189,13 @@ def test_choose_final_hand_computed() -> None:
     assert choose_final(off, {})["method"] == "ensemble"
 
 
+def test_final_self_trained_without_self_training_is_refused(phantom: Path, tmp_path: Path) -> None:
+    cfg = _config(tmp_path, phantom, run__pseudo_unet=False, run__final="self_trained")
+    with pytest.raises(InputError, match=r"^config: run.final self_trained needs run.pseudo_unet"):
+        pipeline.run_pipeline(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_final_choice_on_val_masks(finished_run: Path, phantom: Path, tmp_path: Path) -> None:
     """run.final auto scores both candidates on each fold's val part and exports the one
     with the higher mean lesion Dice; only the selection and export stages run."""
