@@ -734,7 +734,8 @@ def test_interrupted_prepare_says_so_and_resumes(
         "2",
     ]
     done = tmp_path / ".s.partial" / "done"
-    for _attempt in range(3):  # the signal must arrive mid-run; retried if the run won
+    for _attempt in range(8):  # the signal must arrive mid-run; retried if the run won (a
+        # loaded machine can starve this polling loop until the run is over)
         proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
         )
