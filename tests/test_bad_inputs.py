@@ -710,6 +710,13 @@ def sixty_cases(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root / "d", ref
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default action, as in a terminal. A test suite started in the
+    background by a shell without job control (``cmd &``) ignores SIGINT, and a child
+    inherits an ignored signal, so the signal sent below would be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_prepare_says_so_and_resumes(
     sixty_cases: tuple[Path, Path],
@@ -734,10 +741,14 @@ def test_interrupted_prepare_says_so_and_resumes(
         "2",
     ]
     done = tmp_path / ".s.partial" / "done"
-    for _attempt in range(8):  # the signal must arrive mid-run; retried if the run won (a
-        # loaded machine can starve this polling loop until the run is over)
+    for _attempt in range(3):  # the signal must arrive mid-run; retried if the run won
         proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            preexec_fn=_default_sigint,
         )
         while proc.poll() is None and not finished(done):
             time.sleep(0.002)
