@@ -743,22 +743,9 @@ def _fold_pseudo_labels(
     """The self-training targets of the fold and their stage key: the refined three-class
     pseudo-labels (``run.refine``) or the chosen configuration's plain masks."""
     from ensemblecam.stages.evaluate import write_config_masks
-    from ensemblecam.stages.refine import REFINE_MARKER, refine_stage
 
     if f.cfg.run.refine:
-        rcfg = f.cfg.refine.model_copy(
-            update=f.update(
-                fold=str(f.k), maps=f.fold.maps, config_file=f.fold.best, out=f.fold.refine
-            )
-        )
-        key = _refine_key(f.cfg, k_search)
-        f.runner.stage(
-            f"{f.name}/refine",
-            f.fold.refine,
-            key,
-            REFINE_MARKER,
-            lambda force: refine_stage(rcfg, force=force),
-        )
+        key = _fold_refine(f, "refine", f.fold.best, f.fold.refine, k_search)
         return f.fold.refined_labels, key
     tcfg = ecfg.model_copy(update={"part": "train"})
     key = stable_hash(["pseudo_targets", k_search, _options(f.cfg.evaluate)])
@@ -772,12 +759,20 @@ def _fold_pseudo_labels(
     return f.fold.pseudo_masks, key
 
 
-def _refine_key(cfg: Config, upstream: str) -> str:
-    """Stage key of a refine stage: its options and resolved candidates (a changed default
-    margin list changes the key) on maps and configuration with key ``upstream``."""
-    from ensemblecam.stages.refine import candidates
+def _fold_refine(f: _Fold, name: str, config_file: Path, out: Path, upstream: str) -> str:
+    """Run the refine stage ``name`` of the fold on the member maps of ``config_file`` into
+    ``out``; its key holds the refine options and the resolved candidates (a changed
+    default margin list changes it) on maps and configuration with key ``upstream``."""
+    from ensemblecam.stages.refine import REFINE_MARKER, candidates, refine_stage
 
-    return stable_hash(["refine", _options(cfg.refine), candidates(cfg.refine), upstream])
+    rcfg = f.cfg.refine.model_copy(
+        update=f.update(fold=str(f.k), maps=f.fold.maps, config_file=config_file, out=out)
+    )
+    key = stable_hash(["refine", _options(f.cfg.refine), candidates(f.cfg.refine), upstream])
+    f.runner.stage(
+        f"{f.name}/{name}", out, key, REFINE_MARKER, lambda force: refine_stage(rcfg, force=force)
+    )
+    return key
 
 
 def _fold_next_round(f: _Fold, r: int, k_prev: str) -> tuple[Path, str]:
@@ -789,7 +784,6 @@ def _fold_next_round(f: _Fold, r: int, k_prev: str) -> tuple[Path, str]:
     from ensemblecam.io.store import SliceStore
     from ensemblecam.stages.cam import split_indices
     from ensemblecam.stages.mil import write_unet_maps
-    from ensemblecam.stages.refine import REFINE_MARKER, refine_stage
 
     kind = f"pseudo_round{r}"
     member = member_name("selftrain", f"round{r}")
@@ -810,18 +804,7 @@ def _fold_next_round(f: _Fold, r: int, k_prev: str) -> tuple[Path, str]:
     k_maps = stable_hash(["round maps", _unet_key(f.cfg, kind, f.k, k_prev), parts])
     f.runner.stage(f"{f.name}/{kind}/maps", f.fold.map_set(member), k_maps, "meta.json", write_maps)
     out = f.fold.round_refine(r + 1)
-    rcfg = f.cfg.refine.model_copy(
-        update=f.update(fold=str(f.k), maps=f.fold.maps, config_file=conf, out=out)
-    )
-    key = _refine_key(f.cfg, k_maps)
-    f.runner.stage(
-        f"{f.name}/refine_round{r + 1}",
-        out,
-        key,
-        REFINE_MARKER,
-        lambda force: refine_stage(rcfg, force=force),
-    )
-    return out / "masks.npz", key
+    return out / "masks.npz", _fold_refine(f, f"refine_round{r + 1}", conf, out, k_maps)
 
 
 def _pseudo_label_row(f: _Fold, ecfg: EvaluateConfig, k_refine: str) -> dict[str, Any]:

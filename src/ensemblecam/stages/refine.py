@@ -58,15 +58,20 @@ def candidates(cfg: RefineConfig) -> dict[str, tuple[str, float]]:
     out: dict[str, tuple[str, float]] = {}
     for refiner in cfg.refiners:
         for m in [0.0] if refiner == "none" else cfg.margins:
-            out["none" if refiner == "none" else f"{refiner}@{m:g}"] = (refiner, float(m))
+            out[_candidate_name(refiner, m)] = (refiner, float(m))
     return out
 
 
+def _candidate_name(refiner: str, margin: float) -> str:
+    """``none``, or ``<refiner>@<margin>`` (e.g. ``crf@0.5``)."""
+    return "none" if refiner == "none" else f"{refiner}@{margin:g}"
+
+
 def fallback(cfg: RefineConfig) -> tuple[str, float]:
-    """(refiner, margin) used without masks to choose with: ``cfg.fallback`` at the first
-    margin, named as a candidate."""
+    """(name, margin) of the refiner used without masks to choose with: ``cfg.fallback``
+    at the first margin, named as a candidate."""
     margin = 0.0 if cfg.fallback == "none" else float(cfg.margins[0])
-    return cfg.fallback if cfg.fallback == "none" else f"{cfg.fallback}@{margin:g}", margin
+    return _candidate_name(cfg.fallback, margin), margin
 
 
 def refine_options(
