@@ -18,6 +18,7 @@ from ensemblecam import pipeline
 from ensemblecam.cli import app
 from ensemblecam.config import Config, load_config
 from ensemblecam.errors import InputError
+from ensemblecam.io.runlayout import operator_slug
 from tiny_run import tiny_phantom, tiny_sections
 
 TINY = tiny_sections()
@@ -94,14 +95,19 @@ def test_end_to_end_results_export_report(finished_run: Path, phantom: Path) -> 
             assert out.shape == src.shape
             np.testing.assert_allclose(out.affine, src.affine)
             assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
-    # the self-trained U-Net's kept masks are the ones its row scored (per-slice tp + fp)
+    # the self-trained U-Net's and each operator row's kept masks (the report's gallery
+    # draws them) are the ones its row scored (per-slice tp + fp)
+    ops = [operator_slug(r["config"]["fold0"]["operator"]) for r in res["rows"]
+           if r["kind"] == "operator"]  # fmt: skip
+    assert ops
     for f in res["folds"]:
-        with np.load(finished_run / f / "eval" / "pseudo_unet" / "masks.npz") as npz:
-            index, masks = npz["index"], npz["masks"]
-        with open(finished_run / f / "eval" / "pseudo_unet" / "per_slice.csv") as fh:
-            rows = list(csv.DictReader(fh))
-        assert [int(r["index"]) for r in rows] == index.tolist()
-        assert [int(r["tp"]) + int(r["fp"]) for r in rows] == masks.sum(axis=(1, 2)).tolist()
+        for slug in ("pseudo_unet", *ops):
+            with np.load(finished_run / f / "eval" / slug / "masks.npz") as npz:
+                index, masks = npz["index"], npz["masks"]
+            with open(finished_run / f / "eval" / slug / "per_slice.csv") as fh:
+                rows = list(csv.DictReader(fh))
+            assert [int(r["index"]) for r in rows] == index.tolist()
+            assert [int(r["tp"]) + int(r["fp"]) for r in rows] == masks.sum(axis=(1, 2)).tolist()
     html = (finished_run / "report" / "report.html").read_text()
     assert "paper_miou" in html and "data:image/png;base64," in html
     assert 'class="percase sortable"' in html and html.count("<script>") == 1

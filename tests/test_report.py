@@ -24,6 +24,8 @@ from ensemblecam.ensemble.operators import apply_config
 from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
 from ensemblecam.io.mapstore import write_map_set
+from ensemblecam.io.masks import read_masks, write_masks
+from ensemblecam.io.runlayout import operator_slug
 from ensemblecam.io.split import read_splits
 from ensemblecam.io.store import SliceStore
 from ensemblecam.metrics.classification import classifier_metrics
@@ -209,6 +211,11 @@ def build_run(root: Path) -> Path:
             rows.setdefault(EMPTY, {"kind": "empty", "per_fold": {}, "config": {}})["per_fold"][
                 fold
             ] = _metrics(out["empty_baseline"])
+            if kind == "operator":  # the evaluation writes each operator row's masks
+                sub = [inp.maps[i].read(0, len(inp.maps[i])) for i in sel]
+                op_masks = apply_config(sub, conf, [inp.probs[i] for i in sel])
+                write_masks(fdir / "eval" / operator_slug(conf["operator"]) / "masks.npz",
+                            inp.indices, op_masks)  # fmt: skip
             if kind == "ensemble":
                 sub = [inp.maps[i].read(0, len(inp.maps[i])) for i in sel]
                 chosen = apply_config(sub, conf, [inp.probs[i] for i in sel])
@@ -386,6 +393,34 @@ def test_gallery_names_missing_evaluation_output(
     per_case = (run_dir / "fold2" / "eval" / "ensemble" / "per_case.csv").read_text()
     n_fold2 = sum(int(r["tp"]) + int(r["fn"]) > 0 for r in csv.DictReader(per_case.splitlines()))
     assert n_fold2 > 0 and f"{9 - n_fold2} evaluated lesion cases" in gallery
+
+
+def test_gallery_draws_the_stored_operator_masks(run_dir: Path, tmp_path: Path) -> None:
+    """Operator columns are the masks the evaluation wrote (eval/op_*/masks.npz), read as
+    they are; a missing file drops its column (the report never applies a configuration)."""
+    from ensemblecam.report.gallery import _fold_case_scores
+    from ensemblecam.report.run import open_run
+
+    run = open_run(run_dir)
+    ops = {r["config"]["fold1"]["operator"] for r in run.results["rows"] if r["kind"] == "operator"}
+    assert len(ops) >= 2
+    got = _fold_case_scores(run, "fold1", [])
+    assert got is not None
+    stored = got[1].stored
+    assert set(stored) == ops
+    for op in ops:
+        index, masks = read_masks(run_dir / "fold1" / "eval" / operator_slug(op))
+        np.testing.assert_array_equal(stored[op][0], index)
+        np.testing.assert_array_equal(stored[op][1], masks)
+    gone = sorted(ops)[0]
+    npz = run_dir / "fold1" / "eval" / operator_slug(gone) / "masks.npz"
+    kept = tmp_path / "masks.npz"
+    shutil.move(npz, kept)
+    try:
+        got = _fold_case_scores(run, "fold1", [])
+    finally:
+        shutil.move(kept, npz)
+    assert got is not None and set(got[1].stored) == ops - {gone}
 
 
 def test_report_sections_and_text(made: tuple[Path, str]) -> None:

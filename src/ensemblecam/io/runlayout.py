@@ -57,11 +57,18 @@ RUN_FORMAT = "ensemblecam-run"
 STAMP = "stage.json"
 #: the evaluation row of the chosen configuration (``eval/<slug>``)
 CHOSEN_SLUG = "ensemble"
+
 #: the PNGs the train stage writes in a classifier's folder: file name -> what it shows
 TRAIN_FIGURES = {
     "learning_curve.png": "learning curve",
     "confusion_matrix.png": "val. confusion matrix",
 }
+
+
+def operator_slug(operator: str) -> str:
+    """Folder name under eval/ of an operator's best configuration: ``op_<operator>``
+    (a ``vote:k`` operator without the colon)."""
+    return "op_" + operator.replace(":", "")
 
 
 @dataclass(frozen=True)
@@ -146,7 +153,7 @@ class FoldLayout:
         return self.eval / "masks.npz"
 
     def row_masks(self, slug: str) -> Path:
-        """eval/<slug>/masks.npz: a U-Net row's masks of the evaluated part."""
+        """eval/<slug>/masks.npz: a U-Net or operator row's masks of the evaluated part."""
         return self.eval_row(slug) / "masks.npz"
 
     def unet(self, kind: str) -> Path:

@@ -28,7 +28,7 @@ import numpy as np
 
 from ensemblecam.ensemble.operators import CONFIG_KEYS
 from ensemblecam.io import fsutil
-from ensemblecam.io.runlayout import CHOSEN_SLUG, RESULTS_FORMAT, FoldLayout
+from ensemblecam.io.runlayout import CHOSEN_SLUG, RESULTS_FORMAT, FoldLayout, operator_slug
 
 #: metrics aggregated over folds into the results table (all in [0, 1], higher is better)
 TABLE_METRICS = (
@@ -87,7 +87,7 @@ def result_rows(fold: FoldLayout, scored: bool = True) -> list[dict[str, Any]]:
             {
                 "name": f"{op} ensemble (best members and thresholds)",
                 "kind": "operator",
-                "slug": "op_" + op.replace(":", ""),
+                "slug": operator_slug(op),
                 "config": conf,
             }
         )

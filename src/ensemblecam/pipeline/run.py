@@ -887,6 +887,8 @@ def _fold_evaluate(
         for row in rows if scored else []:
             if row["config"] is not None:
                 evaluate_stage(ecfg, row["config"], f.fold.eval_row(row["slug"]), force=True)
+            if row["kind"] == "operator":  # the report's gallery draws these
+                write_config_masks(ecfg, row["config"], f.fold.row_masks(row["slug"]))
         write_config_masks(ecfg, rows[0]["config"], f.fold.eval_masks)
 
     f.runner.stage(f"{f.name}/evaluate", eval_dir, k_eval, None, evaluate_all)

@@ -4,25 +4,27 @@ Cases of every fold's evaluated (held-out) part are pooled and ranked by the cas
 evaluation stored for the fold's chosen configuration (``eval/ensemble/per_case.csv``: 3-D
 Dice over the case's evaluated slices, cases without lesion left out). Each shown case is
 represented by its slice with the largest ground-truth lesion; the chosen ensemble's mask
-is the one the evaluation wrote (``eval/masks.npz``), and so is the self-trained U-Net's
-(``eval/pseudo_unet/masks.npz``, when the run has one). The operator columns show each
-operator's best configuration (ranking.csv) on that slice's maps, drawn for comparison.
+is the one the evaluation wrote (``eval/masks.npz``), and so are each operator's best
+configuration's (``eval/op_<operator>/masks.npz``) and the self-trained U-Net's
+(``eval/pseudo_unet/masks.npz``), when the run has them: the report draws stored masks and
+never applies a configuration itself.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ensemblecam.ensemble.operators import apply_config
-from ensemblecam.io.runlayout import CHOSEN_SLUG
+from ensemblecam.io.runlayout import CHOSEN_SLUG, operator_slug
 from ensemblecam.report.figures import GalleryRow, gallery_figure
 from ensemblecam.report.html import Page
-from ensemblecam.report.run import Run, best_json, best_per_operator, chosen_case_dice, eval_masks
+from ensemblecam.report.run import Run, best_json, chosen_case_dice, eval_masks
 from ensemblecam.report.text import describe_config
+
+OWN_COLUMN = "self-trained U-Net"
 
 
 @dataclass
@@ -38,7 +40,8 @@ class _FoldGallery:
     best: dict[str, Any]  # search/best.json
     index: np.ndarray  # eval/masks.npz: store indices ...
     masks: np.ndarray  # ... and the chosen configuration's masks there
-    own: tuple[np.ndarray, np.ndarray] | None = None  # eval/pseudo_unet/masks.npz
+    # column -> (store indices, masks, note) of eval/op_*/masks.npz, eval/pseudo_unet/masks.npz
+    stored: dict[str, tuple[np.ndarray, np.ndarray, str]] = field(default_factory=dict)
 
 
 def _fold_case_scores(
@@ -63,13 +66,20 @@ def _fold_case_scores(
         for c in dict.fromkeys(cases.tolist())
         if c in listed
     ]
-    own = None
-    if f.row_masks("pseudo_unet").is_file():
-        from ensemblecam.io.masks import read_masks
+    from ensemblecam.io.masks import read_masks
 
-        index, masks = read_masks(f.row_masks("pseudo_unet"))
-        own = (np.asarray(index), np.asarray(masks))
-    return out, _FoldGallery(best, *chosen, own)
+    confs = [
+        r["config"][fold]
+        for r in run.results.get("rows", [])
+        if r.get("kind") == "operator" and fold in (r.get("config") or {})
+    ]
+    columns = [(c["operator"], operator_slug(c["operator"]), _config_note(c)) for c in confs]
+    stored = {}
+    for column, slug, note in [*columns, (OWN_COLUMN, "pseudo_unet", "")]:
+        if f.row_masks(slug).is_file():
+            index, masks = read_masks(f.row_masks(slug))
+            stored[column] = (np.asarray(index), np.asarray(masks), note)
+    return out, _FoldGallery(best, *chosen, stored)
 
 
 def _gallery_row(run: Run, score: _CaseScore, fg: _FoldGallery) -> GalleryRow:
@@ -83,25 +93,22 @@ def _gallery_row(run: Run, score: _CaseScore, fg: _FoldGallery) -> GalleryRow:
     k = int(np.argmax(gt_all.reshape(len(gt_all), -1).sum(axis=1)))
     i = int(score.indices[k])
     all_members = (best.get("search") or {}).get("members") or best["members"]
-    maps, probs = {}, {}
+    maps = {}
     for m in all_members:
         if (f.map_set(m) / MAP_META).is_file():
             s = MapSet.open(f.map_set(m))
-            r = s.rows_for(np.array([i]))
-            maps[m] = np.asarray(s.maps[r])
-            probs[m] = s.probs[r]
+            maps[m] = np.asarray(s.maps[s.rows_for(np.array([i]))])
     masks: dict[str, np.ndarray] = {}
     notes: dict[str, str] = {}
-    for op, cfg in best_per_operator(f).items():
-        if all(m in maps for m in cfg["members"]):
-            masks[op] = apply_config(
-                [maps[m] for m in cfg["members"]], cfg, [probs[m] for m in cfg["members"]]
-            )[0]
-            notes[op] = _config_note(cfg)
+    for column, (index, stored, note) in fg.stored.items():
+        if (index == i).any():
+            masks[column] = stored[int(np.flatnonzero(index == i)[0])]
+            notes[column] = note
+    own = masks.pop(OWN_COLUMN, None)  # drawn after the chosen ensemble
     masks["chosen ensemble"] = fg.masks[int(np.flatnonzero(fg.index == i)[0])]
     notes["chosen ensemble"] = f"{best.get('operator')}:\n{_config_note(best)}"
-    if fg.own is not None and (fg.own[0] == i).any():
-        masks["self-trained U-Net"] = fg.own[1][int(np.flatnonzero(fg.own[0] == i)[0])]
+    if own is not None:
+        masks[OWN_COLUMN] = own
     return GalleryRow(
         title=f"{score.case} s{int(store.table['slice'][i])}\n{score.fold}, "
         f"case Dice {100 * score.dice:.1f}",
@@ -159,8 +166,8 @@ def section_gallery(rep: Page, run: Run, folds: list[str], n_cases: int) -> None
         "slice with the largest lesion. "
         "Columns: image (first channel), ground truth (green), each member's map (jet, "
         "0 to 1), then in red each operator's best configuration in that case's fold "
-        "(chosen on the calibration part, applied to the slice's maps for this figure) "
-        "and the fold's chosen ensemble (its evaluated mask); yellow line: "
+        "(chosen on the calibration part) and the fold's chosen ensemble, each the mask "
+        "the evaluation wrote; yellow line: "
         "ground truth. Under each mask: its members and thresholds, which differ per "
         "fold. Row label: case, slice, fold and the case Dice (all evaluated slices of "
         "the case, chosen ensemble)."

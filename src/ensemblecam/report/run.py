@@ -12,7 +12,7 @@ import numpy as np
 from ensemblecam.ensemble.operators import CONFIG_KEYS
 from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
-from ensemblecam.io.runlayout import CHOSEN_SLUG, RESULTS_FORMAT, FoldLayout, RunLayout
+from ensemblecam.io.runlayout import CHOSEN_SLUG, RESULTS_FORMAT, RunLayout
 
 
 @dataclass
@@ -76,29 +76,6 @@ def fold_names(run: Run) -> list[str]:
     if isinstance(folds, list) and folds:
         return [str(f) for f in folds]
     return [p.name for p in run.layout.fold_dirs()]
-
-
-def best_per_operator(fold: FoldLayout) -> dict[str, dict[str, Any]]:
-    """First (= best) configuration of every multi-member operator in ranking.csv."""
-    path = fold.ranking_csv
-    out: dict[str, dict[str, Any]] = {}
-    if not path.is_file():
-        return out
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            op = row.get("operator", "")
-            if op in ("", "single") or op in out:
-                continue
-            try:
-                out[op] = {
-                    "operator": op,
-                    "members": row["members"].split("+"),
-                    "thresholds": [float(t) for t in row["thresholds"].split("+")],
-                    "gate": float(row["gate"]) if row.get("gate") else None,
-                }
-            except (KeyError, ValueError) as exc:
-                raise InputError(f"{path}: malformed row ({exc})") from exc
-    return out
 
 
 def config_yaml(run: Run) -> dict[str, Any]:

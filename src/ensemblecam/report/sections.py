@@ -327,7 +327,8 @@ def _where(rep: Page, run: Run) -> None:
             "fold*/models (classifiers), fold*/maps (CAMs), fold*/search "
             "(threshold grids, ranking), fold*/eval/<row> (metrics.json, "
             "per_case.csv, per_slice.csv; rows: ensemble, op_<operator>, "
-            "single_<member>, unet)",
+            "single_<member>, unet, pseudo_unet; masks.npz of the op_, unet and "
+            "pseudo_unet rows), fold*/eval/masks.npz (the chosen ensemble's masks)",
         ),
     ]
     if store is not None:
