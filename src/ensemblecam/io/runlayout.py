@@ -57,7 +57,6 @@ RUN_FORMAT = "ensemblecam-run"
 STAMP = "stage.json"
 #: the evaluation row of the chosen configuration (``eval/<slug>``)
 CHOSEN_SLUG = "ensemble"
-
 #: the PNGs the train stage writes in a classifier's folder: file name -> what it shows
 TRAIN_FIGURES = {
     "learning_curve.png": "learning curve",

@@ -103,7 +103,8 @@ def _gallery_row(run: Run, score: _CaseScore, fg: _FoldGallery) -> GalleryRow:
     for column, (index, stored, note) in fg.stored.items():
         if (index == i).any():
             masks[column] = stored[int(np.flatnonzero(index == i)[0])]
-            notes[column] = note
+            if note:
+                notes[column] = note
     own = masks.pop(OWN_COLUMN, None)  # drawn after the chosen ensemble
     masks["chosen ensemble"] = fg.masks[int(np.flatnonzero(fg.index == i)[0])]
     notes["chosen ensemble"] = f"{best.get('operator')}:\n{_config_note(best)}"
