@@ -24,8 +24,6 @@ from ensemblecam.report.html import Page
 from ensemblecam.report.run import Run, best_json, chosen_case_dice, eval_masks
 from ensemblecam.report.text import describe_config
 
-OWN_COLUMN = "self-trained U-Net"
-
 
 @dataclass
 class _CaseScore:
@@ -38,9 +36,8 @@ class _CaseScore:
 @dataclass
 class _FoldGallery:
     best: dict[str, Any]  # search/best.json
-    index: np.ndarray  # eval/masks.npz: store indices ...
-    masks: np.ndarray  # ... and the chosen configuration's masks there
-    # column -> (store indices, masks, note) of eval/op_*/masks.npz, eval/pseudo_unet/masks.npz
+    # mask column, in drawing order -> (store indices, masks, note) of eval/op_*/masks.npz,
+    # eval/masks.npz (the chosen ensemble) and eval/pseudo_unet/masks.npz
     stored: dict[str, tuple[np.ndarray, np.ndarray, str]] = field(default_factory=dict)
 
 
@@ -74,12 +71,18 @@ def _fold_case_scores(
         if r.get("kind") == "operator" and fold in (r.get("config") or {})
     ]
     columns = [(c["operator"], operator_slug(c["operator"]), _config_note(c)) for c in confs]
-    stored = {}
-    for column, slug, note in [*columns, (OWN_COLUMN, "pseudo_unet", "")]:
-        if f.row_masks(slug).is_file():
+    columns += [
+        ("chosen ensemble", None, f"{best.get('operator')}:\n{_config_note(best)}"),
+        ("self-trained U-Net", "pseudo_unet", ""),
+    ]
+    stored: dict[str, tuple[np.ndarray, np.ndarray, str]] = {}
+    for column, slug, note in columns:  # slug None: eval/masks.npz, read above
+        if slug is None:
+            stored[column] = (*chosen, note)
+        elif f.row_masks(slug).is_file():
             index, masks = read_masks(f.row_masks(slug))
             stored[column] = (np.asarray(index), np.asarray(masks), note)
-    return out, _FoldGallery(best, *chosen, stored)
+    return out, _FoldGallery(best, stored)
 
 
 def _gallery_row(run: Run, score: _CaseScore, fg: _FoldGallery) -> GalleryRow:
@@ -105,11 +108,6 @@ def _gallery_row(run: Run, score: _CaseScore, fg: _FoldGallery) -> GalleryRow:
             masks[column] = stored[int(np.flatnonzero(index == i)[0])]
             if note:
                 notes[column] = note
-    own = masks.pop(OWN_COLUMN, None)  # drawn after the chosen ensemble
-    masks["chosen ensemble"] = fg.masks[int(np.flatnonzero(fg.index == i)[0])]
-    notes["chosen ensemble"] = f"{best.get('operator')}:\n{_config_note(best)}"
-    if own is not None:
-        masks[OWN_COLUMN] = own
     return GalleryRow(
         title=f"{score.case} s{int(store.table['slice'][i])}\n{score.fold}, "
         f"case Dice {100 * score.dice:.1f}",
