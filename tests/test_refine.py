@@ -305,6 +305,11 @@ def test_mil_loss_hand_computed():
     # bottom_fraction 0.25: the smallest logit (-2) of the lesion image is background
     pos_b = pos + bce(-2.0, 0)
     assert float(mil_loss(logits, labels, 0.5, 0.25)) == pytest.approx((neg + pos_b) / 2, abs=1e-6)
+    # negative_top: the lesion-free image's top-k mean ((2 + 1) / 2) is pushed to 0 as well
+    neg_t = neg + bce((2.0 + 1.0) / 2, 0)
+    assert float(mil_loss(logits, labels, 0.5, 0.0, True)) == pytest.approx(
+        (neg_t + pos) / 2, abs=1e-6
+    )
     # one output channel: d is the channel itself
     assert float(mil_loss(d.unsqueeze(1), labels, 0.5)) == pytest.approx((neg + pos) / 2, abs=1e-6)
     with pytest.raises(InputError):

@@ -189,6 +189,26 @@ def test_mil_localiser_trains_from_labels_and_writes_a_member(
     assert ms.maps.shape == (5, 24, 24) and ms.meta["normalised"] is False
     assert cfg.sigma() == 2.0 and ms.meta["smooth_sigma"] == 2.0
     assert ((np.asarray(ms.maps) >= 0) & (np.asarray(ms.maps) <= 1)).all()
+    # the symmetric loss with balanced draws trains through the same loop
+    sym = cfg.model_copy(update={"negative_top": True, "oversample": 0.5})
+    out = unet.train_unet(sym, st.path, None, 0, tmp_path / "sym", "labels", progress=False)
+    assert out is not None
+    kept = json.loads((out / "unet.json").read_text())["config"]
+    assert kept["negative_top"] is True and kept["oversample"] == 0.5
+
+
+def test_has_lesion_reads_masks_or_slice_labels(store_with_maps: Path) -> None:
+    st = SliceStore.open(store_with_maps / "store")
+    assert st.masks is not None
+    idx = np.arange(st.n_slices)
+    truth = np.asarray(st.masks).reshape(len(idx), -1).any(axis=1)
+    labels_ds = unet._dataset(st, idx, "labels", None)  # the MIL localiser's samples
+    np.testing.assert_array_equal(unet.has_lesion(labels_ds), st.labels == 1)
+    np.testing.assert_array_equal(unet.has_lesion(unet._dataset(st, idx, "store", None)), truth)
+    # a pseudo-label target without lesion pixels is lesion-free, whatever the slice label
+    empty = np.zeros((len(idx), *st.size), np.uint8)
+    pseudo_ds = unet._dataset(st, idx, "npz", (idx, empty))
+    assert not unet.has_lesion(pseudo_ds).any() and (st.labels == 1).any()
 
 
 def test_oversample_weights_hand_computed() -> None:

@@ -502,6 +502,21 @@ class MilConfig(DeviceConfig):
     bottom_fraction: float = Field(
         0.5, ge=0.0, lt=1.0, description="share of a lesion slice's pixels pushed to background"
     )
+    negative_top: bool = Field(
+        False,
+        description="also push a lesion-free slice's top_fraction highest pixel scores to "
+        "background (the symmetric MIL term). Off by default: on the kits phantom (small "
+        "lesions in kidney windows) it stops the localiser lighting the whole kidney, on the "
+        "brats phantom it collapses (slices told apart by image-wide statistics)",
+    )
+    oversample: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="least share of training draws from lesion slices (0.5: balanced slice "
+        "labels, so a rare lesion class does not shrink P(lesion) below the searched "
+        "thresholds; useful with negative_top); 0: plain shuffling",
+    )
     smooth_sigma: float | None = Field(
         None,
         ge=0.0,

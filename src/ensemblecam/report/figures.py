@@ -169,7 +169,7 @@ def case_box_plot(
 
     vals = [np.asarray(v, dtype=np.float64) for v in values]
     vals = [v[np.isfinite(v)] for v in vals]
-    fig = Figure(figsize=(7, 0.8 + 0.4 * max(len(names), 1)))
+    fig = Figure(figsize=(10, 1.0 + 0.45 * max(len(names), 1)))
     ax = fig.subplots()
     pos = np.arange(1, len(names) + 1)
     horizontal = (
@@ -192,13 +192,14 @@ def case_box_plot(
     ax.set_yticks(
         pos,
         [
-            f"{n if len(n) <= 72 else n[:69] + '...'} (n={v.size})"
+            f"{n if len(n) <= 60 else n[:57] + '...'} (n={v.size})"
             for n, v in zip(names, vals, strict=True)
         ],
-        fontsize=8,
+        fontsize=11,
     )
+    ax.tick_params(axis="x", labelsize=11)
     ax.invert_yaxis()
-    ax.set_xlabel(label)
+    ax.set_xlabel(label, fontsize=11)
     return figure_png(fig)
 
 

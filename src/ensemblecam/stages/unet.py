@@ -264,8 +264,11 @@ def _dataset(
     return StoreDataset(store, kept) if source == "labels" else MaskDataset(store, kept, src, rows)
 
 
-def _has_lesion(ds: MaskDataset) -> np.ndarray:
-    """Bool (n,): the target of each training slice has a lesion pixel."""
+def has_lesion(ds: StoreDataset) -> np.ndarray:
+    """Bool (n,) per training slice: its target mask has a lesion pixel (mask targets), or
+    its slice label says lesion (slice labels: the MIL localiser)."""
+    if not isinstance(ds, MaskDataset):
+        return ds.store.labels[ds.indices] == 1
     out = np.zeros(len(ds), bool)
     for s in range(0, len(ds), 256):
         rows = ds.mask_rows[s : s + 256]
@@ -291,8 +294,8 @@ def _make_loss(cfg: UNetConfig | MilConfig, source: str) -> LossFn:
     """loss(float32 logits, targets) of ``source``: DiceCE on store masks, its masked form
     (255 left out) on pseudo-labels, the MIL loss on slice labels."""
     if isinstance(cfg, MilConfig):
-        top, bottom = cfg.top_fraction, cfg.bottom_fraction
-        return lambda z, y: mil_loss(z, y, top, bottom)
+        top, bottom, neg_top = cfg.top_fraction, cfg.bottom_fraction, cfg.negative_top
+        return lambda z, y: mil_loss(z, y, top, bottom, neg_top)
     if source == "npz":
         return MaskedDiceCELoss(IGNORE_INDEX, cfg.lambda_dice, cfg.lambda_ce)
     from monai.losses import DiceCELoss
@@ -351,9 +354,7 @@ def _data(fabric: Any, plan: UNetPlan) -> EpochData:
     uses_npz = "npz" in (plan.source, plan.val_source)
     pseudo = read_pseudo_masks(plan.targets, store) if uses_npz else None
     train_ds = _dataset(store, plan.train_idx, plan.source, pseudo)
-    weights = None
-    if isinstance(train_ds, MaskDataset):
-        weights = oversample_weights(_has_lesion(train_ds), cfg.oversample)
+    weights = oversample_weights(has_lesion(train_ds), cfg.oversample)
     sampler = EpochSampler(len(train_ds), cfg.seed, rank, world, weights)
     gpu = fabric.device.type == "cuda"
     loader = train_loader(train_ds, cfg.batch_size, sampler, cfg.workers, gpu)

@@ -88,6 +88,7 @@ def mil_loss(
     labels: torch.Tensor,
     top_fraction: float = 0.01,
     bottom_fraction: float = 0.0,
+    negative_top: bool = False,
 ) -> torch.Tensor:
     """Multiple-instance loss of pixel logits from image-level labels.
 
@@ -96,10 +97,14 @@ def mil_loss(
     cross-entropy with logits:
 
     - label 0: mean over all pixels of BCE(d, 0) (every pixel of a lesion-free image is
-      background);
-    - label 1: BCE(mean of the k = ceil(top_fraction n) largest d, 1) (some pixels are
-      lesion), plus, if ``bottom_fraction`` > 0, the mean of BCE(d, 0) over the
-      ceil(bottom_fraction n) smallest d (the lesion covers less than that share).
+      background), plus, with ``negative_top``, BCE(t, 0) (the symmetric MIL term: a small
+      lesion-like region, such as a kidney on a slice without tumour, otherwise costs only
+      its share of the pixel mean, and the localiser may learn the organ, not the lesion);
+    - label 1: BCE(t, 1) (some pixels are lesion), plus, if ``bottom_fraction`` > 0, the
+      mean of BCE(d, 0) over the ceil(bottom_fraction n) smallest d (the lesion covers less
+      than that share);
+
+    where t is the mean of the k = ceil(top_fraction n) largest d.
 
     Returns the mean over images.
     """
@@ -121,6 +126,8 @@ def mil_loss(
     k = max(1, int(-(-top_fraction * n // 1)))
     top = d.topk(k, dim=1).values.mean(1)
     pos = F.binary_cross_entropy_with_logits(top, torch.ones_like(top), reduction="none")
+    if negative_top:
+        neg = neg + F.binary_cross_entropy_with_logits(top, torch.zeros_like(top), reduction="none")
     if bottom_fraction > 0:
         kb = max(1, int(-(-bottom_fraction * n // 1)))
         low = -(-d).topk(kb, dim=1).values
