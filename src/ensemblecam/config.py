@@ -507,7 +507,7 @@ class MilConfig(DeviceConfig):
         description="also push a lesion-free slice's top_fraction highest pixel scores to "
         "background (the symmetric MIL term). Off by default: on the kits phantom (small "
         "lesions in kidney windows) it stops the localiser lighting the whole kidney, on the "
-        "brats phantom it collapses (slices told apart by image-wide statistics)",
+        "brats phantom it makes the localiser collapse (its maps miss the lesion)",
     )
     oversample: float = Field(
         0.0,
