@@ -20,7 +20,7 @@ from ensemblecam.io.split import get_fold
 from ensemblecam.io.store import SliceStore
 from ensemblecam.refine import IGNORE
 from ensemblecam.stages import unet
-from ensemblecam.stages.mil import MIL_MEMBER, mil_maps, write_mil_maps
+from ensemblecam.stages.mil import MIL_MEMBER, map_scale, mil_maps, write_mil_maps
 from ensemblecam.stages.refine import refine_stage, slice_members
 from ensemblecam.training.data import part_indices
 from store_factory import build_store
@@ -195,6 +195,48 @@ def test_mil_localiser_trains_from_labels_and_writes_a_member(
     assert out is not None
     kept = json.loads((out / "unet.json").read_text())["config"]
     assert kept["negative_top"] is True and kept["oversample"] == 0.5
+
+
+def test_map_scale_hand_computed() -> None:
+    maps = np.array([[[0.0, 0.1]], [[0.2, 0.3]], [[0.9, 1.0]]], np.float32)  # (3, 1, 2)
+    # rows 0 and 1: pixels 0, 0.1, 0.2, 0.3; median (linear) 0.15, maximum 0.3
+    assert map_scale(maps, np.array([0, 1]), 0.5) == pytest.approx(0.15)
+    assert map_scale(maps, np.array([0, 1]), 1.0) == pytest.approx(0.3)
+    assert map_scale(np.zeros((2, 1, 2), np.float32), np.array([0]), 1.0) == 1e-6
+    with pytest.raises(InputError, match="no training-part slice"):
+        map_scale(maps, np.array([], np.int64), 0.5)
+
+
+def test_mil_maps_scaled_by_the_training_part(store_with_maps: Path, tmp_path: Path) -> None:
+    st = SliceStore.open(store_with_maps / "store")
+    cfg = MilConfig(channels=[4, 8], strides=[2], epochs=1, batch_size=8, accelerator="cpu")
+    out = unet.train_unet(cfg, st.path, None, 0, tmp_path / "mil", "labels", progress=False)
+    assert out is not None
+    idx = np.arange(st.n_slices)
+    splits = st.path / "splits.json"
+    train = part_indices(st, splits, get_fold(splits, 0), "train")
+    plain = mapstore.MapSet.open(
+        write_mil_maps(cfg, out / "best.pt", st.path, idx, tmp_path / "m0", scale_from=train)
+    )
+    assert plain.meta["scale"] is None  # no scale_quantile: the option is off
+    raw = np.asarray(plain.maps, np.float32)
+    q = cfg.model_copy(update={"scale_quantile": 0.9})
+    scaled = mapstore.MapSet.open(
+        write_mil_maps(q, out / "best.pt", st.path, idx, tmp_path / "m1", scale_from=train)
+    )
+    s = scaled.meta["scale"]
+    assert s == pytest.approx(np.quantile(raw[train], 0.9), rel=2e-3)  # maps stored float16
+    np.testing.assert_allclose(np.asarray(scaled.maps, np.float32), np.minimum(raw / s, 1),
+                               atol=2e-3)  # fmt: skip
+    assert (np.asarray(scaled.maps) == 1).any() and scaled.probs.tolist() == plain.probs.tolist()
+    # predict: the fold's scale is given, not recomputed from the new scans
+    fixed = mapstore.MapSet.open(
+        write_mil_maps(q, out / "best.pt", st.path, idx[:4], tmp_path / "m2", scale=s)
+    )
+    assert fixed.meta["scale"] == s
+    np.testing.assert_array_equal(np.asarray(fixed.maps), np.asarray(scaled.maps)[:4])
+    with pytest.raises(InputError, match="training part must be among the mapped slices"):
+        write_mil_maps(q, out / "best.pt", st.path, idx[:4], tmp_path / "m3", scale_from=train)
 
 
 def test_has_lesion_reads_masks_or_slice_labels(store_with_maps: Path) -> None:

@@ -517,6 +517,14 @@ class MilConfig(DeviceConfig):
         "labels, so a rare lesion class does not shrink P(lesion) below the searched "
         "thresholds; useful with negative_top); 0: plain shuffling",
     )
+    scale_quantile: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="divide the maps by this quantile of the training part's map values "
+        "(e.g. 0.999; one constant, kept for predict), so that maps whose P(lesion) stays "
+        "low span the searched thresholds; default: unscaled",
+    )
     smooth_sigma: float | None = Field(
         None,
         ge=0.0,

@@ -51,6 +51,7 @@ def mil_command(
     if result is None:
         return
     idx = split_indices(SliceStore.open(store), splits, fold_key, parts.split(","))
+    train = split_indices(SliceStore.open(store), splits, fold_key, ["train"])
     with fsutil.output_guard(member, [store, splits, out]):
-        write_mil_maps(cfg, result / "best.pt", store, idx, member, force=force)
+        write_mil_maps(cfg, result / "best.pt", store, idx, member, force, scale_from=train)
     typer.echo(f"trained the MIL localiser on {fold} ({len(idx)} slices mapped): {member}")

@@ -297,9 +297,12 @@ def _ensemble_masks(
     cams = [m for m in chosen["members"] if m != MIL_MEMBER]
     if len(cams) < len(chosen["members"]):  # the MIL localiser's maps
         _check_channels(input_dir, store, read_checkpoint(lay.mil / "best.pt")["info"]["channels"])
+        scale = None  # with scale_quantile: the constant the fold's training part gave
+        if cfg.mil.scale_quantile is not None:
+            scale = MapSet.open(lay.map_set(MIL_MEMBER)).meta.get("scale")
         write_mil_maps(
             cfg.mil, lay.mil / "best.pt", store.path, np.arange(store.n_slices),
-            work / "maps" / MIL_MEMBER, force=True, progress=progress,
+            work / "maps" / MIL_MEMBER, force=True, progress=progress, scale=scale,
         )  # fmt: skip
     if cams:
         tags = list(dict.fromkeys(m.split("__")[0] for m in cams))

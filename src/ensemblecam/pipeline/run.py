@@ -732,6 +732,7 @@ def _fold_mil(f: _Fold, k_split: str) -> str:
             member,
             force,
             f.runner.progress,
+            scale_from=split_indices(SliceStore.open(f.store), f.splits, f.k, ["train"]),
         ),
     )
     return k_maps

@@ -17,7 +17,10 @@ Member maps (:func:`write_mil_maps`), for every slice of the requested parts:
 
 ``m`` is not normalised per slice: a lesion-free slice keeps low values, so the searched
 thresholds mean the same on every slice. ``p`` is the slice score the MIL loss trains
-(stored as the member's ``probs``, used for gating).
+(stored as the member's ``probs``, used for gating). With ``scale_quantile`` q the maps are
+divided by one constant, s = the q-quantile of ``m`` over the fold's training part, and
+clipped to 1: maps whose P(lesion) stays low then span the searched thresholds. s is kept
+in the member's meta.json and new scans (predict) reuse it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from scipy import ndimage
 
 from ensemblecam import __version__
 from ensemblecam.config import MilConfig
+from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil, mapstore
 from ensemblecam.io.store import SliceStore
 
@@ -53,6 +57,14 @@ def mil_maps(
     return prob.astype(np.float32), (1.0 / (1.0 + np.exp(-top))).astype(np.float32)
 
 
+def map_scale(maps: np.ndarray, rows: np.ndarray, quantile: float) -> float:
+    """s = the ``quantile`` of ``maps[rows]`` (every pixel), at least 1e-6 (module
+    docstring)."""
+    if len(rows) == 0:
+        raise InputError("mil scale_quantile: no training-part slice to take the scale from")
+    return max(float(np.quantile(np.asarray(maps[rows], np.float64), quantile)), 1e-6)
+
+
 def write_mil_maps(
     cfg: MilConfig,
     checkpoint: str | Path,
@@ -61,9 +73,20 @@ def write_mil_maps(
     out: str | Path,
     force: bool = False,
     progress: bool | None = None,
+    scale_from: np.ndarray | None = None,
+    scale: float | None = None,
 ) -> Path:
     """Write the localiser's member (``out``, a map-store member folder) for the store
-    slices ``indices``."""
+    slices ``indices``. With ``cfg.scale_quantile`` the maps are divided by ``scale``, or
+    by :func:`map_scale` of the slices ``scale_from`` (store indices among ``indices``: the
+    training part)."""
+    rows = None
+    if cfg.scale_quantile is not None and scale is None:
+        if scale_from is None or not np.isin(scale_from, indices).all():
+            raise InputError(
+                "mil scale_quantile: the training part must be among the mapped slices"
+            )
+        rows = np.searchsorted(np.asarray(indices), np.asarray(scale_from))
     return write_unet_maps(
         checkpoint,
         store_path,
@@ -75,6 +98,9 @@ def write_mil_maps(
         cfg.batch_size,
         force,
         progress,
+        scale if cfg.scale_quantile is not None else None,
+        rows,
+        cfg.scale_quantile or 1.0,
     )
 
 
@@ -89,9 +115,14 @@ def write_unet_maps(
     batch_size: int = 32,
     force: bool = False,
     progress: bool | None = None,
+    scale: float | None = None,
+    scale_rows: np.ndarray | None = None,
+    quantile: float = 1.0,
 ) -> Path:
     """Write a U-Net's lesion maps as a map-store member (``out``) for the store slices
-    ``indices``: :func:`mil_maps` of its lesion logits (sigma 0: its softmax P(lesion))."""
+    ``indices``: :func:`mil_maps` of its lesion logits (sigma 0: its softmax P(lesion)),
+    divided by ``scale`` (or by :func:`map_scale` of the rows ``scale_rows`` of
+    ``indices`` at ``quantile``) and clipped to 1; neither: unscaled."""
     from ensemblecam.stages.unet import predict_lesion_logits
 
     store = SliceStore.open(store_path)
@@ -100,6 +131,10 @@ def write_unet_maps(
     partial = fsutil.prepare_output_dir(out, force, mapstore.MAP_META, stage=method)
     logits = predict_lesion_logits(checkpoint, store, idx, batch_size=batch_size, progress=progress)
     maps, probs = mil_maps(logits, sigma, top_fraction)
+    if scale is None and scale_rows is not None:
+        scale = map_scale(maps, scale_rows, quantile)
+    if scale is not None:
+        maps = np.minimum(maps / np.float32(scale), np.float32(1.0))
     meta: dict[str, Any] = {
         "member": out.name,
         "checkpoint": str(Path(checkpoint).resolve()),
@@ -110,6 +145,7 @@ def write_unet_maps(
         "normalised": False,
         "smooth_sigma": sigma,
         "top_fraction": top_fraction,
+        "scale": scale,
         "store": str(Path(store_path).resolve()),
         "store_id": store.identity,
         "store_n_slices": store.n_slices,
