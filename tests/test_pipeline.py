@@ -544,3 +544,36 @@ def test_keys_cover_only_non_default_options() -> None:
     base = Config()
     assert pipeline.config_hash(base) == pipeline.config_hash(Config(cam={"score_tol": 1e-3}))
     assert pipeline.config_hash(base) != pipeline.config_hash(Config(cam={"score_tol": 1e-2}))
+
+
+def test_predict_reuses_the_folds_mil_scale(
+    finished_run: Path, phantom: Path, tmp_path: Path
+) -> None:
+    """With mil.scale_quantile, predict divides the localiser's maps of new scans by the
+    scale the fold's training part gave (meta.json of its member), not by one of its own."""
+    from ensemblecam.io.mapstore import MapSet
+    from ensemblecam.io.store import SliceStore
+    from ensemblecam.pipeline.predict import _ensemble_masks
+    from ensemblecam.stages.evaluate import config_masks
+    from ensemblecam.stages.mil import MIL_MEMBER, write_mil_maps
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    member_meta = run / "fold0" / "maps" / MIL_MEMBER / "meta.json"
+    meta = json.loads(member_meta.read_text())
+    meta["scale"] = 0.25
+    member_meta.write_text(json.dumps(meta))
+    cfg = load_config(run / "config.yaml")
+    scaled_cfg = cfg.model_copy(deep=True)
+    scaled_cfg.mil.scale_quantile = 0.999
+    store = SliceStore.open(run / "store")  # stands in for the new scans' prepared store
+    chosen = {"operator": "and", "members": [MIL_MEMBER], "thresholds": [0.6], "gate": None}
+    got = _ensemble_masks(run, phantom, tmp_path / "w", scaled_cfg, chosen, "fold0", store, False)
+    ckpt, every = run / "fold0" / "mil" / "best.pt", np.arange(store.n_slices)
+    plain = MapSet.open(write_mil_maps(cfg.mil, ckpt, store.path, every, tmp_path / "plain"))
+    raw = np.asarray(plain.maps, np.float32)
+    want = config_masks([np.minimum(raw / 0.25, 1).astype(np.float16)], [plain.probs], chosen)
+    assert MapSet.open(tmp_path / "w" / "maps" / MIL_MEMBER).meta["scale"] == 0.25
+    assert np.mean(got == want) > 0.999 and got.any()  # float16 rounding at the threshold
+    unscaled = config_masks([plain.maps], [plain.probs], chosen)
+    assert got.sum() > unscaled.sum()  # the scale made a difference
