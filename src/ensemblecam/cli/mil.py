@@ -50,8 +50,9 @@ def mil_command(
         result = train_unet(cfg, store, splits, fold_key, out, "labels", force=force)
     if result is None:
         return
-    idx = split_indices(SliceStore.open(store), splits, fold_key, parts.split(","))
-    train = split_indices(SliceStore.open(store), splits, fold_key, ["train"])
+    opened = SliceStore.open(store)
+    idx = split_indices(opened, splits, fold_key, parts.split(","))
+    train = split_indices(opened, splits, fold_key, ["train"])
     with fsutil.output_guard(member, [store, splits, out]):
         write_mil_maps(cfg, result / "best.pt", store, idx, member, force, scale_from=train)
     typer.echo(f"trained the MIL localiser on {fold} ({len(idx)} slices mapped): {member}")

@@ -719,22 +719,14 @@ def _fold_mil(f: _Fold, k_split: str) -> str:
     parts = _map_parts(f.cfg)
     k_maps = stable_hash(["mil maps", k_mil, parts])
     member = f.fold.map_set(MIL_MEMBER)
-    f.runner.stage(
-        f"{f.name}/mil/maps",
-        member,
-        k_maps,
-        "meta.json",
-        lambda force: write_mil_maps(
-            mcfg,
-            out / "best.pt",
-            f.store,
-            split_indices(SliceStore.open(f.store), f.splits, f.k, parts),
-            member,
-            force,
-            f.runner.progress,
-            scale_from=split_indices(SliceStore.open(f.store), f.splits, f.k, ["train"]),
-        ),
-    )
+
+    def write_maps(force: bool) -> None:
+        store = SliceStore.open(f.store)
+        idx = split_indices(store, f.splits, f.k, parts)
+        train = split_indices(store, f.splits, f.k, ["train"])  # the scale_quantile's part
+        write_mil_maps(mcfg, out / "best.pt", f.store, idx, member, force, f.runner.progress, train)
+
+    f.runner.stage(f"{f.name}/mil/maps", member, k_maps, "meta.json", write_maps)
     return k_maps
 
 
