@@ -237,6 +237,7 @@ def test_mil_maps_scaled_by_the_training_part(store_with_maps: Path, tmp_path: P
     np.testing.assert_array_equal(np.asarray(fixed.maps), np.asarray(scaled.maps)[:4])
     with pytest.raises(InputError, match="training part must be among the mapped slices"):
         write_mil_maps(q, out / "best.pt", st.path, idx[:4], tmp_path / "m3", scale_from=train)
+    assert not (tmp_path / "m3").exists() and not list(tmp_path.glob(".m3*"))  # nothing written
 
 
 def test_has_lesion_reads_masks_or_slice_labels(store_with_maps: Path) -> None:
