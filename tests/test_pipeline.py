@@ -502,6 +502,18 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["run", str(bad)])
     assert result.exit_code == 2 and result.output.count("\n") == 1
     assert "search.grid" in result.output
+    # MIL localiser variants: a name that cannot name folders, a field the mil section
+    # lacks or a wrong type in it, none at all
+    for variants, match in (
+        ({"unet": {}}, r"run\.mil_variants': localiser name 'unet': expected mil"),
+        ({"mil__x": {}}, r"localiser name 'mil__x'"),
+        ({"mil_b": {"topp": 1}}, r"run\.mil_variants': mil_b: unknown key 'topp'"),
+        ({"mil_b": {"negative_top": "maybe"}}, r"mil_b: key 'negative_top': .*boolean"),
+        ({}, r"run\.mil_variants': .*at least 1 item"),
+    ):
+        bad.write_text(yaml.safe_dump({"run": {"mil_variants": variants}}))
+        with pytest.raises(InputError, match=match):
+            load_config(bad)
     # a missing data folder is refused before anything is written
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump({"run": {"out": str(tmp_path / "run")}}))
@@ -546,34 +558,57 @@ def test_keys_cover_only_non_default_options() -> None:
     assert pipeline.config_hash(base) != pipeline.config_hash(Config(cam={"score_tol": 1e-2}))
 
 
-def test_predict_reuses_the_folds_mil_scale(
+def test_localiser_variants_and_predict_reuses_their_scale(
     finished_run: Path, phantom: Path, tmp_path: Path
 ) -> None:
-    """With mil.scale_quantile, predict divides the localiser's maps of new scans by the
-    scale the fold's training part gave (meta.json of its member), not by one of its own."""
-    from ensemblecam.io.mapstore import MapSet
+    """run trains every run.mil_variants localiser (default: the plain one and the
+    symmetric one with scaled maps) as a search member; predict divides a scaled
+    localiser's maps of new scans by the scale the fold's training part gave (meta.json of
+    its member), not by one of its own."""
+    from ensemblecam.io.mapstore import MapSet, localiser_member
     from ensemblecam.io.store import SliceStore
     from ensemblecam.pipeline.predict import _ensemble_masks
+    from ensemblecam.stages.cam import split_indices
     from ensemblecam.stages.evaluate import config_masks
-    from ensemblecam.stages.mil import MIL_MEMBER, write_mil_maps
+    from ensemblecam.stages.mil import map_scale, write_mil_maps
 
+    cfg = load_config(finished_run / "config.yaml")
+    variants = cfg.localisers()
+    assert list(variants) == ["mil", "mil_symmetric"]
+    assert not variants["mil"].negative_top and variants["mil"].scale_quantile is None
+    assert variants["mil_symmetric"].negative_top and variants["mil_symmetric"].scale_quantile
+    store = SliceStore.open(finished_run / "store")  # stands in for the new scans' store
+    every = np.arange(store.n_slices)
+    sym = localiser_member("mil_symmetric")
+    for f in ("fold0", "fold1"):
+        ranking = json.loads((finished_run / f / "search" / "ranking.json").read_text())
+        searched = {m for row in ranking["top"] for m in row["members"]}
+        assert {localiser_member("mil"), sym} <= searched
+        assert (
+            MapSet.open(finished_run / f / "maps" / localiser_member("mil")).meta["scale"] is None
+        )
+        # the symmetric localiser's scale: the quantile of its unscaled training-part maps
+        ckpt = finished_run / f / "mil_symmetric" / "best.pt"
+        unscaled_cfg = variants["mil_symmetric"].model_copy(update={"scale_quantile": None})
+        raw = MapSet.open(write_mil_maps(unscaled_cfg, ckpt, store.path, every, tmp_path / f))
+        train = split_indices(store, finished_run / "split" / "splits.json", f, ["train"])
+        want = map_scale(np.asarray(raw.maps, np.float32), train, 0.999)
+        assert MapSet.open(finished_run / f / "maps" / sym).meta["scale"] == pytest.approx(
+            want, rel=1e-3
+        )
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    member_meta = run / "fold0" / "maps" / MIL_MEMBER / "meta.json"
+    member_meta = run / "fold0" / "maps" / sym / "meta.json"
     meta = json.loads(member_meta.read_text())
     meta["scale"] = 0.25
     member_meta.write_text(json.dumps(meta))
-    cfg = load_config(run / "config.yaml")
-    scaled_cfg = cfg.model_copy(deep=True)
-    scaled_cfg.mil.scale_quantile = 0.999
-    store = SliceStore.open(run / "store")  # stands in for the new scans' prepared store
-    chosen = {"operator": "and", "members": [MIL_MEMBER], "thresholds": [0.6], "gate": None}
-    got = _ensemble_masks(run, phantom, tmp_path / "w", scaled_cfg, chosen, "fold0", store, False)
-    ckpt, every = run / "fold0" / "mil" / "best.pt", np.arange(store.n_slices)
-    plain = MapSet.open(write_mil_maps(cfg.mil, ckpt, store.path, every, tmp_path / "plain"))
+    chosen = {"operator": "and", "members": [sym], "thresholds": [0.6], "gate": None}
+    got = _ensemble_masks(run, phantom, tmp_path / "w", cfg, chosen, "fold0", store, False)
+    ckpt = run / "fold0" / "mil_symmetric" / "best.pt"
+    plain = MapSet.open(write_mil_maps(unscaled_cfg, ckpt, store.path, every, tmp_path / "plain"))
     raw = np.asarray(plain.maps, np.float32)
     want = config_masks([np.minimum(raw / 0.25, 1).astype(np.float16)], [plain.probs], chosen)
-    assert MapSet.open(tmp_path / "w" / "maps" / MIL_MEMBER).meta["scale"] == 0.25
+    assert MapSet.open(tmp_path / "w" / "maps" / sym).meta["scale"] == 0.25
     assert np.mean(got == want) > 0.999 and got.any()  # float16 rounding at the threshold
     unscaled = config_masks([plain.maps], [plain.probs], chosen)
     assert got.sum() > unscaled.sum()  # the scale made a difference

@@ -271,13 +271,22 @@ def test_mil_and_refine_commands(store_with_maps: Path, tmp_path: Path) -> None:
 
     root = store_with_maps
     maps = tmp_path / "maps"
-    r = CliRunner().invoke(app, [
+    mil = [
         "mil", "--store", str(root / "store"), "--out", str(tmp_path / "mil"), "--maps",
         str(maps), "--parts", "train", "--epochs", "1", "--channels", "4,8", "--strides", "2",
         "--batch-size", "8", "--accelerator", "cpu", "--progress", "quiet",
-    ])  # fmt: skip
+    ]  # fmt: skip
+    r = CliRunner().invoke(app, mil)
     assert r.exit_code == 0, r.output
     assert mapstore.MapSet.open(maps / MIL_MEMBER).meta["method"] == "mil"
+    # --name: the member localiser__<name>, as run names its variants; a name that cannot
+    # name a member folder is one error line, before anything is written
+    named = [*mil, "--out", str(tmp_path / "mil_b"), "--name", "mil_b", "--negative-top"]
+    r = CliRunner().invoke(app, named)
+    assert r.exit_code == 0 and (maps / "localiser__mil_b" / "meta.json").is_file(), r.output
+    r = CliRunner().invoke(app, [*mil, "--out", str(tmp_path / "bad"), "--name", "b__c"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "'b__c'" in r.output, r.output
+    assert not (tmp_path / "bad").exists()
     args = [
         "refine", "--store", str(root / "store"), "--maps", str(root / "maps"), "--best",
         str(root / "best.json"), "--refiners", "none", "--out", str(tmp_path / "ref"),

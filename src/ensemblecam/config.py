@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ensemblecam.errors import InputError
 
@@ -380,6 +381,15 @@ class CamConfig(DeviceConfig):
     force: bool = Field(False, description="replace existing members")
 
 
+def check_localiser_name(name: str) -> None:
+    """Refuse (ValueError) a MIL localiser name that cannot name its folders: ``mil``, then
+    lower-case letters, digits or single ``_`` (never a member name's ``__``)."""
+    if not re.fullmatch(r"mil[a-z0-9_]*", name) or "__" in name:
+        raise ValueError(
+            f"localiser name {short_repr(name)}: expected mil, then letters, digits or single _"
+        )
+
+
 class RunConfig(Section):
     """``ensemblecam run``: the whole protocol per fold (sections above give each stage's
     options; the run sets the paths)."""
@@ -404,6 +414,20 @@ class RunConfig(Section):
         description="also train a localiser from the slice labels alone (multiple-instance "
         "learning, section mil) and offer its maps to the search as one more member; the "
         "paper configs turn it off",
+    )
+    mil_variants: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {
+            "mil": {},
+            "mil_symmetric": {"negative_top": True, "scale_quantile": 0.999},
+        },
+        min_length=1,
+        description="localisers trained when run.mil is on: name -> the mil section's "
+        "fields that this one changes; each is one more member (localiser__<name>), and the "
+        "search keeps the one that localises (names: mil, then letters, digits or _). "
+        "mil_symmetric adds the symmetric MIL term with its maps scaled into the grid: on "
+        "small lesions in organ windows (the kits phantom) the plain localiser lights the "
+        "whole organ, on the brats phantom the symmetric one collapses; run.mil false trains "
+        "none",
     )
     refine: bool = Field(
         True,
@@ -442,6 +466,18 @@ class RunConfig(Section):
     export: bool = Field(True, description="write the evaluated masks as NIfTI")
     export_maps: bool = Field(False, description="also export the first member's maps")
     report: bool = Field(True, description="write the HTML report")
+
+    @field_validator("mil_variants")
+    @classmethod
+    def _check_variants(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Names as member folders need them; each change a valid mil field."""
+        for name, changes in value.items():
+            check_localiser_name(name)
+            try:
+                MilConfig.model_validate(changes)
+            except ValidationError as exc:
+                raise ValueError(_format_error(exc, name)) from None
+        return value
 
 
 class UNetConfig(DeviceConfig):
@@ -505,9 +541,9 @@ class MilConfig(DeviceConfig):
     negative_top: bool = Field(
         False,
         description="also push a lesion-free slice's top_fraction highest pixel scores to "
-        "background (the symmetric MIL term). Off by default: on the kits phantom (small "
-        "lesions in kidney windows) it stops the localiser lighting the whole kidney, on the "
-        "brats phantom it makes the localiser collapse (its maps miss the lesion)",
+        "background (the symmetric MIL term; run's mil_symmetric localiser turns it on). On "
+        "the kits phantom (small lesions in kidney windows) it stops the localiser lighting "
+        "the whole kidney, on the brats phantom it makes the localiser collapse",
     )
     oversample: float = Field(
         0.0,
@@ -523,7 +559,8 @@ class MilConfig(DeviceConfig):
         le=1.0,
         description="divide the maps by this quantile of the training part's map values "
         "(e.g. 0.999; one constant, kept for predict), so that maps whose P(lesion) stays "
-        "low span the searched thresholds; default: unscaled",
+        "low span the searched thresholds (run's mil_symmetric localiser: 0.999); default: "
+        "unscaled",
     )
     smooth_sigma: float | None = Field(
         None,
@@ -600,6 +637,17 @@ class Config(Section):
     mil: MilConfig = MilConfig()
     refine: RefineConfig = RefineConfig()
 
+    def localisers(self) -> dict[str, MilConfig]:
+        """The run's MIL localisers (empty when ``run.mil`` is off): name -> the mil
+        section with the variant's changes (``run.mil_variants``)."""
+        if not self.run.mil:
+            return {}
+        base = self.mil.model_dump()
+        return {
+            name: MilConfig.model_validate({**base, **changes})
+            for name, changes in self.run.mil_variants.items()
+        }
+
 
 MAX_YAML_BYTES = 2**20  #: largest config file read (1 MiB)
 MAX_YAML_ALIASES = 100  #: most alias uses (``*name``) in one config
@@ -634,6 +682,8 @@ def _format_error(exc: ValidationError, source: str) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
         return f"{source}: unknown key {short_repr(key)}"
+    if err["type"] == "value_error":  # a validator's own message names the value
+        return f"{source}: key {short_repr(key)}: {one_line(str(err['ctx']['error']))}"
     return (
         f"{source}: key {short_repr(key)}: {one_line(err['msg'], MAX_SHOWN)} "
         f"(got {short_repr(err.get('input'))})"

@@ -25,8 +25,11 @@ def mil_command(
     fold: Annotated[str, Opt("--fold", help="Fold position or name.")] = "0",
     out: Annotated[Path, Opt("--out", help="Run output folder.")] = Path("runs/mil"),
     maps: Annotated[
-        Path, Opt("--maps", help="Map store root: the member localiser__mil is written there.")
+        Path, Opt("--maps", help="Map store root: the member localiser__<name> is written there.")
     ] = Path("maps"),
+    name: Annotated[
+        str, Opt("--name", help="Localiser name (mil, then letters, digits or _; as run's).")
+    ] = "mil",
     parts: Annotated[
         str, Opt("--parts", help="Split parts mapped (comma-separated, or all).")
     ] = "train,val,test",
@@ -34,18 +37,25 @@ def mil_command(
 ) -> None:
     """Train a localiser from the slice labels alone (multiple-instance loss; no mask is
     read) on a fold's training part, and write its maps for --parts as the map-store member
-    localiser__mil, which `ensemblecam search --members` can combine with CAM members."""
+    localiser__<name>, which `ensemblecam search --members` can combine with CAM members."""
+    from ensemblecam.config import check_localiser_name
+    from ensemblecam.errors import InputError
     from ensemblecam.io import fsutil
+    from ensemblecam.io.mapstore import localiser_member
     from ensemblecam.io.store import SliceStore
     from ensemblecam.stages.cam import split_indices
-    from ensemblecam.stages.mil import MIL_MEMBER, write_mil_maps
+    from ensemblecam.stages.mil import write_mil_maps
     from ensemblecam.stages.unet import train_unet
 
+    try:
+        check_localiser_name(name)
+    except ValueError as exc:
+        raise InputError(f"--name: {exc}") from None
     fold_key = int_or_str(fold)
     assert fold_key is not None
     if cfg.epochs is None:
         cfg = cfg.model_copy(update={"epochs": 30})
-    member = maps / MIL_MEMBER
+    member = maps / localiser_member(name)
     with fsutil.output_guard(out, [store, splits]):
         result = train_unet(cfg, store, splits, fold_key, out, "labels", force=force)
     if result is None:

@@ -41,6 +41,14 @@ def member_name(model_tag: str, method: str) -> str:
     return f"{model_tag}__{method}"
 
 
+LOCALISER_TAG = "localiser"  #: model tag of every MIL localiser's member
+
+
+def localiser_member(name: str) -> str:
+    """Member name of MIL localiser ``name``'s maps: ``localiser__<name>``."""
+    return member_name(LOCALISER_TAG, name)
+
+
 def quantise(maps: np.ndarray, dtype: str) -> np.ndarray:
     """Maps in [0, 1] to the stored dtype: float16, or uint8 ``round(255 m)``."""
     if dtype == "uint8":

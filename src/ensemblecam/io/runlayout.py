@@ -10,8 +10,9 @@
       fold<k>/
         models/<model>/     classifier training runs (best.pt, metrics.csv, PNGs, train.json)
         maps/<model>__<method>/  map sets for the calibration and evaluation parts
-                            (+ maps/localiser__mil/: the MIL localiser's maps)
-        mil/                MIL localiser trained from the slice labels (best.pt, unet.json)
+                            (+ maps/localiser__<name>/: each MIL localiser's maps)
+        mil/, mil_<...>/    MIL localisers trained from the slice labels, one folder per
+                            run.mil_variants name (best.pt, unet.json)
         search/             ranking.csv/json, best.json, grid_<operator>.npy/json (search)
         unet/               supervised U-Net (fully supervised upper bound)
         refine/             refined pseudo-labels of the train/val parts (masks.npz with
@@ -178,10 +179,10 @@ class FoldLayout:
     def unet_learning_curve(self, kind: str) -> Path:
         return self.unet(kind) / "learning_curve.png"
 
-    @property
-    def mil(self) -> Path:
-        """The MIL localiser's training folder (its maps: ``map_set(MIL_MEMBER)``)."""
-        return self.dir / "mil"
+    def localiser(self, name: str) -> Path:
+        """MIL localiser ``name``'s training folder (its maps: ``map_set(localiser__<name>)``;
+        names start with mil, so they never meet another fold folder)."""
+        return self.dir / name
 
     @property
     def refine(self) -> Path:

@@ -286,23 +286,26 @@ def _ensemble_masks(
 ) -> np.ndarray:
     """The chosen configuration's masks of every slice of the prepared ``store``: maps of
     the fold's classifiers (written under ``work``), combined."""
-    from ensemblecam.io.mapstore import MapSet
+    from ensemblecam.io.mapstore import MapSet, localiser_member
     from ensemblecam.models import load_checkpoint, read_checkpoint
     from ensemblecam.stages.cam import run_cam
     from ensemblecam.stages.evaluate import config_masks
-    from ensemblecam.stages.mil import MIL_MEMBER, write_mil_maps
+    from ensemblecam.stages.mil import write_mil_maps
 
     work.mkdir(parents=True, exist_ok=True)
     lay = RunLayout(run_dir).fold(fold)
-    cams = [m for m in chosen["members"] if m != MIL_MEMBER]
-    if len(cams) < len(chosen["members"]):  # the MIL localiser's maps
-        _check_channels(input_dir, store, read_checkpoint(lay.mil / "best.pt")["info"]["channels"])
+    localisers = {localiser_member(n): (n, m) for n, m in cfg.localisers().items()}
+    cams = [m for m in chosen["members"] if m not in localisers]
+    for member in [m for m in chosen["members"] if m in localisers]:  # localisers' maps
+        name, mcfg = localisers[member]
+        ckpt = lay.localiser(name) / "best.pt"
+        _check_channels(input_dir, store, read_checkpoint(ckpt)["info"]["channels"])
         scale = None  # with scale_quantile: the constant the fold's training part gave
-        if cfg.mil.scale_quantile is not None:
-            scale = MapSet.open(lay.map_set(MIL_MEMBER)).meta.get("scale")
+        if mcfg.scale_quantile is not None:
+            scale = MapSet.open(lay.map_set(member)).meta.get("scale")
         write_mil_maps(
-            cfg.mil, lay.mil / "best.pt", store.path, np.arange(store.n_slices),
-            work / "maps" / MIL_MEMBER, force=True, progress=progress, scale=scale,
+            mcfg, ckpt, store.path, np.arange(store.n_slices), work / "maps" / member,
+            force=True, progress=progress, scale=scale,
         )  # fmt: skip
     if cams:
         tags = list(dict.fromkeys(m.split("__")[0] for m in cams))

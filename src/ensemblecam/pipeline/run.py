@@ -40,7 +40,7 @@ import yaml
 
 from ensemblecam import __version__, environment
 from ensemblecam import progress as progress_out
-from ensemblecam.config import Config, EvaluateConfig, SearchConfig, load_config
+from ensemblecam.config import Config, EvaluateConfig, MilConfig, SearchConfig, load_config
 from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
 from ensemblecam.io.runlayout import RUN_FORMAT, STAMP, FoldLayout, RunLayout
@@ -342,9 +342,9 @@ def check_run_config(cfg: Config) -> None:
     if rc.unet or rc.pseudo_unet:
         with torch.device("meta"):
             build_unet(**model_args(cfg.unet, n_ch))
-    if rc.mil:
+    for mcfg in cfg.localisers().values():
         with torch.device("meta"):
-            build_unet(**model_args(cfg.mil, n_ch))
+            build_unet(**model_args(mcfg, n_ch))
     if rc.final == "self_trained" and not rc.pseudo_unet:
         raise InputError("config: run.final self_trained needs run.pseudo_unet: true")
     if rc.pseudo_unet and rc.refine:
@@ -508,12 +508,12 @@ def _run_locked(cfg: Config, root: Path, force: bool, progress: bool | None) -> 
 
 def _members(cfg: Config, with_mil: bool = False) -> list[str]:
     """Map-store members of a run: every (classifier, CAM method), then with ``with_mil``
-    the MIL localiser's (when ``run.mil``)."""
-    from ensemblecam.io.mapstore import member_name
-    from ensemblecam.stages.mil import MIL_MEMBER
+    each MIL localiser's (:meth:`Config.localisers`)."""
+    from ensemblecam.io.mapstore import localiser_member, member_name
 
     cams = [member_name(m, method) for m in cfg.run.models for method in cfg.cam.methods]
-    return [*cams, MIL_MEMBER] if with_mil and cfg.run.mil else cams
+    mil = [localiser_member(name) for name in cfg.localisers()] if with_mil else []
+    return [*cams, *mil]
 
 
 @dataclass
@@ -541,9 +541,8 @@ def _run_fold(
     rc = cfg.run
     selection = None
     k_maps = [_fold_cam(f, _fold_train(f, k_split))]
-    if rc.mil:
-        k_maps.append(_fold_mil(f, k_split))
-    k_search = _fold_search(f, stable_hash(k_maps) if rc.mil else k_maps[0])
+    k_maps += [_fold_mil(f, name, mcfg, k_split) for name, mcfg in cfg.localisers().items()]
+    k_search = _fold_search(f, stable_hash(k_maps) if len(k_maps) > 1 else k_maps[0])
     ecfg: EvaluateConfig = cfg.evaluate.model_copy(
         update=f.update(fold=str(k), part=rc.eval_part, maps=f.fold.maps)
     )
@@ -697,18 +696,20 @@ def _map_parts(cfg: Config) -> list[str]:
     return list(dict.fromkeys(parts))
 
 
-def _fold_mil(f: _Fold, k_split: str) -> str:
-    """Train the MIL localiser on the fold's slice labels and write its member maps."""
+def _fold_mil(f: _Fold, name: str, mcfg: MilConfig, k_split: str) -> str:
+    """Train MIL localiser ``name`` (config ``mcfg``) on the fold's slice labels and write
+    its member maps."""
+    from ensemblecam.io.mapstore import localiser_member
     from ensemblecam.io.store import SliceStore
     from ensemblecam.stages.cam import split_indices
-    from ensemblecam.stages.mil import MIL_MEMBER, write_mil_maps
+    from ensemblecam.stages.mil import write_mil_maps
     from ensemblecam.stages.unet import RUN_MARKER, train_unet
 
-    mcfg = f.cfg.mil.model_copy(update={"epochs": f.cfg.mil.epochs or f.cfg.unet.epochs})
+    mcfg = mcfg.model_copy(update={"epochs": mcfg.epochs or f.cfg.unet.epochs})
     k_mil = stable_hash(["mil", _options(mcfg), f.k, k_split])
-    out = f.fold.mil
+    out = f.fold.localiser(name)
     f.runner.stage(
-        f"{f.name}/mil",
+        f"{f.name}/{name}",
         out,
         k_mil,
         RUN_MARKER,
@@ -718,7 +719,7 @@ def _fold_mil(f: _Fold, k_split: str) -> str:
     )
     parts = _map_parts(f.cfg)
     k_maps = stable_hash(["mil maps", k_mil, parts])
-    member = f.fold.map_set(MIL_MEMBER)
+    member = f.fold.map_set(localiser_member(name))
 
     def write_maps(force: bool) -> None:
         store = SliceStore.open(f.store)
@@ -726,7 +727,7 @@ def _fold_mil(f: _Fold, k_split: str) -> str:
         train = split_indices(store, f.splits, f.k, ["train"])  # the scale_quantile's part
         write_mil_maps(mcfg, out / "best.pt", f.store, idx, member, force, f.runner.progress, train)
 
-    f.runner.stage(f"{f.name}/mil/maps", member, k_maps, "meta.json", write_maps)
+    f.runner.stage(f"{f.name}/{name}/maps", member, k_maps, "meta.json", write_maps)
     return k_maps
 
 

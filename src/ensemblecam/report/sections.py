@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ensemblecam.io import fsutil
+from ensemblecam.io.mapstore import LOCALISER_TAG
 from ensemblecam.io.runlayout import TRAIN_FIGURES, FoldLayout
 from ensemblecam.pipeline.results import SUMMARY_METRICS, final_text
 from ensemblecam.report.figures import (
@@ -246,7 +247,7 @@ def _final_method(
 
 def _refine_notes(rep: Page, run: Run, folds: list[str]) -> None:
     """Per fold: which refiner made the self-training labels and why (refine.json), and
-    whether the chosen ensemble uses the MIL localiser."""
+    which MIL localisers the chosen ensemble uses."""
     lines = []
     for f in folds:
         path = run.layout.fold(f).refine_record
@@ -265,7 +266,8 @@ def _refine_notes(rep: Page, run: Run, folds: list[str]) -> None:
             else "no masks to choose with: the configured fallback"
         )
         members = (rec.get("config") or {}).get("members") or []
-        mil = " (the ensemble includes the MIL localiser)" if "localiser__mil" in members else ""
+        mil = [m.split("__", 1)[1] for m in members if m.startswith(f"{LOCALISER_TAG}__")]
+        mil = f" (the ensemble includes the MIL localiser {', '.join(mil)})" if mil else ""
         lines.append(f"{f}: {rec.get('chosen')}, {why}{mil}")
     if lines:
         rep.p("Refiner of the self-training labels per fold: " + "; ".join(lines) + ".")

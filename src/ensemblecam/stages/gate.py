@@ -4,8 +4,8 @@ Rule: the gate probability of slice ``s`` is ``p(s) = mean_c P_c(lesion | s)`` o
 run's classifiers ``c`` (``run.models``; softmax probability of the lesion class, the value
 ``train`` and ``cam`` record); the mask of ``s`` is emptied when ``p(s) < t``
 (``run.gate_threshold``, default 0.5: the classifiers' own decision threshold, a slice is
-called lesion when ``p >= t``). Only classifiers vote: the MIL localiser (map-store
-member ``localiser__mil``) is a segmenter trained from slice labels, not a classifier.
+called lesion when ``p >= t``). Only classifiers vote: the MIL localisers (map-store
+members ``localiser__<name>``) are segmenters trained from slice labels, not classifiers.
 
 Where the probabilities come from: in ``run`` from the map sets of the fold's classifiers
 (``probs.npy`` of ``maps/<model>__<first cam method>``, written for every slice of the

@@ -1,5 +1,8 @@
 """The MIL localiser: a shallow U-Net trained from slice labels alone, its maps one more
-member of the map store (``localiser__mil``) that the ensemble search may pick.
+member of the map store (``localiser__<name>``) that the ensemble search may pick. ``run``
+trains one per ``run.mil_variants`` entry (default: ``mil``, the plain loss, and
+``mil_symmetric``, the symmetric term with scaled maps), so the search, on calibration
+data, keeps whichever localises on the data at hand.
 
 Why: a classifier's CAM shows where the classifier looks, which need not be the lesion (a
 classifier can tell lesion slices from global cues; its maps then miss the lesion however
@@ -38,8 +41,8 @@ from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil, mapstore
 from ensemblecam.io.store import SliceStore
 
-#: map-store member name of the localiser's maps
-MIL_MEMBER = mapstore.member_name("localiser", "mil")
+#: map-store member name of the plain localiser's maps
+MIL_MEMBER = mapstore.localiser_member("mil")
 
 
 def mil_maps(
