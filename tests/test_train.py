@@ -294,3 +294,21 @@ def test_learning_curve_limits_leave_an_epoch1_spike_off_scale() -> None:
     # two epochs: both kept (no spike can be told apart): [0.6, 1.6] padded by 0.05
     assert robust_limits([[1.6, 0.6]]) == pytest.approx((0.55, 1.65))
     assert robust_limits([[float("nan")]]) is None
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_blur_augmented_run_resumes_bit_identically(
+    tmp_path: Path, tiny_store: Path, workers: int
+) -> None:
+    """The blur draws of epoch e depend on (seed, epoch, worker) alone, so a run killed after
+    epoch 1 and resumed makes the same epoch 2 as one that was never interrupted."""
+    cols = ["train_loss", "val_loss", "accuracy", "auroc"]
+    aug = {"augment": "blur", "blur_prob": 0.5, "workers": workers}
+    full = train.train_classifier(_cfg(tiny_store, tmp_path / "a", **aug), progress=False)
+    cfg = _cfg(tiny_store, tmp_path / "b", **aug)
+    assert train.train_classifier(cfg, progress=False, stop_after_epoch=1) is None
+    resumed = train.train_classifier(cfg.model_copy(update={"resume": True}), progress=False)
+    assert resumed is not None
+    ha = read_metrics_csv(full / "metrics.csv")
+    hb = read_metrics_csv(resumed / "metrics.csv")
+    assert [[r[c] for c in cols] for r in hb] == [[r[c] for c in cols] for r in ha]

@@ -126,21 +126,39 @@ def train_loader(
     dataset: StoreDataset, batch_size: int, sampler: EpochSampler, workers: int, gpu: bool
 ) -> DataLoader:
     """The training loader: ``sampler``'s order, the last short batch dropped when the rank
-    has more than one batch, seeded workers kept alive across epochs."""
+    has more than one batch, seeded workers kept alive across epochs (started anew each
+    epoch with an augmentation: they take its epoch with the dataset)."""
     return batch_loader(
         dataset, batch_size, sampler, drop_last=len(sampler) > batch_size,
         num_workers=workers, pin_memory=gpu, worker_init_fn=worker_init,
-        persistent_workers=workers > 0,
+        persistent_workers=workers > 0 and dataset.augment is None,
     )  # fmt: skip
 
 
-def blur_augment(sigma: tuple[float, float], prob: float, seed: int) -> Callable[..., Any]:
-    """MONAI random Gaussian blur of a (C, H, W) slice, sigma ~ U(sigma) per axis, with ``prob``."""
-    from monai.transforms import RandGaussianSmooth
+class EpochBlur:
+    """MONAI random Gaussian blur of a (C, H, W) slice, sigma ~ U(sigma) per axis, with
+    ``prob``; its draws depend on (seed, epoch, worker) alone (:meth:`set_epoch`), like
+    :class:`EpochSampler`'s order, so a resumed run blurs as an uninterrupted one."""
 
-    t = RandGaussianSmooth(sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=prob)
-    t.set_random_state(seed)
-    return t
+    def __init__(self, sigma: tuple[float, float], prob: float, seed: int) -> None:
+        from monai.transforms import RandGaussianSmooth
+
+        self.t = RandGaussianSmooth(sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=prob)
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int, worker: int = 0) -> None:
+        """Restart the draws at epoch ``epoch`` of process ``worker`` (0: the main one)."""
+        self.epoch = epoch
+        self.t.set_random_state(((self.seed * 1_000_003 + epoch) * 1_009 + worker) % 2**32)
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        return self.t(x)
+
+
+def blur_augment(sigma: tuple[float, float], prob: float, seed: int) -> EpochBlur:
+    """The training blur (:class:`EpochBlur`) seeded with ``seed``."""
+    return EpochBlur(sigma, prob, seed)
 
 
 class EpochSampler(Sampler[int]):
@@ -182,11 +200,12 @@ class EpochSampler(Sampler[int]):
 
 
 def worker_init(worker_id: int) -> None:
-    """Seed numpy/random and a MONAI augmentation in a DataLoader worker from torch's seed."""
+    """Seed numpy/random in a DataLoader worker from torch's seed, and its copy of an
+    :class:`EpochBlur` from (seed, epoch, worker)."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
     info = torch.utils.data.get_worker_info()
     aug = getattr(info.dataset, "augment", None) if info is not None else None
-    if aug is not None and hasattr(aug, "set_random_state"):
-        aug.set_random_state(seed)
+    if isinstance(aug, EpochBlur):
+        aug.set_epoch(aug.epoch, worker_id + 1)

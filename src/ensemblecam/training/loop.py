@@ -2,9 +2,9 @@
 
 A stage describes its run as a :class:`Task` (model, optimizer, data, loss, validation,
 monitored score, summary) and calls :func:`fit` in each process. Per epoch ``e``:
-``sampler.set_epoch(e)``, one pass over the training batches, ``scheduler.step()``,
-validation, one row ``{epoch, train_loss, lr (of the epoch), images_per_s, <validation
-columns>, time_s}``. Rank 0 then writes, in the run's ``.partial`` folder:
+``sampler.set_epoch(e)`` (and the augmentation's), one pass over the training batches,
+``scheduler.step()``, validation, one row ``{epoch, train_loss, lr (of the epoch),
+images_per_s, <validation columns>, time_s}``. Rank 0 then writes, in the run's ``.partial`` folder:
 
     best.pt       when the epoch's key (:func:`epoch_key`) beats the best so far (ties keep
                   the earlier epoch); info["metrics"] = the row (+ ``Task.extras``)
@@ -240,6 +240,9 @@ def _epoch(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train and validate one epoch: (row, all validation values)."""
     data.sampler.set_epoch(epoch)
+    augment = getattr(data.loader.dataset, "augment", None)
+    if augment is not None:  # its draws, like the order, from (seed, epoch) alone
+        augment.set_epoch(epoch)
     t0 = time.perf_counter()
     lr = optimizer.param_groups[0]["lr"]
     train_loss, n_seen, seconds = train_one_epoch(
