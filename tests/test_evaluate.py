@@ -170,6 +170,14 @@ def test_cli_bad_inputs(search_setup):
     assert r.exit_code == 0 and "label_score=" in r.output, r.output
     best = json.loads((tmp / "o" / "best.json").read_text())
     assert best["criterion"]["name"] == "labels" and "paper_miou" not in best
+    # --label-members: the labels criterion combines only those; others are an error line
+    both = [*base, "--members", "a__gradcam,b__gradcam", "--fp-budget", "0.5", "--force"]
+    r = runner.invoke(app, [*both, "--label-members", "b__gradcam"])
+    assert r.exit_code == 0, r.output
+    ranking = json.loads((tmp / "o" / "ranking.json").read_text())
+    assert {m for row in ranking["top"] for m in row["members"]} == {"b__gradcam"}
+    r = runner.invoke(app, [*both, "--label-members", "b__gradcam,c__gradcam"])
+    assert r.exit_code == 2 and "'c__gradcam': not among --members" in r.output, r.output
 
 
 def test_cli_top_k_and_slice_objective(search_setup):

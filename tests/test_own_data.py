@@ -45,6 +45,9 @@ def test_labels_only_run_gives_masks_and_a_report(brats: Path, tmp_path: Path) -
     assert store.masks is None and set(store.labels.tolist()) == {0, 1}
     best = json.loads((root / "fold0" / "search" / "best.json").read_text())
     assert best["criterion"]["name"] == "labels"
+    # without masks only the first MIL localiser is trained and searched
+    assert best["search"]["members"][-1] == "localiser__mil"
+    assert not (root / "fold0" / "mil_symmetric").exists()
     assert np.isfinite(best["label_score"]) and best["free_slice_area"] <= 0.01
     assert "paper_miou" not in best  # nothing scored against masks that do not exist
     res = json.loads((root / "results.json").read_text())

@@ -584,6 +584,11 @@ def test_localiser_variants_and_predict_reuses_their_scale(
         ranking = json.loads((finished_run / f / "search" / "ranking.json").read_text())
         searched = {m for row in ranking["top"] for m in row["members"]}
         assert {localiser_member("mil"), sym} <= searched
+        # the slice-label criterion (best_labels.json) sees only the first localiser
+        labels = json.loads((finished_run / f / "search" / "best_labels.json").read_text())
+        assert sym not in labels["members"]
+        settings = json.loads((finished_run / f / "search" / "best.json").read_text())["search"]
+        assert settings["label_members"] == [m for m in settings["members"] if m != sym]
         assert (
             MapSet.open(finished_run / f / "maps" / localiser_member("mil")).meta["scale"] is None
         )

@@ -23,7 +23,7 @@ from ensemblecam.io.split import Fold, get_fold, write_splits
 from ensemblecam.io.store import SliceStore
 from ensemblecam.metrics.classification import auroc, classifier_metrics
 from ensemblecam.stages import train
-from ensemblecam.training.data import EpochSampler, StoreDataset, batch_loader, blur_augment
+from ensemblecam.training.data import EpochBlur, EpochSampler, StoreDataset, batch_loader
 from ensemblecam.training.records import read_metrics_csv
 from store_factory import build_store
 
@@ -80,7 +80,7 @@ def test_store_dataset_reads_the_store(tiny_store: Path) -> None:
     assert [tuple(b[0].shape) for b in batches] == [(2, 1, 32, 32)] * 2
     got = np.concatenate([b[1].numpy() for b in batches])
     np.testing.assert_array_equal(got, ds.labels[list(EpochSampler(len(ds), 0))[:4]])
-    blur = StoreDataset(store, idx, blur_augment((1.0, 1.0), 1.0, seed=0))
+    blur = StoreDataset(store, idx, EpochBlur((1.0, 1.0), 1.0, seed=0))
     bx, _ = blur[0]
     assert bx.shape == (1, 32, 32) and not np.allclose(bx.numpy(), ds[0][0].numpy())
     with pytest.raises(InputError, match="out of range"):

@@ -259,6 +259,11 @@ class SearchConfig(Section):
     members: list[str] = Field(
         default_factory=list, description="member folder names, e.g. resnet34__gradcam"
     )
+    label_members: list[str] | None = Field(
+        None,
+        description="the members the labels criterion may combine (default: all of members; "
+        "run leaves out the MIL localisers after the first, which only masks can judge)",
+    )
     operators: list[str] = Field(
         ["and", "or", "min", "max"], description="and, or, min, max, vote[:k], mean"
     )
@@ -423,7 +428,9 @@ class RunConfig(Section):
         min_length=1,
         description="localisers trained when run.mil is on: name -> the mil section's "
         "fields that this one changes; each is one more member (localiser__<name>), and the "
-        "search keeps the one that localises (names: mil, then letters, digits or _). "
+        "search keeps the one that localises (names: mil, then letters, digits or _). Only "
+        "the first is trained when the calibration part has no masks: the slice-label "
+        "criterion favours large masks and picks a collapsed localiser. "
         "mil_symmetric adds the symmetric MIL term with its maps scaled into the grid: on "
         "small lesions in organ windows (the kits phantom) the plain localiser lights the "
         "whole organ, on the brats phantom the symmetric one collapses; run.mil false trains "

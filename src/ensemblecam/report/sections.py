@@ -266,8 +266,8 @@ def _refine_notes(rep: Page, run: Run, folds: list[str]) -> None:
             else "no masks to choose with: the configured fallback"
         )
         members = (rec.get("config") or {}).get("members") or []
-        mil = [m.split("__", 1)[1] for m in members if m.startswith(f"{LOCALISER_TAG}__")]
-        mil = f" (the ensemble includes the MIL localiser {', '.join(mil)})" if mil else ""
+        names = [m.split("__", 1)[1] for m in members if m.startswith(f"{LOCALISER_TAG}__")]
+        mil = f" (the ensemble includes the MIL localiser {', '.join(names)})" if names else ""
         lines.append(f"{f}: {rec.get('chosen')}, {why}{mil}")
     if lines:
         rep.p("Refiner of the self-training labels per fold: " + "; ".join(lines) + ".")

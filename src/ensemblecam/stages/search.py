@@ -202,8 +202,11 @@ def run_label_search(
     ``cfg.gate`` every row's gate is the Youden gate of its members' mean probability."""
     from ensemblecam.ensemble.labels import label_search, label_settings, youden_gate
 
+    members = cfg.members
+    if cfg.label_members is not None:
+        members = [m for m in cfg.members if m in cfg.label_members]
     inp = open_inputs(
-        cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, cfg.members, slices="labelled"
+        cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, members, slices="labelled"
     )
     res = label_search(
         inp.maps,
@@ -256,6 +259,9 @@ def check_search_config(cfg: SearchConfig) -> None:
     operators, objective and the number of configurations (``MAX_CONFIGURATIONS``)."""
     grid = parse_grid(cfg.grid)
     gates = parse_grid(cfg.gate_grid) if cfg.gate else np.zeros(0)
+    other = sorted(set(cfg.label_members or []) - set(cfg.members))
+    if other:
+        raise InputError(f"--label-members {short_repr(','.join(other))}: not among --members")
     m = max(len(cfg.members), 1)
     for op in cfg.operators:
         parse_operator(op, m)

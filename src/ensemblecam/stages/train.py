@@ -35,10 +35,10 @@ from ensemblecam.io.split import Fold, get_fold
 from ensemblecam.io.store import SliceStore
 from ensemblecam.metrics.classification import classifier_metrics
 from ensemblecam.training.data import (
+    EpochBlur,
     EpochSampler,
     StoreDataset,
     batch_loader,
-    blur_augment,
     part_indices,
     train_loader,
 )
@@ -305,7 +305,7 @@ def _data(fabric: Any, plan: RunPlan) -> EpochData:
     train_labels = store.labels[plan.train_idx]
     augment = None
     if recipe["augment"] == "blur":
-        augment = blur_augment(cfg.blur_sigma, cfg.blur_prob, cfg.seed + 7919 * rank)
+        augment = EpochBlur(cfg.blur_sigma, cfg.blur_prob, cfg.seed + 7919 * rank)
     train_ds = StoreDataset(store, plan.train_idx, augment)
     counts = np.bincount(train_labels, minlength=2).astype(np.float64)
     class_w = counts.sum() / (2 * counts)  # n / (K n_c): balanced class weights

@@ -156,11 +156,6 @@ class EpochBlur:
         return self.t(x)
 
 
-def blur_augment(sigma: tuple[float, float], prob: float, seed: int) -> EpochBlur:
-    """The training blur (:class:`EpochBlur`) seeded with ``seed``."""
-    return EpochBlur(sigma, prob, seed)
-
-
 class EpochSampler(Sampler[int]):
     """Shuffled (or class-weighted, with replacement) order drawn from (seed, epoch) alone.
 

@@ -4,7 +4,8 @@ A stage describes its run as a :class:`Task` (model, optimizer, data, loss, vali
 monitored score, summary) and calls :func:`fit` in each process. Per epoch ``e``:
 ``sampler.set_epoch(e)`` (and the augmentation's), one pass over the training batches,
 ``scheduler.step()``, validation, one row ``{epoch, train_loss, lr (of the epoch),
-images_per_s, <validation columns>, time_s}``. Rank 0 then writes, in the run's ``.partial`` folder:
+images_per_s, <validation columns>, time_s}``. Rank 0 then writes, in the run's
+``.partial`` folder:
 
     best.pt       when the epoch's key (:func:`epoch_key`) beats the best so far (ties keep
                   the earlier epoch); info["metrics"] = the row (+ ``Task.extras``)
