@@ -11,7 +11,9 @@ masks of the calibration part's annotated cases; ``labels`` uses the slice label
 (:mod:`ensemblecam.ensemble.labels`); ``auto`` is ``masks`` when the calibration part
 has an annotated case, else ``labels``. With masks and ``compare_labels``, what the
 labels criterion would choose on the same part is written to best_labels.json (with its
-metrics against the calibration masks), so the two choices can be compared.
+metrics against the calibration masks), so the two choices can be compared. The labels
+criterion combines only ``label_members`` when given (``run``: the CAM members and the
+first MIL localiser, since it cannot tell a collapsed localiser from a good one).
 """
 
 from __future__ import annotations
