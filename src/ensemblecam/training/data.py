@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ class StoreDataset(Dataset):
         self,
         store: SliceStore,
         indices: Sequence[int] | np.ndarray,
-        augment: Callable[[torch.Tensor], Any] | None = None,
+        augment: EpochBlur | None = None,
     ) -> None:
         self.store = store
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -202,5 +202,5 @@ def worker_init(worker_id: int) -> None:
     random.seed(seed)
     info = torch.utils.data.get_worker_info()
     aug = getattr(info.dataset, "augment", None) if info is not None else None
-    if isinstance(aug, EpochBlur):
+    if aug is not None:
         aug.set_epoch(aug.epoch, worker_id + 1)
