@@ -176,8 +176,11 @@ def test_cli_bad_inputs(search_setup):
     assert r.exit_code == 0, r.output
     ranking = json.loads((tmp / "o" / "ranking.json").read_text())
     assert {m for row in ranking["top"] for m in row["members"]} == {"b__gradcam"}
+    before = (tmp / "o" / "best.json").read_bytes()
     r = runner.invoke(app, [*both, "--label-members", "b__gradcam,c__gradcam"])
     assert r.exit_code == 2 and "'c__gradcam': not among --members" in r.output, r.output
+    assert r.output.count("\n") == 1 and (tmp / "o" / "best.json").read_bytes() == before
+    assert not list(tmp.glob(".o*"))  # refused before any work: no partial folder
 
 
 def test_cli_top_k_and_slice_objective(search_setup):
