@@ -13,7 +13,13 @@ from ensemblecam.cli import app
 from ensemblecam.config import load_config
 from ensemblecam.errors import InputError
 from ensemblecam.io.mapstore import write_map_set
-from ensemblecam.stages.gate import gate_masks, gate_record, map_set_probs
+from ensemblecam.stages.gate import (
+    FALLBACK_THRESHOLD,
+    choose_threshold,
+    gate_masks,
+    gate_record,
+    map_set_probs,
+)
 
 
 def test_gate_empties_slices_below_the_threshold_only() -> None:
@@ -35,6 +41,28 @@ def test_gate_empties_slices_below_the_threshold_only() -> None:
         gate_masks(masks, probs[:3], 0.5)
 
 
+def test_calibrated_gate_maximises_the_slice_f1_by_hand() -> None:
+    # 6 labelled slices (3 lesion) + 1 unlabelled (-1, left out); the U-Net calls 5
+    detected = np.array([1, 1, 0, 1, 1, 0, 1], bool)
+    probs = np.array([0.9, 0.2, 0.8, 0.6, 0.1, 0.3, 0.05])
+    labels = np.array([1, 1, 1, 0, 0, 0, -1])
+    res = choose_threshold(detected, probs, labels, [0.5, 0.15])
+    # t=0: called {0, 1, 3, 4}: TP 2, FP 2, FN 1 -> F1 4/7
+    # t=0.15: called {0, 1, 3}: TP 2, FP 1, FN 1 -> F1 4/6 (the best)
+    # t=0.5: called {0, 3}: TP 1, FP 1, FN 2 -> F1 2/5
+    assert [r["threshold"] for r in res["table"]] == [0.0, 0.15, 0.5]
+    assert [r["f1"] for r in res["table"]] == pytest.approx([4 / 7, 4 / 6, 2 / 5])
+    assert [(r["tp"], r["fp"], r["fn"]) for r in res["table"]] == [(2, 2, 1), (2, 1, 1), (1, 1, 2)]
+    assert res["threshold"] == 0.15
+    # a gate that only removes lesion slices is switched off (t = 0); ties: the lower t
+    assert choose_threshold(detected, probs, labels, [0.95])["threshold"] == 0.0
+    same = choose_threshold(detected[:3], np.array([0.9, 0.9, 0.9]), labels[:3], [0.3, 0.6])
+    assert same["threshold"] == 0.0 and len({r["f1"] for r in same["table"]}) == 1
+    # no lesion slice to calibrate with: the classifiers' decision threshold
+    free = choose_threshold(detected, probs, np.zeros(7, int), [0.5])
+    assert free["threshold"] == FALLBACK_THRESHOLD and "no lesion slice" in free["chosen_by"]
+
+
 def test_gate_probability_is_the_mean_over_classifiers(tmp_path: Path) -> None:
     maps = np.zeros((3, 2, 2), np.float16)
     index = np.array([2, 5, 7])
@@ -53,6 +81,7 @@ def test_bad_gate_values_are_one_error_line(tmp_path: Path) -> None:
         ({"gate": "maybe"}, r"run\.gate"),
         ({"gate_threshold": 1.5}, r"run\.gate_threshold"),
         ({"gate_threshold": ".nan"}, r"run\.gate_threshold"),
+        ({"gate_threshold": "sometimes"}, r"'run\.gate_threshold': must be auto or a prob"),
     ):
         bad.write_text(yaml.safe_dump({"run": run}).replace("'.nan'", ".nan"))
         with pytest.raises(InputError, match=key):

@@ -404,12 +404,28 @@ def test_classifier_gate_in_run_and_predict(
         assert gate["threshold"] == threshold and gate["classifiers"] == [str(member)]
         got = read_masks(lay.row_masks("pseudo_unet"))[1]
         low = p < threshold
-        assert gate["n_gated"] == int(low.sum()) > 0
+        assert gate["n_gated"] == int(low.sum())
         assert not got[low].any()
         np.testing.assert_array_equal(got[~low], raw[~low])
         return low
 
-    gated_as_said(0.5)  # the default
+    # the default threshold is calibrated on the val part: the F1 of the gated U-Net's
+    # slice calls against the slice labels, recomputed here from the val part's slices
+    from ensemblecam.io.split import get_fold
+    from ensemblecam.stages.gate import choose_threshold
+
+    calibrated = json.loads((lay.gate("pseudo_unet") / "gate.json").read_text())
+    val = store.indices_for_cases(get_fold(finished_run / "split" / "splits.json", 0).val)
+    pv = np.load(member / "probs.npy")[np.searchsorted(np.load(member / "index.npy"), val)]
+    called = predict_unet(lay.unet_checkpoint("pseudo_unet"), store, val).any(axis=(1, 2))
+    grid = [i / 10 for i in range(1, 10)]
+    assert calibrated["table"] == choose_threshold(called, pv, store.labels[val], grid)["table"]
+    assert calibrated["part"] == "val" and len(calibrated["table"]) == 10
+    gated_as_said(calibrated["threshold"])
+    # the report says which threshold gated each fold and why (from the stored records)
+    html = RunLayout(finished_run).report.read_text()
+    t0 = calibrated["threshold"]
+    assert f"fold0: threshold {t0:g}{' (no gating)' if t0 == 0 else ''}, calibrated" in html
     # a threshold inside the tiny classifier's range (the middle of its widest gap), so
     # slices on both sides; only the self-trained rows' evaluation and the export rerun
     u = np.unique(p)
@@ -421,7 +437,8 @@ def test_classifier_gate_in_run_and_predict(
     ran = set(json.loads((finished_run / "run.json").read_text())["ran_this_time"])
     assert {"fold0/pseudo_unet/evaluate", "fold1/pseudo_unet/evaluate", "export"} <= ran
     assert not any(r.endswith(("/cam", "/pseudo_unet", "/unet/evaluate")) for r in ran)
-    assert (~gated_as_said(cfg.run.gate_threshold)).any()
+    low = gated_as_said(cfg.run.gate_threshold)
+    assert low.any() and (~low).any()
     # predict: the run's gate by default, --gate none keeps the U-Net's masks
     new = tmp_path / "new"
     shutil.copytree(phantom, new, ignore=shutil.ignore_patterns("*_seg.nii.gz"))
@@ -429,7 +446,7 @@ def test_classifier_gate_in_run_and_predict(
                           probabilities=True)  # fmt: skip
     off = pipeline.predict(finished_run, new, tmp_path / "off", progress=False, fold="fold0",
                            gate="none")  # fmt: skip
-    rec = json.loads((on / "index.json").read_text())["source"]["gate"]
+    rec = json.loads((on / "index.json").read_text())["source"]["gate"]["folds"]["fold0"]
     assert rec["classifiers"] == [str(ck[0])] and rec["threshold"] == cfg.run.gate_threshold
     assert json.loads((off / "index.json").read_text())["source"]["gate"] is None
     emptied = kept = 0
@@ -544,6 +561,9 @@ def test_shipped_configs_are_valid() -> None:
     assert Config().run.pseudo_unet and load_config(root / "demo.yaml").run.pseudo_unet
     for name in ("paper-brats.yaml", "paper-prostate.yaml", "thesis-kits.yaml"):
         assert load_config(root / name).run.pseudo_unet is False
+        # ... and their U-Net trains on the slices as stored (the default augments them)
+        assert load_config(root / name).unet.augment == "none"
+    assert Config().unet.augment == "spatial" and Config().mil.augment == "none"
 
 
 def test_keys_cover_only_non_default_options() -> None:

@@ -217,3 +217,82 @@ def test_cli_trains_and_evaluates(tiny_store: Path, tmp_path: Path) -> None:
     assert m["metrics"]["n_slices"] == 32
     res = CliRunner().invoke(app, [*args, "--config", str(cfg)])
     assert res.exit_code == 2 and "use --force" in res.output
+
+
+def test_spatial_augmentation_moves_images_and_targets_together() -> None:
+    from ensemblecam.training.data import EpochSpatial
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 2, 12, 20, generator=g)  # non-square, two channels
+    y = (torch.rand(64, 12, 20, generator=g) * 3).long()
+    y[y == 2] = 255  # the ignore value
+    # nothing drawn: the batch comes back exactly
+    same = EpochSpatial(15.0, 0.1, 0.0, False, seed=0)(x, y)
+    assert torch.equal(same[0], x) and torch.equal(same[1], y)
+    # mirroring alone is exact: every sample is one of the four flips, image and target alike
+    fx, fy = EpochSpatial(15.0, 0.1, 0.0, True, seed=0)(x, y)
+    seen = set()
+    for k in range(64):
+        hits = [
+            dims for dims in [(), (-1,), (-2,), (-2, -1)]
+            if torch.equal(fx[k], x[k].flip(dims) if dims else x[k])
+            and torch.equal(fy[k], y[k].flip(dims) if dims else y[k])
+        ]  # fmt: skip
+        assert len(hits) == 1
+        seen.add(hits[0])
+    assert len(seen) == 4
+    # rotation and zoom: targets keep their values (nearest), images stay within range
+    aug = EpochSpatial(30.0, 0.2, 1.0, True, seed=3)
+    rx, ry = aug(x, y)
+    assert set(ry.unique().tolist()) <= {0, 1, 255} and not torch.equal(rx, x)
+    assert float(rx.min()) >= 0.0 and float(rx.max()) <= float(x.max()) + 1e-6
+    # a 2-pixel square at the centre stays under its target after any draw
+    sq_x = torch.zeros(8, 1, 16, 16)
+    sq_x[:, :, 7:9, 7:9] = 1.0
+    sq_y = sq_x[:, 0].long()
+    ax, ay = aug(sq_x, sq_y)
+    assert bool((ax[:, 0][ay == 1] > 0.2).all())
+    # the draws depend on (seed, epoch) alone
+    aug.set_epoch(5)
+    a5 = aug(x, y)[0]
+    aug.set_epoch(5)
+    assert torch.equal(aug(x, y)[0], a5)
+    aug.set_epoch(6)
+    assert not torch.equal(aug(x, y)[0], a5)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_augmented_unet_resumes_bit_identically(tmp_path: Path, workers: int) -> None:
+    """A spatially augmented U-Net killed after epoch 1 and resumed ends with the weights
+    of one that was never interrupted (with DataLoader workers too)."""
+    store = build_store(tmp_path / "store", n_cases=6, slices_per_case=4, folds=2)
+    cfg = _cfg(epochs=2, channels=[4, 8], strides=[2], augment="spatial", workers=workers)
+    full = unet.train_unet(cfg, store, None, 0, tmp_path / "a", progress=False)
+    out = tmp_path / "b"
+    assert unet.train_unet(cfg, store, None, 0, out, progress=False, stop_after_epoch=1) is None
+    assert unet.train_unet(cfg, store, None, 0, out, progress=False) == out
+    assert json.loads((out / "unet.json").read_text())["resumed"] is True
+    wa = models.read_checkpoint(full / "best.pt")["state_dict"]
+    wb = models.read_checkpoint(out / "best.pt")["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the augmentation changes training: without it the weights differ
+    plain = unet.train_unet(cfg.model_copy(update={"augment": "none"}), store, None, 0,
+                            tmp_path / "c", progress=False)  # fmt: skip
+    wc = models.read_checkpoint(plain / "best.pt")["state_dict"]
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_localiser_slices_are_augmented_and_their_labels_kept(tiny_store: Path) -> None:
+    from ensemblecam.training.data import EpochSpatial, StoreDataset
+
+    store = SliceStore.open(tiny_store)
+    idx = np.arange(8)
+    raw_x, raw_y = StoreDataset(store, idx)[list(range(8))]
+    aug = StoreDataset(store, idx, EpochSpatial(20.0, 0.1, 1.0, True, seed=1))
+    x, y = aug[list(range(8))]
+    assert torch.equal(y, raw_y) and x.shape == raw_x.shape and not torch.equal(x, raw_x)
+    # the localiser's config builds it; "none" builds nothing
+    from ensemblecam.config import MilConfig
+
+    assert isinstance(unet.make_augment(MilConfig(augment="spatial"), 0), EpochSpatial)
+    assert unet.make_augment(MilConfig(augment="none"), 0) is None

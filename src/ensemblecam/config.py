@@ -462,14 +462,27 @@ class RunConfig(Section):
         "export/, predict): classifiers empties every slice whose mean classifier "
         "P(lesion) is below gate_threshold; none keeps the U-Net's masks as they are",
     )
-    gate_threshold: float = Field(
-        0.5,
-        ge=0.0,
-        le=1.0,
-        allow_inf_nan=False,
-        description="gate: slices with mean classifier P(lesion) below this are emptied "
-        "(0.5: the classifiers' own decision threshold)",
+    gate_threshold: float | Literal["auto"] = Field(
+        "auto",
+        description="gate: slices with mean classifier P(lesion) below this are emptied; "
+        "auto calibrates it per U-Net on the val part's slice labels (0 or a value of "
+        "search.gate_grid, by the slice F1 of the gated masks; 0 gates nothing)",
     )
+
+    @field_validator("gate_threshold", mode="before")
+    @classmethod
+    def _check_gate_threshold(cls, value: Any) -> Any:
+        """A probability in [0, 1] (NaN refused), or auto."""
+        if value == "auto":
+            return value
+        try:
+            ok = not isinstance(value, bool) and 0.0 <= float(value) <= 1.0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"must be auto or a probability in [0, 1], got {short_repr(value)}")
+        return float(value)
+
     export: bool = Field(True, description="write the evaluated masks as NIfTI")
     export_maps: bool = Field(False, description="also export the first member's maps")
     report: bool = Field(True, description="write the HTML report")
@@ -487,7 +500,25 @@ class RunConfig(Section):
         return value
 
 
-class UNetConfig(DeviceConfig):
+class SpatialAugmentFields(Section):
+    """The segmenters' training augmentation (U-Nets and MIL localisers;
+    :class:`ensemblecam.training.data.EpochSpatial`): slices and their targets rotated,
+    zoomed and mirrored together."""
+
+    augment: Literal["none", "spatial"] = Field(
+        "none",
+        description="training augmentation: spatial = random rotation and zoom (with "
+        "augment_prob) and mirroring of each in-plane axis, image and target alike",
+    )
+    augment_prob: float = Field(
+        0.5, ge=0.0, le=1.0, description="spatial: probability of rotating and zooming a slice"
+    )
+    rotate_deg: float = Field(15.0, ge=0.0, le=180.0, description="spatial: largest rotation")
+    zoom: float = Field(0.1, ge=0.0, lt=1.0, description="spatial: zoom factor in 1 +- zoom")
+    flip: bool = Field(True, description="spatial: mirror each in-plane axis with p = 1/2")
+
+
+class UNetConfig(SpatialAugmentFields, DeviceConfig):
     """Supervised 2-D U-Net (MONAI) on a fold's training part: the fully supervised upper
     bound (store masks) or the second stage on the ensemble's pseudo-labels (masks.npz)."""
 
@@ -515,9 +546,15 @@ class UNetConfig(DeviceConfig):
     )
     seed: int = Field(0, description="seed of initialisation and data order")
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    augment: Literal["none", "spatial"] = Field(
+        "spatial",
+        description="training augmentation: spatial = random rotation and zoom (with "
+        "augment_prob) and mirroring of each in-plane axis, image and target alike; none: "
+        "the slices as stored (the published protocols' configs)",
+    )
 
 
-class MilConfig(DeviceConfig):
+class MilConfig(SpatialAugmentFields, DeviceConfig):
     """Localiser trained from slice labels alone: a shallow MONAI U-Net with the
     multiple-instance loss (:func:`ensemblecam.training.losses.mil_loss`): every pixel of a
     lesion-free slice is background, the ``top_fraction`` highest pixel scores of a lesion

@@ -123,7 +123,8 @@ def predict_cmd(
         Opt(
             "--gate",
             help="none or classifiers: empty the self-trained U-Net's mask on every slice "
-            "the run's classifiers call lesion-free (mean P(lesion) < run.gate_threshold) "
+            "the run's classifiers call lesion-free (mean P(lesion) below the fold's gate "
+            "threshold: run.gate_threshold, or the one the run calibrated when auto) "
             "(default: the run's run.gate).",
         ),
     ] = None,

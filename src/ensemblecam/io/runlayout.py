@@ -24,6 +24,9 @@
                             round's U-Net, the single member of its maps
                             (maps/selftrain__round<r>/) and the next round's pseudo-labels;
                             pseudo/ is always the last round's U-Net
+        gate/<kind>/        the classifier gate of self-trained U-Net <kind> (pseudo_unet,
+                            pseudo_round<r>), calibrated on the val part's slice labels
+                            (gate.json; run.gate_threshold auto)
         select/<method>/    the ensemble and the self-trained U-Net scored on the val
                             part's masks: the choice of the final method (run.final auto)
         eval/<row>/         metrics.json, per_slice.csv, per_case.csv for each result row
@@ -196,6 +199,11 @@ class FoldLayout:
     def refined_labels(self) -> Path:
         """refine/masks.npz: three-class pseudo-labels (0, 1, 255) of the train/val parts."""
         return self.refine / "masks.npz"
+
+    def gate(self, kind: str) -> Path:
+        """gate/<kind>/: the calibrated classifier gate of self-trained U-Net ``kind``
+        (gate.json: threshold and its table on the val part)."""
+        return self.dir / "gate" / kind
 
     @property
     def select(self) -> Path:

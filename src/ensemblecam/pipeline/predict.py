@@ -13,12 +13,12 @@ above one half, or a strict majority of the folds' ensemble masks (with two fold
 With one fold the mask is that fold's own (the U-Net's argmax, the configuration's mask),
 exactly what the run exported for it.
 
-Classifier gating (self_trained, ``run.gate: classifiers`` of the run or ``gate``): every
-fold's classifiers (``run.models``) classify each new slice in one forward pass; a slice
-whose gate probability ``g = mean over folds and classifiers of P(lesion)`` is below
-``run.gate_threshold`` gets an empty mask and probability 0 (so the mask stays
-``p > 0.5``). With one fold this is the gate the run applied to its evaluated masks
-(:mod:`ensemblecam.stages.gate`).
+Classifier gating (self_trained, ``run.gate: classifiers`` of the run or ``gate``): each
+fold's classifiers (``run.models``) classify each new slice in one forward pass; where
+their mean P(lesion) is below that fold's threshold (``run.gate_threshold``, or the one the
+run calibrated for the fold's U-Net on its val part when ``auto``), that fold's mask and
+probability are emptied before the folds are averaged. With one fold this is the gate the
+run applied to its evaluated masks (:mod:`ensemblecam.stages.gate`).
 """
 
 from __future__ import annotations
@@ -192,12 +192,11 @@ def _predict_in(
         if len(folds) == 1:
             source["checkpoint"] = str(checkpoints[folds[0]])
         gated = gate == "classifiers"
-        thr = cfg.run.gate_threshold
         progress_out.info(
             f"predict: {how}, {METHOD_NAMES[method]} "
             f"({', '.join(map(str, checkpoints.values()))}), trained on the masks of the "
             f"configuration {configs}"
-            + (f"; slices the classifiers call lesion-free (P < {thr:g}) emptied" if gated else "")
+            + ("; slices the classifiers call lesion-free emptied (gate)" if gated else "")
         )
         for ck in checkpoints.values():
             _check_channels(input_dir, store, read_checkpoint(ck)["info"]["channels"])
@@ -243,26 +242,29 @@ def _gate(
     probs: list[np.ndarray],
     progress: bool | None,
 ) -> dict[str, Any]:
-    """Classifier gating in place (module docstring): every fold's classifiers on every
-    slice, gate probability the mean over folds; masks and probabilities of the slices
-    below ``run.gate_threshold`` zeroed. Returns the index.json record."""
+    """Classifier gating in place (module docstring): each fold's masks and probabilities
+    are emptied on the slices where that fold's classifiers' mean P(lesion) is below that
+    fold's threshold (``run.gate_threshold``, or the one calibrated in the run's
+    ``gate/pseudo_unet/gate.json`` when auto). Returns the index.json record."""
     from ensemblecam.models import read_checkpoint
-    from ensemblecam.stages.gate import classifier_probs, gate_masks, gate_record
+    from ensemblecam.stages.gate import GATE_FILE, classifier_probs, gate_masks, gate_record
 
-    per_fold = {f: [lay.fold(f).checkpoint(m) for m in cfg.run.models] for f in folds}
-    checkpoints = [ck for cks in per_fold.values() for ck in cks]
-    for ck in checkpoints:
-        _check_channels(input_dir, store, read_checkpoint(ck)["info"]["channels"])
-    fold_probs = [
-        classifier_probs(cks, store, np.arange(store.n_slices), cfg.cam.batch_size, progress)
-        for cks in per_fold.values()
-    ]
-    g = np.mean(fold_probs, axis=0)
-    thr = cfg.run.gate_threshold
-    for i in range(len(masks)):
-        masks[i] = gate_masks(masks[i], g, thr)
-        probs[i] = gate_masks(probs[i], g, thr)
-    return gate_record(g, thr, [str(c) for c in checkpoints])
+    records = {}
+    for i, f in enumerate(folds):
+        checkpoints = [lay.fold(f).checkpoint(m) for m in cfg.run.models]
+        for ck in checkpoints:
+            _check_channels(input_dir, store, read_checkpoint(ck)["info"]["channels"])
+        g = classifier_probs(
+            checkpoints, store, np.arange(store.n_slices), cfg.cam.batch_size, progress
+        )
+        thr = cfg.run.gate_threshold
+        if thr == "auto":
+            calibrated = lay.fold(f).gate("pseudo_unet") / GATE_FILE
+            thr = fsutil.read_json(calibrated, "gate calibration")["threshold"]
+        masks[i] = gate_masks(masks[i], g, float(thr))
+        probs[i] = gate_masks(probs[i], g, float(thr))
+        records[f] = gate_record(g, float(thr), [str(c) for c in checkpoints])
+    return {"gate": "classifiers", "folds": records}
 
 
 def _check_channels(input_dir: str | Path, store: Any, channels: list[str]) -> None:

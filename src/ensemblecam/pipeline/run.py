@@ -551,20 +551,16 @@ def _run_fold(
     scored = _part_annotated(store, splits, k, rc.eval_part)
     rows = _fold_evaluate(f, ecfg, k_search, scored)
     if rc.unet:
-        rows.append(
-            _unet_row(cfg, runner, store, splits, k, f.fold, "unet", "store", k_split, ecfg)
-        )
+        rows.append(_unet_row(f, "unet", "store", k_split, ecfg))
     if rc.pseudo_unet:
         targets, k_pt = _fold_pseudo_labels(f, ecfg, rows[0]["config"], k_search)
         if rc.refine and _part_annotated(store, splits, k, "train"):
             rows.append(_pseudo_label_row(f, ecfg, k_pt))
         for r in range(1, rc.rounds):  # earlier self-training rounds: their U-Net relabels
             kind = f"pseudo_round{r}"
-            rows.append(_unet_row(cfg, runner, store, splits, k, f.fold, kind, targets, k_pt, ecfg))
+            rows.append(_unet_row(f, kind, targets, k_pt, ecfg))
             targets, k_pt = _fold_next_round(f, r, k_pt)
-        rows.append(
-            _unet_row(cfg, runner, store, splits, k, f.fold, "pseudo_unet", targets, k_pt, ecfg)
-        )
+        rows.append(_unet_row(f, "pseudo_unet", targets, k_pt, ecfg))
         if rc.final == "auto" and _part_annotated(store, splits, k, "val"):
             selection = _fold_select(f, ecfg, rows[0]["config"], k_search, k_pt)
     for row in rows if not scored else []:
@@ -588,15 +584,16 @@ def _fold_select(
 
     vcfg = ecfg.model_copy(update={"part": "val"})
     sel = f.fold.select
-    gate = _gate(f.cfg, f.fold)
+    k_unet = _unet_key(f.cfg, "pseudo_unet", f.k, k_pt)
+    gate = _gate(f, "pseudo_unet", k_unet, ecfg)
 
     def run(force: bool) -> None:
         evaluate_stage(vcfg, chosen, sel / "ensemble", force=True)
         ckpt = f.fold.unet_checkpoint("pseudo_unet")
         evaluate_unet(vcfg, ckpt, sel / "self_trained", force=True, gate=gate)
 
-    parts = ["select", k_search, _unet_key(f.cfg, "pseudo_unet", f.k, k_pt), gate is not None]
-    key = stable_hash([*parts, f.cfg.run.gate_threshold, _options(f.cfg.evaluate)])
+    parts = ["select", k_search, k_unet, gate is not None]
+    key = stable_hash([*parts, gate and gate[1], _options(f.cfg.evaluate)])
     f.runner.stage(f"{f.name}/select", sel, key, None, run)
     return {
         m: fsutil.read_json(sel / m / "metrics.json", "evaluation")["metrics"].get("lesion_dice")
@@ -911,39 +908,33 @@ def _fold_evaluate(
 
 
 def _unet_row(
-    cfg: Config,
-    runner: Runner,
-    store: Path,
-    splits: Path,
-    k: int,
-    fold: FoldLayout,
-    kind: str,
-    targets: str | Path,
-    upstream: str,
-    ecfg: EvaluateConfig,
+    f: _Fold, kind: str, targets: str | Path, upstream: str, ecfg: EvaluateConfig
 ) -> dict[str, Any]:
-    """Train a U-Net on ``targets`` (store masks or pseudo masks) and evaluate it."""
+    """Train a U-Net on ``targets`` (store masks or pseudo masks), calibrate its classifier
+    gate (self-trained kinds) and evaluate it."""
     from ensemblecam.stages.evaluate import evaluate_unet
     from ensemblecam.stages.unet import train_unet
 
+    cfg, fold = f.cfg, f.fold
     out = fold.unet(kind)
-    key = _unet_key(cfg, kind, k, upstream)
-    runner.stage(
+    key = _unet_key(cfg, kind, f.k, upstream)
+    f.runner.stage(
         f"{fold.name}/{kind}",
         out,
         key,
         fold.unet_record(kind).name,
         lambda force: train_unet(
-            cfg.unet, store, splits, k, out, targets=targets, force=force, progress=runner.progress
+            cfg.unet, f.store, f.splits, f.k, out, targets=targets, force=force,
+            progress=f.runner.progress,
         ),
-    )
+    )  # fmt: skip
     ev = fold.eval_row(kind)
     # "masks": the evaluation keeps the U-Net's masks (an older row without them reruns)
     k_parts: list[Any] = [kind, "evaluate", key, _options(cfg.evaluate), ecfg.part, "masks"]
-    gate = _gate(cfg, fold) if kind != "unet" else None
+    gate = _gate(f, kind, key, ecfg) if kind != "unet" else None
     if gate is not None:  # the classifiers' map sets are upstream of ``key`` already
-        k_parts.append(["gate", cfg.run.gate, cfg.run.gate_threshold])  # ungated: old key
-    runner.stage(
+        k_parts.append(["gate", cfg.run.gate, gate[1]])  # ungated: old key
+    f.runner.stage(
         f"{fold.name}/{kind}/evaluate",
         ev,
         stable_hash(k_parts),
@@ -957,19 +948,43 @@ def _unet_row(
 
 
 def _unet_key(cfg: Config, kind: str, k: int, upstream: str) -> str:
-    """Stage key of fold ``k``'s U-Net ``kind`` trained on targets with key ``upstream``."""
-    return stable_hash([kind, _options(cfg.unet), k, upstream])
+    """Stage key of fold ``k``'s U-Net ``kind`` trained on targets with key ``upstream``
+    (the augmentation, spatial by default since it was none, is keyed whenever it is on)."""
+    aug = [] if cfg.unet.augment == "none" else [["augment", cfg.unet.augment]]
+    return stable_hash([kind, _options(cfg.unet), k, upstream, *aug])
 
 
-def _gate(cfg: Config, fold: FoldLayout) -> tuple[list[Path], float] | None:
-    """The self-trained U-Net's classifier gate (map sets of the first CAM method, whose
-    slice probabilities are the classifiers'; threshold), or None (``run.gate: none``)."""
-    if cfg.run.gate != "classifiers":
+def _gate(
+    f: _Fold, kind: str, k_unet: str, ecfg: EvaluateConfig
+) -> tuple[list[Path], float] | None:
+    """The classifier gate of fold ``f``'s self-trained U-Net ``kind`` (stage key
+    ``k_unet``): the map sets of the first CAM method (whose slice probabilities are the
+    classifiers') and the threshold, calibrated on the val part with
+    ``run.gate_threshold: auto`` (stage ``fold<k>/gate/<kind>``,
+    :func:`ensemblecam.stages.gate.calibrate_gate`); None with ``run.gate: none``."""
+    if f.cfg.run.gate != "classifiers":
         return None
+    from ensemblecam.ensemble.grid import parse_grid
     from ensemblecam.io.mapstore import member_name
+    from ensemblecam.stages.gate import GATE_FILE, calibrate_gate
 
-    sets = [fold.map_set(member_name(m, cfg.cam.methods[0])) for m in cfg.run.models]
-    return sets, cfg.run.gate_threshold
+    rc = f.cfg.run
+    sets = [f.fold.map_set(member_name(m, f.cfg.cam.methods[0])) for m in rc.models]
+    if rc.gate_threshold != "auto":
+        return sets, float(rc.gate_threshold)
+    out = f.fold.gate(kind)
+    grid = [round(float(g), 6) for g in parse_grid(f.cfg.search.gate_grid)]  # float32 -> 0.1
+    vcfg = ecfg.model_copy(update={"part": "val"})
+    f.runner.stage(
+        f"{f.name}/{kind}/gate",
+        out,
+        stable_hash(["gate", k_unet, grid, vcfg.part]),
+        GATE_FILE,
+        lambda force: calibrate_gate(
+            vcfg, f.fold.unet_checkpoint(kind), sets, grid, out, force=force
+        ),
+    )
+    return sets, float(fsutil.read_json(out / GATE_FILE, "gate calibration")["threshold"])
 
 
 def final_method(cfg: Config, results: dict[str, Any] | None = None) -> str:

@@ -211,6 +211,7 @@ def _headline(rep: Page, run: Run, folds: list[str], objective: str) -> None:
         if empty is not None:
             _not_better_than_empty(rep, rows, empty, metrics)
         _refine_notes(rep, run, folds)
+        _gate_notes(rep, run, folds)
         if ens is not None and folds:
             rep.p(
                 "Chosen configuration per fold: "
@@ -271,6 +272,28 @@ def _refine_notes(rep: Page, run: Run, folds: list[str]) -> None:
         lines.append(f"{f}: {rec.get('chosen')}, {why}{mil}")
     if lines:
         rep.p("Refiner of the self-training labels per fold: " + "; ".join(lines) + ".")
+
+
+def _gate_notes(rep: Page, run: Run, folds: list[str]) -> None:
+    """Per fold: the self-trained U-Net's classifier gate as its evaluation recorded it
+    (threshold, slices emptied) and, when calibrated, the val part's slice F1 behind it."""
+    lines = []
+    for f in folds:
+        lay = run.layout.fold(f)
+        path = lay.eval_metrics("pseudo_unet")
+        gate = fsutil.read_json(path, "evaluation").get("gate") if path.is_file() else None
+        if not gate:
+            continue
+        t = float(gate["threshold"])
+        text = f"{f}: threshold {t:g}" + (" (no gating)" if t == 0 else "")
+        calibrated = lay.gate("pseudo_unet") / "gate.json"
+        if calibrated.is_file():
+            rec = fsutil.read_json(calibrated, "gate calibration")
+            f1 = next((r["f1"] for r in rec.get("table", []) if r["threshold"] == t), None)
+            text += f", calibrated on the val part (slice F1 {fmt_pct(f1)})"
+        lines.append(f"{text}, {gate['n_gated']} of {gate['n_slices']} evaluated slices emptied")
+    if lines:
+        rep.p("Classifier gate of the self-trained U-Net per fold: " + "; ".join(lines) + ".")
 
 
 def _mean(row: dict[str, Any], metric: str) -> float:

@@ -28,8 +28,11 @@ lists), "store" = the store's
 ground truth, "none" = no validation. Without validation slices best.pt is the last epoch.
 Val lesion Dice is accumulated over the part: 2TP / (2TP + FP + FN) (metrics.lesion_dice).
 Loss: monai DiceCELoss (Dice over the whole batch + cross-entropy) on store masks, its
-masked form on pseudo-labels; Adam. Predicted lesion: argmax of 2 softmax channels, or
-sigmoid > 0.5 of 1 channel.
+masked form on pseudo-labels; Adam. Augmentation (``cfg.augment: spatial``): each training
+batch's slices and targets are rotated, zoomed and mirrored together
+(:class:`ensemblecam.training.data.EpochSpatial`; the MIL localiser's slices alone, their
+labels do not move), with draws from (seed, epoch, worker), so a resumed run is identical.
+Predicted lesion: argmax of 2 softmax channels, or sigmoid > 0.5 of 1 channel.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from ensemblecam.metrics.conventions import score, slice_counts
 from ensemblecam.models.segmenters import UNET, build_unet, load_unet, logits_to_mask, model_args
 from ensemblecam.training.data import (
     EpochSampler,
+    EpochSpatial,
     MaskDataset,
     StoreDataset,
     batch_loader,
@@ -257,11 +261,25 @@ def train_unet(
 
 
 def _dataset(
-    store: SliceStore, idx: np.ndarray, source: str, pseudo: tuple[np.ndarray, np.ndarray] | None
+    store: SliceStore,
+    idx: np.ndarray,
+    source: str,
+    pseudo: tuple[np.ndarray, np.ndarray] | None,
+    augment: EpochSpatial | None = None,
 ) -> StoreDataset:
     kept, src, rows = _targets(store, idx, source, pseudo)
     assert len(kept) == len(idx)
-    return StoreDataset(store, kept) if source == "labels" else MaskDataset(store, kept, src, rows)
+    if source == "labels":
+        return StoreDataset(store, kept, augment)
+    return MaskDataset(store, kept, src, rows, augment)
+
+
+def make_augment(cfg: UNetConfig | MilConfig, rank: int) -> EpochSpatial | None:
+    """The training augmentation of ``cfg``, its draws seeded per rank."""
+    if cfg.augment == "none":
+        return None
+    return EpochSpatial(cfg.rotate_deg, cfg.zoom, cfg.augment_prob, cfg.flip,
+                        cfg.seed + 7919 * rank)  # fmt: skip
 
 
 def has_lesion(ds: StoreDataset) -> np.ndarray:
@@ -353,7 +371,7 @@ def _data(fabric: Any, plan: UNetPlan) -> EpochData:
     store = SliceStore.open(plan.store)
     uses_npz = "npz" in (plan.source, plan.val_source)
     pseudo = read_pseudo_masks(plan.targets, store) if uses_npz else None
-    train_ds = _dataset(store, plan.train_idx, plan.source, pseudo)
+    train_ds = _dataset(store, plan.train_idx, plan.source, pseudo, make_augment(cfg, rank))
     weights = oversample_weights(has_lesion(train_ds), cfg.oversample)
     sampler = EpochSampler(len(train_ds), cfg.seed, rank, world, weights)
     gpu = fabric.device.type == "cuda"

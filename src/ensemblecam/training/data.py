@@ -42,7 +42,7 @@ class StoreDataset(Dataset):
         self,
         store: SliceStore,
         indices: Sequence[int] | np.ndarray,
-        augment: EpochBlur | None = None,
+        augment: EpochBlur | EpochSpatial | None = None,
     ) -> None:
         self.store = store
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -56,19 +56,25 @@ class StoreDataset(Dataset):
         return len(self.indices)
 
     def _aug(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(self.augment(x)).as_subclass(torch.Tensor)  # type: ignore[misc]
+        return torch.as_tensor(self.augment(x)).as_subclass(torch.Tensor)  # type: ignore[call-arg,misc]
+
+    def _read(self, pos: np.ndarray) -> torch.Tensor:
+        """Images (B, C, H, W) float32 of positions ``pos``, in one sorted read."""
+        idx = self.indices[pos]
+        order = np.argsort(idx, kind="stable")
+        block = np.empty((len(pos), *self.images.shape[1:]), np.float32)
+        block[order] = self.images[idx[order]]
+        return torch.from_numpy(block)
 
     def __getitem__(self, i: Any) -> tuple[torch.Tensor, Any]:
         if np.ndim(i) == 0:
             x = torch.from_numpy(np.asarray(self.images[self.indices[i]], dtype=np.float32))
             return (x if self.augment is None else self._aug(x)), int(self.labels[i])
         pos = np.asarray(i, dtype=np.int64)
-        idx = self.indices[pos]
-        order = np.argsort(idx, kind="stable")
-        block = np.empty((len(pos), *self.images.shape[1:]), np.float32)
-        block[order] = self.images[idx[order]]
-        x = torch.from_numpy(block)
-        if self.augment is not None:
+        x = self._read(pos)
+        if isinstance(self.augment, EpochSpatial):  # slice labels do not move
+            x = self.augment(x, torch.zeros((len(x), *x.shape[-2:]), dtype=torch.long))[0]
+        elif self.augment is not None:
             for k in range(len(x)):
                 x[k] = self._aug(x[k])
         return x, torch.from_numpy(self.labels[pos])
@@ -79,6 +85,7 @@ class MaskDataset(StoreDataset):
 
     ``mask_source`` is the store's memory-mapped masks.npy or an in-memory (n, H, W) array;
     ``mask_rows[k]`` is the row of ``mask_source`` holding the target of position ``k``.
+    ``augment`` transforms each batch's images and targets together.
     """
 
     def __init__(
@@ -87,22 +94,27 @@ class MaskDataset(StoreDataset):
         indices: np.ndarray,
         mask_source: np.ndarray,
         mask_rows: np.ndarray,
+        augment: EpochSpatial | None = None,
     ) -> None:
         super().__init__(store, indices)
         self.mask_source = mask_source
         self.mask_rows = np.asarray(mask_rows, dtype=np.int64)
         self.labels = np.zeros(len(self.indices), np.int64)  # unused by segmentation
+        self.augment = augment
 
     def __getitem__(self, i: Any) -> tuple[torch.Tensor, Any]:
         pos = np.atleast_1d(np.asarray(i, dtype=np.int64))
-        x, _ = super().__getitem__(pos)
+        x = self._read(pos)
         rows = self.mask_rows[pos]
         order = np.argsort(rows, kind="stable")
         y = np.empty((len(pos), *self.mask_source.shape[1:]), np.int64)
         y[order] = self.mask_source[rows[order]]
+        yt = torch.from_numpy(y)
+        if isinstance(self.augment, EpochSpatial):
+            x, yt = self.augment(x, yt)
         if np.ndim(i) == 0:
-            return x[0], torch.from_numpy(y[0])
-        return x, torch.from_numpy(y)
+            return x[0], yt[0]
+        return x, yt
 
 
 def batch_loader(
@@ -135,6 +147,11 @@ def train_loader(
     )  # fmt: skip
 
 
+def _draw_seed(seed: int, epoch: int, worker: int) -> int:
+    """The seed of an augmentation's draws at ``epoch`` in process ``worker`` (0: main)."""
+    return ((seed * 1_000_003 + epoch) * 1_009 + worker) % 2**32
+
+
 class EpochBlur:
     """MONAI random Gaussian blur of a (C, H, W) slice, sigma ~ U(sigma) per axis, with
     ``prob``; its draws depend on (seed, epoch, worker) alone (:meth:`set_epoch`), like
@@ -150,10 +167,63 @@ class EpochBlur:
     def set_epoch(self, epoch: int, worker: int = 0) -> None:
         """Restart the draws at epoch ``epoch`` of process ``worker`` (0: the main one)."""
         self.epoch = epoch
-        self.t.set_random_state(((self.seed * 1_000_003 + epoch) * 1_009 + worker) % 2**32)
+        self.t.set_random_state(_draw_seed(self.seed, epoch, worker))
 
     def __call__(self, x: torch.Tensor) -> Any:
         return self.t(x)
+
+
+class EpochSpatial:
+    """Random in-plane rotation and scaling of a batch of slices and their targets
+    together (the segmenters' augmentation, after nnU-Net's): with probability ``prob`` a
+    sample is rotated by U(-rotate_deg, rotate_deg) degrees and zoomed by U(1 - zoom,
+    1 + zoom); with ``flip`` each in-plane axis is mirrored with probability 1/2. One
+    affine map per sample, resampled with torch's ``affine_grid``/``grid_sample``: images
+    bilinear, targets nearest (so 0, 1 and the ignore value 255 stay as they are), zeros
+    outside the slice. Rotation is in pixel units (no shear on non-square slices). The
+    draws depend on (seed, epoch, worker) alone, as :class:`EpochBlur`'s."""
+
+    def __init__(self, rotate_deg: float, zoom: float, prob: float, flip: bool, seed: int) -> None:
+        self.rotate = math.radians(rotate_deg)
+        self.zoom, self.prob, self.flip, self.seed = zoom, prob, flip, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int, worker: int = 0) -> None:
+        """Restart the draws at epoch ``epoch`` of process ``worker`` (0: the main one)."""
+        self.epoch = epoch
+        self.g = torch.Generator().manual_seed(_draw_seed(self.seed, epoch, worker))
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x (B, C, H, W) float, y (B, H, W) long) transformed alike: 5 draws per sample
+        (rotate-and-zoom or not, angle, zoom, mirror x, mirror y). Mirroring is exact; only
+        the rotated samples are resampled, by the map from output to input pixels
+        ``A = R(angle) / zoom`` (in pixel units, expressed on the normalised grid)."""
+        from torch.nn import functional as F
+
+        u = torch.rand(len(x), 5, generator=self.g, dtype=torch.float64)
+        for axis, draw in ((-1, u[:, 3]), (-2, u[:, 4])):
+            m = self.flip & (draw < 0.5)
+            x = torch.where(m[:, None, None, None], x.flip(axis), x)
+            y = torch.where(m[:, None, None], y.flip(axis), y)
+        on = u[:, 0] < self.prob
+        if not on.any():
+            return x, y
+        h, w = x.shape[-2:]
+        angle = (2 * u[on, 1] - 1) * self.rotate
+        zoom = 1 + (2 * u[on, 2] - 1) * self.zoom
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.zeros(int(on.sum()), 2, 3, dtype=torch.float64)
+        theta[:, 0, 0], theta[:, 0, 1] = cos, -sin * h / w
+        theta[:, 1, 0], theta[:, 1, 1] = sin * w / h, cos
+        xs = x[on]
+        grid = F.affine_grid(theta.to(x.dtype), list(xs.shape), align_corners=False)
+        x, y = x.clone(), y.clone()
+        x[on] = F.grid_sample(xs, grid, mode="bilinear", padding_mode="zeros",
+                              align_corners=False)  # fmt: skip
+        yr = F.grid_sample(y[on][:, None].to(x.dtype), grid, mode="nearest",
+                           padding_mode="zeros", align_corners=False)  # fmt: skip
+        y[on] = yr[:, 0].round().to(y.dtype)
+        return x, y
 
 
 class EpochSampler(Sampler[int]):
@@ -196,7 +266,7 @@ class EpochSampler(Sampler[int]):
 
 def worker_init(worker_id: int) -> None:
     """Seed numpy/random in a DataLoader worker from torch's seed, and its copy of an
-    :class:`EpochBlur` from (seed, epoch, worker)."""
+    augmentation (:class:`EpochBlur`, :class:`EpochSpatial`) from (seed, epoch, worker)."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
