@@ -139,7 +139,8 @@ def calibrate_gate(
     from ensemblecam.stages.search import part_slices
     from ensemblecam.stages.unet import predict_unet
 
-    store, _, idx = part_slices(cfg.store, cfg.splits, cfg.fold, cfg.part)
+    # run needs labelled val slices already (the classifiers validate on them)
+    store, _, idx = part_slices(cfg.store, cfg.splits, cfg.fold, cfg.part, labelled=True)
     detected = predict_unet(checkpoint, store, idx).any(axis=(1, 2))
     result = choose_threshold(detected, map_set_probs(sets, idx), store.labels[idx], grid)
     result.update(
