@@ -68,8 +68,8 @@ class StoreDataset(Dataset):
 
     def __getitem__(self, i: Any) -> tuple[torch.Tensor, Any]:
         if np.ndim(i) == 0:
-            x = torch.from_numpy(np.asarray(self.images[self.indices[i]], dtype=np.float32))
-            return (x if self.augment is None else self._aug(x)), int(self.labels[i])
+            x, y = self[[i]]
+            return x[0], int(y[0])
         pos = np.asarray(i, dtype=np.int64)
         x = self._read(pos)
         if isinstance(self.augment, EpochSpatial):  # slice labels do not move
