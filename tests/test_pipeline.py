@@ -563,7 +563,7 @@ def test_shipped_configs_are_valid() -> None:
         assert load_config(root / name).run.pseudo_unet is False
         # ... and their U-Net trains on the slices as stored (the default augments them)
         assert load_config(root / name).unet.augment == "none"
-    assert Config().unet.augment == "spatial" and Config().mil.augment == "none"
+    assert Config().unet.augment == "spatial" and Config().mil.augment == "spatial"
 
 
 def test_keys_cover_only_non_default_options() -> None:

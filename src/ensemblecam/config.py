@@ -506,9 +506,10 @@ class SpatialAugmentFields(Section):
     zoomed and mirrored together."""
 
     augment: Literal["none", "spatial"] = Field(
-        "none",
+        "spatial",
         description="training augmentation: spatial = random rotation and zoom (with "
-        "augment_prob) and mirroring of each in-plane axis, image and target alike",
+        "augment_prob) and mirroring of each in-plane axis, image and target alike; none: "
+        "the slices as stored (the published protocols' configs)",
     )
     augment_prob: float = Field(
         0.5, ge=0.0, le=1.0, description="spatial: probability of rotating and zooming a slice"
@@ -546,12 +547,6 @@ class UNetConfig(SpatialAugmentFields, DeviceConfig):
     )
     seed: int = Field(0, description="seed of initialisation and data order")
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
-    augment: Literal["none", "spatial"] = Field(
-        "spatial",
-        description="training augmentation: spatial = random rotation and zoom (with "
-        "augment_prob) and mirroring of each in-plane axis, image and target alike; none: "
-        "the slices as stored (the published protocols' configs)",
-    )
 
 
 class MilConfig(SpatialAugmentFields, DeviceConfig):

@@ -40,7 +40,14 @@ import yaml
 
 from ensemblecam import __version__, environment
 from ensemblecam import progress as progress_out
-from ensemblecam.config import Config, EvaluateConfig, MilConfig, SearchConfig, load_config
+from ensemblecam.config import (
+    Config,
+    EvaluateConfig,
+    MilConfig,
+    SearchConfig,
+    UNetConfig,
+    load_config,
+)
 from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
 from ensemblecam.io.runlayout import RUN_FORMAT, STAMP, FoldLayout, RunLayout
@@ -719,7 +726,7 @@ def _fold_mil(f: _Fold, name: str, mcfg: MilConfig, k_split: str) -> str:
     from ensemblecam.stages.unet import RUN_MARKER, train_unet
 
     mcfg = mcfg.model_copy(update={"epochs": mcfg.epochs or f.cfg.unet.epochs})
-    k_mil = stable_hash(["mil", _options(mcfg), f.k, k_split])
+    k_mil = stable_hash(["mil", _options(mcfg), f.k, k_split, *_augment_key(mcfg)])
     out = f.fold.localiser(name)
     f.runner.stage(
         f"{f.name}/{name}",
@@ -948,10 +955,14 @@ def _unet_row(
 
 
 def _unet_key(cfg: Config, kind: str, k: int, upstream: str) -> str:
-    """Stage key of fold ``k``'s U-Net ``kind`` trained on targets with key ``upstream``
-    (the augmentation, spatial by default since it was none, is keyed whenever it is on)."""
-    aug = [] if cfg.unet.augment == "none" else [["augment", cfg.unet.augment]]
-    return stable_hash([kind, _options(cfg.unet), k, upstream, *aug])
+    """Stage key of fold ``k``'s U-Net ``kind`` trained on targets with key ``upstream``."""
+    return stable_hash([kind, _options(cfg.unet), k, upstream, *_augment_key(cfg.unet)])
+
+
+def _augment_key(section: UNetConfig | MilConfig) -> list[Any]:
+    """Key part of a segmenter's augmentation: spatial by default since it was none, so it
+    is keyed whenever it is on (runs made before retrain instead of reusing)."""
+    return [] if section.augment == "none" else [["augment", section.augment]]
 
 
 def _gate(
