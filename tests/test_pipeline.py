@@ -414,7 +414,7 @@ def test_classifier_gate_in_run_and_predict(
     from ensemblecam.io.split import get_fold
     from ensemblecam.stages.gate import choose_threshold
 
-    calibrated = json.loads((lay.gate("pseudo_unet") / "gate.json").read_text())
+    calibrated = json.loads(lay.gate_record("pseudo_unet").read_text())
     val = store.indices_for_cases(get_fold(finished_run / "split" / "splits.json", 0).val)
     pv = np.load(member / "probs.npy")[np.searchsorted(np.load(member / "index.npy"), val)]
     called = predict_unet(lay.unet_checkpoint("pseudo_unet"), store, val).any(axis=(1, 2))

@@ -205,6 +205,10 @@ class FoldLayout:
         (gate.json: threshold and its table on the val part)."""
         return self.dir / "gate" / kind
 
+    def gate_record(self, kind: str) -> Path:
+        """gate/<kind>/gate.json: the calibrated threshold and its table."""
+        return self.gate(kind) / "gate.json"
+
     @property
     def select(self) -> Path:
         """select/<method>/: the final candidates scored on the val part (the choice)."""

@@ -247,7 +247,7 @@ def _gate(
     fold's threshold (``run.gate_threshold``, or the one calibrated in the run's
     ``gate/pseudo_unet/gate.json`` when auto). Returns the index.json record."""
     from ensemblecam.models import read_checkpoint
-    from ensemblecam.stages.gate import GATE_FILE, classifier_probs, gate_masks, gate_record
+    from ensemblecam.stages.gate import classifier_probs, gate_masks, gate_record
 
     records = {}
     for i, f in enumerate(folds):
@@ -259,7 +259,7 @@ def _gate(
         )
         thr = cfg.run.gate_threshold
         if thr == "auto":
-            calibrated = lay.fold(f).gate("pseudo_unet") / GATE_FILE
+            calibrated = lay.fold(f).gate_record("pseudo_unet")
             thr = fsutil.read_json(calibrated, "gate calibration")["threshold"]
         masks[i] = gate_masks(masks[i], g, float(thr))
         probs[i] = gate_masks(probs[i], g, float(thr))

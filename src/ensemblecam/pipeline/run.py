@@ -977,25 +977,25 @@ def _gate(
         return None
     from ensemblecam.ensemble.grid import parse_grid
     from ensemblecam.io.mapstore import member_name
-    from ensemblecam.stages.gate import GATE_FILE, calibrate_gate
+    from ensemblecam.stages.gate import calibrate_gate
 
     rc = f.cfg.run
     sets = [f.fold.map_set(member_name(m, f.cfg.cam.methods[0])) for m in rc.models]
     if rc.gate_threshold != "auto":
         return sets, float(rc.gate_threshold)
-    out = f.fold.gate(kind)
+    out, record = f.fold.gate(kind), f.fold.gate_record(kind)
     grid = [round(float(g), 6) for g in parse_grid(f.cfg.search.gate_grid)]  # float32 -> 0.1
     vcfg = ecfg.model_copy(update={"part": "val"})
     f.runner.stage(
         f"{f.name}/{kind}/gate",
         out,
         stable_hash(["gate", k_unet, grid, vcfg.part]),
-        GATE_FILE,
+        record.name,
         lambda force: calibrate_gate(
             vcfg, f.fold.unet_checkpoint(kind), sets, grid, out, force=force
         ),
     )
-    return sets, float(fsutil.read_json(out / GATE_FILE, "gate calibration")["threshold"])
+    return sets, float(fsutil.read_json(record, "gate calibration")["threshold"])
 
 
 def final_method(cfg: Config, results: dict[str, Any] | None = None) -> str:

@@ -286,7 +286,7 @@ def _gate_notes(rep: Page, run: Run, folds: list[str]) -> None:
             continue
         t = float(gate["threshold"])
         text = f"{f}: threshold {t:g}" + (" (no gating)" if t == 0 else "")
-        calibrated = lay.gate("pseudo_unet") / "gate.json"
+        calibrated = lay.gate_record("pseudo_unet")
         if calibrated.is_file():
             rec = fsutil.read_json(calibrated, "gate calibration")
             f1 = next((r["f1"] for r in rec.get("table", []) if r["threshold"] == t), None)
