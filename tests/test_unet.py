@@ -296,3 +296,23 @@ def test_localiser_slices_are_augmented_and_their_labels_kept(tiny_store: Path) 
 
     assert isinstance(unet.make_augment(MilConfig(augment="spatial"), 0), EpochSpatial)
     assert unet.make_augment(MilConfig(augment="none"), 0) is None
+
+
+def test_bad_augmentation_values_are_one_error_line(tmp_path: Path) -> None:
+    import yaml
+
+    from ensemblecam.config import load_config
+
+    bad = tmp_path / "bad.yaml"
+    for section, values, key in (
+        ("unet", {"augment": "elastic"}, r"unet\.augment"),
+        ("unet", {"zoom": 1.5}, r"unet\.zoom"),
+        ("mil", {"rotate_deg": -5}, r"mil\.rotate_deg"),
+        ("mil", {"augment_prob": 2}, r"mil\.augment_prob"),
+    ):
+        bad.write_text(yaml.safe_dump({section: values, "run": {"out": str(tmp_path / "r")}}))
+        with pytest.raises(InputError, match=key):
+            load_config(bad)
+        result = CliRunner().invoke(app, ["run", str(bad)])
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert result.output.startswith("error:") and not (tmp_path / "r").exists()
