@@ -8,10 +8,11 @@ within the time budget). For each layout it reports, on the held-out test part, 
 case Dice of: Empty, the best single member (the single row with the highest held-out
 lesion Dice: generous to the baseline), the ensemble (chosen on the training part), the
 refined pseudo-labels (the training part: what self-training learns from, not held out),
-the self-trained U-Net (the final weak method) and the fully supervised U-Net (same
-epochs), plus ``weak_over_supervised`` = best weak method's lesion Dice / supervised's
-(weak methods: single members, ensemble, self-trained U-Net; goal >= 0.8), and the share
-of run time the refine stage took.
+the self-trained U-Net of the earlier round(s) (``run.rounds``; the best of them) and of the
+last (the final weak method) and the fully supervised U-Net (same epochs), plus
+``weak_over_supervised`` = best weak method's lesion Dice / supervised's (weak methods:
+single members, ensemble, self-trained U-Nets; goal >= 0.8), and the share of run time the
+refine stages took.
 
 Usage: python benchmarks/bench_quality.py [--layouts brats,msd,kits] [--work DIR]
        [--folds 0] [--keep]
@@ -38,6 +39,7 @@ ROWS = {
     "single": "best single member",
     "ensemble": "ensemble",
     "pseudo_labels": "refined pseudo-labels (train part)",
+    "pseudo_round": "self-trained U-Net, earlier round",
     "pseudo_unet": "self-trained U-Net",
     "unet": "supervised U-Net",
 }
@@ -118,10 +120,14 @@ def run_layout(layout: str, work: Path, folds: list[int]) -> dict[str, Any]:
     results = json.loads((cfg.run.out / "results.json").read_text())
     run = json.loads((cfg.run.out / "run.json").read_text())
     out = best_rows(results)
-    weak = [out[k]["lesion_dice"] or 0.0 for k in ("single", "ensemble", "pseudo_unet") if k in out]
+    weak = [
+        out[k]["lesion_dice"] or 0.0
+        for k in ("single", "ensemble", "pseudo_round", "pseudo_unet")
+        if k in out
+    ]
     sup = (out.get("unet") or {}).get("lesion_dice")
     timings = run.get("timings", {})
-    refine_s = sum(v for k, v in timings.items() if k.endswith("/refine"))
+    refine_s = sum(v for k, v in timings.items() if k.endswith("/refine") or "/refine_round" in k)
     stages_s = sum(timings.values())
     return {
         "rows": out,

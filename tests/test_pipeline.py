@@ -235,8 +235,9 @@ def test_final_choice_on_val_masks(finished_run: Path, phantom: Path, tmp_path: 
 
 
 def test_second_self_training_round(finished_run: Path, tmp_path: Path) -> None:
-    """run.rounds 2: round 1's U-Net (pseudo_round1/) maps the refined parts, those maps at
-    threshold 0.5 are refined into round 2's labels, and pseudo/ is round 2's U-Net."""
+    """run.rounds 2 (the default): round 1's U-Net (pseudo_round1/) maps the refined parts,
+    those maps at threshold 0.5 are refined into round 2's labels, and pseudo/ is round 2's
+    U-Net."""
     from ensemblecam.io.masks import read_masks
     from ensemblecam.io.store import SliceStore
 

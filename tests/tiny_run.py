@@ -39,6 +39,7 @@ TINY: dict[str, Any] = {
         "pseudo_unet": True,
         "report": True,
         "final": "self_trained",
+        "rounds": 1,  # seconds; test_second_self_training_round adds the default's second
     },
 }
 

@@ -133,10 +133,8 @@ class MapSet:
 
     def rows_for(self, store_indices: np.ndarray) -> np.ndarray:
         """Row of each slice-store index in this set; a missing slice is an InputError."""
-        pos = np.searchsorted(self.index, store_indices)
-        pos = np.clip(pos, 0, max(len(self.index) - 1, 0))
-        ok = len(self.index) > 0 and np.array_equal(self.index[pos], store_indices)
-        if not ok:
+        pos = positions(self.index, store_indices)
+        if pos is None:
             found = np.isin(store_indices, self.index)
             missing = np.asarray(store_indices)[~found]
             raise InputError(
@@ -144,6 +142,16 @@ class MapSet:
                 f"(first store indices: {missing[:5].tolist()})"
             )
         return pos
+
+
+def positions(index: np.ndarray, wanted: np.ndarray) -> np.ndarray | None:
+    """Position of each of ``wanted`` in the sorted ``index`` (binary search), or None if
+    any of them is not in it."""
+    index, wanted = np.asarray(index), np.asarray(wanted)
+    if len(index) == 0:
+        return None if len(wanted) else np.zeros(0, np.intp)
+    pos = np.clip(np.searchsorted(index, wanted), 0, len(index) - 1)
+    return pos if np.array_equal(index[pos], wanted) else None
 
 
 def _check_meta(meta_file: Path, meta: dict[str, Any], index: np.ndarray, maps: np.ndarray) -> None:

@@ -79,6 +79,13 @@ _NOT_KEYED = {
     "chunk",
 }
 
+#: options whose default changed, with their former default: a value other than that is
+#: keyed (:func:`_changed_defaults`), so results made before the change stay valid under
+#: the old value and are recomputed under the new one
+_FORMER_DEFAULTS: dict[tuple[type, str], Any] = {
+    (UNetConfig, "augment"): "none",
+    (MilConfig, "augment"): "none",
+}
 
 #: the methods whose masks a run exports and ``predict`` applies: results-row names
 METHOD_NAMES = {
@@ -95,9 +102,21 @@ def stable_hash(obj: Any) -> str:
 
 def _options(section: Any) -> dict[str, Any]:
     """Keyed options that differ from their defaults (a new option with a default leaves
-    existing keys, and so existing results, valid; changing a default needs a new key)."""
+    existing keys, and so existing results, valid; a changed default goes into
+    :data:`_FORMER_DEFAULTS`)."""
     opts = section.model_dump(mode="json", exclude_defaults=True)
     return {k: v for k, v in opts.items() if k not in _NOT_KEYED}
+
+
+def _changed_defaults(section: Any) -> list[list[Any]]:
+    """Key part for the options of ``section`` whose default changed (:data:`_FORMER_DEFAULTS`):
+    ``[name, value]`` for each that differs from its former default. :func:`_options` leaves
+    defaults out, so without this a run made under the former default would be reused."""
+    return [
+        [name, getattr(section, name)]
+        for (cls, name), former in _FORMER_DEFAULTS.items()
+        if type(section) is cls and getattr(section, name) != former
+    ]
 
 
 def config_hash(cfg: Config) -> str:
@@ -726,7 +745,7 @@ def _fold_mil(f: _Fold, name: str, mcfg: MilConfig, k_split: str) -> str:
     from ensemblecam.stages.unet import RUN_MARKER, train_unet
 
     mcfg = mcfg.model_copy(update={"epochs": mcfg.epochs or f.cfg.unet.epochs})
-    k_mil = stable_hash(["mil", _options(mcfg), f.k, k_split, *_augment_key(mcfg)])
+    k_mil = stable_hash(["mil", _options(mcfg), f.k, k_split, *_changed_defaults(mcfg)])
     out = f.fold.localiser(name)
     f.runner.stage(
         f"{f.name}/{name}",
@@ -956,13 +975,7 @@ def _unet_row(
 
 def _unet_key(cfg: Config, kind: str, k: int, upstream: str) -> str:
     """Stage key of fold ``k``'s U-Net ``kind`` trained on targets with key ``upstream``."""
-    return stable_hash([kind, _options(cfg.unet), k, upstream, *_augment_key(cfg.unet)])
-
-
-def _augment_key(section: UNetConfig | MilConfig) -> list[Any]:
-    """Key part of a segmenter's augmentation: spatial by default since it was none, so it
-    is keyed whenever it is on (runs made before retrain instead of reusing)."""
-    return [] if section.augment == "none" else [["augment", section.augment]]
+    return stable_hash([kind, _options(cfg.unet), k, upstream, *_changed_defaults(cfg.unet)])
 
 
 def _gate(

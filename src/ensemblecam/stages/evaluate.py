@@ -499,28 +499,16 @@ def _part_with_masks(cfg: EvaluateConfig) -> tuple[Any, np.ndarray, Rows]:
     return store, idx, Rows(store.masks, idx)
 
 
-def _write_evaluation(
-    partial: Path,
-    cfg: EvaluateConfig,
-    store: Any,
-    idx: np.ndarray,
-    gts: Rows,
-    per: dict[str, np.ndarray],
-    result: dict[str, Any],
-    probs: np.ndarray | None,
-    predicted: Callable[[np.ndarray], np.ndarray],
-) -> None:
-    """metrics.json, per_slice.csv, per_case.csv (+ HD95 of the stacked slices in voxels if
-    ``cfg.hd95``) and per_case_empty.csv (the Empty prediction's per-case values).
-
-    ``predicted(rows)`` gives the predicted masks of positions ``rows`` of ``idx``.
-    """
-    table = store.table
-    slice_rows = []
+def _slice_rows(
+    table: Any, idx: np.ndarray, per: dict[str, np.ndarray], probs: np.ndarray | None
+) -> list[dict[str, Any]]:
+    """per_slice.csv: one row per evaluated slice (counts, Dice and IoU; 1 when both masks
+    are empty)."""
+    rows = []
     for j, i in enumerate(idx):
         tp, fp, fn = int(per["tp"][j]), int(per["fp"][j]), int(per["fn"][j])
         d, u = 2 * tp + fp + fn, tp + fp + fn
-        slice_rows.append(
+        rows.append(
             {
                 "index": int(i),
                 "case": table["case"][i],
@@ -536,6 +524,20 @@ def _write_evaluation(
                 "iou": tp / u if u else 1.0,
             }
         )
+    return rows
+
+
+def _case_rows(
+    cfg: EvaluateConfig,
+    store: Any,
+    idx: np.ndarray,
+    gts: Rows,
+    per: dict[str, np.ndarray],
+    predicted: Callable[[np.ndarray], np.ndarray],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int, int]:
+    """per_case.csv and per_case_empty.csv rows (the prediction's and the Empty
+    prediction's), the predicted pixels and those outside the body foreground."""
+    table = store.table
     case_ids = table["case"][idx]
     case_rows, empty_rows = [], []
     outside = predicted_px = 0
@@ -579,6 +581,27 @@ def _write_evaluation(
                 **_volume_columns(np.zeros_like(gt_v), gt_v, spacing, cfg.nsd_tolerance_mm),
             }
         )
+    return case_rows, empty_rows, predicted_px, outside
+
+
+def _write_evaluation(
+    partial: Path,
+    cfg: EvaluateConfig,
+    store: Any,
+    idx: np.ndarray,
+    gts: Rows,
+    per: dict[str, np.ndarray],
+    result: dict[str, Any],
+    probs: np.ndarray | None,
+    predicted: Callable[[np.ndarray], np.ndarray],
+) -> None:
+    """metrics.json, per_slice.csv, per_case.csv (+ HD95 of the stacked slices in voxels if
+    ``cfg.hd95``) and per_case_empty.csv (the Empty prediction's per-case values).
+
+    ``predicted(rows)`` gives the predicted masks of positions ``rows`` of ``idx``.
+    """
+    slice_rows = _slice_rows(store.table, idx, per, probs)
+    case_rows, empty_rows, predicted_px, outside = _case_rows(cfg, store, idx, gts, per, predicted)
     if cfg.hd95:
         vals = np.array([r["hd95_voxels"] for r in case_rows], float)
         ok = vals[np.isfinite(vals)]

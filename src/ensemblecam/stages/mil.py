@@ -85,11 +85,11 @@ def write_mil_maps(
     training part)."""
     rows = None
     if cfg.scale_quantile is not None and scale is None:
-        if scale_from is None or not np.isin(scale_from, indices).all():
+        rows = None if scale_from is None else mapstore.positions(indices, scale_from)
+        if rows is None:
             raise InputError(
                 "mil scale_quantile: the training part must be among the mapped slices"
             )
-        rows = np.searchsorted(np.asarray(indices), np.asarray(scale_from))
     return write_unet_maps(
         checkpoint,
         store_path,

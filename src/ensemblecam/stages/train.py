@@ -40,6 +40,7 @@ from ensemblecam.training.data import (
     StoreDataset,
     batch_loader,
     part_indices,
+    rank_seed,
     train_loader,
 )
 from ensemblecam.training.fabric import gather, make_fabric
@@ -305,7 +306,7 @@ def _data(fabric: Any, plan: RunPlan) -> EpochData:
     train_labels = store.labels[plan.train_idx]
     augment = None
     if recipe["augment"] == "blur":
-        augment = EpochBlur(cfg.blur_sigma, cfg.blur_prob, cfg.seed + 7919 * rank)
+        augment = EpochBlur(cfg.blur_sigma, cfg.blur_prob, rank_seed(cfg.seed, rank))
     train_ds = StoreDataset(store, plan.train_idx, augment)
     counts = np.bincount(train_labels, minlength=2).astype(np.float64)
     class_w = counts.sum() / (2 * counts)  # n / (K n_c): balanced class weights

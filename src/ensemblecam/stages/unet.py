@@ -65,6 +65,7 @@ from ensemblecam.training.data import (
     StoreDataset,
     batch_loader,
     part_indices,
+    rank_seed,
     train_loader,
 )
 from ensemblecam.training.fabric import gather, make_fabric
@@ -279,7 +280,7 @@ def make_augment(cfg: UNetConfig | MilConfig, rank: int) -> EpochSpatial | None:
     if cfg.augment == "none":
         return None
     return EpochSpatial(cfg.rotate_deg, cfg.zoom, cfg.augment_prob, cfg.flip,
-                        cfg.seed + 7919 * rank)  # fmt: skip
+                        rank_seed(cfg.seed, rank))  # fmt: skip
 
 
 def has_lesion(ds: StoreDataset) -> np.ndarray:

@@ -152,6 +152,12 @@ def _draw_seed(seed: int, epoch: int, worker: int) -> int:
     return ((seed * 1_000_003 + epoch) * 1_009 + worker) % 2**32
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The augmentation seed of distributed process ``rank`` (``seed`` on rank 0), so ranks
+    draw differently."""
+    return seed + 7919 * rank
+
+
 class EpochBlur:
     """MONAI random Gaussian blur of a (C, H, W) slice, sigma ~ U(sigma) per axis, with
     ``prob``; its draws depend on (seed, epoch, worker) alone (:meth:`set_epoch`), like
