@@ -141,6 +141,81 @@ def test_random_walker_recovers_a_clear_lesion_exactly():
     assert ((out == 1) == truth).all()
 
 
+def _walker_whole_image(image, seeds, beta):
+    """scikit-image's walker on the whole standardised image (no box), P(lesion)."""
+    from skimage.segmentation import random_walker
+
+    rw = np.zeros(seeds.shape, np.int32)
+    rw[seeds == 0], rw[seeds == 1] = 1, 2
+    data = (image - image.mean(axis=tuple(range(1, image.ndim)), keepdims=True)) / image.std(
+        axis=tuple(range(1, image.ndim)), keepdims=True
+    )
+    prob = random_walker(data, rw, beta=beta, mode="cg_j", tol=1e-6, channel_axis=0,
+                         return_full_prob=True)[1]  # fmt: skip
+    return np.clip(prob, 0, 1)
+
+
+@pytest.mark.parametrize("shape", [(40, 48), (14, 16, 12)])
+def test_random_walker_box_equals_the_whole_image(shape):
+    """The walker solved on the unknown pixels' box (grown by 1, beta rescaled by the box's
+    std) gives the whole image's probabilities: the system only couples axis neighbours."""
+    from ensemblecam.refine import random_walker_probs
+
+    rng = np.random.default_rng(1)
+    image, _, truth = blob_case(shape)
+    ramp = np.indices(shape).sum(axis=0) / sum(shape) + 0.02 * rng.standard_normal(shape)
+    image = np.concatenate([image, ramp[None].astype(np.float32)])  # a second channel
+    seeds = np.zeros(shape, np.uint8)
+    core = np.zeros(shape, bool)
+    core[tuple(slice(n // 2 - 1, n // 2 + 1) for n in shape)] = True
+    seeds[core & truth] = 1
+    ring = np.zeros(shape, bool)
+    ring[tuple(slice(n // 2 - n // 3, n // 2 + n // 3) for n in shape)] = True
+    seeds[ring & ~core] = IGNORE  # unknown: a box well inside the image
+    got = random_walker_probs(image, seeds, 130.0)
+    want = _walker_whole_image(image, seeds, 130.0)
+    assert got is not None and got.shape == shape
+    assert np.abs(got - want).max() < 2e-3
+    assert (got[seeds == 1] == 1).all() and (got[seeds == 0] == 0).all()
+
+
+def test_random_walker_box_with_one_seed_class():
+    """Unknown pixels that border only background seeds are background (the walker's
+    answer), and a flat box falls back to the whole image (the std scaling needs it)."""
+    from ensemblecam.refine import random_walker_probs
+
+    image, _, _ = blob_case((24, 24))
+    seeds = np.zeros((24, 24), np.uint8)
+    seeds[2:4, 2:4] = 1  # lesion seeds in a corner
+    seeds[15:19, 15:19] = IGNORE  # unknown pixels far from them
+    got = random_walker_probs(image, seeds, 130.0)
+    assert got is not None and (got[15:19, 15:19] == 0).all() and got[2:4, 2:4].min() == 1
+    flat = np.zeros((1, 24, 24), np.float32)
+    flat[0, :12] = 1.0  # the unknown box below lies in the flat half
+    seeds = np.zeros((24, 24), np.uint8)
+    seeds[20:] = 1
+    seeds[14:20, 4:20] = IGNORE  # its box (rows 13-20) borders both classes, all flat
+    got = random_walker_probs(flat, seeds, 130.0)
+    want = _walker_whole_image(flat, seeds, 130.0)
+    assert 0.1 < got[16, 10] < 0.9 and np.abs(got - want).max() < 2e-3
+
+
+def test_crf_skips_fully_seeded_images(monkeypatch):
+    """With every pixel seeded (margin 0, one member: no uncertain pixel) the seeds are the
+    answer of any refiner, so the CRF is not run and the labels equal refiner none's."""
+    import ensemblecam.refine as refine
+
+    image, maps, _ = blob_case((16, 16))
+    none = pseudo_label(image, maps[:1], [0.5], 1, RefineOptions(refiner="none"))
+
+    def no_crf(*args, **kwargs):
+        raise AssertionError("the CRF ran on a fully seeded image")
+
+    monkeypatch.setattr(refine, "crf_probs_batch", no_crf)
+    crf = pseudo_label(image, maps[:1], [0.5], 1, RefineOptions(refiner="crf"))
+    assert (crf == none).all() and (none == 1).any() and not (none == IGNORE).any()
+
+
 def test_band_and_boundary_ignore_make_ignore_pixels():
     image, maps, truth = blob_case((16, 16))
     out = pseudo_label(

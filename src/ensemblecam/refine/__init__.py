@@ -217,23 +217,44 @@ def random_walker_probs(
 ) -> np.ndarray | None:
     """Lesion probability (float32, shape S) of scikit-image's seeded random walker on the
     (C, *S) ``image`` (channels as features), seeds 1 lesion / 0 background / IGNORE
-    unknown. None when one of the two seed classes is absent."""
+    unknown. None when one of the two seed classes is absent.
+
+    The walker's system couples each unknown pixel only to its axis neighbours, so it is
+    solved on the bounding box of the unknown pixels grown by one pixel (the seeds outside
+    it are their own probability); scikit-image scales ``beta`` by the std of the data it
+    is given, so ``beta`` is rescaled by std(box) / std(image) to keep the edge weights of
+    the whole image."""
     from skimage.segmentation import random_walker
 
     fg, bg = seeds == 1, seeds == 0
     if not fg.any() or not bg.any():
         return None
-    if not (~fg & ~bg).any():
-        return fg.astype(np.float32)
-    rw_labels = np.zeros(seeds.shape, np.int32)
-    rw_labels[bg], rw_labels[fg] = 1, 2
+    unknown = ~fg & ~bg
+    prob = fg.astype(np.float32)
+    if not unknown.any():
+        return prob
+    where = np.nonzero(unknown)
+    box = tuple(slice(max(int(w.min()) - 1, 0), int(w.max()) + 2) for w in where)
+    sub_fg, sub_bg = fg[box], bg[box]
+    if not sub_fg.any() or not sub_bg.any():  # every unknown pixel borders one class only
+        prob[box][unknown[box]] = float(sub_fg.any())
+        return prob
     data = _standardise(image)
+    sub = np.ascontiguousarray(data[(slice(None), *box)])
+    scale = float(sub.std()) / max(float(data.std()), 1e-12)
+    if scale < 1e-6:  # a flat box: scikit-image's std scaling needs the whole image
+        box, sub, scale = tuple(slice(None) for _ in seeds.shape), data, 1.0
+        sub_fg, sub_bg = fg, bg
+    rw_labels = np.zeros(sub_fg.shape, np.int32)
+    rw_labels[sub_bg], rw_labels[sub_fg] = 1, 2
     with warnings.catch_warnings():  # cg tolerance overshoots of ~1e-3 are clipped below
         warnings.filterwarnings("ignore", "The probability range is outside", UserWarning)
-        prob = random_walker(
-            data, rw_labels, beta=beta, mode="cg_j", tol=1e-3, channel_axis=0, return_full_prob=True
-        )
-    return np.clip(np.asarray(prob[1], dtype=np.float32), 0.0, 1.0)
+        rw = random_walker(
+            sub, rw_labels, beta=beta * scale, mode="cg_j", tol=1e-3, channel_axis=0,
+            return_full_prob=True,
+        )  # fmt: skip
+    prob[box] = np.clip(np.asarray(rw[1], dtype=np.float32), 0.0, 1.0)
+    return prob
 
 
 def crf_probs(
@@ -333,29 +354,35 @@ def _crf_torch(
     With two labels, q_0 = 1 - q_1, so the message to label 0 is W - m_1 with
     W(x) = sum_d w_d(x) and m_1 = sum_d w_d(x) q_1(x + d), and the update is
     q_1 = sigmoid(U_1 - U_0 + update_factor (2 m_1 - W)): one channel is passed, not two.
+    The kernel is symmetric, w_{-d}(x) = w_d(x - d), so half of the weights are shifted
+    copies of the other half (bit-identical to computing them).
     """
     import torch
 
     nd = unary.ndim - 2
     radius = max(1, math.ceil(2 * spatial_sigma))
     size = feats.shape[2:]
+    offsets = [
+        d for idx in np.ndindex(*([2 * radius + 1] * nd)) if any(d := [i - radius for i in idx])
+    ]
     with torch.no_grad():
         fpad = _pad(feats, radius)
         ones = _pad(torch.ones_like(feats[:, :1]), radius)
-        kernels = []
-        total = torch.zeros_like(feats[:, :1])
-        for idx in np.ndindex(*([2 * radius + 1] * nd)):
-            d = [i - radius for i in idx]
-            if not any(d):
-                continue
+        weights: dict[tuple[int, ...], Any] = {}
+        for d in offsets[len(offsets) // 2 :]:  # d > 0 (lexicographic): computed
             g = math.exp(-sum(v * v for v in d) / (2 * spatial_sigma**2))
             view = _window(fpad, d, radius, size)
             diff = ((feats - view) ** 2).sum(dim=1, keepdim=True)
             valid = _window(ones, d, radius, size)
             w = bilateral_weight * torch.exp(-diff / (2 * color_sigma**2)) + gaussian_weight
-            w = (g * valid) * w
+            weights[tuple(d)] = (g * valid) * w
+            # the kernel is symmetric: w_{-d}(x) = w_d(x - d), zero where x - d is outside
+            minus = [-v for v in d]
+            weights[tuple(minus)] = _window(_pad(weights[tuple(d)], radius), minus, radius, size)
+        kernels = [(d, weights[tuple(d)]) for d in offsets]
+        total = torch.zeros_like(feats[:, :1])
+        for _, w in kernels:
             total += w
-            kernels.append((d, w))
         du = unary[:, 1:] - unary[:, :1]
         q = torch.sigmoid(du)
         for _ in range(iterations):
@@ -515,16 +542,16 @@ def pseudo_label_batch(
             out[n] = np.zeros(m.shape[1:], np.uint8)
             continue
         seeds = _seeds(m, thr, opt)
-        if opt.refiner == "crf":
+        if opt.refiner == "crf" and (seeds == IGNORE).any():  # else the seeds decide alone
             key = (_crf_options(opt), image.shape)
             unary = _crf_unary(m, thr, seeds, opt)
             pending.setdefault(key, []).append((n, image, seeds, unary, opt))
             continue
-        prob = (
-            random_walker_probs(image, seeds, opt.rw_beta)
-            if opt.refiner == "random_walker"
-            else None
-        )
+        prob = None
+        if opt.refiner == "random_walker":
+            prob = random_walker_probs(image, seeds, opt.rw_beta)
+        elif opt.refiner == "crf":  # every pixel seeded: the seeds are any refiner's answer
+            prob = (seeds == 1).astype(np.float32)
         out[n] = _finish(seeds, prob, opt)
     for (crf_opts, _), items in pending.items():
         for s in range(0, len(items), crf_batch):
