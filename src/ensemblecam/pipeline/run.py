@@ -763,7 +763,9 @@ def _fold_mil(f: _Fold, name: str, mcfg: MilConfig, k_split: str) -> str:
     def write_maps(force: bool) -> None:
         store = SliceStore.open(f.store)
         idx = split_indices(store, f.splits, f.k, parts)
-        train = split_indices(store, f.splits, f.k, ["train"])  # the scale_quantile's part
+        train = None  # the scale_quantile's part
+        if mcfg.scale_quantile is not None:
+            train = split_indices(store, f.splits, f.k, ["train"])
         write_mil_maps(mcfg, out / "best.pt", f.store, idx, member, force, f.runner.progress, train)
 
     f.runner.stage(f"{f.name}/{name}/maps", member, k_maps, "meta.json", write_maps)
