@@ -9,6 +9,7 @@ from ensemblecam.cli._common import ForceOption
 from ensemblecam.cli.options import config_command
 from ensemblecam.config import RefineConfig
 from ensemblecam.io import fsutil
+from ensemblecam.io.runlayout import REFINE_FILE
 
 
 @config_command(app, "refine", renames={"config_file": "--best"})
@@ -22,7 +23,7 @@ def refine_cmd(cfg: RefineConfig, force: ForceOption = False) -> None:
 
     with fsutil.output_guard(cfg.out, [cfg.store, cfg.splits, cfg.maps, cfg.config_file]):
         out = refine_stage(cfg, force=force)
-    rec = fsutil.read_json(out / "refine.json", "refine record")
+    rec = fsutil.read_json(out / REFINE_FILE, "refine record")
     quality = rec["candidates"][rec["chosen"]]["train_quality"]
     score = "" if quality is None else f", train-part lesion Dice {quality['lesion_dice']:.4f}"
     typer.echo(f"refiner {rec['chosen']} (criterion {rec['criterion']}){score} -> {out}")

@@ -59,6 +59,10 @@ RESULTS_FORMAT = "ensemblecam-results"
 RUN_FORMAT = "ensemblecam-run"
 #: a finished stage folder's record (its cache key), written last
 STAMP = "stage.json"
+#: the refine stage's record (candidates, their quality, the choice), written last
+REFINE_FILE = "refine.json"
+#: a calibrated classifier gate's record (threshold and its table on the val part)
+GATE_FILE = "gate.json"
 #: the evaluation row of the chosen configuration (``eval/<slug>``)
 CHOSEN_SLUG = "ensemble"
 #: the PNGs the train stage writes in a classifier's folder: file name -> what it shows
@@ -193,7 +197,7 @@ class FoldLayout:
 
     @property
     def refine_record(self) -> Path:
-        return self.refine / "refine.json"
+        return self.refine / REFINE_FILE
 
     @property
     def refined_labels(self) -> Path:
@@ -207,7 +211,7 @@ class FoldLayout:
 
     def gate_record(self, kind: str) -> Path:
         """gate/<kind>/gate.json: the calibrated threshold and its table."""
-        return self.gate(kind) / "gate.json"
+        return self.gate(kind) / GATE_FILE
 
     @property
     def select(self) -> Path:

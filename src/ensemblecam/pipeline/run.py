@@ -50,7 +50,7 @@ from ensemblecam.config import (
 )
 from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
-from ensemblecam.io.runlayout import RUN_FORMAT, STAMP, FoldLayout, RunLayout
+from ensemblecam.io.runlayout import REFINE_FILE, RUN_FORMAT, STAMP, FoldLayout, RunLayout
 from ensemblecam.pipeline.results import (
     aggregate,
     result_rows,
@@ -798,14 +798,14 @@ def _fold_refine(f: _Fold, name: str, config_file: Path, out: Path, upstream: st
     """Run the refine stage ``name`` of the fold on the member maps of ``config_file`` into
     ``out``; its key holds the refine options and the resolved candidates (a changed
     default margin list changes it) on maps and configuration with key ``upstream``."""
-    from ensemblecam.stages.refine import REFINE_MARKER, candidates, refine_stage
+    from ensemblecam.stages.refine import candidates, refine_stage
 
     rcfg = f.cfg.refine.model_copy(
         update=f.update(fold=str(f.k), maps=f.fold.maps, config_file=config_file, out=out)
     )
     key = stable_hash(["refine", _options(f.cfg.refine), candidates(f.cfg.refine), upstream])
     f.runner.stage(
-        f"{f.name}/{name}", out, key, REFINE_MARKER, lambda force: refine_stage(rcfg, force=force)
+        f"{f.name}/{name}", out, key, REFINE_FILE, lambda force: refine_stage(rcfg, force=force)
     )
     return key
 

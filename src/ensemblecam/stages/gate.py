@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from ensemblecam.io.runlayout import GATE_FILE
+
 #: the values of ``run.gate`` (and ``predict --gate``)
 GATES = ("none", "classifiers")
-#: the calibrated gate's record in ``fold<k>/gate/<kind>/``
-GATE_FILE = "gate.json"
 #: the threshold when the val part has no lesion slice to calibrate with (the classifiers'
 #: own decision threshold)
 FALLBACK_THRESHOLD = 0.5

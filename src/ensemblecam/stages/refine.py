@@ -43,12 +43,12 @@ from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
 from ensemblecam.io.mapstore import MapSet, dequantise
 from ensemblecam.io.masks import write_masks
+from ensemblecam.io.runlayout import REFINE_FILE
 from ensemblecam.io.split import get_fold
 from ensemblecam.io.store import SliceStore
 from ensemblecam.refine import IGNORE, RefineOptions, pseudo_label_batch, pseudo_label_quality
 from ensemblecam.training.data import part_indices
 
-REFINE_MARKER = "refine.json"
 REFINE_FORMAT = "ensemblecam-refine"
 
 
@@ -204,7 +204,7 @@ def refine_stage(cfg: RefineConfig, force: bool = False) -> Path:
     idx = {p: part_indices(store, splits, fold, p) for p in dict.fromkeys(cfg.parts)}
     out = Path(cfg.out)
     fsutil.check_not_input(out, [cfg.store, splits, cfg.maps, cfg.config_file])
-    partial = fsutil.prepare_output_dir(out, force, REFINE_MARKER, stage="refine")
+    partial = fsutil.prepare_output_dir(out, force, REFINE_FILE, stage="refine")
     t0 = time.perf_counter()
     train = idx["train"]
     annotated = store.annotated(train)
@@ -223,7 +223,7 @@ def refine_stage(cfg: RefineConfig, force: bool = False) -> Path:
         masks[store.labels[index] >= 0] = known
     write_masks(partial / "masks.npz", index, masks)
     fsutil.write_json(
-        partial / REFINE_MARKER,
+        partial / REFINE_FILE,
         {
             "format": REFINE_FORMAT,
             "version": 1,
