@@ -744,7 +744,7 @@ def _fold_mil(f: _Fold, name: str, mcfg: MilConfig, k_split: str) -> str:
     from ensemblecam.stages.mil import write_mil_maps
     from ensemblecam.stages.unet import RUN_MARKER, train_unet
 
-    mcfg = mcfg.model_copy(update={"epochs": mcfg.epochs or f.cfg.unet.epochs})
+    mcfg = mcfg.model_copy(update={"epochs": mcfg.run_epochs(f.cfg.unet.epochs)})
     k_mil = stable_hash(["mil", _options(mcfg), f.k, k_split, *_changed_defaults(mcfg)])
     out = f.fold.localiser(name)
     f.runner.stage(
