@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from ensemblecam import pipeline
 from ensemblecam.cli import app
-from ensemblecam.config import Config, load_config
+from ensemblecam.config import MIL_EPOCH_FACTOR, Config, load_config
 from ensemblecam.errors import InputError
 from ensemblecam.io.runlayout import operator_slug
 from tiny_run import tiny_phantom, tiny_sections
@@ -598,6 +598,12 @@ def test_localiser_variants_and_predict_reuses_their_scale(
     assert list(variants) == ["mil", "mil_symmetric"]
     assert not variants["mil"].negative_top and variants["mil"].scale_quantile is None
     assert variants["mil_symmetric"].negative_top and variants["mil_symmetric"].scale_quantile
+    # mil.epochs unset: each localiser trains MIL_EPOCH_FACTOR x the segmenter's epochs
+    assert cfg.mil.epochs is None and variants["mil"].run_epochs(7) == MIL_EPOCH_FACTOR * 7
+    assert variants["mil"].model_copy(update={"epochs": 3}).run_epochs(7) == 3
+    for name in variants:
+        record = json.loads((finished_run / "fold0" / name / "unet.json").read_text())
+        assert record["epochs"] == MIL_EPOCH_FACTOR * cfg.unet.epochs
     store = SliceStore.open(finished_run / "store")  # stands in for the new scans' store
     every = np.arange(store.n_slices)
     sym = localiser_member("mil_symmetric")
