@@ -542,16 +542,15 @@ def pseudo_label_batch(
             out[n] = np.zeros(m.shape[1:], np.uint8)
             continue
         seeds = _seeds(m, thr, opt)
-        if opt.refiner == "crf" and (seeds == IGNORE).any():  # else the seeds decide alone
+        if opt.refiner == "crf" and (seeds == IGNORE).any():
             key = (_crf_options(opt), image.shape)
             unary = _crf_unary(m, thr, seeds, opt)
             pending.setdefault(key, []).append((n, image, seeds, unary, opt))
             continue
+        # no refiner, or a CRF on an image whose every pixel is seeded: the seeds decide
         prob = None
         if opt.refiner == "random_walker":
             prob = random_walker_probs(image, seeds, opt.rw_beta)
-        elif opt.refiner == "crf":  # every pixel seeded: the seeds are any refiner's answer
-            prob = (seeds == 1).astype(np.float32)
         out[n] = _finish(seeds, prob, opt)
     for (crf_opts, _), items in pending.items():
         for s in range(0, len(items), crf_batch):
