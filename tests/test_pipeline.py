@@ -293,7 +293,11 @@ def test_predict_on_scans_without_seg(
     assert "predict: folds fold0, fold1 (mean of the folds' U-Net lesion probabilities" in said
     assert all(d in said for d in src["descriptions"].values())
     # one fold alone, with probability maps: the fold ensemble's probability is the mean of
-    # the folds' probabilities and its mask is where that mean exceeds 1/2
+    # the folds' probabilities and its mask is where that mean exceeds the mean of the
+    # thresholds each fold's run calibrated on its training part
+    thr = {f: json.loads((finished_run / f / "threshold" / "pseudo_unet" / "threshold.json")
+                         .read_text())["threshold"] for f in folds}  # fmt: skip
+    assert src["thresholds"] == thr
     one = {}
     for fold in folds:
         one[fold] = pipeline.predict(finished_run, new, tmp_path / fold, progress=False,
@@ -313,10 +317,10 @@ def test_predict_on_scans_without_seg(
         per = [np.asarray(nib.load(one[f] / f"{case}_prob.nii.gz").dataobj) for f in folds]
         np.testing.assert_allclose(p, np.mean(per, axis=0), atol=1e-6)
         mask = np.asarray(nib.load(out / f"{case}.nii.gz").dataobj)
-        np.testing.assert_array_equal(mask, (p > 0.5).astype(np.uint8))
-        # a fold's own mask: its argmax, i.e. its probability above 1/2 (ties aside)
+        np.testing.assert_array_equal(mask, (p > np.mean(list(thr.values()))).astype(np.uint8))
+        # a fold's own mask: its probability above its threshold
         own = np.asarray(nib.load(one["fold0"] / f"{case}.nii.gz").dataobj)
-        assert np.mean(own == (per[0] > 0.5)) > 0.999
+        np.testing.assert_array_equal(own, (per[0] > thr["fold0"]).astype(np.uint8))
     assert index["cases"][cases[0]]["prob"] == f"{cases[0]}_prob.nii.gz"
     fold = folds[0]
     ens = pipeline.predict(
@@ -377,6 +381,42 @@ def test_predict_on_scans_without_seg(
     assert not (tmp_path / "bad_out").exists()
 
 
+def test_run_calibrates_each_unet_on_the_training_part(finished_run: Path) -> None:
+    """threshold.json of every U-Net equals a brute-force recomputation: the lesion Dice of
+    P(lesion) > t on the annotated slices of the fold's training part, for each t."""
+    from ensemblecam.io.runlayout import RunLayout
+    from ensemblecam.io.split import get_fold
+    from ensemblecam.io.store import SliceStore
+    from ensemblecam.stages.unet import segment_unet
+
+    store = SliceStore.open(finished_run / "store")
+    lay = RunLayout(finished_run).fold("fold0")
+    train = store.indices_for_cases(get_fold(finished_run / "split" / "splits.json", 0).train)
+    train = train[store.annotated(train)]
+    truth = np.asarray(store.masks[train]) > 0
+    for kind in ("unet", "pseudo_unet"):
+        rec = json.loads(lay.threshold_record(kind).read_text())
+        assert rec["part"] == "train" and rec["n_slices"] == len(train)
+        _, probs = segment_unet(lay.unet_checkpoint(kind), store, train)
+        assert len(rec["table"]) == 19  # 0.05 ... 0.95
+        best = (-1.0, 0.0)
+        for row in rec["table"]:
+            t = row["threshold"]
+            tp = fp = fn = 0
+            for p, g in zip(probs.ravel(), truth.ravel(), strict=True):
+                tp += bool(p > t and g)
+                fp += bool(p > t and not g)
+                fn += bool(not p > t and g)
+            assert (row["tp"], row["fp"], row["fn"]) == (tp, fp, fn)
+            dice = 2 * tp / (2 * tp + fp + fn)
+            if dice > best[0] or (dice == best[0] and abs(t - 0.5) < abs(best[1] - 0.5)):
+                best = (dice, t)
+        assert rec["threshold"] == best[1]
+        # the evaluated masks use it
+        metrics = json.loads(lay.eval_metrics(kind).read_text())
+        assert metrics["threshold"] == rec["threshold"]
+
+
 def test_classifier_gate_in_run_and_predict(
     finished_run: Path, phantom: Path, tmp_path: Path
 ) -> None:
@@ -392,7 +432,10 @@ def test_classifier_gate_in_run_and_predict(
     member = lay.map_set("simplecnn__gradcam")
     idx = read_masks(lay.row_masks("pseudo_unet"))[0]
     p = np.load(member / "probs.npy")[np.searchsorted(np.load(member / "index.npy"), idx)]
-    raw = predict_unet(lay.unet_checkpoint("pseudo_unet"), store, idx)
+    # the U-Net's masks: P(lesion) above the threshold calibrated on the training part
+    t_seg = json.loads(lay.threshold_record("pseudo_unet").read_text())["threshold"]
+    assert json.loads(lay.eval_metrics("pseudo_unet").read_text())["threshold"] == t_seg
+    raw = predict_unet(lay.unet_checkpoint("pseudo_unet"), store, idx, threshold=t_seg)
     assert raw.any()
     # predict's forward pass gives the probabilities the run's maps hold
     ck = [lay.checkpoint("simplecnn")]
@@ -418,7 +461,8 @@ def test_classifier_gate_in_run_and_predict(
     calibrated = json.loads(lay.gate_record("pseudo_unet").read_text())
     val = store.indices_for_cases(get_fold(finished_run / "split" / "splits.json", 0).val)
     pv = np.load(member / "probs.npy")[np.searchsorted(np.load(member / "index.npy"), val)]
-    called = predict_unet(lay.unet_checkpoint("pseudo_unet"), store, val).any(axis=(1, 2))
+    called = predict_unet(lay.unet_checkpoint("pseudo_unet"), store, val, threshold=t_seg)
+    called = called.any(axis=(1, 2))
     grid = [i / 10 for i in range(1, 10)]
     assert calibrated["table"] == choose_threshold(called, pv, store.labels[val], grid)["table"]
     assert calibrated["part"] == "val" and len(calibrated["table"]) == 10

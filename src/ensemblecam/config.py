@@ -470,7 +470,32 @@ class RunConfig(Section):
         "search.gate_grid, by the slice F1 of the gated masks; 0 gates nothing)",
     )
 
-    @field_validator("gate_threshold", mode="before")
+    segmenter_threshold: float | Literal["auto"] = Field(
+        "auto",
+        description="the U-Nets' masks are P(lesion) > this (evaluation, export/, predict); "
+        "auto calibrates it per U-Net on the training part's masks, as the search does the "
+        "ensemble's thresholds (the value of segmenter_grid with the highest lesion Dice "
+        "there; 0.5, the argmax, without masks)",
+    )
+    segmenter_grid: str = Field(
+        "0.05:0.95:0.05", description="segmenter_threshold auto: the thresholds tried"
+    )
+
+    @field_validator("segmenter_grid")
+    @classmethod
+    def _check_segmenter_grid(cls, value: str) -> str:
+        """A grid :func:`ensemblecam.ensemble.grid.parse_grid` reads, inside (0, 1)."""
+        from ensemblecam.ensemble.grid import parse_grid
+
+        try:
+            grid = parse_grid(value)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
+        if not ((grid > 0) & (grid < 1)).all():
+            raise ValueError(f"thresholds must lie in (0, 1), got {short_repr(value)}")
+        return value
+
+    @field_validator("gate_threshold", "segmenter_threshold", mode="before")
     @classmethod
     def _check_gate_threshold(cls, value: Any) -> Any:
         """A probability in [0, 1] (NaN refused), or auto."""

@@ -24,6 +24,9 @@
                             round's U-Net, the single member of its maps
                             (maps/selftrain__round<r>/) and the next round's pseudo-labels;
                             pseudo/ is always the last round's U-Net
+        threshold/<kind>/   the decision threshold of U-Net <kind> (unet, pseudo_unet,
+                            pseudo_round<r>), calibrated on the training part's masks
+                            (threshold.json; run.segmenter_threshold auto)
         gate/<kind>/        the classifier gate of self-trained U-Net <kind> (pseudo_unet,
                             pseudo_round<r>), calibrated on the val part's slice labels
                             (gate.json; run.gate_threshold auto)
@@ -63,6 +66,9 @@ STAMP = "stage.json"
 REFINE_FILE = "refine.json"
 #: a calibrated classifier gate's record (threshold and its table on the val part)
 GATE_FILE = "gate.json"
+#: a calibrated U-Net decision threshold's record (threshold and its table on the
+#: training part)
+THRESHOLD_FILE = "threshold.json"
 #: the evaluation row of the chosen configuration (``eval/<slug>``)
 CHOSEN_SLUG = "ensemble"
 #: the PNGs the train stage writes in a classifier's folder: file name -> what it shows
@@ -203,6 +209,15 @@ class FoldLayout:
     def refined_labels(self) -> Path:
         """refine/masks.npz: three-class pseudo-labels (0, 1, 255) of the train/val parts."""
         return self.refine / "masks.npz"
+
+    def threshold(self, kind: str) -> Path:
+        """threshold/<kind>/: the calibrated decision threshold of U-Net ``kind``
+        (threshold.json: threshold and its table on the training part)."""
+        return self.dir / "threshold" / kind
+
+    def threshold_record(self, kind: str) -> Path:
+        """threshold/<kind>/threshold.json: the calibrated threshold and its table."""
+        return self.threshold(kind) / THRESHOLD_FILE
 
     def gate(self, kind: str) -> Path:
         """gate/<kind>/: the calibrated classifier gate of self-trained U-Net ``kind``

@@ -8,10 +8,12 @@ pixel a value ``v_k`` in [0, 1]: the self-trained U-Net's lesion probability (so
 the lesion channel), or for the ensemble method its fold configuration's 0/1 mask (the
 configurations' combined maps are no probabilities: each fold has its own thresholds,
 operator and members, so their votes are averaged, not their scores). The fold ensemble's
-probability is ``p = mean_k v_k`` and its mask ``p > 0.5``: the mean U-Net probability
-above one half, or a strict majority of the folds' ensemble masks (with two folds: both).
-With one fold the mask is that fold's own (the U-Net's argmax, the configuration's mask),
-exactly what the run exported for it.
+probability is ``p = mean_k v_k`` and its mask ``p > c``: for the U-Net ``c`` is the mean of
+the folds' decision thresholds ``t_k`` (``run.segmenter_threshold``, or the ones the run
+calibrated on each fold's training part when ``auto``, :mod:`ensemblecam.stages.threshold`),
+for the ensemble ``c = 0.5``, a strict majority of the folds' masks (with two folds: both).
+With one fold the mask is that fold's own (the U-Net's ``P > t_k``, the configuration's
+mask), exactly what the run exported for it.
 
 Classifier gating (self_trained, ``run.gate: classifiers`` of the run or ``gate``): each
 fold's classifiers (``run.models``) classify each new slice in one forward pass; where
@@ -41,7 +43,8 @@ from ensemblecam.stages.gate import GATES
 
 #: how the folds' values are combined (index.json ``source.fold_ensemble``)
 FOLD_RULE = {
-    "self_trained": "mean of the folds' U-Net lesion probabilities; mask where > 0.5",
+    "self_trained": "mean of the folds' U-Net lesion probabilities; mask where > the mean of "
+    "the folds' decision thresholds",
     "ensemble": "fraction of the folds' configuration masks marking the pixel; mask where > 0.5",
 }
 
@@ -198,11 +201,14 @@ def _predict_in(
             f"configuration {configs}"
             + ("; slices the classifiers call lesion-free emptied (gate)" if gated else "")
         )
-        for ck in checkpoints.values():
+        thresholds = {f: _segmenter_threshold(lay, f, cfg) for f in folds}
+        source["thresholds"] = thresholds
+        for f, ck in checkpoints.items():
             _check_channels(input_dir, store, read_checkpoint(ck)["info"]["channels"])
             m, p = segment_unet(
-                ck, store, np.arange(store.n_slices), cfg.unet.batch_size, progress=progress
-            )
+                ck, store, np.arange(store.n_slices), cfg.unet.batch_size, progress=progress,
+                threshold=thresholds[f],
+            )  # fmt: skip
             masks.append(m)
             probs.append(p)
         source["gate"] = None
@@ -215,7 +221,8 @@ def _predict_in(
             masks.append(m)
             probs.append(m.astype(np.float32))
     prob = probs[0] if len(probs) == 1 else np.mean(probs, axis=0, dtype=np.float32)
-    mask = masks[0] if len(masks) == 1 else (prob > 0.5).astype(np.uint8)
+    cut = np.mean(list(source["thresholds"].values())) if method == "self_trained" else 0.5
+    mask = masks[0] if len(masks) == 1 else (prob > cut).astype(np.uint8)
     index = np.arange(store.n_slices)
     export_cases(
         store,
@@ -230,6 +237,16 @@ def _predict_in(
         temporary_store=True,
     )
     return out
+
+
+def _segmenter_threshold(lay: RunLayout, fold: str, cfg: Config) -> float:
+    """The decision threshold of ``fold``'s self-trained U-Net: ``run.segmenter_threshold``,
+    or with auto the one the run calibrated (``threshold/pseudo_unet/threshold.json``)."""
+    thr = cfg.run.segmenter_threshold
+    if thr == "auto":
+        record = lay.fold(fold).threshold_record("pseudo_unet")
+        thr = fsutil.read_json(record, "threshold calibration")["threshold"]
+    return float(thr)
 
 
 def _gate(

@@ -611,14 +611,15 @@ def _fold_select(
     vcfg = ecfg.model_copy(update={"part": "val"})
     sel = f.fold.select
     k_unet = _unet_key(f.cfg, "pseudo_unet", f.k, k_pt)
-    gate = _gate(f, "pseudo_unet", k_unet, ecfg)
+    thr = _threshold(f, "pseudo_unet", k_unet, ecfg)
+    gate = _gate(f, "pseudo_unet", k_unet, ecfg, thr)
 
     def run(force: bool) -> None:
         evaluate_stage(vcfg, chosen, sel / "ensemble", force=True)
         ckpt = f.fold.unet_checkpoint("pseudo_unet")
-        evaluate_unet(vcfg, ckpt, sel / "self_trained", force=True, gate=gate)
+        evaluate_unet(vcfg, ckpt, sel / "self_trained", force=True, gate=gate, threshold=thr)
 
-    parts = ["select", k_search, k_unet, gate is not None]
+    parts = ["select", k_search, k_unet, gate is not None, ["threshold", thr]]
     key = stable_hash([*parts, gate and gate[1], _options(f.cfg.evaluate)])
     f.runner.stage(f"{f.name}/select", sel, key, None, run)
     return {
@@ -958,8 +959,10 @@ def _unet_row(
     )  # fmt: skip
     ev = fold.eval_row(kind)
     # "masks": the evaluation keeps the U-Net's masks (an older row without them reruns)
+    thr = _threshold(f, kind, key, ecfg)
     k_parts: list[Any] = [kind, "evaluate", key, _options(cfg.evaluate), ecfg.part, "masks"]
-    gate = _gate(f, kind, key, ecfg) if kind != "unet" else None
+    k_parts.append(["threshold", thr])
+    gate = _gate(f, kind, key, ecfg, thr) if kind != "unet" else None
     if gate is not None:  # the classifiers' map sets are upstream of ``key`` already
         k_parts.append(["gate", cfg.run.gate, gate[1]])  # ungated: old key
     f.runner.stage(
@@ -967,7 +970,9 @@ def _unet_row(
         ev,
         stable_hash(k_parts),
         fold.eval_metrics(kind).name,
-        lambda force: evaluate_unet(ecfg, fold.unet_checkpoint(kind), ev, force=force, gate=gate),
+        lambda force: evaluate_unet(
+            ecfg, fold.unet_checkpoint(kind), ev, force=force, gate=gate, threshold=thr
+        ),
     )
     label = {"unet": "U-Net, fully supervised", "pseudo_unet": METHOD_NAMES["self_trained"]}
     name = label.get(kind) or f"U-Net self-trained, round {kind.removeprefix('pseudo_round')}"
@@ -980,13 +985,39 @@ def _unet_key(cfg: Config, kind: str, k: int, upstream: str) -> str:
     return stable_hash([kind, _options(cfg.unet), k, upstream, *_changed_defaults(cfg.unet)])
 
 
+def _threshold(f: _Fold, kind: str, k_unet: str, ecfg: EvaluateConfig) -> float:
+    """The decision threshold of fold ``f``'s U-Net ``kind`` (stage key ``k_unet``):
+    ``run.segmenter_threshold``, or with ``auto`` the one calibrated on the training part's
+    masks (stage ``fold<k>/threshold/<kind>``,
+    :func:`ensemblecam.stages.threshold.calibrate_segmenter`)."""
+    rc = f.cfg.run
+    if rc.segmenter_threshold != "auto":
+        return float(rc.segmenter_threshold)
+    from ensemblecam.ensemble.grid import parse_grid
+    from ensemblecam.stages.threshold import calibrate_segmenter
+
+    out, record = f.fold.threshold(kind), f.fold.threshold_record(kind)
+    grid = [round(float(g), 6) for g in parse_grid(rc.segmenter_grid)]  # float32 -> 0.05
+    tcfg = ecfg.model_copy(update={"part": "train"})
+    f.runner.stage(
+        f"{f.name}/{kind}/threshold",
+        out,
+        stable_hash(["threshold", k_unet, grid, tcfg.part]),
+        record.name,
+        lambda force: calibrate_segmenter(
+            tcfg, f.fold.unet_checkpoint(kind), grid, out, force=force, progress=f.runner.progress
+        ),
+    )
+    return float(fsutil.read_json(record, "threshold calibration")["threshold"])
+
+
 def _gate(
-    f: _Fold, kind: str, k_unet: str, ecfg: EvaluateConfig
+    f: _Fold, kind: str, k_unet: str, ecfg: EvaluateConfig, threshold: float
 ) -> tuple[list[Path], float] | None:
     """The classifier gate of fold ``f``'s self-trained U-Net ``kind`` (stage key
-    ``k_unet``): the map sets of the first CAM method (whose slice probabilities are the
-    classifiers') and the threshold, calibrated on the val part with
-    ``run.gate_threshold: auto`` (stage ``fold<k>/gate/<kind>``,
+    ``k_unet``, masks P(lesion) > ``threshold``): the map sets of the first CAM method
+    (whose slice probabilities are the classifiers') and the threshold, calibrated on the
+    val part with ``run.gate_threshold: auto`` (stage ``fold<k>/gate/<kind>``,
     :func:`ensemblecam.stages.gate.calibrate_gate`); None with ``run.gate: none``."""
     if f.cfg.run.gate != "classifiers":
         return None
@@ -1004,10 +1035,10 @@ def _gate(
     f.runner.stage(
         f"{f.name}/{kind}/gate",
         out,
-        stable_hash(["gate", k_unet, grid, vcfg.part]),
+        stable_hash(["gate", k_unet, grid, vcfg.part, ["threshold", threshold]]),
         record.name,
         lambda force: calibrate_gate(
-            vcfg, f.fold.unet_checkpoint(kind), sets, grid, out, force=force
+            vcfg, f.fold.unet_checkpoint(kind), sets, grid, out, force=force, threshold=threshold
         ),
     )
     return sets, float(fsutil.read_json(record, "gate calibration")["threshold"])

@@ -211,6 +211,7 @@ def _headline(rep: Page, run: Run, folds: list[str], objective: str) -> None:
         if empty is not None:
             _not_better_than_empty(rep, rows, empty, metrics)
         _refine_notes(rep, run, folds)
+        _threshold_notes(rep, run, folds)
         _gate_notes(rep, run, folds)
         if ens is not None and folds:
             rep.p(
@@ -272,6 +273,30 @@ def _refine_notes(rep: Page, run: Run, folds: list[str]) -> None:
         lines.append(f"{f}: {rec.get('chosen')}, {why}{mil}")
     if lines:
         rep.p("Refiner of the self-training labels per fold: " + "; ".join(lines) + ".")
+
+
+def _threshold_notes(rep: Page, run: Run, folds: list[str]) -> None:
+    """Per fold: the self-trained U-Net's decision threshold as its evaluation recorded it
+    and, when calibrated, the training part's lesion Dice at it and at 0.5 (its table)."""
+    lines = []
+    for f in folds:
+        lay = run.layout.fold(f)
+        path = lay.eval_metrics("pseudo_unet")
+        t = fsutil.read_json(path, "evaluation").get("threshold") if path.is_file() else None
+        if t is None:
+            continue
+        text = f"{f}: P(lesion) > {t:g}"
+        calibrated = lay.threshold_record("pseudo_unet")
+        if calibrated.is_file():
+            table = fsutil.read_json(calibrated, "threshold calibration").get("table", [])
+            dice = {r["threshold"]: r["lesion_dice"] for r in table}
+            text += (
+                f", calibrated on the training part's masks (lesion Dice there "
+                f"{fmt_pct(dice.get(t))}; at 0.5: {fmt_pct(dice.get(0.5))})"
+            )
+        lines.append(text)
+    if lines:
+        rep.p("Decision threshold of the self-trained U-Net per fold: " + "; ".join(lines) + ".")
 
 
 def _gate_notes(rep: Page, run: Run, folds: list[str]) -> None:

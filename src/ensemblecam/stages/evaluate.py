@@ -419,19 +419,22 @@ def evaluate_unet(
     out: Path,
     force: bool = False,
     gate: tuple[Sequence[Path], float] | None = None,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
     """Predict every slice of ``cfg``'s part with a U-Net checkpoint and score the annotated
     ones (:func:`evaluate_masks`); all predicted masks are kept as ``<out>/masks.npz`` (what
     ``run`` exports). A part without masks: masks.npz and a metrics.json with
-    ``"scored": false`` and null metrics. ``gate`` (classifier map sets, threshold): slices
-    whose mean classifier probability is below the threshold are emptied first
-    (:mod:`ensemblecam.stages.gate`; metrics.json ``gate`` records it)."""
+    ``"scored": false`` and null metrics. ``threshold``: masks are P(lesion) > threshold
+    (:mod:`ensemblecam.stages.threshold`; None: the argmax; metrics.json ``threshold``).
+    ``gate`` (classifier map sets, threshold): slices whose mean classifier probability is
+    below the threshold are emptied next (:mod:`ensemblecam.stages.gate`; metrics.json
+    ``gate`` records it)."""
     from ensemblecam.stages.gate import gate_masks, gate_record, map_set_probs
     from ensemblecam.stages.unet import predict_unet
 
     store, _, idx = part_slices(cfg.store, cfg.splits, cfg.fold, cfg.part)
-    pred = predict_unet(checkpoint, store, idx)
-    extra: dict[str, Any] = {}
+    pred = predict_unet(checkpoint, store, idx, threshold=threshold)
+    extra: dict[str, Any] = {"threshold": threshold}
     if gate is not None:
         probs = map_set_probs(gate[0], idx)
         pred = gate_masks(pred, probs, gate[1])

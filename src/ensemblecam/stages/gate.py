@@ -132,17 +132,19 @@ def calibrate_gate(
     grid: Sequence[float],
     out: Path,
     force: bool = False,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
-    """Calibrate the gate of U-Net ``checkpoint`` on ``cfg``'s part (an
-    :class:`~ensemblecam.config.EvaluateConfig`, run with the val part) with the classifier
-    map sets ``sets`` (:func:`choose_threshold`); write ``<out>/gate.json``."""
+    """Calibrate the gate of U-Net ``checkpoint`` (masks: P(lesion) > ``threshold``, None:
+    the argmax) on ``cfg``'s part (an :class:`~ensemblecam.config.EvaluateConfig`, run with
+    the val part) with the classifier map sets ``sets`` (:func:`choose_threshold`); write
+    ``<out>/gate.json``."""
     from ensemblecam.io import fsutil
     from ensemblecam.stages.search import part_slices
     from ensemblecam.stages.unet import predict_unet
 
     # run needs labelled val slices already (the classifiers validate on them)
     store, _, idx = part_slices(cfg.store, cfg.splits, cfg.fold, cfg.part, labelled=True)
-    detected = predict_unet(checkpoint, store, idx).any(axis=(1, 2))
+    detected = predict_unet(checkpoint, store, idx, threshold=threshold).any(axis=(1, 2))
     result = choose_threshold(detected, map_set_probs(sets, idx), store.labels[idx], grid)
     result.update(
         fold=cfg.fold, part=cfg.part, n_slices=len(idx), checkpoint=str(checkpoint),

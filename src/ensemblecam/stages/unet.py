@@ -475,9 +475,11 @@ def predict_unet(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
+    threshold: float | None = None,
 ) -> np.ndarray:
-    """uint8 (n, H, W) lesion masks of the store slices ``indices`` (in that order)."""
-    return segment_unet(checkpoint, store, indices, batch_size, device, progress)[0]
+    """uint8 (n, H, W) lesion masks of the store slices ``indices`` (in that order);
+    ``threshold``: as :func:`segment_unet`."""
+    return segment_unet(checkpoint, store, indices, batch_size, device, progress, threshold)[0]
 
 
 def segment_unet(
@@ -487,16 +489,18 @@ def segment_unet(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
+    threshold: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 masks, float32 lesion probabilities), each (n, H, W), of the store slices
-    ``indices`` (in that order). Mask: :func:`logits_to_mask`; probability: softmax of the
-    lesion channel (2 channels) or sigmoid (1 channel), in [0, 1]."""
+    ``indices`` (in that order). Probability: softmax of the lesion channel (2 channels) or
+    sigmoid (1 channel), in [0, 1]; mask: probability > ``threshold`` (a calibrated one,
+    :mod:`ensemblecam.stages.threshold`), or :func:`logits_to_mask` when None."""
     h, w = store.size
     out = np.zeros((len(indices), h, w), np.uint8)
     prob = np.zeros((len(indices), h, w), np.float32)
     for rows, z in _logit_batches(checkpoint, store, indices, batch_size, device, progress):
-        out[rows] = logits_to_mask(z).numpy()
         prob[rows] = (torch.sigmoid(z[:, 0]) if z.shape[1] == 1 else z.softmax(1)[:, 1]).numpy()
+        out[rows] = logits_to_mask(z).numpy() if threshold is None else prob[rows] > threshold
     return out, prob
 
 

@@ -1,0 +1,105 @@
+"""The U-Nets' decision threshold (``run.segmenter_threshold``).
+
+A U-Net's mask is ``P(lesion) > t`` with P the softmax of the lesion channel (sigmoid of
+one channel); ``t = 0.5`` is the argmax. With ``auto`` (the default) ``t`` is calibrated
+per U-Net, as the ensemble's thresholds are, on the calibration data the search uses: the
+annotated slices of the fold's training part (:func:`choose_segmenter_threshold`): the
+value of ``run.segmenter_grid`` with the highest lesion Dice ``2 TP / (2 TP + FP + FN)``,
+pixels pooled over those slices; ties to the value nearest 0.5. Without annotated
+slices there is nothing to calibrate with, and ``t`` is 0.5.
+
+Why: a U-Net self-trained on pseudo-labels inherits their bias. Lesions grown too large
+by the pseudo-labels come back too large, and a U-Net trained briefly on rare lesions
+stays under-confident (P(lesion) at most ~0.6 inside lesions). 0.5 then suits one data set
+and not the next. Held-out lesion Dice of the final self-trained U-Net, 0.5 -> calibrated
+(``bench_quality.py`` fold 0):
+
+- msd phantom: 0.807 -> 0.867 (t = 0.85);
+- brats phantom: 0.760 -> 0.766 (t = 0.45);
+- kits phantom: 0.549 -> 0.554 (t = 0.55).
+
+The same calibration applies to every U-Net of a run, the supervised one included, so the
+comparison stays fair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ensemblecam.io.runlayout import THRESHOLD_FILE
+
+#: the threshold without masks to calibrate with: the argmax
+FALLBACK_THRESHOLD = 0.5
+#: slices predicted at once while counting (bounds the memory of the probabilities)
+CHUNK = 256
+
+
+def threshold_counts(probs: np.ndarray, truth: np.ndarray, grid: Sequence[float]) -> np.ndarray:
+    """int64 (len(grid), 3): pooled (TP, FP, FN) of ``probs > t`` against the bool masks
+    ``truth`` (same shape as ``probs``) for each ``t`` of ``grid``."""
+    p, g = np.asarray(probs).ravel(), np.asarray(truth, bool).ravel()
+    out = np.zeros((len(grid), 3), np.int64)
+    for i, t in enumerate(grid):
+        called = p > t
+        tp = int(np.count_nonzero(called & g))
+        out[i] = tp, int(np.count_nonzero(called)) - tp, int(np.count_nonzero(g)) - tp
+    return out
+
+
+def choose_segmenter_threshold(counts: np.ndarray, grid: Sequence[float]) -> dict[str, Any]:
+    """The calibrated threshold (module docstring) from :func:`threshold_counts`: the
+    ``t`` of ``grid`` with the highest lesion Dice, ties to the one nearest 0.5;
+    :data:`FALLBACK_THRESHOLD` when the slices hold no lesion pixel. Returns threshold,
+    why, and the table."""
+    table = []
+    for t, (tp, fp, fn) in zip(grid, np.asarray(counts).tolist(), strict=True):
+        dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+        table.append({"threshold": float(t), "lesion_dice": dice, "tp": tp, "fp": fp, "fn": fn})
+    if not table or table[0]["tp"] + table[0]["fn"] == 0:
+        why = "no lesion pixel in the annotated training slices: the argmax"
+        return {"threshold": FALLBACK_THRESHOLD, "chosen_by": why, "table": table}
+    best = max(table, key=lambda r: (r["lesion_dice"], -abs(r["threshold"] - 0.5)))
+    why = "lesion Dice on the training part's masks"
+    return {"threshold": best["threshold"], "chosen_by": why, "table": table}
+
+
+def calibrate_segmenter(
+    cfg: Any,
+    checkpoint: Path,
+    grid: Sequence[float],
+    out: Path,
+    force: bool = False,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Calibrate U-Net ``checkpoint``'s threshold on the annotated slices of ``cfg``'s part
+    (an :class:`~ensemblecam.config.EvaluateConfig`, run with the training part;
+    :func:`choose_segmenter_threshold`); write ``<out>/threshold.json``."""
+    from ensemblecam.io import fsutil
+    from ensemblecam.stages.search import part_slices
+    from ensemblecam.stages.unet import segment_unet
+
+    store, _, idx = part_slices(cfg.store, cfg.splits, cfg.fold, cfg.part)
+    idx = idx[store.annotated(idx)]
+    grid = sorted(float(t) for t in grid)
+    counts = np.zeros((len(grid), 3), np.int64)
+    if len(idx) == 0:
+        result = choose_segmenter_threshold(counts, grid)
+        result["chosen_by"] = "no masks in the training part: the argmax"
+    else:
+        for s in range(0, len(idx), CHUNK):
+            rows = idx[s : s + CHUNK]
+            _, probs = segment_unet(checkpoint, store, rows, progress=progress)
+            counts += threshold_counts(probs, np.asarray(store.masks[rows]) > 0, grid)
+        result = choose_segmenter_threshold(counts, grid)
+    result.update(
+        fold=cfg.fold, part=cfg.part, n_slices=len(idx), checkpoint=str(checkpoint),
+        rule="mask where P(lesion) > threshold",
+    )  # fmt: skip
+    partial = fsutil.prepare_output_dir(out, force, THRESHOLD_FILE)
+    fsutil.write_json(partial / THRESHOLD_FILE, result)
+    fsutil.commit_output_dir(partial, out)
+    return result
