@@ -608,6 +608,9 @@ def test_shipped_configs_are_valid() -> None:
         assert load_config(root / name).run.pseudo_unet is False
         # ... and their U-Net trains on the slices as stored (the default augments them)
         assert load_config(root / name).unet.augment == "none"
+        # ... and take their U-Net's argmax (the default calibrates the threshold)
+        assert load_config(root / name).run.segmenter_threshold == 0.5
+    assert Config().run.segmenter_threshold == "auto"
     assert Config().unet.augment == "spatial" and Config().mil.augment == "spatial"
 
 
