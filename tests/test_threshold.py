@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -32,6 +34,13 @@ def test_threshold_counts_and_choice_hand_computed() -> None:
 
 
 @pytest.mark.parametrize("value", ["0:0.9:0.1", "0.5,1.0", "a:b"])
-def test_bad_segmenter_grid_is_refused(value: str) -> None:
-    with pytest.raises(ValueError, match="segmenter_grid"):
-        Config.model_validate({"run": {"segmenter_grid": value}})
+def test_bad_segmenter_grid_is_one_error_line(value: str, tmp_path: Path) -> None:
+    from ensemblecam.errors import InputError
+    from ensemblecam.pipeline.run import check_run_config
+    from tiny_run import tiny_sections
+
+    data = tiny_sections(run={"segmenter_grid": value})
+    data["prepare"]["data"] = str(tmp_path)
+    with pytest.raises(InputError, match=r"^config: run\.segmenter_grid ") as err:
+        check_run_config(Config(**data))
+    assert "\n" not in str(err.value)

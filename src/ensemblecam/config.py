@@ -481,20 +481,6 @@ class RunConfig(Section):
         "0.05:0.95:0.05", description="segmenter_threshold auto: the thresholds tried"
     )
 
-    @field_validator("segmenter_grid")
-    @classmethod
-    def _check_segmenter_grid(cls, value: str) -> str:
-        """A grid :func:`ensemblecam.ensemble.grid.parse_grid` reads, inside (0, 1)."""
-        from ensemblecam.ensemble.grid import parse_grid
-
-        try:
-            grid = parse_grid(value)
-        except InputError as exc:
-            raise ValueError(str(exc)) from None
-        if not ((grid > 0) & (grid < 1)).all():
-            raise ValueError(f"thresholds must lie in (0, 1), got {short_repr(value)}")
-        return value
-
     @field_validator("gate_threshold", "segmenter_threshold", mode="before")
     @classmethod
     def _check_gate_threshold(cls, value: Any) -> Any:

@@ -47,6 +47,7 @@ from ensemblecam.config import (
     SearchConfig,
     UNetConfig,
     load_config,
+    short_repr,
 )
 from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
@@ -373,6 +374,16 @@ def check_run_config(cfg: Config) -> None:
             build_unet(**model_args(mcfg, n_ch))
     if rc.final == "self_trained" and not rc.pseudo_unet:
         raise InputError("config: run.final self_trained needs run.pseudo_unet: true")
+    if (rc.unet or rc.pseudo_unet) and rc.segmenter_threshold == "auto":
+        from ensemblecam.ensemble.grid import parse_grid
+
+        what = f"config: run.segmenter_grid {short_repr(rc.segmenter_grid)}"
+        try:
+            grid = parse_grid(rc.segmenter_grid)
+        except InputError as exc:
+            raise InputError(f"{what}: {exc}") from None
+        if not ((grid > 0) & (grid < 1)).all():
+            raise InputError(f"{what}: thresholds must lie in (0, 1)")
     if rc.pseudo_unet and rc.refine:
         from ensemblecam.stages.refine import check_refine_options
 
