@@ -201,10 +201,10 @@ def _predict_in(
             f"configuration {configs}"
             + ("; slices the classifiers call lesion-free emptied (gate)" if gated else "")
         )
-        thresholds = {f: _segmenter_threshold(lay, f, cfg) for f in folds}
-        source["thresholds"] = thresholds
+        thresholds = source["thresholds"] = {}
         for f, ck in checkpoints.items():
             _check_channels(input_dir, store, read_checkpoint(ck)["info"]["channels"])
+            thresholds[f] = _segmenter_threshold(lay, f, cfg)
             m, p = segment_unet(
                 ck, store, np.arange(store.n_slices), cfg.unet.batch_size, progress=progress,
                 threshold=thresholds[f],
