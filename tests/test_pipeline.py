@@ -415,6 +415,10 @@ def test_run_calibrates_each_unet_on_the_training_part(finished_run: Path) -> No
         # the evaluated masks use it
         metrics = json.loads(lay.eval_metrics(kind).read_text())
         assert metrics["threshold"] == rec["threshold"]
+    # the report says it (from the stored records)
+    t = json.loads(lay.threshold_record("pseudo_unet").read_text())["threshold"]
+    html = RunLayout(finished_run).report.read_text()
+    assert f"fold0: P(lesion) &gt; {t:g}, calibrated on the train part" in html
 
 
 def test_classifier_gate_in_run_and_predict(

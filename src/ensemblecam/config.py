@@ -473,9 +473,9 @@ class RunConfig(Section):
     segmenter_threshold: float | Literal["auto"] = Field(
         "auto",
         description="the U-Nets' masks are P(lesion) > this (evaluation, export/, predict); "
-        "auto calibrates it per U-Net on the training part's masks, as the search does the "
-        "ensemble's thresholds (the value of segmenter_grid with the highest lesion Dice "
-        "there; 0.5, the argmax, without masks)",
+        "auto calibrates it per U-Net on the masks of calibration_part, as the search does "
+        "the ensemble's thresholds (the value of segmenter_grid with the highest lesion "
+        "Dice there; 0.5, the argmax, without masks)",
     )
     segmenter_grid: str = Field(
         "0.05:0.95:0.05", description="segmenter_threshold auto: the thresholds tried"

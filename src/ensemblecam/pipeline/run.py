@@ -998,8 +998,8 @@ def _unet_key(cfg: Config, kind: str, k: int, upstream: str) -> str:
 
 def _threshold(f: _Fold, kind: str, k_unet: str, ecfg: EvaluateConfig) -> float:
     """The decision threshold of fold ``f``'s U-Net ``kind`` (stage key ``k_unet``):
-    ``run.segmenter_threshold``, or with ``auto`` the one calibrated on the training part's
-    masks (stage ``fold<k>/threshold/<kind>``,
+    ``run.segmenter_threshold``, or with ``auto`` the one calibrated on the masks of the
+    part the search calibrates on (``run.calibration_part``; stage ``fold<k>/threshold/<kind>``,
     :func:`ensemblecam.stages.threshold.calibrate_segmenter`)."""
     rc = f.cfg.run
     if rc.segmenter_threshold != "auto":
@@ -1009,7 +1009,7 @@ def _threshold(f: _Fold, kind: str, k_unet: str, ecfg: EvaluateConfig) -> float:
 
     out, record = f.fold.threshold(kind), f.fold.threshold_record(kind)
     grid = [round(float(g), 6) for g in parse_grid(rc.segmenter_grid)]  # float32 -> 0.05
-    tcfg = ecfg.model_copy(update={"part": "train"})
+    tcfg = ecfg.model_copy(update={"part": rc.calibration_part})
     f.runner.stage(
         f"{f.name}/{kind}/threshold",
         out,

@@ -277,7 +277,7 @@ def _refine_notes(rep: Page, run: Run, folds: list[str]) -> None:
 
 def _threshold_notes(rep: Page, run: Run, folds: list[str]) -> None:
     """Per fold: the self-trained U-Net's decision threshold as its evaluation recorded it
-    and, when calibrated, the training part's lesion Dice at it and at 0.5 (its table)."""
+    and, when calibrated, the calibration part's lesion Dice at it and at 0.5 (its table)."""
     lines = []
     for f in folds:
         lay = run.layout.fold(f)
@@ -288,10 +288,10 @@ def _threshold_notes(rep: Page, run: Run, folds: list[str]) -> None:
         text = f"{f}: P(lesion) > {t:g}"
         calibrated = lay.threshold_record("pseudo_unet")
         if calibrated.is_file():
-            table = fsutil.read_json(calibrated, "threshold calibration").get("table", [])
-            dice = {r["threshold"]: r["lesion_dice"] for r in table}
+            rec = fsutil.read_json(calibrated, "threshold calibration")
+            dice = {r["threshold"]: r["lesion_dice"] for r in rec.get("table", [])}
             text += (
-                f", calibrated on the training part's masks (lesion Dice there "
+                f", calibrated on the {rec.get('part')} part's masks (lesion Dice there "
                 f"{fmt_pct(dice.get(t))}; at 0.5: {fmt_pct(dice.get(0.5))})"
             )
         lines.append(text)

@@ -2,11 +2,12 @@
 
 A U-Net's mask is ``P(lesion) > t`` with P the softmax of the lesion channel (sigmoid of
 one channel); ``t = 0.5`` is the argmax. With ``auto`` (the default) ``t`` is calibrated
-per U-Net, as the ensemble's thresholds are, on the calibration data the search uses: the
-annotated slices of the fold's training part (:func:`choose_segmenter_threshold`): the
-value of ``run.segmenter_grid`` with the highest lesion Dice ``2 TP / (2 TP + FP + FN)``,
-pixels pooled over those slices; ties to the value nearest 0.5. Without annotated
-slices there is nothing to calibrate with, and ``t`` is 0.5.
+per U-Net, as the ensemble's thresholds are, on the calibration data the search uses, the
+annotated slices of the fold's ``run.calibration_part`` (the training part by default):
+the value of ``run.segmenter_grid`` with the highest lesion Dice
+``2 TP / (2 TP + FP + FN)``, pixels pooled over those slices, ties to the value nearest 0.5
+(:func:`choose_segmenter_threshold`). Without annotated slices there is nothing to
+calibrate with, and ``t`` is 0.5.
 
 Why: a U-Net self-trained on pseudo-labels inherits their bias. Lesions grown too large
 by the pseudo-labels come back too large, and a U-Net trained briefly on rare lesions
@@ -14,8 +15,8 @@ stays under-confident (P(lesion) at most ~0.6 inside lesions). 0.5 then suits on
 and not the next. Held-out lesion Dice of the final self-trained U-Net, 0.5 -> calibrated
 (``bench_quality.py`` fold 0):
 
-- msd phantom: 0.807 -> 0.867 (t = 0.85);
-- brats phantom: 0.760 -> 0.766 (t = 0.45);
+- msd phantom: 0.809 -> 0.867 (t = 0.85);
+- brats phantom: 0.760 -> 0.767 (t = 0.45);
 - kits phantom: 0.549 -> 0.554 (t = 0.55).
 
 The same calibration applies to every U-Net of a run, the supervised one included, so the
@@ -60,10 +61,10 @@ def choose_segmenter_threshold(counts: np.ndarray, grid: Sequence[float]) -> dic
         dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
         table.append({"threshold": float(t), "lesion_dice": dice, "tp": tp, "fp": fp, "fn": fn})
     if not table or table[0]["tp"] + table[0]["fn"] == 0:
-        why = "no lesion pixel in the annotated training slices: the argmax"
+        why = "no lesion pixel in the annotated slices: the argmax"
         return {"threshold": FALLBACK_THRESHOLD, "chosen_by": why, "table": table}
     best = max(table, key=lambda r: (r["lesion_dice"], -abs(r["threshold"] - 0.5)))
-    why = "lesion Dice on the training part's masks"
+    why = "lesion Dice on the calibration part's masks"
     return {"threshold": best["threshold"], "chosen_by": why, "table": table}
 
 
@@ -76,7 +77,7 @@ def calibrate_segmenter(
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Calibrate U-Net ``checkpoint``'s threshold on the annotated slices of ``cfg``'s part
-    (an :class:`~ensemblecam.config.EvaluateConfig`, run with the training part;
+    (an :class:`~ensemblecam.config.EvaluateConfig`, run with the calibration part;
     :func:`choose_segmenter_threshold`); write ``<out>/threshold.json``."""
     from ensemblecam.io import fsutil
     from ensemblecam.stages.search import part_slices
@@ -88,7 +89,7 @@ def calibrate_segmenter(
     counts = np.zeros((len(grid), 3), np.int64)
     if len(idx) == 0:
         result = choose_segmenter_threshold(counts, grid)
-        result["chosen_by"] = "no masks in the training part: the argmax"
+        result["chosen_by"] = f"no masks in the {cfg.part} part: the argmax"
     else:
         for s in range(0, len(idx), CHUNK):
             rows = idx[s : s + CHUNK]
