@@ -27,7 +27,7 @@ ungated -> 0.041 gated).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,8 +120,17 @@ def choose_threshold(
     if not pos.any():
         why = "no lesion slice in the part: the classifiers' decision threshold"
         return {"threshold": FALLBACK_THRESHOLD, "chosen_by": why, "table": table}
-    best = max(table, key=lambda r: (r["f1"], -r["threshold"]))
     why = "slice F1 of the gated masks against the slice labels (0: no gating)"
+    return best_row(table, "f1", lambda t: -t, why)
+
+
+def best_row(
+    table: list[dict[str, Any]], score: str, tie: Callable[[float], float], why: str
+) -> dict[str, Any]:
+    """A calibration's record ``{"threshold", "chosen_by": why, "table"}``: the threshold
+    of the row of ``table`` with the highest ``score``, ties to the highest
+    ``tie(threshold)``."""
+    best = max(table, key=lambda r: (r[score], tie(r["threshold"])))
     return {"threshold": best["threshold"], "chosen_by": why, "table": table}
 
 

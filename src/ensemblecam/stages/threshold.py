@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from ensemblecam.io.runlayout import THRESHOLD_FILE
+from ensemblecam.metrics import lesion_dice
+from ensemblecam.stages.gate import best_row
 
 #: the threshold without masks to calibrate with: the argmax
 FALLBACK_THRESHOLD = 0.5
@@ -56,16 +58,16 @@ def choose_segmenter_threshold(counts: np.ndarray, grid: Sequence[float]) -> dic
     ``t`` of ``grid`` with the highest lesion Dice, ties to the one nearest 0.5;
     :data:`FALLBACK_THRESHOLD` when the slices hold no lesion pixel. Returns threshold,
     why, and the table."""
-    table = []
-    for t, (tp, fp, fn) in zip(grid, np.asarray(counts).tolist(), strict=True):
-        dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-        table.append({"threshold": float(t), "lesion_dice": dice, "tp": tp, "fp": fp, "fn": fn})
-    if not table or table[0]["tp"] + table[0]["fn"] == 0:
+    counts = np.asarray(counts, np.int64).reshape(len(grid), 3)
+    table = [
+        {"threshold": float(t), "lesion_dice": float(d), "tp": tp, "fp": fp, "fn": fn}
+        for t, d, (tp, fp, fn) in zip(grid, lesion_dice(*counts.T), counts.tolist(), strict=True)
+    ]
+    if not table or counts[0, 0] + counts[0, 2] == 0:
         why = "no lesion pixel in the annotated slices: the argmax"
         return {"threshold": FALLBACK_THRESHOLD, "chosen_by": why, "table": table}
-    best = max(table, key=lambda r: (r["lesion_dice"], -abs(r["threshold"] - 0.5)))
     why = "lesion Dice on the calibration part's masks"
-    return {"threshold": best["threshold"], "chosen_by": why, "table": table}
+    return best_row(table, "lesion_dice", lambda t: -abs(t - 0.5), why)
 
 
 def calibrate_segmenter(
