@@ -298,6 +298,16 @@ def test_predict_on_scans_without_seg(
     thr = {f: json.loads((finished_run / f / "threshold" / "pseudo_unet" / "threshold.json")
                          .read_text())["threshold"] for f in folds}  # fmt: skip
     assert src["thresholds"] == thr
+    # a run made before the threshold was calibrated: one error line saying what to do
+    record = finished_run / "fold0" / "threshold" / "pseudo_unet" / "threshold.json"
+    kept = record.read_bytes()
+    record.unlink()
+    try:
+        with pytest.raises(InputError, match=r"threshold\.json: .*rerun `ensemblecam run`"):
+            pipeline.predict(finished_run, new, tmp_path / "old", progress=False)
+    finally:
+        record.write_bytes(kept)
+    assert not (tmp_path / "old").exists() and not (tmp_path / ".old.work").exists()
     one = {}
     for fold in folds:
         one[fold] = pipeline.predict(finished_run, new, tmp_path / fold, progress=False,

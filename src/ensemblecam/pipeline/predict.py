@@ -245,6 +245,11 @@ def _segmenter_threshold(lay: RunLayout, fold: str, cfg: Config) -> float:
     thr = cfg.run.segmenter_threshold
     if thr == "auto":
         record = lay.fold(fold).threshold_record("pseudo_unet")
+        if not record.is_file():  # a run made before the threshold was calibrated
+            raise InputError(
+                f"{record}: threshold calibration not found; rerun `ensemblecam run` on "
+                f"{lay.root} (it reuses the finished stages and calibrates the threshold)"
+            )
         thr = fsutil.read_json(record, "threshold calibration")["threshold"]
     return float(thr)
 
