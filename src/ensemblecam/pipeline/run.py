@@ -971,8 +971,8 @@ def _unet_row(
     ev = fold.eval_row(kind)
     # "masks": the evaluation keeps the U-Net's masks (an older row without them reruns)
     thr = _threshold(f, kind, key, ecfg)
-    k_parts: list[Any] = [kind, "evaluate", key, _options(cfg.evaluate), ecfg.part, "masks"]
-    k_parts.append(["threshold", thr])
+    k_parts: list[Any] = [kind, "evaluate", key, _options(cfg.evaluate), ecfg.part, "masks",
+                          ["threshold", thr]]  # fmt: skip
     gate = _gate(f, kind, key, ecfg, thr) if kind != "unet" else None
     if gate is not None:  # the classifiers' map sets are upstream of ``key`` already
         k_parts.append(["gate", cfg.run.gate, gate[1]])  # ungated: old key

@@ -37,19 +37,18 @@ from ensemblecam.stages.gate import best_row
 
 #: the threshold without masks to calibrate with: the argmax
 FALLBACK_THRESHOLD = 0.5
-#: slices predicted at once while counting (bounds the memory of the probabilities)
-CHUNK = 256
 
 
 def threshold_counts(probs: np.ndarray, truth: np.ndarray, grid: Sequence[float]) -> np.ndarray:
     """int64 (len(grid), 3): pooled (TP, FP, FN) of ``probs > t`` against the bool masks
     ``truth`` (same shape as ``probs``) for each ``t`` of ``grid``."""
     p, g = np.asarray(probs).ravel(), np.asarray(truth, bool).ravel()
+    lesion = int(np.count_nonzero(g))
     out = np.zeros((len(grid), 3), np.int64)
     for i, t in enumerate(grid):
         called = p > t
         tp = int(np.count_nonzero(called & g))
-        out[i] = tp, int(np.count_nonzero(called)) - tp, int(np.count_nonzero(g)) - tp
+        out[i] = tp, int(np.count_nonzero(called)) - tp, lesion - tp
     return out
 
 
@@ -83,7 +82,7 @@ def calibrate_segmenter(
     :func:`choose_segmenter_threshold`); write ``<out>/threshold.json``."""
     from ensemblecam.io import fsutil
     from ensemblecam.stages.search import part_slices
-    from ensemblecam.stages.unet import segment_unet
+    from ensemblecam.stages.unet import lesion_prob, logit_batches
 
     store, _, idx = part_slices(cfg.store, cfg.splits, cfg.fold, cfg.part)
     idx = idx[store.annotated(idx)]
@@ -93,10 +92,10 @@ def calibrate_segmenter(
         result = choose_segmenter_threshold(counts, grid)
         result["chosen_by"] = f"no masks in the {cfg.part} part: the argmax"
     else:
-        for s in range(0, len(idx), CHUNK):
-            rows = idx[s : s + CHUNK]
-            _, probs = segment_unet(checkpoint, store, rows, progress=progress)
-            counts += threshold_counts(probs, np.asarray(store.masks[rows]) > 0, grid)
+        # one model load, batch by batch: memory bounded by the batch, not the part
+        for rows, z in logit_batches(checkpoint, store, idx, 32, "cpu", progress):
+            truth = np.asarray(store.masks[idx[rows]]) > 0
+            counts += threshold_counts(lesion_prob(z).numpy(), truth, grid)
         result = choose_segmenter_threshold(counts, grid)
     result.update(
         fold=cfg.fold, part=cfg.part, n_slices=len(idx), checkpoint=str(checkpoint),

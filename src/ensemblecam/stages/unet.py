@@ -442,7 +442,7 @@ def _finish(plan: UNetPlan, history: list[dict[str, Any]], best_epoch: int) -> N
 # --------------------------------------------------------------------------- prediction
 
 
-def _logit_batches(
+def logit_batches(
     checkpoint: str | Path,
     store: SliceStore,
     indices: np.ndarray,
@@ -498,10 +498,16 @@ def segment_unet(
     h, w = store.size
     out = np.zeros((len(indices), h, w), np.uint8)
     prob = np.zeros((len(indices), h, w), np.float32)
-    for rows, z in _logit_batches(checkpoint, store, indices, batch_size, device, progress):
-        prob[rows] = (torch.sigmoid(z[:, 0]) if z.shape[1] == 1 else z.softmax(1)[:, 1]).numpy()
+    for rows, z in logit_batches(checkpoint, store, indices, batch_size, device, progress):
+        prob[rows] = lesion_prob(z).numpy()
         out[rows] = logits_to_mask(z).numpy() if threshold is None else prob[rows] > threshold
     return out, prob
+
+
+def lesion_prob(logits: torch.Tensor) -> torch.Tensor:
+    """P(lesion) (B, H, W) of U-Net logits (B, K, H, W): softmax of the lesion channel
+    (K = 2) or sigmoid (K = 1)."""
+    return torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else logits.softmax(1)[:, 1]
 
 
 def predict_lesion_logits(
@@ -516,6 +522,6 @@ def predict_lesion_logits(
     2 channels (softmax P(lesion) = sigmoid(d)), d = z_0 of 1 channel."""
     h, w = store.size
     out = np.zeros((len(indices), h, w), np.float32)
-    for rows, z in _logit_batches(checkpoint, store, indices, batch_size, device, progress):
+    for rows, z in logit_batches(checkpoint, store, indices, batch_size, device, progress):
         out[rows] = (z[:, 1] - z[:, 0] if z.shape[1] == 2 else z[:, 0]).numpy()
     return out
