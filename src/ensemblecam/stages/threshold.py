@@ -93,7 +93,7 @@ def calibrate_segmenter(
         result["chosen_by"] = f"no masks in the {cfg.part} part: the argmax"
     else:
         # one model load, batch by batch: memory bounded by the batch, not the part
-        for rows, z in logit_batches(checkpoint, store, idx, 32, "cpu", progress):
+        for rows, z in logit_batches(checkpoint, store, idx, progress=progress):
             truth = np.asarray(store.masks[idx[rows]]) > 0
             counts += threshold_counts(lesion_prob(z).numpy(), truth, grid)
         result = choose_segmenter_threshold(counts, grid)

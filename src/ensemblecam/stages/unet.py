@@ -446,9 +446,9 @@ def logit_batches(
     checkpoint: str | Path,
     store: SliceStore,
     indices: np.ndarray,
-    batch_size: int,
-    device: str | torch.device,
-    progress: bool | None,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """(rows of ``indices``, float32 logits (B, K, H, W) on the CPU) per batch of a U-Net."""
     model, info = load_unet(checkpoint)
