@@ -643,8 +643,9 @@ def test_keys_cover_only_non_default_options() -> None:
 def test_localiser_variants_and_predict_reuses_their_scale(
     finished_run: Path, phantom: Path, tmp_path: Path
 ) -> None:
-    """run trains every run.mil_variants localiser (default: the plain one and the
-    symmetric one with scaled maps) as a search member; predict divides a scaled
+    """run trains every run.mil_variants localiser (default: the plain one, the
+    symmetric one with scaled maps and the denoising autoencoder) as a search member;
+    predict divides a scaled
     localiser's maps of new scans by the scale the fold's training part gave (meta.json of
     its member), not by one of its own."""
     from ensemblecam.io.mapstore import MapSet, localiser_member
@@ -656,7 +657,8 @@ def test_localiser_variants_and_predict_reuses_their_scale(
 
     cfg = load_config(finished_run / "config.yaml")
     variants = cfg.localisers()
-    assert list(variants) == ["mil", "mil_symmetric"]
+    assert list(variants) == ["mil", "mil_symmetric", "mil_dae"]
+    assert variants["mil_dae"].objective == "denoise"
     assert not variants["mil"].negative_top and variants["mil"].scale_quantile is None
     assert variants["mil_symmetric"].negative_top and variants["mil_symmetric"].scale_quantile
     # mil.epochs unset: each localiser trains MIL_EPOCH_FACTOR x the segmenter's epochs
@@ -667,16 +669,17 @@ def test_localiser_variants_and_predict_reuses_their_scale(
         assert record["epochs"] == MIL_EPOCH_FACTOR * cfg.unet.epochs
     store = SliceStore.open(finished_run / "store")  # stands in for the new scans' store
     every = np.arange(store.n_slices)
-    sym = localiser_member("mil_symmetric")
+    sym, dae = localiser_member("mil_symmetric"), localiser_member("mil_dae")
     for f in ("fold0", "fold1"):
         ranking = json.loads((finished_run / f / "search" / "ranking.json").read_text())
         searched = {m for row in ranking["top"] for m in row["members"]}
-        assert {localiser_member("mil"), sym} <= searched
+        assert {localiser_member("mil"), sym, dae} <= searched
         # the slice-label criterion (best_labels.json) sees only the first localiser
         labels = json.loads((finished_run / f / "search" / "best_labels.json").read_text())
-        assert sym not in labels["members"]
+        assert sym not in labels["members"] and dae not in labels["members"]
         settings = json.loads((finished_run / f / "search" / "best.json").read_text())["search"]
-        assert settings["label_members"] == [m for m in settings["members"] if m != sym]
+        assert settings["label_members"] == [m for m in settings["members"] if m not in (sym, dae)]
+        assert MapSet.open(finished_run / f / "maps" / dae).meta["method"] == "denoise"
         assert (
             MapSet.open(finished_run / f / "maps" / localiser_member("mil")).meta["scale"] is None
         )

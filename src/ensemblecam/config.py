@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ensemblecam.errors import InputError
 
@@ -424,6 +431,17 @@ class RunConfig(Section):
         default_factory=lambda: {
             "mil": {},
             "mil_symmetric": {"negative_top": True, "scale_quantile": 0.999},
+            "mil_dae": {
+                "objective": "denoise",
+                "lr": 0.002,
+                "scheduler": "cosine",
+                "channels": [16, 32, 64, 128],
+                "strides": [2, 2, 2],
+                "num_res_units": 0,
+                "scale_quantile": 0.999,
+                "smooth_sigma": 1.0,
+                "augment_prob": 0.0,
+            },
         },
         min_length=1,
         description="localisers trained when run.mil is on: name -> the mil section's "
@@ -433,8 +451,10 @@ class RunConfig(Section):
         "criterion favours large masks and picks a collapsed localiser. "
         "mil_symmetric adds the symmetric MIL term with its maps scaled into the grid: on "
         "small lesions in organ windows (the kits phantom) the plain localiser lights the "
-        "whole organ, on the brats phantom the symmetric one collapses; run.mil false trains "
-        "none",
+        "whole organ, on the brats phantom the symmetric one collapses. mil_dae is a denoising "
+        "autoencoder of healthy appearance (objective denoise; deeper, mirrored slices "
+        "only): its residual finds lesions that look unlike healthy tissue but that no "
+        "MIL localiser marks (the kits phantom's dark cysts); run.mil false trains none",
     )
     refine: bool = Field(
         True,
@@ -575,6 +595,24 @@ class MilConfig(SpatialAugmentFields, DeviceConfig):
     receptive field small, so the net must find the lesion instead of slice-wide cues.
     Its map (P(lesion) per pixel, smoothed) becomes the map-store member ``localiser__mil``."""
 
+    objective: Literal["mil", "denoise"] = Field(
+        "mil",
+        description="mil: the multiple-instance loss on the slice labels (the map is "
+        "P(lesion)); denoise: a denoising autoencoder of healthy appearance (Kascenas et al., "
+        "MIDL 2022) trained on the lesion-free slices alone to remove coarse noise (noise_std, "
+        "noise_grid); its map is the residual sum_c |x_c - f(x)_c|, high where the slice "
+        "differs from what the model knows as healthy (needs scale_quantile)",
+    )
+    noise_std: float = Field(
+        0.2, gt=0.0, description="denoise: standard deviation of the added noise"
+    )
+    noise_grid: int = Field(
+        8,
+        ge=1,
+        description="denoise: the noise is drawn on a grid of (H / noise_grid, W / noise_grid) "
+        "cells and upsampled bilinearly: coarse noise hides lesion-sized structure, so the "
+        "model learns healthy appearance rather than a pixel-wise filter",
+    )
     channels: list[int] = Field([16, 32], description="feature maps per level (few: small field)")
     strides: list[int] = Field([2], description="down-sampling per level (levels - 1)")
     num_res_units: int = Field(1, ge=0, description="residual units per block")
@@ -590,6 +628,12 @@ class MilConfig(SpatialAugmentFields, DeviceConfig):
     batch_size: int = Field(16, ge=1, description="batch size per device")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
+    scheduler: Literal["none", "cosine"] = Field(
+        "none",
+        description="learning-rate schedule: none (constant) or cosine (from lr to 0 over "
+        "the epochs; run's mil_dae: the autoencoder's loss still falls at the end of a "
+        "constant-rate budget)",
+    )
     top_fraction: float = Field(
         0.01, gt=0.0, le=1.0, description="share of a lesion slice's pixels pushed to lesion"
     )
@@ -628,6 +672,13 @@ class MilConfig(SpatialAugmentFields, DeviceConfig):
     )
     seed: int = Field(0, description="seed of initialisation and data order")
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
+
+    @model_validator(mode="after")
+    def _check_denoise(self) -> MilConfig:
+        """A residual map is unbounded: denoise needs the scale that maps it into [0, 1]."""
+        if self.objective == "denoise" and self.scale_quantile is None:
+            raise ValueError("objective denoise needs scale_quantile (e.g. 0.999)")
+        return self
 
     def run_epochs(self, unet_epochs: int) -> int:
         """Epochs in ``run``: ``epochs``, else :data:`MIL_EPOCH_FACTOR` x the segmenter's."""

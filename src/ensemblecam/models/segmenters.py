@@ -72,9 +72,13 @@ def build_unet(in_channels: int, num_classes: int = 2, **kwargs: Any) -> nn.Modu
 
 def model_args(cfg: UNetConfig | MilConfig, in_channels: int) -> dict[str, Any]:
     """The keyword arguments of :func:`build_unet` for ``cfg`` (stored in checkpoints); a
-    MIL localiser has 2 output channels (lesion logit d = z_1 - z_0)."""
+    MIL localiser has 2 output channels (lesion logit d = z_1 - z_0), a denoising
+    autoencoder (``objective: denoise``) one per input channel (the clean slice)."""
+    outputs = getattr(cfg, "out_channels", 2)
+    if getattr(cfg, "objective", "mil") == "denoise":
+        outputs = in_channels
     return {
-        "in_channels": in_channels, "num_classes": getattr(cfg, "out_channels", 2),
+        "in_channels": in_channels, "num_classes": outputs,
         "channels": list(cfg.channels), "strides": list(cfg.strides),
         "num_res_units": cfg.num_res_units, "norm": cfg.norm, "dropout": cfg.dropout,
     }  # fmt: skip

@@ -51,13 +51,21 @@ def mil_maps(
     """(maps float32 (n, H, W) in [0, 1], slice probabilities float32 (n,)) of lesion logits
     ``logits`` (n, H, W) (module docstring)."""
     d = np.asarray(logits, dtype=np.float64)
-    prob = 1.0 / (1.0 + np.exp(-d))
-    if sigma > 0:
-        prob = ndimage.gaussian_filter(prob, (0, sigma, sigma), mode="nearest")
-    flat = d.reshape(len(d), -1)
-    k = max(1, math.ceil(top_fraction * flat.shape[1]))
-    top = -np.sort(-flat, axis=1)[:, :k].mean(axis=1) if len(flat) else np.zeros(0)
+    prob = _smooth(1.0 / (1.0 + np.exp(-d)), sigma)
+    top = top_mean(d, top_fraction)
     return prob.astype(np.float32), (1.0 / (1.0 + np.exp(-top))).astype(np.float32)
+
+
+def _smooth(x: np.ndarray, sigma: float) -> np.ndarray:
+    """G_sigma * x in-plane, per slice of (n, H, W) (sigma 0: x)."""
+    return ndimage.gaussian_filter(x, (0, sigma, sigma), mode="nearest") if sigma > 0 else x
+
+
+def top_mean(x: np.ndarray, fraction: float) -> np.ndarray:
+    """(n,) mean of the ceil(fraction * H * W) largest values of each slice of x (n, H, W)."""
+    flat = np.asarray(x, np.float64).reshape(len(x), -1)
+    k = max(1, math.ceil(fraction * flat.shape[1]))
+    return -np.sort(-flat, axis=1)[:, :k].mean(axis=1) if len(flat) else np.zeros(0)
 
 
 def map_scale(maps: np.ndarray, rows: np.ndarray, quantile: float) -> float:
@@ -95,7 +103,7 @@ def write_mil_maps(
         store_path,
         indices,
         out,
-        "mil",
+        cfg.objective,
         cfg.sigma(),
         cfg.top_fraction,
         cfg.batch_size,
@@ -125,19 +133,28 @@ def write_unet_maps(
     """Write a U-Net's lesion maps as a map-store member (``out``) for the store slices
     ``indices``: :func:`mil_maps` of its lesion logits (sigma 0: its softmax P(lesion)),
     divided by ``scale`` (or by :func:`map_scale` of the rows ``scale_rows`` of
-    ``indices`` at ``quantile``) and clipped to 1; neither: unscaled."""
-    from ensemblecam.stages.unet import predict_lesion_logits
+    ``indices`` at ``quantile``) and clipped to 1; neither: unscaled. ``method``
+    "denoise" (a denoising autoencoder f): the map is m = min(G_sigma * r / scale, 1) of
+    the residual r = sum_c |x_c - f(x)_c| (:func:`ensemblecam.stages.unet.predict_residuals`),
+    the slice score the mean of its ceil(top_fraction * H * W) largest m."""
+    from ensemblecam.stages.unet import predict_lesion_logits, predict_residuals
 
     store = SliceStore.open(store_path)
     idx = np.asarray(indices, dtype=np.int64)
     out = Path(out)
     partial = fsutil.prepare_output_dir(out, force, mapstore.MAP_META, stage=method)
-    logits = predict_lesion_logits(checkpoint, store, idx, batch_size=batch_size, progress=progress)
-    maps, probs = mil_maps(logits, sigma, top_fraction)
+    if method == "denoise":
+        res = predict_residuals(checkpoint, store, idx, batch_size=batch_size, progress=progress)
+        maps = _smooth(res.astype(np.float64), sigma).astype(np.float32)
+    else:
+        logits = predict_lesion_logits(checkpoint, store, idx, batch_size, progress=progress)
+        maps, probs = mil_maps(logits, sigma, top_fraction)
     if scale is None and scale_rows is not None:
         scale = map_scale(maps, scale_rows, quantile)
     if scale is not None:
         maps = np.minimum(maps / np.float32(scale), np.float32(1.0))
+    if method == "denoise":
+        probs = top_mean(maps, top_fraction).astype(np.float32)
     meta: dict[str, Any] = {
         "member": out.name,
         "checkpoint": str(Path(checkpoint).resolve()),

@@ -10,7 +10,11 @@ validation scores; then only the training-part slices listed in the npz are used
 ``targets="labels"`` trains a localiser from the slice labels alone with the
 multiple-instance loss (:func:`ensemblecam.training.losses.mil_loss`; config
 :class:`ensemblecam.config.MilConfig`): validation is its loss on the val part, best.pt the
-lowest val loss.
+lowest val loss. With ``objective: denoise`` the MilConfig trains a denoising autoencoder
+of healthy appearance instead (``source`` "healthy"): only the slices labelled lesion-free
+are used, the input is the slice plus coarse noise
+(:class:`ensemblecam.training.data.EpochNoise`), the target the clean slice, the loss the
+mean squared error; validation as the localiser's, on the val part's lesion-free slices.
 
 One run writes, in ``<out>`` (built as ``.<out>.partial`` and renamed when complete)::
 
@@ -38,7 +42,7 @@ Predicted lesion: argmax of 2 softmax channels, or sigmoid > 0.5 of 1 channel.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +63,8 @@ from ensemblecam.io.store import SliceStore
 from ensemblecam.metrics.conventions import score, slice_counts
 from ensemblecam.models.segmenters import UNET, build_unet, load_unet, logits_to_mask, model_args
 from ensemblecam.training.data import (
+    DenoiseDataset,
+    EpochNoise,
     EpochSampler,
     EpochSpatial,
     MaskDataset,
@@ -103,12 +109,13 @@ def _targets(
     store: SliceStore, idx: np.ndarray, source: str, pseudo: tuple[np.ndarray, np.ndarray] | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(kept store indices, mask source array, rows in it) of part ``idx`` for ``source``;
-    "labels": the slices with a known label (the label array, rows = kept indices)."""
+    "labels": the slices with a known label (the label array, rows = kept indices);
+    "healthy": the slices labelled lesion-free (a denoising autoencoder's)."""
     if source == "store":
         assert store.masks is not None
         return idx, store.masks, idx
-    if source == "labels":
-        kept = idx[store.labels[idx] >= 0]
+    if source in ("labels", "healthy"):
+        kept = idx[store.labels[idx] >= 0] if source == "labels" else idx[store.labels[idx] == 0]
         return kept, store.labels, kept
     assert pseudo is not None
     index, masks = pseudo
@@ -164,6 +171,8 @@ def plan_unet(
     source = str(targets) if str(targets) in ("store", "labels") else "npz"
     if (source == "labels") != isinstance(cfg, MilConfig):
         raise InputError(f"unet: targets {str(targets)!r} need a mil config; masks a unet config")
+    if source == "labels" and getattr(cfg, "objective", "mil") == "denoise":
+        source = "healthy"
     if source == "store" and store.masks is None:
         raise InputError(
             f"{store.path}: store has no masks; the supervised U-Net needs targets (pass a "
@@ -174,10 +183,13 @@ def plan_unet(
     train_idx, _, _ = _targets(store, train_all, source, pseudo)
     if len(train_idx) == 0:
         where = targets if source == "npz" else store.path
-        what = "slice labels" if source == "labels" else "target masks"
+        what = {"labels": "slice labels", "healthy": "slices labelled lesion-free"}.get(
+            source, "target masks"
+        )
         raise InputError(f"{where}: no {what} for the {len(train_all)} slices of "
                          f"{f.name} train")  # fmt: skip
-    val_targets = "same" if source == "labels" else getattr(cfg, "val_targets", "same")
+    from_labels = source in ("labels", "healthy")
+    val_targets = "same" if from_labels else getattr(cfg, "val_targets", "same")
     val_source: str | None = {"same": source, "store": "store", "none": None}[val_targets]
     if val_source == "store" and store.masks is None:
         raise InputError(f"{store.path}: store has no masks for val_targets 'store'")
@@ -213,8 +225,10 @@ def plan_unet(
     if not force and last.is_file():
         old = models.read_checkpoint(last)["info"]  # a refused file stops here (one line)
         same = all(old.get(k) == info[k] for k in info if k not in ("config",))
-        old_cfg = {k: v for k, v in old.get("config", {}).items() if k != "epochs"}
-        new_cfg = {k: v for k, v in info["config"].items() if k != "epochs"}
+        # more epochs may resume a run, unless a schedule depends on their number
+        free = () if getattr(cfg, "scheduler", "none") != "none" else ("epochs",)
+        old_cfg = {k: v for k, v in old.get("config", {}).items() if k not in free}
+        new_cfg = {k: v for k, v in info["config"].items() if k not in free}
         if same and old_cfg == new_cfg and int(old.get("epoch", 0)) <= cfg.epochs:
             resume_from = last
     return UNetPlan(
@@ -267,11 +281,17 @@ def _dataset(
     source: str,
     pseudo: tuple[np.ndarray, np.ndarray] | None,
     augment: EpochSpatial | None = None,
+    noise: EpochNoise | None = None,
 ) -> StoreDataset:
+    """The dataset of part ``idx`` for ``source``; "healthy" needs ``noise`` (which applies
+    ``augment`` itself)."""
     kept, src, rows = _targets(store, idx, source, pseudo)
     assert len(kept) == len(idx)
     if source == "labels":
         return StoreDataset(store, kept, augment)
+    if source == "healthy":
+        assert isinstance(noise, EpochNoise)
+        return DenoiseDataset(store, kept, noise)
     return MaskDataset(store, kept, src, rows, augment)
 
 
@@ -281,6 +301,12 @@ def make_augment(cfg: UNetConfig | MilConfig, rank: int) -> EpochSpatial | None:
         return None
     return EpochSpatial(cfg.rotate_deg, cfg.zoom, cfg.augment_prob, cfg.flip,
                         rank_seed(cfg.seed, rank))  # fmt: skip
+
+
+def make_noise(cfg: MilConfig, rank: int, spatial: EpochSpatial | None, seed: int) -> EpochNoise:
+    """The denoising input noise of ``cfg`` after ``spatial``, its draws from ``seed`` (a
+    validation part's differ from training's)."""
+    return EpochNoise(cfg.noise_std, cfg.noise_grid, rank_seed(seed, rank), spatial)
 
 
 def has_lesion(ds: StoreDataset) -> np.ndarray:
@@ -311,7 +337,10 @@ def oversample_weights(lesion: np.ndarray, share: float) -> np.ndarray | None:
 
 def _make_loss(cfg: UNetConfig | MilConfig, source: str) -> LossFn:
     """loss(float32 logits, targets) of ``source``: DiceCE on store masks, its masked form
-    (255 left out) on pseudo-labels, the MIL loss on slice labels."""
+    (255 left out) on pseudo-labels, the MIL loss on slice labels, the mean squared error
+    to the clean slice of a denoising autoencoder (lesion-free slices)."""
+    if source == "healthy":
+        return nn.functional.mse_loss
     if isinstance(cfg, MilConfig):
         top, bottom, neg_top = cfg.top_fraction, cfg.bottom_fraction, cfg.negative_top
         return lambda z, y: mil_loss(z, y, top, bottom, neg_top)
@@ -372,7 +401,13 @@ def _data(fabric: Any, plan: UNetPlan) -> EpochData:
     store = SliceStore.open(plan.store)
     uses_npz = "npz" in (plan.source, plan.val_source)
     pseudo = read_pseudo_masks(plan.targets, store) if uses_npz else None
-    train_ds = _dataset(store, plan.train_idx, plan.source, pseudo, make_augment(cfg, rank))
+    augment = make_augment(cfg, rank)
+    noise = val_noise = None
+    if plan.source == "healthy":
+        assert isinstance(cfg, MilConfig)
+        noise = make_noise(cfg, rank, augment, cfg.seed)
+        val_noise = make_noise(cfg, rank, None, cfg.seed + 1)
+    train_ds = _dataset(store, plan.train_idx, plan.source, pseudo, augment, noise)
     weights = oversample_weights(has_lesion(train_ds), cfg.oversample)
     sampler = EpochSampler(len(train_ds), cfg.seed, rank, world, weights)
     gpu = fabric.device.type == "cuda"
@@ -381,11 +416,11 @@ def _data(fabric: Any, plan: UNetPlan) -> EpochData:
     validate = None
     if plan.val_source is not None:
         shard = np.arange(len(plan.val_idx))[rank::world]
-        val_ds = _dataset(store, plan.val_idx[shard], plan.val_source, pseudo)
+        val_ds = _dataset(store, plan.val_idx[shard], plan.val_source, pseudo, noise=val_noise)
         val_loader = batch_loader(val_ds, cfg.batch_size, num_workers=cfg.workers,
                                   pin_memory=gpu)  # fmt: skip
         n_val, case_ids = len(plan.val_idx), store.table["case"][plan.val_idx]
-        cases = None if plan.val_source == "labels" else case_ids
+        cases = None if plan.val_source in ("labels", "healthy") else case_ids
 
         def validate(model: nn.Module) -> dict[str, Any]:
             return _validate(fabric, model, val_loader, loss, n_val, cases)
@@ -398,10 +433,11 @@ def _run(fabric: Any, plan: UNetPlan, progress: bool | None, stop_after_epoch: i
     "worker", see :func:`ensemblecam.training.loop.fit`). best.pt: highest val lesion Dice,
     ties to the lower val loss; without validation the last epoch."""
     cfg = plan.cfg
-    kind = {"store": "supervised", "labels": "MIL localiser"}.get(plan.source, "pseudo-labels")
+    kinds = {"store": "supervised", "labels": "MIL localiser", "healthy": "denoising autoencoder"}
+    kind = kinds.get(plan.source, "pseudo-labels")
     monitor = None
     if plan.val_source is not None:
-        monitor = "val_loss" if plan.source == "labels" else "lesion_dice"
+        monitor = "val_loss" if plan.source in ("labels", "healthy") else "lesion_dice"
     task = Task(
         stage="unet", out=plan.out, partial=plan.partial, resume_from=plan.resume_from,
         seed=cfg.seed, epochs=cfg.epochs, batch_size=cfg.batch_size, info=dict(plan.info),
@@ -409,6 +445,7 @@ def _run(fabric: Any, plan: UNetPlan, progress: bool | None, stop_after_epoch: i
         build_model=lambda: build_unet(**plan.info["model_args"]),
         make_optimizer=lambda model: torch.optim.Adam(
             model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+        make_scheduler=_scheduler(cfg),
         make_data=lambda fab: _data(fab, plan),
         finish=lambda history, best_epoch: _finish(plan, history, best_epoch),
         log_keys=("val_loss", "lesion_dice"), prefix=f"unet {kind} {plan.fold.name} ",
@@ -416,11 +453,19 @@ def _run(fabric: Any, plan: UNetPlan, progress: bool | None, stop_after_epoch: i
     return fit(fabric, task, progress, stop_after_epoch)
 
 
+def _scheduler(cfg: UNetConfig | MilConfig) -> Callable[[Any], Any] | None:
+    """The per-epoch learning-rate schedule of ``cfg``: cosine from lr to 0 over
+    ``cfg.epochs`` (``scheduler: cosine``), else none (constant)."""
+    if getattr(cfg, "scheduler", "none") != "cosine":
+        return None
+    return lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs)
+
+
 def _finish(plan: UNetPlan, history: list[dict[str, Any]], best_epoch: int) -> None:
     """Rank 0, after the last epoch: learning curve, unet.json; rename the folder."""
     best = models.read_checkpoint(plan.partial / "best.pt")["info"]["metrics"]
     write_metrics_csv(plan.partial / "metrics.csv", history, METRIC_COLUMNS)
-    scores = () if plan.source == "labels" else UNET_SCORES
+    scores = () if plan.source in ("labels", "healthy") else UNET_SCORES
     plot_learning_curve(plan.partial / "learning_curve.png", history, best_epoch, scores)
     summary = {
         "format": RUN_FORMAT,
@@ -524,4 +569,28 @@ def predict_lesion_logits(
     out = np.zeros((len(indices), h, w), np.float32)
     for rows, z in logit_batches(checkpoint, store, indices, batch_size, device, progress):
         out[rows] = (z[:, 1] - z[:, 0] if z.shape[1] == 2 else z[:, 0]).numpy()
+    return out
+
+
+def predict_residuals(
+    checkpoint: str | Path,
+    store: SliceStore,
+    indices: np.ndarray,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
+) -> np.ndarray:
+    """float32 (n, H, W) residuals r = sum_c |x_c - f(x)_c| of a denoising autoencoder f
+    (``objective: denoise``) on the store slices ``indices`` x."""
+    h, w = store.size
+    idx = np.asarray(indices, dtype=np.int64)
+    out = np.zeros((len(idx), h, w), np.float32)
+    for rows, z in logit_batches(checkpoint, store, idx, batch_size, device, progress):
+        x = torch.from_numpy(np.asarray(store.images[idx[rows]], np.float32))
+        if z.shape != x.shape:
+            raise InputError(
+                f"{checkpoint}: not a denoising autoencoder (output channels "
+                f"{z.shape[1]}, input channels {x.shape[1]})"
+            )
+        out[rows] = (x - z).abs().sum(1).numpy()
     return out

@@ -270,9 +270,57 @@ class EpochSampler(Sampler[int]):
         return iter(order[self.rank : total : self.world].tolist())
 
 
+class EpochNoise:
+    """Coarse Gaussian noise of a denoising autoencoder's input (Kascenas et al., MIDL
+    2022): per sample and channel n ~ N(0, std^2) drawn on a (ceil(H / grid),
+    ceil(W / grid)) grid and upsampled bilinearly to (H, W); the slices first go through
+    ``spatial`` (its draws as ever). A batch's noise is drawn from (seed, epoch, the
+    batch's first store index) alone, so it does not depend on worker or order: a
+    resumed run sees the same noise, and a validation part (epoch 0 throughout) the same
+    noise at every epoch."""
+
+    def __init__(self, std: float, grid: int, seed: int, spatial: EpochSpatial | None) -> None:
+        self.std, self.grid, self.seed, self.spatial = std, grid, seed, spatial
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int, worker: int = 0) -> None:
+        """Set the epoch (and restart ``spatial``'s draws) of process ``worker``."""
+        self.epoch = epoch
+        if self.spatial is not None:
+            self.spatial.set_epoch(epoch, worker)
+
+    def __call__(self, x: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x' + n, x') of slices x (B, C, H, W), x' = ``spatial``(x); ``key``: the
+        batch's first store index."""
+        from torch.nn import functional as F
+
+        if self.spatial is not None:
+            x = self.spatial(x, torch.zeros((len(x), *x.shape[-2:]), dtype=torch.long))[0]
+        b, c, h, w = x.shape
+        g = torch.Generator().manual_seed(_draw_seed(self.seed, self.epoch, key + 1))
+        n = torch.randn((b, c, -(-h // self.grid), -(-w // self.grid)), generator=g)
+        n = F.interpolate(n * self.std, size=(h, w), mode="bilinear", align_corners=False)
+        return x + n, x
+
+
+class DenoiseDataset(StoreDataset):
+    """Store slices as denoising pairs: ``ds[list]`` = (noisy x (B, C, H, W), clean x),
+    the noise (and augmentation) of ``augment`` (:class:`EpochNoise`)."""
+
+    def __init__(self, store: SliceStore, indices: np.ndarray, augment: EpochNoise) -> None:
+        super().__init__(store, indices)
+        self.augment = augment  # type: ignore[assignment]
+
+    def __getitem__(self, i: Any) -> tuple[torch.Tensor, Any]:
+        pos = np.atleast_1d(np.asarray(i, dtype=np.int64))
+        noisy, clean = self.augment(self._read(pos), int(self.indices[pos[0]]))
+        return (noisy[0], clean[0]) if np.ndim(i) == 0 else (noisy, clean)
+
+
 def worker_init(worker_id: int) -> None:
     """Seed numpy/random in a DataLoader worker from torch's seed, and its copy of an
-    augmentation (:class:`EpochBlur`, :class:`EpochSpatial`) from (seed, epoch, worker)."""
+    augmentation (:class:`EpochBlur`, :class:`EpochSpatial`, :class:`EpochNoise`) from
+    (seed, epoch, worker)."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
