@@ -71,6 +71,15 @@ def test_end_to_end_results_export_report(finished_run: Path, phantom: Path) -> 
         best = json.loads((finished_run / f / "search" / "best.json").read_text())
         ens = next(r for r in res["rows"] if r["kind"] == "ensemble")
         assert ens["config"][f]["thresholds"] == best["thresholds"]
+        # the self-training labels come from the pseudo-label search's configuration: the
+        # same members, judged on the calibration part's lesion slices by lesion Dice
+        pseudo = json.loads((finished_run / f / "pseudo_search" / "best.json").read_text())
+        assert pseudo["criterion"]["slices"] == "lesion" and pseudo["objective"] == "lesion_dice"
+        assert pseudo["search"]["members"] == best["search"]["members"]
+        assert pseudo["n_slices"] < best["n_slices"]
+        refined = json.loads((finished_run / f / "refine" / "refine.json").read_text())
+        assert refined["config"]["members"] == pseudo["members"]
+        assert refined["config"]["thresholds"] == pseudo["thresholds"]
     # every case is evaluated once (k-fold test parts) and exported in its scan geometry:
     # export/ the self-trained U-Net's masks (the final method), export_ensemble/ the ensemble's
     cases = sorted(p.name for p in phantom.iterdir() if p.is_dir())

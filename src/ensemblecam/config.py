@@ -300,6 +300,12 @@ class SearchConfig(Section):
         description="criterion masks: also record what the labels criterion picks "
         "(best_labels.json; a results row)",
     )
+    slices: Literal["all", "lesion"] = Field(
+        "all",
+        description="criterion masks: the annotated slices scored: all, or only those labelled "
+        "lesion (how pseudo-labels see a configuration: refine makes every lesion-free slice "
+        "background whatever the maps say; run's pseudo-label search)",
+    )
     gate: bool = Field(False, description="also search classifier gating")
     gate_grid: str = Field("0.1:0.9:0.1", description="gate probability thresholds")
     max_members: int | None = Field(None, ge=1, description="largest member subset searched")
@@ -455,6 +461,15 @@ class RunConfig(Section):
         "autoencoder of healthy appearance (objective denoise; deeper, mirrored slices "
         "only): its residual finds lesions that look unlike healthy tissue but that no "
         "MIL localiser marks (the kits phantom's dark cysts); run.mil false trains none",
+    )
+    pseudo_search: bool = Field(
+        True,
+        description="choose the configuration behind the self-training labels by a search "
+        "of its own (fold<k>/pseudo_search): lesion Dice on the calibration part's slices "
+        "labelled lesion only, which is how the labels see it (every lesion-free training "
+        "slice is background whatever the maps say), so a member that also lights healthy "
+        "slices is judged on what it adds where the lesions are; off, or without masks in "
+        "the calibration part: the ensemble's configuration",
     )
     refine: bool = Field(
         True,

@@ -35,8 +35,9 @@ def mil_command(
     ] = "train,val,test",
     force: ForceOption = False,
 ) -> None:
-    """Train a localiser from the slice labels alone (multiple-instance loss; no mask is
-    read) on a fold's training part, and write its maps for --parts as the map-store member
+    """Train a localiser from the slice labels alone (multiple-instance loss, or with
+    --objective denoise a denoising autoencoder of the lesion-free slices; no mask is read)
+    on a fold's training part, and write its maps for --parts as the map-store member
     localiser__<name>, which `ensemblecam search --members` can combine with CAM members."""
     from ensemblecam.config import check_localiser_name
     from ensemblecam.errors import InputError

@@ -134,6 +134,11 @@ class FoldLayout:
         return self.search / "best.json"
 
     @property
+    def pseudo_search(self) -> Path:
+        """The search of the configuration behind the self-training labels (its best.json)."""
+        return self.dir / "pseudo_search"
+
+    @property
     def best_per_candidate(self) -> Path:
         return self.search / "best_per_candidate.json"
 

@@ -590,7 +590,8 @@ def _run_fold(
     if rc.unet:
         rows.append(_unet_row(f, "unet", "store", k_split, ecfg))
     if rc.pseudo_unet:
-        targets, k_pt = _fold_pseudo_labels(f, ecfg, rows[0]["config"], k_search)
+        conf_file, k_conf = _fold_pseudo_search(f, k_search, list(localisers))
+        targets, k_pt = _fold_pseudo_labels(f, ecfg, conf_file, k_conf)
         if rc.refine and _part_annotated(store, splits, k, "train"):
             rows.append(_pseudo_label_row(f, ecfg, k_pt))
         for r in range(1, rc.rounds):  # earlier self-training rounds: their U-Net relabels
@@ -784,25 +785,58 @@ def _fold_mil(f: _Fold, name: str, mcfg: MilConfig, k_split: str) -> str:
     return k_maps
 
 
+def _fold_pseudo_search(f: _Fold, k_search: str, localisers: list[str]) -> tuple[Path, str]:
+    """(best.json, stage key) of the configuration behind the fold's self-training labels:
+    with ``run.pseudo_search`` and masks in the calibration part, the search again on the
+    part's slices labelled lesion only, by lesion Dice (``fold<k>/pseudo_search``);
+    otherwise the ensemble's choice (``search/best.json``)."""
+    from ensemblecam.stages.search import resolve_criterion, run_search_stage
+
+    rc = f.cfg.run
+    where = f.update(fold=str(f.k), part=rc.calibration_part)
+    if not rc.pseudo_search or resolve_criterion(f.cfg.search.model_copy(update=where)) != "masks":
+        return f.fold.best, k_search
+    out = f.fold.pseudo_search
+    qcfg: SearchConfig = f.cfg.search.model_copy(
+        update={
+            **where,
+            "maps": f.fold.maps,
+            "members": _members(f.cfg, localisers),
+            "out": out,
+            "slices": "lesion",
+            "objective": "lesion_dice",
+            "criterion": "masks",
+            "compare_labels": False,
+            "calibration_cases": "all",
+            "gate": False,
+        }
+    )
+    key = stable_hash(["pseudo_search", _options(f.cfg.search), k_search])
+    f.runner.stage(f"{f.name}/pseudo_search", out, key, "best.json",
+                   lambda force: run_search_stage(qcfg, force=force))  # fmt: skip
+    return out / "best.json", key
+
+
 def _fold_pseudo_labels(
-    f: _Fold, ecfg: EvaluateConfig, chosen: dict[str, Any], k_search: str
+    f: _Fold, ecfg: EvaluateConfig, conf_file: Path, k_conf: str
 ) -> tuple[Path, str]:
     """The self-training targets of the fold and their stage key: the refined three-class
-    pseudo-labels (``run.refine``) or the chosen configuration's plain masks."""
+    pseudo-labels (``run.refine``) or the plain masks of the configuration in
+    ``conf_file`` (a best.json, stage key ``k_conf``)."""
+    from ensemblecam.ensemble.operators import EnsembleConfig
     from ensemblecam.stages.evaluate import write_config_masks
 
     if f.cfg.run.refine:
-        key = _fold_refine(f, "refine", f.fold.best, f.fold.refine, k_search)
+        key = _fold_refine(f, "refine", conf_file, f.fold.refine, k_conf)
         return f.fold.refined_labels, key
     tcfg = ecfg.model_copy(update={"part": "train"})
-    key = stable_hash(["pseudo_targets", k_search, _options(f.cfg.evaluate)])
-    f.runner.stage(
-        f"{f.name}/pseudo_targets",
-        f.fold.pseudo_targets,
-        key,
-        None,
-        lambda force: write_config_masks(tcfg, chosen, f.fold.pseudo_masks),
-    )
+    key = stable_hash(["pseudo_targets", k_conf, _options(f.cfg.evaluate)])
+
+    def write(force: bool) -> None:
+        chosen = EnsembleConfig.from_dict(fsutil.read_json(conf_file, "search result")).to_dict()
+        write_config_masks(tcfg, chosen, f.fold.pseudo_masks)
+
+    f.runner.stage(f"{f.name}/pseudo_targets", f.fold.pseudo_targets, key, None, write)
     return f.fold.pseudo_masks, key
 
 

@@ -249,7 +249,7 @@ def _final_method(
 
 def _refine_notes(rep: Page, run: Run, folds: list[str]) -> None:
     """Per fold: which refiner made the self-training labels and why (refine.json), and
-    which MIL localisers the chosen ensemble uses."""
+    which localisers (MIL, denoising autoencoder) the chosen ensemble uses."""
     lines = []
     for f in folds:
         path = run.layout.fold(f).refine_record
@@ -269,7 +269,7 @@ def _refine_notes(rep: Page, run: Run, folds: list[str]) -> None:
         )
         members = (rec.get("config") or {}).get("members") or []
         names = [m.split("__", 1)[1] for m in members if m.startswith(f"{LOCALISER_TAG}__")]
-        mil = f" (the ensemble includes the MIL localiser {', '.join(names)})" if names else ""
+        mil = f" (the ensemble includes the localiser {', '.join(names)})" if names else ""
         lines.append(f"{f}: {rec.get('chosen')}, {why}{mil}")
     if lines:
         rep.p("Refiner of the self-training labels per fold: " + "; ".join(lines) + ".")

@@ -18,6 +18,19 @@ Member maps (:func:`write_mil_maps`), for every slice of the requested parts:
     m = G_sigma * sigmoid(d)            (d the lesion logit, G_sigma a Gaussian in-plane)
     p = sigmoid(mean of the ceil(top_fraction * H * W) largest d)   (slice probability)
 
+The denoising autoencoder (``objective: denoise``; run's ``mil_dae``; Kascenas et al.,
+"Denoising autoencoders for unsupervised anomaly detection in brain MRI", MIDL 2022) asks
+the other question the labels answer: what does a lesion-free slice look like? Trained to
+remove coarse noise from the lesion-free slices only, it restores healthy tissue and
+leaves what it has never seen, so its residual is high on a lesion, whatever its contrast
+(a dark cyst that no MIL localiser marks included). Its member maps::
+
+    m = min(G_sigma * r / s, 1),   r = sum_c |x_c - f(x)_c|   (f the autoencoder)
+    p = mean of the ceil(top_fraction * H * W) largest m      (slice score)
+
+with s the ``scale_quantile`` of G_sigma * r over the fold's training part (required: r is
+unbounded).
+
 ``m`` is not normalised per slice: a lesion-free slice keeps low values, so the searched
 thresholds mean the same on every slice. ``p`` is the slice score the MIL loss trains
 (stored as the member's ``probs``, used for gating). With ``scale_quantile`` q the maps are

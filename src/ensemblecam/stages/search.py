@@ -9,7 +9,10 @@ Criterion (``search.criterion``; best.json ``criterion`` records which one chose
 configuration and on how many cases): ``masks`` ranks by ``objective`` against the
 masks of the calibration part's annotated cases; ``labels`` uses the slice labels only
 (:mod:`ensemblecam.ensemble.labels`); ``auto`` is ``masks`` when the calibration part
-has an annotated case, else ``labels``. With masks and ``compare_labels``, what the
+has an annotated case, else ``labels``. ``slices: lesion`` scores only the annotated
+slices labelled lesion (masks criterion): the view of the self-training labels, whose
+lesion-free slices are background whatever the maps say (``run``'s pseudo-label search,
+``fold<k>/pseudo_search``). With masks and ``compare_labels``, what the
 labels criterion would choose on the same part is written to best_labels.json (with its
 metrics against the calibration masks), so the two choices can be compared. The labels
 criterion combines only ``label_members`` when given (``run``: the CAM members and the
@@ -56,11 +59,13 @@ def annotated_part(
     what: str = "calibration",
     n_cases: int | None = None,
     seed: int = 0,
+    lesion_only: bool = False,
 ) -> tuple[Any, Path, np.ndarray]:
     """(store, split file, store indices of the part's annotated slices); a store without
     masks or an empty selection is one InputError line.
 
-    ``n_cases``: keep only N annotated cases of the part, chosen with ``seed``.
+    ``n_cases``: keep only N annotated cases of the part, chosen with ``seed``;
+    ``lesion_only``: only the slices labelled lesion among them.
     """
     from ensemblecam.io.split import get_fold
     from ensemblecam.io.store import SliceStore
@@ -78,8 +83,11 @@ def annotated_part(
         annotated = sorted(rng.permutation(annotated)[:n_cases].tolist())
     idx = store.indices_for_cases(annotated)
     idx = idx[store.annotated(idx)]
+    if lesion_only:
+        idx = idx[store.labels[idx] == 1]
     if len(idx) == 0:
-        raise InputError(f"{splits}: {what} set ({part} of fold {fold}) has no annotated slice")
+        which = "annotated slice labelled lesion" if lesion_only else "annotated slice"
+        raise InputError(f"{splits}: {what} set ({part} of fold {fold}) has no {which}")
     return store, splits, idx
 
 
@@ -122,15 +130,18 @@ def open_inputs(
     """Open store + split part + members; every misalignment is one InputError line.
 
     ``slices``: "annotated" (the part's slices with masks; ``n_cases``: only N annotated
-    cases, chosen with ``seed``), "labelled" (every slice with a label, no masks read) or
-    "all" (every slice, no masks read).
+    cases, chosen with ``seed``), "annotated_lesion" (those labelled lesion), "labelled"
+    (every slice with a label, no masks read) or "all" (every slice, no masks read).
     """
     from ensemblecam.io.mapstore import MapSet
 
     if not members:
         raise InputError("no members given (--members a__gradcam,b__gradcam)")
-    if slices == "annotated":
-        store, splits, idx = annotated_part(store_path, splits, fold, part, what, n_cases, seed)
+    scored = slices.startswith("annotated")
+    if scored:
+        store, splits, idx = annotated_part(
+            store_path, splits, fold, part, what, n_cases, seed, slices == "annotated_lesion"
+        )
     else:
         store, splits, idx = part_slices(store_path, splits, fold, part, slices == "labelled")
     root = Path(maps_root)
@@ -159,7 +170,7 @@ def open_inputs(
         names,
         srcs,
         probs,
-        Rows(store.masks, idx) if slices == "annotated" else None,
+        Rows(store.masks, idx) if scored else None,
         store.table["case"][idx],
         store.labels[idx],
     )
@@ -167,9 +178,9 @@ def open_inputs(
 
 def run_search(cfg: SearchConfig, n_cases: int | None) -> tuple[SearchResult, list[dict[str, Any]]]:
     """Search ``cfg`` on ``n_cases`` annotated cases (None: all); (result, ranked rows)."""
-    inp = open_inputs(
-        cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, cfg.members, n_cases, cfg.seed
-    )
+    slices = "annotated_lesion" if cfg.slices == "lesion" else "annotated"
+    inp = open_inputs(cfg.store, cfg.splits, cfg.fold, cfg.part, cfg.maps, cfg.members,
+                      n_cases, cfg.seed, slices=slices)  # fmt: skip
     for op in cfg.operators:
         parse_operator(op, max(len(cfg.members), 1))
     allowed = objective_names(cfg.min_lesion_fraction, True)
@@ -296,6 +307,11 @@ def run_search_stage(cfg: SearchConfig, force: bool = False) -> dict[str, Any]:
             )
     check_search_config(cfg)
     criterion = resolve_criterion(cfg)
+    if criterion == "labels" and cfg.slices == "lesion":
+        raise InputError(
+            "search.slices lesion: scores the masks of the lesion slices, but the "
+            f"{cfg.part} part has none to score (criterion labels)"
+        )
     if criterion == "labels" and ns != [None]:
         raise InputError(
             f"--calibration-cases {cfg.calibration_cases}: counts annotated cases, but the "
@@ -327,6 +343,7 @@ def run_search_stage(cfg: SearchConfig, force: bool = False) -> dict[str, Any]:
     info = {
         "name": "masks",
         "objective": cfg.objective,
+        "slices": cfg.slices,
         "n_annotated_cases": n_annotated_cases(store, idx),
         "n_cases": len(set(store.table["case"][part_idx].tolist())),
     }
