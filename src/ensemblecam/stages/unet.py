@@ -565,11 +565,11 @@ def predict_lesion_logits(
 ) -> np.ndarray:
     """float32 (n, H, W) lesion logits d of the store slices ``indices``: d = z_1 - z_0 of
     2 channels (softmax P(lesion) = sigmoid(d)), d = z_0 of 1 channel."""
-    h, w = store.size
-    out = np.zeros((len(indices), h, w), np.float32)
-    for rows, z in logit_batches(checkpoint, store, indices, batch_size, device, progress):
-        out[rows] = (z[:, 1] - z[:, 0] if z.shape[1] == 2 else z[:, 0]).numpy()
-    return out
+
+    def lesion_logit(rows: slice, z: torch.Tensor) -> torch.Tensor:
+        return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z[:, 0]
+
+    return _per_slice(checkpoint, store, indices, batch_size, device, progress, lesion_logit)
 
 
 def predict_residuals(
@@ -582,15 +582,33 @@ def predict_residuals(
 ) -> np.ndarray:
     """float32 (n, H, W) residuals r = sum_c |x_c - f(x)_c| of a denoising autoencoder f
     (``objective: denoise``) on the store slices ``indices`` x."""
-    h, w = store.size
     idx = np.asarray(indices, dtype=np.int64)
-    out = np.zeros((len(idx), h, w), np.float32)
-    for rows, z in logit_batches(checkpoint, store, idx, batch_size, device, progress):
+
+    def residual(rows: slice, z: torch.Tensor) -> torch.Tensor:
         x = torch.from_numpy(np.asarray(store.images[idx[rows]], np.float32))
         if z.shape != x.shape:
             raise InputError(
                 f"{checkpoint}: not a denoising autoencoder (output channels "
                 f"{z.shape[1]}, input channels {x.shape[1]})"
             )
-        out[rows] = (x - z).abs().sum(1).numpy()
+        return (x - z).abs().sum(1)
+
+    return _per_slice(checkpoint, store, idx, batch_size, device, progress, residual)
+
+
+def _per_slice(
+    checkpoint: str | Path,
+    store: SliceStore,
+    indices: np.ndarray,
+    batch_size: int,
+    device: str | torch.device,
+    progress: bool | None,
+    fn: Callable[[slice, torch.Tensor], torch.Tensor],
+) -> np.ndarray:
+    """float32 (n, H, W): ``fn(rows, z)`` of each batch of the network's outputs z on the
+    store slices ``indices`` (rows: the batch's positions in ``indices``)."""
+    h, w = store.size
+    out = np.zeros((len(indices), h, w), np.float32)
+    for rows, z in logit_batches(checkpoint, store, indices, batch_size, device, progress):
+        out[rows] = fn(rows, z).numpy()
     return out
