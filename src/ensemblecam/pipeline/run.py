@@ -792,17 +792,12 @@ def _fold_pseudo_search(f: _Fold, k_search: str, localisers: list[str]) -> tuple
     otherwise the ensemble's choice (``search/best.json``)."""
     from ensemblecam.stages.search import resolve_criterion, run_search_stage
 
-    rc = f.cfg.run
-    where = f.update(fold=str(f.k), part=rc.calibration_part)
-    if not rc.pseudo_search or resolve_criterion(f.cfg.search.model_copy(update=where)) != "masks":
-        return f.fold.best, k_search
     out = f.fold.pseudo_search
-    qcfg: SearchConfig = f.cfg.search.model_copy(
+    base = _search_config(f, localisers, out)
+    if not f.cfg.run.pseudo_search or resolve_criterion(base) != "masks":
+        return f.fold.best, k_search
+    qcfg = base.model_copy(
         update={
-            **where,
-            "maps": f.fold.maps,
-            "members": _members(f.cfg, localisers),
-            "out": out,
             "slices": "lesion",
             "objective": "lesion_dice",
             "criterion": "masks",
@@ -833,7 +828,7 @@ def _fold_pseudo_labels(
     key = stable_hash(["pseudo_targets", k_conf, _options(f.cfg.evaluate)])
 
     def write(force: bool) -> None:
-        chosen = EnsembleConfig.from_dict(fsutil.read_json(conf_file, "search result")).to_dict()
+        chosen = EnsembleConfig.read(conf_file, "search result").to_dict()
         write_config_masks(tcfg, chosen, f.fold.pseudo_masks)
 
     f.runner.stage(f"{f.name}/pseudo_targets", f.fold.pseudo_targets, key, None, write)
@@ -922,16 +917,7 @@ def _fold_search(f: _Fold, k_cam: str, localisers: list[str]) -> str:
 
     rc = f.cfg.run
     label_members = _members(f.cfg, localisers[:1]) if len(localisers) > 1 else None
-    qcfg: SearchConfig = f.cfg.search.model_copy(
-        update=f.update(
-            fold=str(f.k),
-            part=rc.calibration_part,
-            maps=f.fold.maps,
-            members=_members(f.cfg, localisers),
-            label_members=label_members,
-            out=f.fold.search,
-        )
-    )
+    qcfg = _search_config(f, localisers, f.fold.search, label_members=label_members)
     parts: list[Any] = ["search", _options(f.cfg.search), rc.calibration_part, k_cam]
     k_search = stable_hash(parts if label_members is None else [*parts, label_members])
     f.runner.stage(
@@ -942,6 +928,21 @@ def _fold_search(f: _Fold, k_cam: str, localisers: list[str]) -> str:
         lambda force: run_search_stage(qcfg, force=force),
     )
     return k_search
+
+
+def _search_config(f: _Fold, localisers: list[str], out: Path, **changes: Any) -> SearchConfig:
+    """The fold's search section: its calibration part, its map store, the CAM members
+    and ``localisers``, output ``out``, plus ``changes``."""
+    return f.cfg.search.model_copy(
+        update=f.update(
+            fold=str(f.k),
+            part=f.cfg.run.calibration_part,
+            maps=f.fold.maps,
+            members=_members(f.cfg, localisers),
+            out=out,
+            **changes,
+        )
+    )
 
 
 def _fold_evaluate(
