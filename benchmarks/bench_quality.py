@@ -9,10 +9,12 @@ case Dice of: Empty, the best single member (the single row with the highest hel
 lesion Dice: generous to the baseline), the ensemble (chosen on the training part), the
 refined pseudo-labels (the training part: what self-training learns from, not held out),
 the self-trained U-Net of the earlier round(s) (``run.rounds``; the best of them) and of the
-last (the final weak method) and the fully supervised U-Net (same epochs), plus
+last, the fully supervised U-Net (same epochs) and ``final``, the run's final method
+(results.json ``final``: of the ensemble and each round's U-Net, the one with the highest
+lesion Dice on the val part's masks, never the held-out part), plus
 ``weak_over_supervised`` = best weak method's lesion Dice / supervised's (weak methods:
-single members, ensemble, self-trained U-Nets; goal >= 0.8), and the share of run time the
-refine stages took.
+single members, ensemble, self-trained U-Nets; goal >= 0.8), ``final_over_supervised``
+(the same for the final method alone), and the share of run time the refine stages took.
 
 Usage: python benchmarks/bench_quality.py [--layouts brats,msd,kits] [--work DIR]
        [--folds 0] [--keep]
@@ -110,6 +112,25 @@ def best_rows(results: dict[str, Any], exclude_singles: tuple[str, ...] = ()) ->
     return out
 
 
+def final_row(results: dict[str, Any]) -> dict[str, Any]:
+    """The held-out figures of the run's final method (results.json ``final``: the ensemble
+    or the self-trained U-Net of the round chosen on the val part's masks)."""
+    final = results.get("final") or {}
+    own = final.get("method") == "self_trained"
+    slug = final.get("unet", "pseudo_unet") if own else None
+    row = next(
+        r
+        for r in results["rows"]
+        if (r.get("slug", r["kind"]) == slug if own else r["kind"] == "ensemble")
+        and r["kind"] in ("ensemble", "pseudo_round", "pseudo_unet")
+    )
+    return {m: row["mean"].get(m) for m in METRICS} | {
+        "name": row["name"],
+        "method": final.get("method"),
+        "round": final.get("round"),
+    }
+
+
 def run_layout(layout: str, work: Path, folds: list[int]) -> dict[str, Any]:
     """One demo-scale run of ``layout``; its table figures and timings."""
     cfg = demo_config(layout, work, folds)
@@ -125,6 +146,7 @@ def run_layout(layout: str, work: Path, folds: list[int]) -> dict[str, Any]:
         for k in ("single", "ensemble", "pseudo_round", "pseudo_unet")
         if k in out
     ]
+    out["final"] = final_row(results)
     sup = (out.get("unet") or {}).get("lesion_dice")
     timings = run.get("timings", {})
     refine_s = sum(v for k, v in timings.items() if k.endswith("/refine") or "/refine_round" in k)
@@ -132,6 +154,7 @@ def run_layout(layout: str, work: Path, folds: list[int]) -> dict[str, Any]:
     return {
         "rows": out,
         "weak_over_supervised": (max(weak) / sup) if sup else None,
+        "final_over_supervised": (out["final"]["lesion_dice"] or 0.0) / sup if sup else None,
         "best_weak": max(weak) if weak else None,
         "seconds": round(seconds, 1),
         "refine_seconds": round(refine_s, 1),
@@ -170,6 +193,10 @@ def main() -> None:
                     r = res["rows"][kind]
                     cells = " | ".join("-" if r[m] is None else f"{r[m]:.3f}" for m in METRICS)
                     print(f"| {label} | {cells} |")
+            fin = res["rows"]["final"]
+            print(f"| final: {fin['name']} (chosen on the val part) | "
+                  + " | ".join("-" if fin[m] is None else f"{fin[m]:.3f}" for m in METRICS)
+                  + " |")  # fmt: skip
             ratio = res["weak_over_supervised"]
             share = 100 * (res["refine_share"] or 0)
             print(f"weak / supervised = {'-' if ratio is None else f'{ratio:.2f}'}; refine "
@@ -187,6 +214,7 @@ def main() -> None:
             layout: {
                 **{k: v for k, v in res["rows"].items()},
                 "weak_over_supervised": res["weak_over_supervised"],
+                "final_over_supervised": res["final_over_supervised"],
                 "refine_share": res["refine_share"],
             }
             for layout, res in figures.items()

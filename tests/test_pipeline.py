@@ -181,6 +181,7 @@ def test_rerun_skips_everything_and_changed_option_reruns_dependents(
 
 
 def test_choose_final_hand_computed() -> None:
+    from ensemblecam.pipeline.results import final_text
     from ensemblecam.pipeline.run import choose_final
 
     cfg = Config.model_validate(tiny_sections(run={"final": "auto"}))
@@ -202,6 +203,19 @@ def test_choose_final_hand_computed() -> None:
     assert choose_final(fixed, {"fold0": {"select": sel["fold0"]}})["method"] == "ensemble"
     off = cfg.model_copy(update={"run": cfg.run.model_copy(update={"pseudo_unet": False})})
     assert choose_final(off, {})["method"] == "ensemble"
+    # two rounds: the first round's U-Net can be the final one
+    two = cfg.model_copy(update={"run": cfg.run.model_copy(update={"rounds": 2})})
+    sel = {"fold0": {"ensemble": 0.3, "self_trained_round1": 0.7, "self_trained": 0.6},
+           "fold1": {"ensemble": 0.5, "self_trained_round1": 0.5, "self_trained": 0.5}}  # fmt: skip
+    got = choose_final(two, {f: {"select": s} for f, s in sel.items()})
+    assert (got["method"], got["round"], got["unet"]) == ("self_trained", 1, "pseudo_round1")
+    assert got["val_lesion_dice"] == pytest.approx(
+        {"ensemble": 0.4, "self_trained_round1": 0.6, "self_trained": 0.55}
+    )
+    sel["fold0"]["self_trained"] = 0.7  # a tie of the rounds (0.6 each): the later one
+    got = choose_final(two, {f: {"select": s} for f, s in sel.items()})
+    assert (got["round"], got["unet"]) == (2, "pseudo_unet")
+    assert "self-trained, round 1 60.0%" in final_text({"final": got})
 
 
 def test_final_self_trained_without_self_training_is_refused(phantom: Path, tmp_path: Path) -> None:
@@ -243,17 +257,18 @@ def test_final_choice_on_val_masks(finished_run: Path, phantom: Path, tmp_path: 
     assert json.loads((pred / "index.json").read_text())["source"]["method"] == want
 
 
-def test_second_self_training_round(finished_run: Path, tmp_path: Path) -> None:
+def test_second_self_training_round(finished_run: Path, phantom: Path, tmp_path: Path) -> None:
     """run.rounds 2 (the default): round 1's U-Net (pseudo_round1/) maps the refined parts,
     those maps at threshold 0.5 are refined into round 2's labels, and pseudo/ is round 2's
-    U-Net."""
+    U-Net; run.final auto picks one of the ensemble and the two U-Nets on the val part, and
+    export/ and predict use the one it picked."""
     from ensemblecam.io.masks import read_masks
     from ensemblecam.io.store import SliceStore
 
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     cfg = load_config(run / "config.yaml")
-    cfg.run.out, cfg.run.rounds = run, 2
+    cfg.run.out, cfg.run.rounds, cfg.run.final = run, 2, "auto"
     pipeline.run_pipeline(cfg, force=True, progress=False)
     ran = json.loads((run / "run.json").read_text())["ran_this_time"]
     for f in ("fold0", "fold1"):
@@ -278,6 +293,35 @@ def test_second_self_training_round(finished_run: Path, tmp_path: Path) -> None:
     assert ((lab[slice_labels == 1] == 1).sum(axis=(1, 2)) > 0).all()
     rec = json.loads((fold / "pseudo" / "unet.json").read_text())
     assert str(fold / "refine_round2" / "masks.npz") in json.dumps(rec)
+    # run.final auto chooses among the ensemble and both rounds' U-Nets on the val part
+    final = res["final"]
+    names = ("ensemble", "self_trained_round1", "self_trained")
+    means = {
+        m: float(np.mean([json.loads((run / f / "select" / m / "metrics.json").read_text())
+                          ["metrics"]["lesion_dice"] or 0.0 for f in res["folds"]]))
+        for m in names
+    }  # fmt: skip
+    assert final["val_lesion_dice"] == pytest.approx(means)
+    best = max(reversed(names), key=means.__getitem__)  # a tie: the later round
+    kinds = {"self_trained_round1": "pseudo_round1", "self_trained": "pseudo_unet"}
+    assert final.get("unet", "ensemble") == kinds.get(best, best)
+    exported = json.loads((run / "export" / "index.json").read_text())["source"]["masks"]
+    own = ("eval", final["unet"]) if final["method"] == "self_trained" else ("eval",)
+    assert exported == [str(run.joinpath(f, *own, "masks.npz")) for f in res["folds"]]
+    # predict segments with the U-Net the run chose (here an earlier round's, as if chosen)
+    res["final"] = {"method": "self_trained", "round": 1, "unet": "pseudo_round1"}
+    (run / "results.json").write_text(json.dumps(res))
+    pred = pipeline.predict(run, phantom, tmp_path / "pred", progress=False, fold="fold0")
+    src = json.loads((pred / "index.json").read_text())["source"]
+    assert src["unet"] == "pseudo_round1" and src["checkpoint"] == str(
+        run / "fold0" / "pseudo_round1" / "best.pt"
+    )
+    assert (
+        src["thresholds"]["fold0"]
+        == json.loads(
+            (run / "fold0" / "threshold" / "pseudo_round1" / "threshold.json").read_text()
+        )["threshold"]
+    )
 
 
 def test_predict_on_scans_without_seg(

@@ -483,14 +483,16 @@ class RunConfig(Section):
         description="self-training rounds: each round after the first trains a new U-Net "
         "on the previous one's lesion probabilities (a single member at threshold 0.5) "
         "refined again like the ensemble's (section refine); the last round's U-Net is the "
-        "self-trained result (default 2: the second round was better on every phantom "
-        "layout; 1: one U-Net less)",
+        "self-trained row, and run.final auto may choose an earlier round's (default 2: "
+        "the second round gained on two of the three phantom layouts; 1: one U-Net less)",
     )
     final: Literal["auto", "self_trained", "ensemble"] = Field(
         "auto",
-        description="the final method (export/, predict): auto takes the one with the higher "
-        "mean lesion Dice on the val part's masks over the folds (self_trained when the val "
-        "part has no masks); self_trained needs run.pseudo_unet",
+        description="the final method (export/, predict): auto takes, of the chosen "
+        "ensemble and each self-training round's U-Net, the one with the highest mean "
+        "lesion Dice on the val part's masks over the folds (the last round's U-Net when "
+        "the val part has no masks); self_trained: the last round's U-Net, needs "
+        "run.pseudo_unet",
     )
     gate: Literal["none", "classifiers"] = Field(
         "classifiers",

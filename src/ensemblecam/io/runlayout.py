@@ -30,8 +30,10 @@
         gate/<kind>/        the classifier gate of self-trained U-Net <kind> (pseudo_unet,
                             pseudo_round<r>), calibrated on the val part's slice labels
                             (gate.json; run.gate_threshold auto)
-        select/<method>/    the ensemble and the self-trained U-Net scored on the val
-                            part's masks: the choice of the final method (run.final auto)
+        select/<candidate>/ the ensemble and each self-training round's U-Net
+                            (self_trained: the last; self_trained_round<r>) scored on
+                            the val part's masks: the choice of the final method
+                            (run.final auto)
         eval/<row>/         metrics.json, per_slice.csv, per_case.csv for each result row
                             (+ per_case_empty.csv: the Empty prediction on the same cases;
                             U-Net rows also masks.npz: their masks of the evaluation part)
@@ -42,7 +44,7 @@
       results.md            the summary table as Markdown
       export/               NIfTI masks of every evaluated case (original scan geometry):
                             the final method's (results.json ``final``: by default the
-                            better of the two on the val part's masks); index.json
+                            best candidate on the val part's masks); index.json
                             ``source.method`` says which
       export_ensemble/      the ensemble's masks beside them (only when export/ holds the
                             self-trained U-Net's)
@@ -235,7 +237,7 @@ class FoldLayout:
 
     @property
     def select(self) -> Path:
-        """select/<method>/: the final candidates scored on the val part (the choice)."""
+        """select/<candidate>/: the final candidates scored on the val part (the choice)."""
         return self.dir / "select"
 
     @property

@@ -1,6 +1,6 @@
 """``ensemblecam predict``: masks for new scans with a finished run's final method (results.json
-``final``: the U-Net self-trained on the ensemble's masks or the chosen ensemble
-configuration, whichever scored higher on the val part's masks; ``method`` picks either),
+``final``: the U-Net of the self-training round or the chosen ensemble configuration,
+whichever scored highest on the val part's masks; ``method`` picks either),
 by default with the models of every fold.
 
 Fold ensemble (the default; ``fold`` picks one fold instead). Each fold ``k`` gives every
@@ -37,7 +37,7 @@ from ensemblecam.ensemble.operators import CONFIG_KEYS
 from ensemblecam.errors import InputError
 from ensemblecam.io import fsutil
 from ensemblecam.io.runlayout import RunLayout
-from ensemblecam.pipeline.results import describe_config
+from ensemblecam.pipeline.results import describe_config, final_unet
 from ensemblecam.pipeline.run import METHOD_NAMES, final_method, load_run_config
 from ensemblecam.stages.gate import GATES
 
@@ -76,10 +76,11 @@ def predict(
     """Masks for new, unlabelled scans with a finished run's final method.
 
     The scans are prepared with the run's prepare settings (seg files ignored). ``method``
-    "self_trained": segmented by the U-Net of each fold self-trained on the ensemble's
-    masks (``fold<k>/pseudo/best.pt``); "ensemble": mapped with each fold's classifiers and
-    combined with that fold's chosen configuration. Default method: the run's final one
-    (results.json ``final``; ensemble when a fold has no ``pseudo/unet.json``). Folds:
+    "self_trained": segmented by each fold's U-Net of the self-training round results.json
+    ``final.round`` names (``fold<k>/pseudo/best.pt`` for the last round,
+    ``fold<k>/pseudo_round<r>/best.pt`` for an earlier one); "ensemble": mapped with each
+    fold's classifiers and combined with that fold's chosen configuration. Default method:
+    the run's final one (results.json ``final``; ensemble when a fold has no such U-Net). Folds:
     ``fold`` if given, else every fold of the run
     (``all_folds``, combined as in the module docstring), else the one whose ensemble
     configuration scored best on its calibration data. One line says which folds, method
@@ -101,14 +102,15 @@ def predict(
     if fold is not None and fold not in results["folds"]:
         raise InputError(f"fold {fold!r}: the run has folds {', '.join(results['folds'])}")
     folds = [fold] if fold else list(results["folds"]) if all_folds else [_best_fold(lay, results)]
-    has_own = all(lay.fold(f).unet_record("pseudo_unet").is_file() for f in folds)
+    kind = final_unet(results)  # the self-trained U-Net: the chosen round's
+    has_own = all(lay.fold(f).unet_record(kind).is_file() for f in folds)
     method = method or (final_method(cfg, results) if has_own else "ensemble")
     if method not in METHOD_NAMES:
         raise InputError(f"--method {method}: expected one of {', '.join(METHOD_NAMES)}")
     if method == "self_trained" and not has_own:
-        missing = next(f for f in folds if not lay.fold(f).unet_record("pseudo_unet").is_file())
+        missing = next(f for f in folds if not lay.fold(f).unet_record(kind).is_file())
         raise InputError(
-            f"{lay.fold(missing).unet_checkpoint('pseudo_unet').parent}: the run has no "
+            f"{lay.fold(missing).unet_checkpoint(kind).parent}: the run has no "
             f"self-trained U-Net for {missing} (run.pseudo_unet was off); use --method ensemble"
         )
     gate = cfg.run.gate if gate is None else gate
@@ -125,7 +127,7 @@ def predict(
         try:
             return _predict_in(
                 run_dir, input_dir, out, work, cfg, chosen, method, layout, force, progress,
-                probabilities, gate,
+                probabilities, gate, kind,
             )  # fmt: skip
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -144,6 +146,7 @@ def _predict_in(
     progress: bool | None,
     probabilities: bool,
     gate: str = "none",
+    kind: str = "pseudo_unet",
 ) -> Path:
     """:func:`predict` once the checks are made: prepare, then per fold segment
     (self-trained U-Net) or map and combine (ensemble), combine the folds, export."""
@@ -190,8 +193,9 @@ def _predict_in(
         from ensemblecam.models import read_checkpoint
         from ensemblecam.stages.unet import segment_unet
 
-        checkpoints = {f: lay.fold(f).unet_checkpoint("pseudo_unet") for f in folds}
+        checkpoints = {f: lay.fold(f).unet_checkpoint(kind) for f in folds}
         source["checkpoints"] = {f: str(c) for f, c in checkpoints.items()}
+        source["unet"] = kind
         if len(folds) == 1:
             source["checkpoint"] = str(checkpoints[folds[0]])
         gated = gate == "classifiers"
@@ -204,7 +208,7 @@ def _predict_in(
         thresholds = source["thresholds"] = {}
         for f, ck in checkpoints.items():
             _check_channels(input_dir, store, read_checkpoint(ck)["info"]["channels"])
-            thresholds[f] = _segmenter_threshold(lay, f, cfg)
+            thresholds[f] = _segmenter_threshold(lay, f, cfg, kind)
             m, p = segment_unet(
                 ck, store, np.arange(store.n_slices), cfg.unet.batch_size, progress=progress,
                 threshold=thresholds[f],
@@ -213,7 +217,7 @@ def _predict_in(
             probs.append(p)
         source["gate"] = None
         if gated:
-            source["gate"] = _gate(lay, folds, cfg, store, input_dir, masks, probs, progress)
+            source["gate"] = _gate(lay, folds, cfg, store, input_dir, masks, probs, progress, kind)
     else:
         progress_out.info(f"predict: {how}, {METHOD_NAMES[method]}: {configs}")
         for f in folds:
@@ -239,12 +243,13 @@ def _predict_in(
     return out
 
 
-def _segmenter_threshold(lay: RunLayout, fold: str, cfg: Config) -> float:
-    """The decision threshold of ``fold``'s self-trained U-Net: ``run.segmenter_threshold``,
-    or with auto the one the run calibrated (``threshold/pseudo_unet/threshold.json``)."""
+def _segmenter_threshold(lay: RunLayout, fold: str, cfg: Config, kind: str) -> float:
+    """The decision threshold of ``fold``'s self-trained U-Net ``kind``:
+    ``run.segmenter_threshold``, or with auto the one the run calibrated
+    (``threshold/<kind>/threshold.json``)."""
     thr = cfg.run.segmenter_threshold
     if thr == "auto":
-        record = lay.fold(fold).threshold_record("pseudo_unet")
+        record = lay.fold(fold).threshold_record(kind)
         if not record.is_file():  # a run made before the threshold was calibrated
             raise InputError(
                 f"{record}: threshold calibration not found; rerun `ensemblecam run` on "
@@ -263,11 +268,12 @@ def _gate(
     masks: list[np.ndarray],
     probs: list[np.ndarray],
     progress: bool | None,
+    kind: str,
 ) -> dict[str, Any]:
     """Classifier gating in place (module docstring): each fold's masks and probabilities
     are emptied on the slices where that fold's classifiers' mean P(lesion) is below that
-    fold's threshold (``run.gate_threshold``, or the one calibrated in the run's
-    ``gate/pseudo_unet/gate.json`` when auto). Returns the index.json record."""
+    fold's threshold (``run.gate_threshold``, or the one calibrated for U-Net ``kind`` in
+    the run's ``gate/<kind>/gate.json`` when auto). Returns the index.json record."""
     from ensemblecam.models import read_checkpoint
     from ensemblecam.stages.gate import classifier_probs, gate_masks, gate_record
 
@@ -281,7 +287,7 @@ def _gate(
         )
         thr = cfg.run.gate_threshold
         if thr == "auto":
-            calibrated = lay.fold(f).gate_record("pseudo_unet")
+            calibrated = lay.fold(f).gate_record(kind)
             thr = fsutil.read_json(calibrated, "gate calibration")["threshold"]
         masks[i] = gate_masks(masks[i], g, float(thr))
         probs[i] = gate_masks(probs[i], g, float(thr))

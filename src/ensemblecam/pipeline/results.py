@@ -7,10 +7,13 @@ files written from it (results.json, results.csv, results.md, the demo's table).
      "folds": ["fold0", ...], "metric_names": [...],
      "scored": true (false: no masks in the evaluation part, every metric null),
      "criteria": {"fold0": best.json's "criterion" (what chose the configuration), ...},
-     "final": {"method": "self_trained" | "ensemble", "chosen_by": ..., "val_lesion_dice":
-               {...} (run.final auto with masks in the val part)},
+     "final": {"method": "self_trained" | "ensemble", "round": r (self_trained: the
+               self-training round whose U-Net is final), "chosen_by": ...,
+               "val_lesion_dice": {"ensemble" | "self_trained" | "self_trained_round<r>":
+               mean over folds} (run.final auto with masks in the val part)},
      "rows": [{"name": "ensemble (best configuration)", "kind": "ensemble" | "operator" |
                "single" | "labels" | "empty" | "unet" | "pseudo_unet" | "pseudo_round",
+               "slug": its folder in fold<k>/eval/ (the chosen ensemble and Empty: "ensemble"),
                "config": {"fold0": {"operator", "members", "thresholds", "gate"} | null, ...},
                "per_fold": {"fold0": {metric: value, ...}, ...},
                "mean": {metric: value}, "std": {metric: value},
@@ -155,6 +158,7 @@ def aggregate(fold_results: dict[str, dict[str, Any]], objective: str) -> dict[s
                 table[key] = {
                     "name": row["name"],
                     "kind": row["kind"],
+                    "slug": row["slug"],
                     "per_fold": {},
                     "config": {},
                 }
@@ -259,18 +263,32 @@ FINAL_NAMES = {
 }
 
 
+def candidate_label(name: str) -> str:
+    """A final candidate's name in text (``self_trained_round1`` -> "self-trained, round 1")."""
+    if name.startswith("self_trained_round"):
+        return f"self-trained, round {name.removeprefix('self_trained_round')}"
+    return name.replace("_", "-")
+
+
+def final_unet(results: dict[str, Any] | None = None) -> str:
+    """The U-Net kind behind the self-trained method (export/, predict, the report): the
+    one results.json ``final.unet`` names (:func:`choose_final`), else the last round's
+    (``pseudo_unet``)."""
+    return ((results or {}).get("final") or {}).get("unet") or "pseudo_unet"
+
+
 def final_text(results: dict[str, Any]) -> str:
     """One sentence: whose masks are final (exported, used by predict) and what chose it."""
     final = results.get("final")
     if not final:
         return ""
     text = f"Final masks (export/, predict): {FINAL_NAMES[final['method']]}"
+    if final["method"] == "self_trained" and final.get("round"):
+        text += f" (round {final['round']})"
     scores = final.get("val_lesion_dice")
     if scores:
-        text += (
-            f", the higher mean lesion Dice on the val part's masks (self-trained "
-            f"{100 * scores['self_trained']:.1f}%, ensemble {100 * scores['ensemble']:.1f}%)"
-        )
+        listed = ", ".join(f"{candidate_label(m)} {100 * v:.1f}%" for m, v in scores.items())
+        text += f", the highest mean lesion Dice on the val part's masks ({listed})"
     else:
         text += f" ({final.get('chosen_by')})"
     return text + "."

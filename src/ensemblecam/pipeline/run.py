@@ -54,6 +54,7 @@ from ensemblecam.io import fsutil
 from ensemblecam.io.runlayout import REFINE_FILE, RUN_FORMAT, STAMP, FoldLayout, RunLayout
 from ensemblecam.pipeline.results import (
     aggregate,
+    final_unet,
     result_rows,
     results_csv,
     results_markdown,
@@ -527,7 +528,8 @@ def _run_locked(cfg: Config, root: Path, force: bool, progress: bool | None) -> 
     fsutil.write_text(lay.results_md, results_markdown(results))
 
     if rc.export:
-        _export(cfg, runner, [lay.fold(f) for f in fold_results], results["final"]["method"])
+        method, kind = results["final"]["method"], final_unet(results)
+        _export(cfg, runner, [lay.fold(f) for f in fold_results], method, kind)
     _write_run_record(root, cfg, runner, started, "complete")
     if rc.report:
         from ensemblecam.report import write_report
@@ -594,13 +596,16 @@ def _run_fold(
         targets, k_pt = _fold_pseudo_labels(f, ecfg, conf_file, k_conf)
         if rc.refine and _part_annotated(store, splits, k, "train"):
             rows.append(_pseudo_label_row(f, ecfg, k_pt))
+        unets = {}  # self-trained U-Net kind -> stage key of its targets
         for r in range(1, rc.rounds):  # earlier self-training rounds: their U-Net relabels
-            kind = f"pseudo_round{r}"
+            kind = round_kind(r, rc.rounds)
             rows.append(_unet_row(f, kind, targets, k_pt, ecfg))
+            unets[kind] = k_pt
             targets, k_pt = _fold_next_round(f, r, k_pt)
         rows.append(_unet_row(f, "pseudo_unet", targets, k_pt, ecfg))
+        unets["pseudo_unet"] = k_pt
         if rc.final == "auto" and _part_annotated(store, splits, k, "val"):
-            selection = _fold_select(f, ecfg, rows[0]["config"], k_search, k_pt)
+            selection = _fold_select(f, ecfg, rows[0]["config"], k_search, unets)
     for row in rows if not scored else []:
         row["scored"] = False  # no masks to score with: masks written, metrics null
     return {
@@ -613,57 +618,90 @@ def _run_fold(
 
 
 def _fold_select(
-    f: _Fold, ecfg: EvaluateConfig, chosen: dict[str, Any], k_search: str, k_pt: str
+    f: _Fold, ecfg: EvaluateConfig, chosen: dict[str, Any], k_search: str, unets: dict[str, str]
 ) -> dict[str, float | None]:
-    """Lesion Dice of the fold's two final candidates, the chosen ensemble and the
-    self-trained U-Net (gated as in its evaluation), on the val part's annotated slices:
-    calibration data, never the held-out part (``select/<method>/metrics.json``)."""
+    """Lesion Dice of the fold's final candidates, the chosen ensemble and the U-Net of each
+    self-training round (``unets``: kind -> stage key of its targets; each gated and
+    thresholded as in its evaluation), on the val part's annotated slices: calibration
+    data, never the held-out part (``select/<candidate>/metrics.json``, names
+    :func:`candidate_name`)."""
     from ensemblecam.stages.evaluate import evaluate_stage, evaluate_unet
 
     vcfg = ecfg.model_copy(update={"part": "val"})
     sel = f.fold.select
-    k_unet = _unet_key(f.cfg, "pseudo_unet", f.k, k_pt)
-    thr = _threshold(f, "pseudo_unet", k_unet, ecfg)
-    gate = _gate(f, "pseudo_unet", k_unet, ecfg, thr)
+    candidates = {}  # candidate name -> (U-Net kind, its threshold, its gate)
+    key_parts: list[Any] = ["select", k_search, _options(f.cfg.evaluate)]
+    for kind, k_targets in unets.items():
+        k_unet = _unet_key(f.cfg, kind, f.k, k_targets)
+        thr = _threshold(f, kind, k_unet, ecfg)
+        gate = _gate(f, kind, k_unet, ecfg, thr)
+        candidates[candidate_name(kind)] = (kind, thr, gate)
+        key_parts.append([kind, k_unet, ["threshold", thr], gate and gate[1]])
 
     def run(force: bool) -> None:
         evaluate_stage(vcfg, chosen, sel / "ensemble", force=True)
-        ckpt = f.fold.unet_checkpoint("pseudo_unet")
-        evaluate_unet(vcfg, ckpt, sel / "self_trained", force=True, gate=gate, threshold=thr)
+        for name, (kind, thr, gate) in candidates.items():
+            ckpt = f.fold.unet_checkpoint(kind)
+            evaluate_unet(vcfg, ckpt, sel / name, force=True, gate=gate, threshold=thr)
 
-    parts = ["select", k_search, k_unet, gate is not None, ["threshold", thr]]
-    key = stable_hash([*parts, gate and gate[1], _options(f.cfg.evaluate)])
-    f.runner.stage(f"{f.name}/select", sel, key, None, run)
+    f.runner.stage(f"{f.name}/select", sel, stable_hash(key_parts), None, run)
     return {
         m: fsutil.read_json(sel / m / "metrics.json", "evaluation")["metrics"].get("lesion_dice")
-        for m in ("ensemble", "self_trained")
+        for m in ("ensemble", *candidates)
     }
+
+
+def round_kind(r: int, rounds: int) -> str:
+    """The U-Net kind of self-training round ``r`` of ``rounds``: ``pseudo_unet`` for the
+    last, ``pseudo_round<r>`` for an earlier one."""
+    return "pseudo_unet" if r >= rounds else f"pseudo_round{r}"
+
+
+def candidate_name(kind: str) -> str:
+    """A self-trained U-Net kind's name among the final candidates (``select/<name>/``,
+    results.json ``final.val_lesion_dice``): ``self_trained`` for the last round's,
+    ``self_trained_round<r>`` for an earlier one's."""
+    return "self_trained" + ("" if kind == "pseudo_unet" else kind.removeprefix("pseudo"))
 
 
 def choose_final(cfg: Config, fold_results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The run's final method (results.json ``final``): ``run.final`` when set; with
-    ``auto``, the candidate with the higher mean lesion Dice over the folds on the val
-    part's masks (self-trained U-Net on a tie), or the self-trained U-Net when a fold's
-    val part has no masks to choose with; the ensemble when no U-Net was self-trained."""
+    ``auto``, the candidate with the highest mean lesion Dice over the folds on the val
+    part's masks: the chosen ensemble or the U-Net of one self-training round (``round``;
+    on a tie the later round, and a U-Net before the ensemble), or the last round's U-Net
+    when a fold's val part has no masks to choose with; the ensemble when no U-Net was
+    self-trained."""
     rc = cfg.run
     if not rc.pseudo_unet:
         return {"method": "ensemble", "chosen_by": "run.pseudo_unet is off"}
-    if rc.final != "auto":
-        return {"method": rc.final, "chosen_by": "run.final"}
+    if rc.final == "ensemble":
+        return {"method": "ensemble", "chosen_by": "run.final"}
+    last = _self_trained(rc.rounds, rc.rounds)
+    if rc.final == "self_trained":
+        return {**last, "chosen_by": "run.final"}
     per_fold = {name: res.get("select") for name, res in fold_results.items()}
     if any(s is None for s in per_fold.values()):
-        return {"method": "self_trained", "chosen_by": "no masks in the val part: the default"}
+        return {**last, "chosen_by": "no masks in the val part: the default"}
+    # in the order of preference on a tie: later rounds first, the ensemble last
+    rounds = {candidate_name(round_kind(r, rc.rounds)): r for r in range(rc.rounds, 0, -1)}
     means = {
-        m: float(np.mean([s[m] or 0.0 for s in per_fold.values()]))
-        for m in ("ensemble", "self_trained")
+        m: float(np.mean([s.get(m) or 0.0 for s in per_fold.values()]))
+        for m in [*rounds, "ensemble"]
     }
-    method = "ensemble" if means["ensemble"] > means["self_trained"] else "self_trained"
+    best = max(means, key=means.__getitem__)  # the first of the highest
     return {
-        "method": method,
+        **(
+            {"method": "ensemble"} if best == "ensemble" else _self_trained(rounds[best], rc.rounds)
+        ),
         "chosen_by": "mean lesion Dice on the val part's masks",
         "val_lesion_dice": means,
         "per_fold": per_fold,
     }
+
+
+def _self_trained(r: int, rounds: int) -> dict[str, Any]:
+    """results.json ``final`` of the U-Net of self-training round ``r`` of ``rounds``."""
+    return {"method": "self_trained", "round": r, "unet": round_kind(r, rounds)}
 
 
 def _part_annotated(store: Path, splits: Path, k: int, part: str) -> bool:
@@ -861,7 +899,7 @@ def _fold_next_round(f: _Fold, r: int, k_prev: str) -> tuple[Path, str]:
     from ensemblecam.stages.cam import split_indices
     from ensemblecam.stages.mil import write_unet_maps
 
-    kind = f"pseudo_round{r}"
+    kind = round_kind(r, f.cfg.run.rounds)
     member = member_name("selftrain", f"round{r}")
     parts = list(f.cfg.refine.parts)
     conf = f.fold.round_config(r + 1)
@@ -965,7 +1003,7 @@ def _fold_evaluate(
     eval_dir = f.fold.eval
 
     def evaluate_all(force: bool) -> None:
-        rounds = {f"pseudo_round{r}" for r in range(1, f.cfg.run.rounds)}
+        rounds = {round_kind(r, f.cfg.run.rounds) for r in range(1, f.cfg.run.rounds)}
         keep = {r["slug"] for r in rows} | {"unet", "pseudo_unet", "pseudo_labels"} | rounds
         if eval_dir.is_dir():  # rows of an earlier search that are no longer evaluated
             for stale in eval_dir.iterdir():
@@ -1099,15 +1137,15 @@ def final_method(cfg: Config, results: dict[str, Any] | None = None) -> str:
     return chosen.get("method") or ("self_trained" if cfg.run.pseudo_unet else "ensemble")
 
 
-def _export(cfg: Config, runner: Runner, folds: list[FoldLayout], method: str) -> None:
+def _export(cfg: Config, runner: Runner, folds: list[FoldLayout], method: str, kind: str) -> None:
     """Masks of every evaluated case (each fold's evaluation part) as NIfTI: the final
-    ``method``'s in ``export/``; with the self-trained U-Net, the ensemble's in
-    ``export_ensemble/`` (a leftover of an earlier run with it is removed otherwise)."""
+    ``method``'s in ``export/`` (self_trained: U-Net ``kind``'s); with the self-trained
+    U-Net, the ensemble's in ``export_ensemble/`` (a leftover of an earlier run with it is
+    removed otherwise)."""
     lay = runner.layout
     ensemble = ([f.eval_masks for f in folds], [f.eval / STAMP for f in folds])
     if method == "self_trained":
-        slug = "pseudo_unet"
-        own = ([f.row_masks(slug) for f in folds], [f.eval_row(slug) / STAMP for f in folds])
+        own = ([f.row_masks(kind) for f in folds], [f.eval_row(kind) / STAMP for f in folds])
         _export_masks(cfg, runner, folds, "export", lay.export, "self_trained", *own, False)
         _export_masks(
             cfg, runner, folds, "export_ensemble", lay.export_ensemble, "ensemble", *ensemble
@@ -1172,6 +1210,7 @@ def _export_masks(
                 "folds": [f.name for f in folds],
                 "method": method,
                 "method_name": METHOD_NAMES[method],
+                "masks": [str(p) for p in paths],
             },
             progress=runner.progress,
         )

@@ -5,8 +5,9 @@ evaluation stored for the fold's chosen configuration (``eval/ensemble/per_case.
 Dice over the case's evaluated slices, cases without lesion left out). Each shown case is
 represented by its slice with the largest ground-truth lesion; the chosen ensemble's mask
 is the one the evaluation wrote (``eval/masks.npz``), and so are each operator's best
-configuration's (``eval/op_<operator>/masks.npz``) and the self-trained U-Net's
-(``eval/pseudo_unet/masks.npz``), when the run has them: the report draws stored masks and
+configuration's (``eval/op_<operator>/masks.npz``) and the final self-trained U-Net's
+(``eval/pseudo_unet/masks.npz``, or the chosen earlier round's ``eval/pseudo_round<r>/``),
+when the run has them: the report draws stored masks and
 never applies a configuration itself.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ensemblecam.io.runlayout import CHOSEN_SLUG, operator_slug
+from ensemblecam.pipeline.results import final_unet
 from ensemblecam.report.figures import GalleryRow, gallery_figure
 from ensemblecam.report.html import Page
 from ensemblecam.report.run import Run, best_json, chosen_case_dice, eval_masks
@@ -37,7 +39,7 @@ class _CaseScore:
 class _FoldGallery:
     best: dict[str, Any]  # search/best.json
     # mask column, in drawing order -> (store indices, masks, note) of eval/op_*/masks.npz,
-    # eval/masks.npz (the chosen ensemble) and eval/pseudo_unet/masks.npz
+    # eval/masks.npz (the chosen ensemble) and the final U-Net's eval/<kind>/masks.npz
     stored: dict[str, tuple[np.ndarray, np.ndarray, str]] = field(default_factory=dict)
 
 
@@ -73,7 +75,7 @@ def _fold_case_scores(
     columns = [(c["operator"], operator_slug(c["operator"]), _config_note(c)) for c in confs]
     columns += [
         ("chosen ensemble", None, f"{best.get('operator')}:\n{_config_note(best)}"),
-        ("self-trained U-Net", "pseudo_unet", ""),
+        ("self-trained U-Net", final_unet(run.results), ""),
     ]
     stored: dict[str, tuple[np.ndarray, np.ndarray, str]] = {}
     for column, slug, note in columns:  # slug None: eval/masks.npz, read above

@@ -14,7 +14,7 @@ import numpy as np
 from ensemblecam.io import fsutil
 from ensemblecam.io.mapstore import LOCALISER_TAG
 from ensemblecam.io.runlayout import TRAIN_FIGURES, FoldLayout
-from ensemblecam.pipeline.results import SUMMARY_METRICS, final_text
+from ensemblecam.pipeline.results import SUMMARY_METRICS, final_text, final_unet
 from ensemblecam.report.figures import (
     lesion_fraction_histogram,
 )
@@ -38,7 +38,7 @@ from ensemblecam.report.text import (
 
 #: the headline rows, in the order of the chain: ensemble -> refined pseudo-labels ->
 #: self-trained U-Net, then the bounds
-_SUMMARY_KINDS = ("ensemble", "pseudo_labels", "pseudo_unet", "unet", "empty")
+_SUMMARY_KINDS = ("ensemble", "pseudo_labels", "pseudo_round", "pseudo_unet", "unet", "empty")
 
 
 def section_summary(rep: Page, run: Run, folds: list[str]) -> None:
@@ -224,24 +224,29 @@ def _headline(rep: Page, run: Run, folds: list[str], objective: str) -> None:
 def _final_method(
     rep: Page, results: dict[str, Any], rows: list[dict[str, Any]], metrics: list[str]
 ) -> None:
-    """The final masks (results.json ``final``: the self-trained U-Net's or the ensemble's)
-    against the other candidate and the supervised U-Net, in each summary metric."""
+    """The final masks (results.json ``final``: a self-trained U-Net's or the ensemble's)
+    against the ensemble or the last round's U-Net and the supervised U-Net, in each
+    summary metric."""
     method = (results.get("final") or {}).get("method", "self_trained")
-    kind = "pseudo_unet" if method == "self_trained" else "ensemble"
-    own = next((r for r in rows if r.get("kind") == kind), None)
-    if own is None or not any(r.get("kind") == "pseudo_unet" for r in rows):
+    unet, ens = final_unet(results), next((r for r in rows if r.get("kind") == "ensemble"), None)
+    by_slug = {
+        r.get("slug", r["kind"]): r  # a results.json before slugs: pseudo_unet and unet
+        for r in rows
+        if r.get("kind") in ("pseudo_unet", "pseudo_round", "unet")
+    }
+    own = by_slug.get(unet) if method == "self_trained" else ens
+    if own is None or "pseudo_unet" not in by_slug:
         return
-    other_kind = "ensemble" if kind == "pseudo_unet" else "pseudo_unet"
-    others = ((other_kind, "the other candidate"), ("unet", "supervised U-Net"))
+    other = ens if method == "self_trained" else by_slug["pseudo_unet"]
+    label = "the ensemble" if method == "self_trained" else "the self-trained U-Net"
     parts = []
     for m in metrics:
         text = f"{m} {format_metric(m, _mean(own, m), (own.get('std') or {}).get(m))}"
-        for okind, label in others:
-            other = next((r for r in rows if r.get("kind") == okind), None)
-            if other is not None and math.isfinite(_mean(other, m)):
-                text += f", {label} {format_metric(m, _mean(other, m))}"
-                if okind == "unet" and _mean(other, m) > 0 and math.isfinite(_mean(own, m)):
-                    text += f" (weak / supervised {_mean(own, m) / _mean(other, m):.2f})"
+        for row, name in ((other, label), (by_slug.get("unet"), "supervised U-Net")):
+            if row is not None and math.isfinite(_mean(row, m)):
+                text += f", {name} {format_metric(m, _mean(row, m))}"
+                if row.get("kind") == "unet" and _mean(row, m) > 0 and math.isfinite(_mean(own, m)):
+                    text += f" (weak / supervised {_mean(own, m) / _mean(row, m):.2f})"
         parts.append(text)
     why = final_text(results)
     rep.p(f"The final masks are the {own['name']}'s: " + "; ".join(parts) + ". " + why)
@@ -276,17 +281,17 @@ def _refine_notes(rep: Page, run: Run, folds: list[str]) -> None:
 
 
 def _threshold_notes(rep: Page, run: Run, folds: list[str]) -> None:
-    """Per fold: the self-trained U-Net's decision threshold as its evaluation recorded it
+    """Per fold: the final self-trained U-Net's decision threshold as its evaluation recorded it
     and, when calibrated, the calibration part's lesion Dice at it and at 0.5 (its table)."""
-    lines = []
+    lines, kind = [], final_unet(run.results)  # the final self-trained U-Net
     for f in folds:
         lay = run.layout.fold(f)
-        path = lay.eval_metrics("pseudo_unet")
+        path = lay.eval_metrics(kind)
         t = fsutil.read_json(path, "evaluation").get("threshold") if path.is_file() else None
         if t is None:
             continue
         text = f"{f}: P(lesion) > {t:g}"
-        calibrated = lay.threshold_record("pseudo_unet")
+        calibrated = lay.threshold_record(kind)
         if calibrated.is_file():
             rec = fsutil.read_json(calibrated, "threshold calibration")
             dice = {r["threshold"]: r["lesion_dice"] for r in rec.get("table", [])}
@@ -300,18 +305,18 @@ def _threshold_notes(rep: Page, run: Run, folds: list[str]) -> None:
 
 
 def _gate_notes(rep: Page, run: Run, folds: list[str]) -> None:
-    """Per fold: the self-trained U-Net's classifier gate as its evaluation recorded it
+    """Per fold: the final self-trained U-Net's classifier gate as its evaluation recorded it
     (threshold, slices emptied) and, when calibrated, the val part's slice F1 behind it."""
-    lines = []
+    lines, kind = [], final_unet(run.results)  # the final self-trained U-Net
     for f in folds:
         lay = run.layout.fold(f)
-        path = lay.eval_metrics("pseudo_unet")
+        path = lay.eval_metrics(kind)
         gate = fsutil.read_json(path, "evaluation").get("gate") if path.is_file() else None
         if not gate:
             continue
         t = float(gate["threshold"])
         text = f"{f}: threshold {t:g}" + (" (no gating)" if t == 0 else "")
-        calibrated = lay.gate_record("pseudo_unet")
+        calibrated = lay.gate_record(kind)
         if calibrated.is_file():
             rec = fsutil.read_json(calibrated, "gate calibration")
             f1 = next((r["f1"] for r in rec.get("table", []) if r["threshold"] == t), None)
@@ -377,8 +382,9 @@ def _where(rep: Page, run: Run) -> None:
             "fold*/models (classifiers), fold*/maps (CAMs), fold*/search "
             "(threshold grids, ranking), fold*/eval/<row> (metrics.json, "
             "per_case.csv, per_slice.csv; rows: ensemble, op_<operator>, "
-            "single_<member>, unet, pseudo_unet; masks.npz of the op_, unet and "
-            "pseudo_unet rows), fold*/eval/masks.npz (the chosen ensemble's masks)",
+            "single_<member>, unet, pseudo_round<r>, pseudo_unet; masks.npz of the op_ and "
+            "U-Net rows), fold*/select (the final candidates on the val part), "
+            "fold*/eval/masks.npz (the chosen ensemble's masks)",
         ),
     ]
     if store is not None:
