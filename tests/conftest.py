@@ -1,9 +1,11 @@
 """Shared fixtures: tiny slice stores built directly in the store format; one intra-op
 thread for modules that train tiny models (``pytestmark = pytest.mark.usefixtures(
-"one_thread")``)."""
+"one_thread")``), and for every test in a pytest-xdist worker (two workers share two
+cores)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,9 @@ import pytest
 import torch
 
 from store_factory import build_store
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -46,7 +46,10 @@ def test_pipeline_twice_gives_identical_files(
     )
     data = json.loads(json.dumps(TINY))
     data["prepare"]["data"] = str(phantom)
-    data["run"].update(out=str(tmp_path / "run"), pseudo_unet=False, final="auto", report=False)
+    # one fold: the other runs the same code on other cases
+    data["run"].update(
+        out=str(tmp_path / "run"), pseudo_unet=False, final="auto", report=False, folds=[0]
+    )
     cfg = Config.model_validate(data)
     first = pipeline.run_pipeline(cfg, progress=False)
     shutil.move(first, tmp_path / "first")
@@ -65,6 +68,14 @@ def test_pipeline_twice_gives_identical_files(
         assert any(kind in k for k in a), kind  # each kind of output is compared
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
+    # without self-training: no such row, and the ensemble's masks are the final ones
+    res = json.loads((second / "results.json").read_text())
+    assert "pseudo_unet" not in [r["kind"] for r in res["rows"]]
+    assert res["final"]["method"] == "ensemble"
+    assert json.loads((second / "export" / "index.json").read_text())["source"]["method"] == (
+        "ensemble"
+    )
+    assert not (second / "export_ensemble").exists()
     record = json.loads((second / "run.json").read_text())
     record["environment"]["packages"]["numpy"] = "1.0.0"
     (second / "run.json").write_text(json.dumps(record))

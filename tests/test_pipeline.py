@@ -137,49 +137,6 @@ def test_end_to_end_results_export_report(finished_run: Path, phantom: Path) -> 
     assert "fold0/train/simplecnn" in run["timings"]
 
 
-def test_rerun_skips_everything_and_changed_option_reruns_dependents(
-    finished_run: Path, phantom: Path
-) -> None:
-    cfg = _config(finished_run.parent, phantom)
-    stamps = {p: p.stat().st_mtime_ns for p in finished_run.rglob("stage.json")}
-    before = (finished_run / "results.json").read_text()
-    pipeline.run_pipeline(cfg, progress=False)
-    run = json.loads((finished_run / "run.json").read_text())
-    assert run["ran_this_time"] == []
-    assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("stage.json")} == stamps
-    assert (finished_run / "results.json").read_text() == before
-    # another grid: refused without force; with force only search and what follows rerun
-    changed = _config(finished_run.parent, phantom, search__grid="0:0.9:0.3")
-    with pytest.raises(InputError, match="another configuration"):
-        pipeline.run_pipeline(changed, progress=False)
-    pipeline.run_pipeline(changed, force=True, progress=False)
-    ran = json.loads((finished_run / "run.json").read_text())["ran_this_time"]
-    assert "fold0/search" in ran and "fold1/evaluate" in ran
-    assert not any("/train/" in r or r.endswith("/cam") or r in ("prepare", "split") for r in ran)
-    assert not any(r.endswith("/unet") for r in ran)  # the supervised U-Net does not depend on it
-    # without the self-trained U-Net, export/ holds the ensemble's masks and the ensemble's
-    # own export folder goes; nothing is retrained
-    off = _config(
-        finished_run.parent,
-        phantom,
-        search__grid="0:0.9:0.3",
-        run__pseudo_unet=False,
-        run__final="auto",
-    )
-    pipeline.run_pipeline(off, force=True, progress=False)
-    ran = json.loads((finished_run / "run.json").read_text())["ran_this_time"]
-    assert "export" in ran and not any("/train/" in r or "pseudo" in r for r in ran)
-    index = json.loads((finished_run / "export" / "index.json").read_text())
-    assert index["source"]["method"] == "ensemble"
-    assert not (finished_run / "export_ensemble").exists()
-    kinds = [r["kind"] for r in json.loads((finished_run / "results.json").read_text())["rows"]]
-    assert "pseudo_unet" not in kinds
-    pipeline.run_pipeline(changed, force=True, progress=False)  # back on: both exports again
-    index = json.loads((finished_run / "export" / "index.json").read_text())
-    assert index["source"]["method"] == "self_trained"
-    assert (finished_run / "export_ensemble" / "index.json").is_file()
-
-
 def test_choose_final_hand_computed() -> None:
     from ensemblecam.pipeline.results import final_text
     from ensemblecam.pipeline.run import choose_final
@@ -223,38 +180,6 @@ def test_final_self_trained_without_self_training_is_refused(phantom: Path, tmp_
     with pytest.raises(InputError, match=r"^config: run.final self_trained needs run.pseudo_unet"):
         pipeline.run_pipeline(cfg, progress=False)
     assert not (tmp_path / "run").exists()
-
-
-def test_final_choice_on_val_masks(finished_run: Path, phantom: Path, tmp_path: Path) -> None:
-    """run.final auto scores both candidates on each fold's val part and exports the one
-    with the higher mean lesion Dice; only the selection and export stages run."""
-    run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
-    auto = load_config(run / "config.yaml")  # as the run was last made, with final auto
-    auto.run.out, auto.run.final = run, "auto"
-    pipeline.run_pipeline(auto, force=True, progress=False)
-    ran = json.loads((run / "run.json").read_text())["ran_this_time"]
-    assert {"fold0/select", "fold1/select"} <= set(ran)
-    assert not any("/train/" in r or r.endswith(("/cam", "/pseudo_unet")) for r in ran)
-    res = json.loads((run / "results.json").read_text())
-    final = res["final"]
-    scores = {m: [] for m in ("ensemble", "self_trained")}
-    for f in res["folds"]:
-        for m in scores:
-            metrics = json.loads((run / f / "select" / m / "metrics.json").read_text())
-            assert metrics["part"] == "val"
-            scores[m].append(metrics["metrics"]["lesion_dice"] or 0.0)
-    means = {m: float(np.mean(v)) for m, v in scores.items()}
-    assert final["val_lesion_dice"] == pytest.approx(means)
-    want = "ensemble" if means["ensemble"] > means["self_trained"] else "self_trained"
-    assert final["method"] == want
-    index = json.loads((run / "export" / "index.json").read_text())
-    assert index["source"]["method"] == want
-    assert (run / "export_ensemble").is_dir() == (want == "self_trained")
-    assert "Final masks (export/, predict):" in (run / "results.md").read_text()
-    # predict applies the same final method by default
-    pred = pipeline.predict(run, phantom, tmp_path / "pred", progress=False, fold="fold0")
-    assert json.loads((pred / "index.json").read_text())["source"]["method"] == want
 
 
 def test_second_self_training_round(finished_run: Path, phantom: Path, tmp_path: Path) -> None:
@@ -305,9 +230,20 @@ def test_second_self_training_round(finished_run: Path, phantom: Path, tmp_path:
     best = max(reversed(names), key=means.__getitem__)  # a tie: the later round
     kinds = {"self_trained_round1": "pseudo_round1", "self_trained": "pseudo_unet"}
     assert final.get("unet", "ensemble") == kinds.get(best, best)
-    exported = json.loads((run / "export" / "index.json").read_text())["source"]["masks"]
+    assert {"fold0/select", "fold1/select"} <= set(ran)
+    for f in res["folds"]:
+        assert (
+            json.loads((run / f / "select" / "ensemble" / "metrics.json").read_text())["part"]
+            == "val"
+        )  # calibration data, never the held-out part
+    source = json.loads((run / "export" / "index.json").read_text())["source"]
     own = ("eval", final["unet"]) if final["method"] == "self_trained" else ("eval",)
-    assert exported == [str(run.joinpath(f, *own, "masks.npz")) for f in res["folds"]]
+    assert source["method"] == final["method"]
+    assert source["masks"] == [str(run.joinpath(f, *own, "masks.npz")) for f in res["folds"]]
+    assert (run / "export_ensemble").is_dir() == (final["method"] == "self_trained")
+    assert "Final masks (export/, predict):" in (run / "results.md").read_text()
+    default = pipeline.predict(run, phantom, tmp_path / "default", progress=False, fold="fold0")
+    assert json.loads((default / "index.json").read_text())["source"]["method"] == final["method"]
     # predict segments with the U-Net the run chose (here an earlier round's, as if chosen)
     res["final"] = {"method": "self_trained", "round": 1, "unet": "pseudo_round1"}
     (run / "results.json").write_text(json.dumps(res))
@@ -543,10 +479,15 @@ def test_classifier_gate_in_run_and_predict(
     u = np.unique(p)
     k = int(np.argmax(np.diff(u)))
     assert u[k + 1] - u[k] > 1e-5  # far from the recomputation tolerance above
-    cfg = load_run_config(finished_run)
-    cfg.run.gate_threshold = float((u[k] + u[k + 1]) / 2)
+    run = tmp_path / "run"  # a copy: the module's later tests see the run as it was made
+    shutil.copytree(finished_run, run)
+    lay = RunLayout(run).fold("fold0")  # gated_as_said reads the copy from here on
+    member, ck = lay.map_set("simplecnn__gradcam"), [lay.checkpoint("simplecnn")]
+    cfg = load_run_config(run)
+    cfg.run.out, cfg.run.gate_threshold = run, float((u[k] + u[k + 1]) / 2)
+    cfg.run.report = False  # read above; seconds
     pipeline.run_pipeline(cfg, force=True, progress=False)
-    ran = set(json.loads((finished_run / "run.json").read_text())["ran_this_time"])
+    ran = set(json.loads((run / "run.json").read_text())["ran_this_time"])
     assert {"fold0/pseudo_unet/evaluate", "fold1/pseudo_unet/evaluate", "export"} <= ran
     assert not any(r.endswith(("/cam", "/pseudo_unet", "/unet/evaluate")) for r in ran)
     low = gated_as_said(cfg.run.gate_threshold)
@@ -554,9 +495,9 @@ def test_classifier_gate_in_run_and_predict(
     # predict: the run's gate by default, --gate none keeps the U-Net's masks
     new = tmp_path / "new"
     shutil.copytree(phantom, new, ignore=shutil.ignore_patterns("*_seg.nii.gz"))
-    on = pipeline.predict(finished_run, new, tmp_path / "on", progress=False, fold="fold0",
+    on = pipeline.predict(run, new, tmp_path / "on", progress=False, fold="fold0",
                           probabilities=True)  # fmt: skip
-    off = pipeline.predict(finished_run, new, tmp_path / "off", progress=False, fold="fold0",
+    off = pipeline.predict(run, new, tmp_path / "off", progress=False, fold="fold0",
                            gate="none")  # fmt: skip
     rec = json.loads((on / "index.json").read_text())["source"]["gate"]["folds"]["fold0"]
     assert rec["classifiers"] == [str(ck[0])] and rec["threshold"] == cfg.run.gate_threshold
@@ -575,7 +516,7 @@ def test_classifier_gate_in_run_and_predict(
     assert 0 < emptied <= rec["n_gated"] and kept > 0
     result = CliRunner().invoke(
         app,
-        ["predict", "--run", str(finished_run), "--input", str(new), "--out",
+        ["predict", "--run", str(run), "--input", str(new), "--out",
          str(tmp_path / "x"), "--gate", "yes"],
     )  # fmt: skip
     assert result.exit_code == 2 and result.output.count("\n") == 1
@@ -594,6 +535,7 @@ def test_kill_and_resume(phantom: Path, tmp_path: Path, monkeypatch: pytest.Monk
         phantom,
         run__unet=False,
         run__pseudo_unet=False,
+        run__mil=False,  # seconds: resume is the stages' common code, localisers or not
         run__final="auto",
         run__report=False,
         run__export=False,
@@ -761,3 +703,52 @@ def test_localiser_variants_and_predict_reuses_their_scale(
     assert np.mean(got == want) > 0.999 and got.any()  # float16 rounding at the threshold
     unscaled = config_masks([plain.maps], [plain.probs], chosen)
     assert got.sum() > unscaled.sum()  # the scale made a difference
+
+
+def test_rerun_skips_everything_and_changed_option_reruns_dependents(
+    finished_run: Path, phantom: Path
+) -> None:
+    """Kept last in the module: it changes the shared run's configuration."""
+    cfg = _config(finished_run.parent, phantom)
+    stamps = {p: p.stat().st_mtime_ns for p in finished_run.rglob("stage.json")}
+    before = (finished_run / "results.json").read_text()
+    pipeline.run_pipeline(cfg, progress=False)
+    run = json.loads((finished_run / "run.json").read_text())
+    assert run["ran_this_time"] == []
+    assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("stage.json")} == stamps
+    assert (finished_run / "results.json").read_text() == before
+    # another grid: refused without force; with force only search and what follows rerun
+    # (no report from here on: seconds, and the last test of the module, so nothing reads it)
+    changed = _config(finished_run.parent, phantom, search__grid="0:0.9:0.3", run__report=False)
+    with pytest.raises(InputError, match="another configuration"):
+        pipeline.run_pipeline(changed, progress=False)
+    pipeline.run_pipeline(changed, force=True, progress=False)
+    ran = json.loads((finished_run / "run.json").read_text())["ran_this_time"]
+    assert "fold0/search" in ran and "fold1/evaluate" in ran
+    assert not any("/train/" in r or r.endswith("/cam") or r in ("prepare", "split") for r in ran)
+    assert not any(r.endswith("/unet") for r in ran)  # the supervised U-Net does not depend on it
+    # with the ensemble as the final method, export/ holds its masks and its own export
+    # folder goes; only the export reruns (a run without self-training: test_determinism)
+    fixed = _config(
+        finished_run.parent,
+        phantom,
+        search__grid="0:0.9:0.3",
+        run__final="ensemble",
+        run__report=False,
+    )
+    pipeline.run_pipeline(fixed, force=True, progress=False)
+    ran = json.loads((finished_run / "run.json").read_text())["ran_this_time"]
+    assert ran == ["export"]
+    index = json.loads((finished_run / "export" / "index.json").read_text())
+    assert index["source"]["method"] == "ensemble"
+    assert not (finished_run / "export_ensemble").exists()
+    final = json.loads((finished_run / "results.json").read_text())["final"]
+    assert final == {"method": "ensemble", "chosen_by": "run.final"}
+    pipeline.run_pipeline(changed, force=True, progress=False)  # back: both exports again
+    assert json.loads((finished_run / "run.json").read_text())["ran_this_time"] == [
+        "export",
+        "export_ensemble",
+    ]
+    index = json.loads((finished_run / "export" / "index.json").read_text())
+    assert index["source"]["method"] == "self_trained"
+    assert (finished_run / "export_ensemble" / "index.json").is_file()

@@ -31,7 +31,13 @@ from ensemblecam.io.store import SliceStore
 from ensemblecam.metrics.classification import classifier_metrics
 from ensemblecam.metrics.conventions import score
 from ensemblecam.pipeline import SUMMARY_METRICS
-from ensemblecam.report.figures import bar_limits, threshold_heatmap
+from ensemblecam.report.figures import (
+    GalleryRow,
+    bar_limits,
+    gallery_cell,
+    gallery_figure,
+    threshold_heatmap,
+)
 from ensemblecam.report.reference import (
     REFERENCE_FIGURES,
     is_phantom,
@@ -689,3 +695,34 @@ def test_sortable_tables_work_without_script(made: tuple[Path, str]) -> None:
     table = html_table(["case", "dice"], [["b", "2.0"], ["a", "–"]], "percase sortable")
     assert table.startswith('<table class="percase sortable"><thead><tr><th>case</th>')
     assert table.index("<td>b</td>") < table.index("<td>a</td>")  # written order kept
+
+
+def test_gallery_cell_hand_computed() -> None:
+    """Gray image (1st-99th percentile to [0, 1]); colours laid at alpha 0.5; the ground
+    truth's outline in yellow on maps and masks, never inside it or on the image."""
+    img = np.zeros((5, 5), np.float32)
+    img[:, 2:] = 1.0  # percentiles 1 and 99: 0 and 1, so gray = img
+    gt = np.zeros((5, 5), bool)
+    gt[1:4, 1:4] = True  # a 3x3 block: its centre (2, 2) is inside, the other 8 the outline
+    plain = gallery_cell(img, gt)
+    np.testing.assert_array_equal(plain, np.repeat(img[..., None], 3, axis=-1))
+    lime = gallery_cell(img, gt, kind="gt")
+    np.testing.assert_allclose(lime[2, 2], [0.5, 1.0, 0.5])  # 0.5 x gray 1 + 0.5 x (0, 1, 0)
+    np.testing.assert_allclose(lime[1, 1], [0.0, 0.5, 0.0])  # gray 0
+    np.testing.assert_array_equal(lime[0, 0], plain[0, 0])  # outside the ground truth
+    mask = np.zeros((5, 5), bool)
+    mask[2, 2] = mask[0, 4] = True
+    red = gallery_cell(img, gt, mask, "mask")
+    np.testing.assert_allclose(red[2, 2], [1.0, 0.5, 0.5])  # inside gt: red, no outline
+    np.testing.assert_allclose(red[0, 4], [1.0, 0.5, 0.5])
+    outline = [(r, c) for r in range(1, 4) for c in range(1, 4) if (r, c) != (2, 2)]
+    for r, c in outline:
+        np.testing.assert_array_equal(red[r, c], [1.0, 1.0, 0.0])
+    np.testing.assert_array_equal(red[0, 0], [0.0, 0.0, 0.0])
+    heat = gallery_cell(img, gt, np.zeros((5, 5)), "map")  # jet(0) = (0, 0, 0.5)
+    np.testing.assert_allclose(heat[0, 3], [0.5, 0.5, 0.75])
+    np.testing.assert_array_equal(heat[1, 1], [1.0, 1.0, 0.0])
+    # a whole figure: a PNG with a missing entry left blank
+    rows = [GalleryRow("a", img, gt, {"m": np.ones((5, 5))}, {"k": mask}, {"k": "t > 0.5"}),
+            GalleryRow("b", img, gt, {}, {"k": mask})]  # fmt: skip
+    assert gallery_figure(rows, "cases").startswith(b"\x89PNG")

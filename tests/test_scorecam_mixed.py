@@ -44,7 +44,7 @@ def test_error_sigma_hand_computed() -> None:
 def _inputs() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
     model = small_resnet(0.5)
     torch.manual_seed(3)
-    x = torch.rand(2, 1, 64, 64)
+    x = torch.rand(2, 1, 32, 32)
     acts = {}
     h = model.layer4.register_forward_hook(lambda _m, _i, o: acts.__setitem__("a", o))
     with torch.no_grad():
@@ -100,7 +100,7 @@ def test_tolerance_is_met(tol: float) -> None:
 def test_engine_bf16_close_to_fp32() -> None:
     model = small_resnet(0.5)
     torch.manual_seed(4)
-    x = torch.rand(2, 1, 64, 64)
+    x = torch.rand(1, 1, 32, 32)
     exact = CamEngine(model, ["scorecam"])(x).maps["scorecam"]
     eng = CamEngine(model, ["scorecam"], score_precision="bf16", score_tol=1e-3)
     mixed = eng(x).maps["scorecam"]

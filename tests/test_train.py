@@ -249,6 +249,7 @@ def test_cli_one_line_errors(tmp_path: Path, tiny_store: Path) -> None:
     assert res.exit_code == 2 and "not a JSON object" in res.output
 
 
+@pytest.mark.slow  # ~45 s on an AVX2 CPU; test_small_resnet_learns is the default run's check
 def test_resnet_learns_on_brats_phantom(tmp_path: Path) -> None:
     """The built-in phantom is a real weak-supervision task: a small ResNet separates lesion
     from lesion-free slices of held-out cases after 6 epochs (confounder spots included).

@@ -215,14 +215,46 @@ class GalleryRow:
     notes: dict[str, str] = field(default_factory=dict)  # column -> text under the cell
 
 
+def gallery_cell(
+    image: np.ndarray,
+    gt: np.ndarray,
+    overlay: np.ndarray | None = None,
+    kind: str = "image",
+) -> np.ndarray:
+    """RGB (float, [0, 1]) of one gallery cell: the image in gray (1st-99th percentile to
+    [0, 1]), then by ``kind``: "gt" the ground truth in lime at alpha 0.5; "map" the map
+    ``overlay`` (in [0, 1]) in jet at alpha 0.5; "mask" the mask ``overlay`` in red at alpha
+    0.5; for maps and masks the ground truth's outline (its pixels with a 4-neighbour
+    outside it) in yellow. ``rgb = 0.5 gray + 0.5 colour`` where a colour is laid."""
+    from matplotlib import colormaps
+    from scipy.ndimage import binary_erosion
+
+    img = np.asarray(image, dtype=np.float32)
+    lo, hi = np.percentile(img, [1, 99]) if img.size else (0.0, 1.0)
+    gray = np.clip((img - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    gt = np.asarray(gt, dtype=bool)
+    if kind == "gt":
+        rgb[gt] = 0.5 * rgb[gt] + 0.5 * np.array([0.0, 1.0, 0.0])
+    elif kind == "map" and overlay is not None:
+        colour = colormaps["jet"](np.clip(np.asarray(overlay, np.float32), 0, 1))[..., :3]
+        rgb = 0.5 * rgb + 0.5 * colour
+    elif kind == "mask" and overlay is not None:
+        mk = np.asarray(overlay, dtype=bool)
+        rgb[mk] = 0.5 * rgb[mk] + 0.5 * np.array([1.0, 0.0, 0.0])
+    if kind in ("map", "mask") and gt.any() and not gt.all():
+        rgb[gt & ~binary_erosion(gt, border_value=1)] = (1.0, 1.0, 0.0)
+    return rgb
+
+
 def gallery_figure(rows: Sequence[GalleryRow], title: str = "") -> bytes:
     """The paper's Fig. 3: image | ground truth | member maps | masks, one row per slice.
 
     Maps are drawn as a jet heatmap in [0, 1] over the image; masks in red over the image
-    with the ground-truth outline in yellow. Columns are the union over rows (a missing
-    entry stays blank); ``notes`` (e.g. thresholds) are printed under their cell.
+    with the ground-truth outline in yellow (:func:`gallery_cell`). Columns are the union
+    over rows (a missing entry stays blank); ``notes`` (e.g. thresholds) are printed under
+    their cell. The cells form one mosaic image, drawn once (one axes for the whole grid).
     """
-    from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
 
     if not rows:
@@ -230,7 +262,7 @@ def gallery_figure(rows: Sequence[GalleryRow], title: str = "") -> bytes:
     map_cols = list(dict.fromkeys(k for r in rows for k in r.maps))
     mask_cols = list(dict.fromkeys(k for r in rows for k in r.masks))
     cols = ["image", "ground truth", *map_cols, *mask_cols]
-    size = 1.7
+    size = 1.7  # inches per cell
     # notes wrapped to the cell's width (7 pt text: about 0.6 x 7 pt per character)
     width = int(size * 72 / (0.6 * 7))
     notes = [
@@ -238,57 +270,38 @@ def gallery_figure(rows: Sequence[GalleryRow], title: str = "") -> bytes:
         for r in rows
     ]
     note_lines = max((n.count("\n") + 1 for ns in notes for n in ns.values()), default=0)
-    gap = 0.15 * note_lines + 0.15  # inches under each row for the notes
-    fig = Figure(figsize=(size * len(cols), (size + gap) * len(rows) + (0.4 if title else 0.1)))
-    axes = np.asarray(
-        fig.subplots(
-            len(rows),
-            len(cols),
-            squeeze=False,
-            gridspec_kw={"hspace": gap / size + 0.05, "wspace": 0.05},
-        )
-    )
-    red = ListedColormap(["red"])
-    green = ListedColormap(["lime"])
+    h = max(np.shape(r.image)[0] for r in rows)
+    w = max(np.shape(r.image)[1] for r in rows)
+    per_inch = max(h, w) / size  # mosaic pixels per inch
+    col_gap = max(1, round(0.05 * w))
+    row_gap = round((0.15 * note_lines + 0.2) * per_inch)  # room for the notes
+    pitch_x, pitch_y = w + col_gap, h + row_gap
+    mosaic = np.ones((pitch_y * len(rows) - row_gap, pitch_x * len(cols) - col_gap, 3))
+    fig = Figure(figsize=(mosaic.shape[1] / per_inch, mosaic.shape[0] / per_inch))
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
     for i, row in enumerate(rows):
-        img = np.asarray(row.image, dtype=np.float32)
-        lo, hi = np.percentile(img, [1, 99]) if img.size else (0.0, 1.0)
-        gt = np.asarray(row.gt, dtype=bool)
-
-        def base(ax: Any, img: np.ndarray = img, lo: float = lo, hi: float = hi) -> None:
-            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
-
-        def outline(ax: Any, gt: np.ndarray = gt) -> None:
-            if gt.any() and not gt.all():
-                ax.contour(gt.astype(np.float32), levels=[0.5], colors="yellow", linewidths=0.8)
-
+        cells: dict[str, np.ndarray] = {
+            "image": gallery_cell(row.image, row.gt),
+            "ground truth": gallery_cell(row.image, row.gt, kind="gt"),
+            **{c: gallery_cell(row.image, row.gt, m, "map") for c, m in row.maps.items()},
+            **{c: gallery_cell(row.image, row.gt, m, "mask") for c, m in row.masks.items()},
+        }
+        top = i * pitch_y
         for j, col in enumerate(cols):
-            ax = axes[i, j]
-            ax.set_xticks([])
-            ax.set_yticks([])
+            left = j * pitch_x
+            if col in cells:
+                cell = cells[col]
+                mosaic[top : top + cell.shape[0], left : left + cell.shape[1]] = cell
             if i == 0:
-                ax.set_title(col if len(col) <= 24 else col[:22] + "..", fontsize=8.5)
-            if j == 0:
-                base(ax)
-                ax.set_ylabel(row.title, fontsize=8)
-            elif j == 1:
-                base(ax)
-                ax.imshow(np.ma.masked_where(~gt, gt), cmap=green, alpha=0.5, vmin=0, vmax=1)
-            elif col in row.maps:
-                base(ax)
-                ax.imshow(
-                    np.asarray(row.maps[col], np.float32), cmap="jet", alpha=0.5, vmin=0, vmax=1
-                )
-                outline(ax)
-            elif col in row.masks:
-                mk = np.asarray(row.masks[col], dtype=bool)
-                base(ax)
-                ax.imshow(np.ma.masked_where(~mk, mk), cmap=red, alpha=0.5, vmin=0, vmax=1)
-                outline(ax)
-            else:
-                ax.axis("off")
+                name = col if len(col) <= 24 else col[:22] + ".."
+                ax.text(left + w / 2, -0.04 * h, name, ha="center", va="bottom", fontsize=8.5)
             if col in notes[i]:
-                ax.set_xlabel(notes[i][col], fontsize=7)
+                ax.text(left + w / 2, top + h + 0.04 * h, notes[i][col], ha="center", va="top",
+                        fontsize=7)  # fmt: skip
+        ax.text(-0.04 * w, top + h / 2, row.title, ha="right", va="center", rotation=90,
+                fontsize=8)  # fmt: skip
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_axis_off()
     if title:
-        fig.suptitle(title, fontsize=9)
+        ax.set_title(title, fontsize=9, pad=24)  # above the column titles
     return figure_png(fig)
