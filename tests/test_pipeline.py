@@ -172,7 +172,10 @@ def test_choose_final_hand_computed() -> None:
     sel["fold0"]["self_trained"] = 0.7  # a tie of the rounds (0.6 each): the later one
     got = choose_final(two, {f: {"select": s} for f, s in sel.items()})
     assert (got["round"], got["unet"]) == (2, "pseudo_unet")
-    assert "self-trained, round 1 60.0%" in final_text({"final": got})
+    assert (
+        "ensemble 40.0%, self-trained round 1 60.0%, self-trained (last round) 60.0%"
+        in final_text({"final": got})
+    )
 
 
 def test_final_self_trained_without_self_training_is_refused(phantom: Path, tmp_path: Path) -> None:

@@ -264,10 +264,11 @@ FINAL_NAMES = {
 
 
 def candidate_label(name: str) -> str:
-    """A final candidate's name in text (``self_trained_round1`` -> "self-trained, round 1")."""
+    """A final candidate's name in text: ``self_trained_round1`` -> "self-trained round 1",
+    ``self_trained`` -> "self-trained (last round)", ``ensemble`` -> "ensemble"."""
     if name.startswith("self_trained_round"):
-        return f"self-trained, round {name.removeprefix('self_trained_round')}"
-    return name.replace("_", "-")
+        return f"self-trained round {name.removeprefix('self_trained_round')}"
+    return "self-trained (last round)" if name == "self_trained" else name
 
 
 def final_unet(results: dict[str, Any] | None = None) -> str:

@@ -682,13 +682,13 @@ def choose_final(cfg: Config, fold_results: dict[str, dict[str, Any]]) -> dict[s
     per_fold = {name: res.get("select") for name, res in fold_results.items()}
     if any(s is None for s in per_fold.values()):
         return {**last, "chosen_by": "no masks in the val part: the default"}
-    # in the order of preference on a tie: later rounds first, the ensemble last
-    rounds = {candidate_name(round_kind(r, rc.rounds)): r for r in range(rc.rounds, 0, -1)}
+    # in the chain's order; on a tie the later candidate (reversed order) wins
+    rounds = {candidate_name(round_kind(r, rc.rounds)): r for r in range(1, rc.rounds + 1)}
     means = {
         m: float(np.mean([s.get(m) or 0.0 for s in per_fold.values()]))
-        for m in [*rounds, "ensemble"]
+        for m in ["ensemble", *rounds]
     }
-    best = max(means, key=means.__getitem__)  # the first of the highest
+    best = max(reversed(means), key=means.__getitem__)  # the first of the highest
     return {
         **(
             {"method": "ensemble"} if best == "ensemble" else _self_trained(rounds[best], rc.rounds)
