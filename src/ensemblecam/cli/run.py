@@ -106,8 +106,9 @@ def predict_cmd(
         str | None,
         Opt(
             "--method",
-            help="self_trained (the U-Net self-trained on the ensemble's masks) or ensemble "
-            "(default: the run's final method, results.json final).",
+            help="self_trained (the U-Net self-trained on the ensemble's masks, of the round "
+            "results.json final names, else the last) or ensemble (default: the run's final "
+            "method, results.json final).",
         ),
     ] = None,
     probabilities: Annotated[
