@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import yaml
@@ -590,20 +590,19 @@ def _run_fold(
     scored = _part_annotated(store, splits, k, rc.eval_part)
     rows = _fold_evaluate(f, ecfg, k_search, scored)
     if rc.unet:
-        rows.append(_unet_row(f, "unet", "store", k_split, ecfg))
+        rows.append(_unet_row(f, "unet", "store", k_split, ecfg)[0])
     if rc.pseudo_unet:
         conf_file, k_conf = _fold_pseudo_search(f, k_search, list(localisers))
         targets, k_pt = _fold_pseudo_labels(f, ecfg, conf_file, k_conf)
         if rc.refine and _part_annotated(store, splits, k, "train"):
             rows.append(_pseudo_label_row(f, ecfg, k_pt))
-        unets = {}  # self-trained U-Net kind -> stage key of its targets
-        for r in range(1, rc.rounds):  # earlier self-training rounds: their U-Net relabels
-            kind = round_kind(r, rc.rounds)
-            rows.append(_unet_row(f, kind, targets, k_pt, ecfg))
-            unets[kind] = k_pt
-            targets, k_pt = _fold_next_round(f, r, k_pt)
-        rows.append(_unet_row(f, "pseudo_unet", targets, k_pt, ecfg))
-        unets["pseudo_unet"] = k_pt
+        unets = []  # the self-trained U-Net of each round
+        for r in range(1, rc.rounds + 1):  # each round's U-Net; all but the last relabel
+            row, unet = _unet_row(f, round_kind(r, rc.rounds), targets, k_pt, ecfg)
+            rows.append(row)
+            unets.append(unet)
+            if r < rc.rounds:
+                targets, k_pt = _fold_next_round(f, r, k_pt)
         if rc.final == "auto" and _part_annotated(store, splits, k, "val"):
             selection = _fold_select(f, ecfg, rows[0]["config"], k_search, unets)
     for row in rows if not scored else []:
@@ -618,31 +617,26 @@ def _run_fold(
 
 
 def _fold_select(
-    f: _Fold, ecfg: EvaluateConfig, chosen: dict[str, Any], k_search: str, unets: dict[str, str]
+    f: _Fold, ecfg: EvaluateConfig, chosen: dict[str, Any], k_search: str, unets: list[_Unet]
 ) -> dict[str, float | None]:
     """Lesion Dice of the fold's final candidates, the chosen ensemble and the U-Net of each
-    self-training round (``unets``: kind -> stage key of its targets; each gated and
-    thresholded as in its evaluation), on the val part's annotated slices: calibration
-    data, never the held-out part (``select/<candidate>/metrics.json``, names
-    :func:`candidate_name`)."""
+    self-training round (``unets``, each gated and thresholded as in its evaluation), on
+    the val part's annotated slices: calibration data, never the held-out part
+    (``select/<candidate>/metrics.json``, names :func:`candidate_name`)."""
     from ensemblecam.stages.evaluate import evaluate_stage, evaluate_unet
 
     vcfg = ecfg.model_copy(update={"part": "val"})
     sel = f.fold.select
-    candidates = {}  # candidate name -> (U-Net kind, its threshold, its gate)
+    candidates = {candidate_name(u.kind): u for u in unets}
     key_parts: list[Any] = ["select", k_search, _options(f.cfg.evaluate)]
-    for kind, k_targets in unets.items():
-        k_unet = _unet_key(f.cfg, kind, f.k, k_targets)
-        thr = _threshold(f, kind, k_unet, ecfg)
-        gate = _gate(f, kind, k_unet, ecfg, thr)
-        candidates[candidate_name(kind)] = (kind, thr, gate)
-        key_parts.append([kind, k_unet, ["threshold", thr], gate and gate[1]])
+    for u in unets:
+        key_parts.append([u.kind, u.key, ["threshold", u.threshold], u.gate and u.gate[1]])
 
     def run(force: bool) -> None:
         evaluate_stage(vcfg, chosen, sel / "ensemble", force=True)
-        for name, (kind, thr, gate) in candidates.items():
-            ckpt = f.fold.unet_checkpoint(kind)
-            evaluate_unet(vcfg, ckpt, sel / name, force=True, gate=gate, threshold=thr)
+        for name, u in candidates.items():
+            ckpt = f.fold.unet_checkpoint(u.kind)
+            evaluate_unet(vcfg, ckpt, sel / name, force=True, gate=u.gate, threshold=u.threshold)
 
     f.runner.stage(f"{f.name}/select", sel, stable_hash(key_parts), None, run)
     return {
@@ -1020,11 +1014,22 @@ def _fold_evaluate(
     return rows
 
 
+class _Unet(NamedTuple):
+    """A fold's trained U-Net as its evaluation used it: kind, stage key, decision
+    threshold and classifier gate (map sets and threshold; None: ungated)."""
+
+    kind: str
+    key: str
+    threshold: float
+    gate: tuple[list[Path], float] | None
+
+
 def _unet_row(
     f: _Fold, kind: str, targets: str | Path, upstream: str, ecfg: EvaluateConfig
-) -> dict[str, Any]:
-    """Train a U-Net on ``targets`` (store masks or pseudo masks), calibrate its classifier
-    gate (self-trained kinds) and evaluate it."""
+) -> tuple[dict[str, Any], _Unet]:
+    """Train a U-Net on ``targets`` (store masks or pseudo masks), calibrate its decision
+    threshold and classifier gate (self-trained kinds) and evaluate it; its result row and
+    the U-Net as evaluated."""
     from ensemblecam.stages.evaluate import evaluate_unet
     from ensemblecam.stages.unet import train_unet
 
@@ -1061,7 +1066,8 @@ def _unet_row(
     label = {"unet": "U-Net, fully supervised", "pseudo_unet": METHOD_NAMES["self_trained"]}
     name = label.get(kind) or f"U-Net self-trained, round {kind.removeprefix('pseudo_round')}"
     row_kind = "pseudo_round" if kind.startswith("pseudo_round") else kind
-    return {"name": name, "kind": row_kind, "slug": kind, "config": None}
+    row = {"name": name, "kind": row_kind, "slug": kind, "config": None}
+    return row, _Unet(kind, key, thr, gate)
 
 
 def _unet_key(cfg: Config, kind: str, k: int, upstream: str) -> str:
