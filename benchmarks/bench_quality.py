@@ -18,6 +18,9 @@ single members, ensemble, self-trained U-Nets; goal >= 0.8), ``final_over_superv
 
 Usage: python benchmarks/bench_quality.py [--layouts brats,msd,kits] [--work DIR]
        [--folds 0] [--keep]
+A ``--work`` folder kept from an earlier run is resumed: its phantoms are reused when they
+were written with the same settings, and so is every stage whose inputs and options match
+(``"resumed": true`` in the JSON; ``seconds`` then counts only what was recomputed).
 The last line printed is one JSON object.
 """
 
@@ -34,7 +37,7 @@ from typing import Any
 
 from ensemblecam.config import Config, load_config
 from ensemblecam.pipeline import run_pipeline
-from ensemblecam.synth import synth_dataset
+from ensemblecam.synth import same_phantom, synth_dataset
 
 ROWS = {
     "empty": "Empty",
@@ -135,7 +138,9 @@ def run_layout(layout: str, work: Path, folds: list[int]) -> dict[str, Any]:
     """One demo-scale run of ``layout``; its table figures and timings."""
     cfg = demo_config(layout, work, folds)
     t0 = time.perf_counter()
-    synth_dataset(cfg.synth, force=True)
+    resumed = same_phantom(cfg.synth)  # a kept --work folder: its stages are reused
+    if not resumed:
+        synth_dataset(cfg.synth, force=True)
     run_pipeline(cfg, force=True, progress=False)
     seconds = time.perf_counter() - t0
     results = json.loads((cfg.run.out / "results.json").read_text())
@@ -157,6 +162,7 @@ def run_layout(layout: str, work: Path, folds: list[int]) -> dict[str, Any]:
         "final_over_supervised": (out["final"]["lesion_dice"] or 0.0) / sup if sup else None,
         "best_weak": max(weak) if weak else None,
         "seconds": round(seconds, 1),
+        "resumed": resumed,
         "refine_seconds": round(refine_s, 1),
         "refine_share": round(refine_s / stages_s, 4) if stages_s else None,
         "chosen": [

@@ -18,6 +18,7 @@ from ensemblecam.synth import (
     make_brats_case,
     make_kits_case,
     make_msd_case,
+    same_phantom,
     synth_dataset,
 )
 
@@ -72,6 +73,24 @@ def test_deterministic_and_seed_dependent(tmp_path: Path, brats: Path) -> None:
     f = f"{name}/{name}_flair.nii.gz"
     np.testing.assert_array_equal(_load(again / f)[0], _load(brats / f)[0])  # 2 vs 1 workers
     assert not np.array_equal(_load(other / f)[0], _load(brats / f)[0])
+
+
+def test_same_phantom_recognises_its_settings(tmp_path: Path, brats: Path) -> None:
+    """A phantom is reused (demo, bench) only if phantom.json records the same settings."""
+    cfg = SynthConfig(out=brats, n_cases=5, shape=SMALL, seed=1, tumour_free_fraction=0.2)
+    assert same_phantom(cfg)
+    assert same_phantom(cfg.model_copy(update={"workers": 1}))  # workers change no voxel
+    for change in ({"seed": 2}, {"n_cases": 4}, {"shape": (48, 48, 15)}, {"layout": "msd"}):
+        assert not same_phantom(cfg.model_copy(update=change)), change
+    assert not same_phantom(cfg.model_copy(update={"tumour_free_fraction": 0.3}))
+    assert not same_phantom(cfg.model_copy(update={"out": tmp_path / "missing"}))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "phantom.json").write_text("{not json")
+    assert not same_phantom(cfg.model_copy(update={"out": tmp_path / "broken"}))
+    older = json.loads((brats / "phantom.json").read_text()) | {"version": "0"}
+    (tmp_path / "older").mkdir()  # another generator version draws other voxels
+    (tmp_path / "older" / "phantom.json").write_text(json.dumps(older))
+    assert not same_phantom(cfg.model_copy(update={"out": tmp_path / "older"}))
 
 
 def test_brats_contrasts_per_modality() -> None:

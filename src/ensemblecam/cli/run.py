@@ -171,7 +171,7 @@ def _demo(out: Path, config: Path | None, force: bool) -> None:
 
     from ensemblecam.io import fsutil
     from ensemblecam.pipeline import demo_markdown, run_pipeline
-    from ensemblecam.synth import synth_dataset
+    from ensemblecam.synth import same_phantom, synth_dataset
 
     path = (
         config if config is not None else Path(str(files("ensemblecam") / "configs" / "demo.yaml"))
@@ -179,7 +179,7 @@ def _demo(out: Path, config: Path | None, force: bool) -> None:
     cfg = load_config(path)
     phantom = out / "phantom"
     cfg.synth.out = phantom
-    if not _same_phantom(phantom, cfg.synth.model_dump(mode="json")):
+    if not same_phantom(cfg.synth):
         synth_dataset(cfg.synth, force=True)
     cfg.prepare.data = phantom
     cfg.run.out = out / "run"
@@ -199,17 +199,3 @@ def _demo(out: Path, config: Path | None, force: bool) -> None:
     typer.echo(msg)
     if best <= empty:
         raise InputError("demo: the ensemble did not beat the Empty baseline")
-
-
-def _same_phantom(root: Path, settings: dict) -> bool:
-    """True if ``root`` holds a complete phantom written with ``settings`` (phantom.json)."""
-    import json
-
-    from ensemblecam.synth import PHANTOM_FILE
-
-    try:
-        old = json.loads((root / PHANTOM_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    keys = ("layout", "n_cases", "shape", "seed", "tumour_free_fraction")
-    return all(old.get(k) == settings.get(k) for k in keys)

@@ -613,6 +613,24 @@ def _msd_dataset_json(names: list[str]) -> dict[str, Any]:
     }
 
 
+def same_phantom(cfg: SynthConfig) -> bool:
+    """True if ``cfg.out`` holds a complete phantom that this generator version wrote with
+    ``cfg``'s layout, case count, shape, seed and lesion-free share (its phantom.json)."""
+    try:
+        old = json.loads((Path(cfg.out) / PHANTOM_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    new = {
+        "version": GENERATOR_VERSION,
+        "layout": cfg.layout,
+        "n_cases": cfg.n_cases,
+        "shape": list(_check_shape(tuple(cfg.shape))),  # type: ignore[arg-type]
+        "seed": cfg.seed,
+        "tumour_free_fraction": cfg.tumour_free_fraction,
+    }
+    return all(old.get(k) == v for k, v in new.items())
+
+
 def synth_dataset(cfg: SynthConfig, force: bool = False) -> Path:
     """Write the phantom data set described by ``cfg`` to ``cfg.out``; return the path.
 
