@@ -218,10 +218,12 @@ def main() -> None:
         "total_seconds": round(total, 1),
         **{
             layout: {
-                **{k: v for k, v in res["rows"].items()},
+                **res["rows"],
                 "weak_over_supervised": res["weak_over_supervised"],
                 "final_over_supervised": res["final_over_supervised"],
                 "refine_share": res["refine_share"],
+                "seconds": res["seconds"],
+                "resumed": res["resumed"],
             }
             for layout, res in figures.items()
         },
