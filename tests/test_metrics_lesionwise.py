@@ -254,3 +254,33 @@ def test_paired_wilcoxon() -> None:
     same = M.paired_wilcoxon([1.0, 2.0], [1.0, 2.0])  # every difference 0: undefined
     assert (same["n"], same["mean_difference"], same["p_value"]) == (2, 0.0, None)
     assert M.paired_wilcoxon([np.nan], [1.0])["n"] == 0
+    # ties and a zero: d = 1, 1, -2, 3, 0; the zero dropped, ranks 1.5, 1.5, 3, 4, W+ = 7,
+    # W- = 3. The 16 sign patterns give W+ = 0, 1.5, 1.5, 3, 3, 4, 4.5, 4.5, 5.5, 5.5, 6, 7,
+    # 7, 8.5, 8.5, 10: 5 of them >= 7, so p = 2 * 5 / 16
+    r = M.paired_wilcoxon([1, 1, -2, 3, 0], [0, 0, 0, 0, 0])
+    assert (r["n"], r["statistic"], r["p_value"]) == (5, 3.0, 0.625)
+    # one non-zero difference: W+ is 0 or 1 with probability 1/2 each, so p = 1
+    r = M.paired_wilcoxon([0.5, 0, 0], [0, 0, 0])
+    assert (r["n"], r["statistic"], r["p_value"]) == (3, 0.0, 1.0)
+
+
+def test_paired_wilcoxon_equals_scipy() -> None:
+    """The same statistic and p-value as scipy.stats.wilcoxon on every path it takes: exact
+    (no ties), permutation (n <= 13 with ties or zeros), normal approximation (n > 13)."""
+    from scipy.stats import wilcoxon
+
+    rng = np.random.default_rng(0)
+    for trial in range(36):
+        n = int(rng.integers(2, 20))
+        d = rng.integers(-4, 5, size=n).astype(float) / 4  # ties and zeros
+        if trial % 3 == 0:
+            d = rng.normal(size=n)  # no ties
+        if not np.any(d != 0):
+            continue
+        ref = wilcoxon(d, alternative="two-sided", zero_method="wilcox")
+        r = M.paired_wilcoxon(d, np.zeros(n))
+        assert r["statistic"] == float(ref.statistic), d
+        assert r["p_value"] == pytest.approx(float(ref.pvalue), rel=1e-12, abs=1e-15), d
+    d = np.array([1.0, 2.0, 2.0, -1.0, 0.0, 3.0])
+    np.testing.assert_array_equal(M.signed_rank_sum(d[d != 0]), 1.5 + 3.5 + 3.5 + 5)
+    np.testing.assert_array_equal(M.signed_rank_sum(np.stack([d[d != 0], -d[d != 0]])), [13.5, 1.5])

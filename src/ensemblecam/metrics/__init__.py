@@ -495,16 +495,48 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
+def signed_rank_sum(d: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Wilcoxon's W+ along ``axis``: the sum of the ranks of |d| (ties: mean ranks) over the
+    positive d. ``d`` must hold no zeros; vectorised over the other axes."""
+    from scipy.stats import rankdata
+
+    return np.sum(rankdata(np.abs(d), axis=axis) * (d > 0), axis=axis)
+
+
+def _wilcoxon(d: np.ndarray) -> tuple[float, float]:
+    """(statistic, p-value) of ``scipy.stats.wilcoxon(d)``, two-sided, zeros dropped, its
+    default method. For n <= 13 differences with ties or zeros that method is an exact
+    permutation test over the 2^n sign patterns, which scipy evaluates one pattern at a time
+    (~2 s per call, most of a resumed run's time); that case runs the same
+    ``scipy.stats.permutation_test`` with the vectorised :func:`signed_rank_sum`, which gives
+    the same statistic and p-value (zeros dropped first: each remaining sign pattern then
+    stands for 2^zeros patterns, the same shares)."""
+    from scipy.stats import permutation_test, wilcoxon
+
+    nz = d[d != 0]
+    exact = nz.size == d.size and np.unique(np.abs(d)).size == d.size  # no ties, no zeros
+    if d.size > 13 or exact or nz.size < 2:  # < 2: permutation_test needs two values
+        res = wilcoxon(d, alternative="two-sided", zero_method="wilcox")
+        return float(res.statistic), float(res.pvalue)
+    test = permutation_test(
+        (nz,), signed_rank_sum, permutation_type="samples", vectorized=True,
+        n_resamples=np.inf, alternative="two-sided",
+    )  # fmt: skip
+    total = nz.size * (nz.size + 1) / 2
+    return float(min(test.statistic, total - test.statistic)), float(test.pvalue)
+
+
 def paired_wilcoxon(a: Any, b: Any, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Paired comparison of per-case values ``a`` vs ``b`` (same cases, same order).
 
     Pairs where either value is not finite are dropped (n = pairs kept). Returns n, the
     mean difference mean(a - b), its bootstrap 95% CI (:func:`bootstrap_ci`) and the
-    two-sided Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, zero differences
-    dropped, exact distribution for small n without ties): statistic and p-value; None
-    when undefined (no pair, or every difference zero).
+    two-sided Wilcoxon signed-rank test (``scipy.stats.wilcoxon``'s, zero differences
+    dropped: exact distribution for n <= 50 without ties or zeros, exact sign-flip
+    permutation test for n <= 13 with them, else the normal approximation; see
+    :func:`_wilcoxon`): statistic min(W+, W-) and p-value; None when undefined (no pair,
+    or every difference zero).
     """
-    from scipy.stats import wilcoxon
 
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
@@ -524,6 +556,5 @@ def paired_wilcoxon(a: Any, b: Any, n_boot: int = 2000, seed: int = 0) -> dict[s
     out["mean_difference"] = float(d.mean())
     out["ci95"] = list(bootstrap_ci(d, n_boot, seed))
     if np.any(d != 0):
-        res = wilcoxon(d, alternative="two-sided", zero_method="wilcox")
-        out["statistic"], out["p_value"] = float(res.statistic), float(res.pvalue)
+        out["statistic"], out["p_value"] = _wilcoxon(d)
     return out
