@@ -37,6 +37,7 @@ from typing import Any
 
 from ensemblecam.config import Config, load_config
 from ensemblecam.pipeline import run_pipeline
+from ensemblecam.pipeline.results import final_unet
 from ensemblecam.synth import same_phantom, synth_dataset
 
 ROWS = {
@@ -120,7 +121,7 @@ def final_row(results: dict[str, Any]) -> dict[str, Any]:
     or the self-trained U-Net of the round chosen on the val part's masks)."""
     final = results.get("final") or {}
     own = final.get("method") == "self_trained"
-    slug = final.get("unet", "pseudo_unet") if own else None
+    slug = final_unet(results) if own else None
     row = next(
         r
         for r in results["rows"]
