@@ -82,3 +82,15 @@ def test_monai_cross_check():
     # HD95 of the (6, 12, 12) volume, MONAI tensors (batch, channel, D, H, W)
     hd = compute_hausdorff_distance(p[:, 0][None, None], g[:, 0][None, None], percentile=95)
     assert M.hd95(pred, gt) == pytest.approx(float(hd), rel=1e-6)
+
+
+def test_label_coverage_hand_computed() -> None:
+    seg = np.array([[0, 0, 1, 1], [2, 2, 2, 3]])  # 3 is a label the mask never marks
+    pred = np.array([[1, 0, 1, 0], [1, 1, 0, 0]])
+    assert M.label_coverage(pred, seg) == {0: (2, 1), 1: (2, 1), 2: (3, 2), 3: (1, 0)}
+    # float label maps (as NIfTI files often hold) and any non-zero mask value
+    assert M.label_coverage(pred * 255, seg.astype(np.float32)) == {
+        0: (2, 1), 1: (2, 1), 2: (3, 2), 3: (1, 0)
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="differ"):
+        M.label_coverage(pred[:, :3], seg)

@@ -137,6 +137,21 @@ def test_score_hand_computed_every_convention(dataset: tuple[Path, Path], tmp_pa
     assert summary["pooled"]["lesions_fp"] == 2
     assert summary["conventions"]["lesionwise"]["min_volume_mm3"] == 50.0
     assert summary["slices"]["n_cases"] == 3 and summary["slices"]["tp"] == tp
+    # per seg label: label 1 is L1 (found) and L2 (missed), label 2 is L3 (found); the
+    # background holds L1's extra z layer (16) and the two false-positive cubes (27 each)
+    lesion_voxels = 64 + 64 + 27
+    assert summary["labels"] == {
+        "0": {"lesion": False, "voxels": 3 * 8000 - lesion_voxels, "marked": 16 + 27 + 27,
+              "share": pytest.approx(70 / (3 * 8000 - lesion_voxels))},
+        "1": {"lesion": True, "voxels": 128, "marked": 64, "share": 0.5},
+        "2": {"lesion": True, "voxels": 27, "marked": 27, "share": 1.0},
+    }  # fmt: skip
+    with open(out / "per_label.csv", newline="") as fh:
+        per_label = {(r["case"], r["label"]): r for r in csv.DictReader(fh)}
+    assert per_label["two", "1"]["marked"] == "64" and per_label["fp_only", "0"]["marked"] == "27"
+    assert set(per_label) == {("two", "0"), ("two", "1"), ("two", "2"), ("fp_only", "0"),
+                              ("empty", "0")}  # fmt: skip
+    assert "1 (lesion) 64 of 128 (50.0%)" in r.output and "2 (lesion) 27 of 27 (100.0%)" in r.output
     # rerun refused without --force, replaced with it
     r = _invoke("--pred", str(pred), "--data", str(data), "--layout", "folder", "--out", str(out))
     assert r.exit_code == 2 and "--force" in r.output

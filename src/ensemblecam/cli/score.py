@@ -59,7 +59,8 @@ def score_command(
     force: ForceOption = False,
 ) -> None:
     """Score any folder of NIfTI masks (ours or another tool's) in every convention;
-    writes per_case.csv and summary.json."""
+    writes per_case.csv, per_label.csv (the share of each seg label marked) and
+    summary.json."""
     from ensemblecam.stages.score import score_folder
 
     summary = score_folder(
@@ -88,4 +89,12 @@ def score_command(
         f"{len(summary['cases'])} cases: dice {f('dice')}, nsd {f('nsd')}, hd95 "
         f"{f('hd95_mm')} mm, lesion-wise dice {f('lesionwise_dice')}, lesion-wise "
         f"hd95 {f('lesionwise_hd95_mm')} mm -> {where}"
+    )
+    typer.echo(
+        "share of each seg label marked: "
+        + ", ".join(
+            f"{v}{' (lesion)' if p['lesion'] else ''} {p['marked']} of {p['voxels']} "
+            f"({100 * p['share']:.1f}%)"
+            for v, p in summary["labels"].items()
+        )
     )

@@ -29,6 +29,9 @@ Conventions (each reported under its own name):
   26-connectivity, reference lesions <= 50 mm^3 dropped, false positive 0 / 374 mm,
   empty vs empty 1 / 0) with lesion sensitivity and false-positive lesions per case.
 - ``case_metrics``: all per-case 3-D metrics of one case in scan spacing.
+- ``label_coverage``: per label of a multi-label reference (e.g. tumour and cyst), its
+  voxels and how many of them a mask marks: which kinds of lesion a method finds, and on
+  which tissue its false positives lie.
 - ``bootstrap_ci`` / ``paired_wilcoxon``: 95% CIs over cases and paired tests.
 """
 
@@ -167,6 +170,24 @@ def case_counts(case_ids: Array, n_cases: int, *counts: Array) -> list[Array]:
 def case_dice(tp: Array, fp: Array, fn: Array) -> Array:
     """Per-case 3-D Dice 2TP/(2TP+FP+FN) from per-case counts; empty vs empty = 1."""
     return lesion_dice(tp, fp, fn)
+
+
+def label_coverage(pred: Array, seg: Array) -> dict[int, tuple[int, int]]:
+    """{label: (voxels, marked)} for every value of the integer label map ``seg``: its
+    voxel count and how many of those voxels the mask ``pred`` (same shape, non-zero =
+    marked) marks. On a lesion label marked / voxels is the recall of that kind of lesion;
+    on any other label it counts the false positives lying on that tissue."""
+    seg = np.asarray(seg)
+    pred = np.asarray(pred) != 0
+    if pred.shape != seg.shape:
+        raise ValueError(f"label_coverage: mask {pred.shape} and label map {seg.shape} differ")
+    labels, voxels = np.unique(seg, return_counts=True)
+    hit_labels, hits = np.unique(seg[pred], return_counts=True)
+    marked = dict(zip(hit_labels.tolist(), hits.tolist(), strict=True))
+    return {
+        int(v): (int(n), int(marked.get(v, 0)))
+        for v, n in zip(labels.tolist(), voxels.tolist(), strict=True)
+    }
 
 
 def _pair(pred: Array, gt: Array) -> tuple[Array, Array]:

@@ -27,13 +27,21 @@ Conventions (in the scan's voxel grid and spacing, mm from the seg file's affine
   axial; no crop, lesion-free slices included), so they need not equal a run's numbers,
   which are over the store's cropped slices.
 
+- per seg label (``per_label.csv``, ``summary.json`` "labels", pooled over the cases):
+  its voxels and how many of them the prediction marks
+  (:func:`ensemblecam.metrics.label_coverage`). On a lesion label the share is that kind
+  of lesion's recall (KiTS: tumour 2 and cyst 3 apart; BraTS: 1, 2 and 4), on another
+  label the false positives lying on that tissue (KiTS: the kidney, 1).
+
 Output folder (built as ``.<name>.partial``, renamed when complete)::
 
     per_case.csv    case, then every per-case column
+    per_label.csv   case, label, lesion, voxels, marked, share
     summary.json    {"format": "ensemblecam-score", "version": 1, "pred", "data",
                      "layout", "lesion_labels", "cases": [...], "conventions": {...},
                      "metrics": {column: {"mean", "std", "n", "ci95"}}, "pooled": {...},
-                     "slices": {...}}   strict JSON: undefined values are null
+                     "slices": {...}, "labels": {label: {"lesion", "voxels", "marked",
+                     "share"}}}   strict JSON: undefined values are null
 """
 
 from __future__ import annotations
@@ -203,13 +211,17 @@ def score_folder(
     }
     with fsutil.output_guard(out, [pred, data]):
         partial = fsutil.prepare_output_dir(out, force, MARKER, stage="score")
-        rows, counts = [], []
+        rows, counts, label_rows = [], [], []
         for i, c in enumerate(names):
             seg_path = found[c].seg
             assert seg_path is not None
             seg = _voxels(seg_path, "ground truth")
             gt = np.isin(seg, labels) if labels is not None else seg != 0
             pm = _voxels(preds[c], "prediction") != 0
+            for v, (n, k) in metrics.label_coverage(pm, seg).items():
+                lesion = v in labels if labels is not None else v != 0
+                label_rows.append({"case": c, "label": v, "lesion": int(lesion), "voxels": n,
+                                   "marked": k, "share": k / n})  # fmt: skip
             affine = np.asarray(_header(seg_path).affine, float)
             spacing = voxel_sizes(affine)
             rows.append(
@@ -235,11 +247,24 @@ def score_folder(
             "metrics": column_statistics(rows),
             "pooled": case_summary(rows),
             "slices": score(tp, fp, fn, tn, ids, min_lesion_fraction=min_lesion_fraction),
+            "labels": pooled_labels(label_rows),
         }
         fsutil.write_text(partial / "per_case.csv", fsutil.csv_text(rows))
+        fsutil.write_text(partial / "per_label.csv", fsutil.csv_text(label_rows))
         fsutil.write_json(partial / MARKER, summary)
         fsutil.commit_output_dir(partial, out, stage="score")
     return summary
+
+
+def pooled_labels(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per seg label (keys in label order): lesion or not, voxels and marked voxels summed
+    over the cases, and share = marked / voxels."""
+    out: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        p = out.setdefault(r["label"], {"lesion": bool(r["lesion"]), "voxels": 0, "marked": 0})
+        p["voxels"] += r["voxels"]
+        p["marked"] += r["marked"]
+    return {str(v): {**p, "share": p["marked"] / p["voxels"]} for v, p in sorted(out.items())}
 
 
 def column_statistics(
