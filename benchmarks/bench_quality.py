@@ -14,7 +14,11 @@ last, the fully supervised U-Net (same epochs) and ``final``, the run's final me
 lesion Dice on the val part's masks, never the held-out part), plus
 ``weak_over_supervised`` = best weak method's lesion Dice / supervised's (weak methods:
 single members, ensemble, self-trained U-Nets; goal >= 0.8), ``final_over_supervised``
-(the same for the final method alone), and the share of run time the refine stages took.
+(the same for the final method alone), the share of run time the refine stages took, and
+``label_shares``: per seg label of the phantom, the share of its held-out voxels that the
+final method's and the supervised U-Net's masks mark (``ensemblecam score`` on their NIfTI
+export): which kinds of lesion each finds (brats: core 1, oedema 2, enhancing rim 4; kits:
+tumour 2, cyst 3) and on which tissue the false positives lie.
 
 Usage: python benchmarks/bench_quality.py [--layouts brats,msd,kits] [--work DIR]
        [--folds 0] [--keep]
@@ -135,6 +139,39 @@ def final_row(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def label_shares(cfg: Config, results: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Per seg label of the phantom, the share of its held-out voxels marked by the final
+    method's masks and by the supervised U-Net's: ``ensemblecam score`` on their NIfTI
+    export (the evaluated cases of every fold pooled), so a multi-label reference shows
+    which kinds of lesion each finds (kits: tumour 2, cyst 3) and the false positives on
+    each tissue (kits: kidney 1)."""
+    import numpy as np
+
+    from ensemblecam.io.export import export_cases, load_slice_arrays
+    from ensemblecam.io.runlayout import RunLayout
+    from ensemblecam.io.store import SliceStore
+    from ensemblecam.stages.score import score_folder
+
+    lay = RunLayout(cfg.run.out)
+    store = SliceStore.open(lay.store)
+    own = (results.get("final") or {}).get("method") == "self_trained"
+    shares: dict[str, Any] = {}
+    for name, slug in (("final", final_unet(results) if own else None), ("supervised", "unet")):
+        files = [
+            lay.fold(f).row_masks(slug) if slug else lay.fold(f).eval_masks
+            for f in results["folds"]
+        ]
+        pairs = [load_slice_arrays(f, "masks") for f in files]
+        idx, masks = (np.concatenate([p[i] for p in pairs]) for i in (0, 1))
+        export_cases(store, idx, masks, out / name, force=True)
+        cases = sorted({str(c) for c in store.table["case"][idx]})
+        summary = score_folder(out / name, cfg.prepare.data, cfg.prepare.layout,
+                               out / f"{name}_score", cases=cases, force=True)  # fmt: skip
+        shares[name] = {v: round(p["share"], 4) for v, p in summary["labels"].items()}
+    shares["lesion_labels"] = [v for v, p in summary["labels"].items() if p["lesion"]]
+    return shares
+
+
 def run_layout(layout: str, work: Path, folds: list[int]) -> dict[str, Any]:
     """One demo-scale run of ``layout``; its table figures and timings."""
     cfg = demo_config(layout, work, folds)
@@ -170,6 +207,7 @@ def run_layout(layout: str, work: Path, folds: list[int]) -> dict[str, Any]:
             json.loads((cfg.run.out / f / "search" / "best.json").read_text())["members"]
             for f in results["folds"]
         ],
+        "label_shares": label_shares(cfg, results, work / f"label_shares_{layout}"),
         "refiner": [
             json.loads((cfg.run.out / f / "refine" / "refine.json").read_text())["chosen"]
             for f in results["folds"]
