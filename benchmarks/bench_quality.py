@@ -247,6 +247,11 @@ def main() -> None:
             print(f"weak / supervised = {'-' if ratio is None else f'{ratio:.2f}'}; refine "
                   f"{res['refine_seconds']:.0f} s ({share:.1f}% of the stages); members "
                   f"chosen {res['chosen']}; refiner {res['refiner']}")  # fmt: skip
+            ls = res["label_shares"]
+            print("held-out voxels marked per seg label (final / supervised): " + ", ".join(
+                f"{v}{' (lesion)' if v in ls['lesion_labels'] else ''} "
+                f"{100 * ls['final'][v]:.1f}% / {100 * ls['supervised'][v]:.1f}%"
+                for v in ls["final"]))  # fmt: skip
     finally:
         if not args.keep and args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -263,6 +268,7 @@ def main() -> None:
                 "refine_share": res["refine_share"],
                 "seconds": res["seconds"],
                 "resumed": res["resumed"],
+                "label_shares": res["label_shares"],
             }
             for layout, res in figures.items()
         },
