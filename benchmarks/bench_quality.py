@@ -120,16 +120,21 @@ def best_rows(results: dict[str, Any], exclude_singles: tuple[str, ...] = ()) ->
     return out
 
 
+def final_slug(results: dict[str, Any]) -> str | None:
+    """The U-Net kind whose masks are final (results.json ``final``), None for the ensemble."""
+    own = (results.get("final") or {}).get("method") == "self_trained"
+    return final_unet(results) if own else None
+
+
 def final_row(results: dict[str, Any]) -> dict[str, Any]:
     """The held-out figures of the run's final method (results.json ``final``: the ensemble
     or the self-trained U-Net of the round chosen on the val part's masks)."""
     final = results.get("final") or {}
-    own = final.get("method") == "self_trained"
-    slug = final_unet(results) if own else None
+    slug = final_slug(results)
     row = next(
         r
         for r in results["rows"]
-        if (r.get("slug", r["kind"]) == slug if own else r["kind"] == "ensemble")
+        if (r.get("slug", r["kind"]) == slug if slug else r["kind"] == "ensemble")
         and r["kind"] in ("ensemble", "pseudo_round", "pseudo_unet")
     )
     return {m: row["mean"].get(m) for m in METRICS} | {
@@ -147,22 +152,21 @@ def label_shares(cfg: Config, results: dict[str, Any], out: Path) -> dict[str, A
     each tissue (kits: kidney 1)."""
     import numpy as np
 
-    from ensemblecam.io.export import export_cases, load_slice_arrays
+    from ensemblecam.io.export import export_cases
+    from ensemblecam.io.masks import read_masks
     from ensemblecam.io.runlayout import RunLayout
     from ensemblecam.io.store import SliceStore
     from ensemblecam.stages.score import score_folder
 
     lay = RunLayout(cfg.run.out)
     store = SliceStore.open(lay.store)
-    own = (results.get("final") or {}).get("method") == "self_trained"
     shares: dict[str, Any] = {}
-    for name, slug in (("final", final_unet(results) if own else None), ("supervised", "unet")):
+    for name, slug in (("final", final_slug(results)), ("supervised", "unet")):
         files = [
             lay.fold(f).row_masks(slug) if slug else lay.fold(f).eval_masks
             for f in results["folds"]
         ]
-        pairs = [load_slice_arrays(f, "masks") for f in files]
-        idx, masks = (np.concatenate([p[i] for p in pairs]) for i in (0, 1))
+        idx, masks = (np.concatenate(a) for a in zip(*map(read_masks, files), strict=True))
         export_cases(store, idx, masks, out / name, force=True)
         cases = sorted({str(c) for c in store.table["case"][idx]})
         summary = score_folder(out / name, cfg.prepare.data, cfg.prepare.layout,
