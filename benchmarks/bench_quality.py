@@ -15,10 +15,13 @@ lesion Dice on the val part's masks, never the held-out part), plus
 ``weak_over_supervised`` = best weak method's lesion Dice / supervised's (weak methods:
 single members, ensemble, self-trained U-Nets; goal >= 0.8), ``final_over_supervised``
 (the same for the final method alone), the share of run time the refine stages took, and
-``label_shares``: per seg label of the phantom, the share of its held-out voxels that the
-final method's and the supervised U-Net's masks mark (``ensemblecam score`` on their NIfTI
-export): which kinds of lesion each finds (brats: core 1, oedema 2, enhancing rim 4; kits:
-tumour 2, cyst 3) and on which tissue the false positives lie.
+``val_chain``: the chain ensemble -> refined pseudo-labels -> each round's U-Net on one set
+of slices, the val part (the rows above compare the pseudo-labels of the training part with
+held-out methods), and ``label_shares``: per seg label of the phantom, the share of its
+held-out voxels that the final method's and the supervised U-Net's masks mark
+(``ensemblecam score`` on their NIfTI export): which kinds of lesion each finds (brats:
+core 1, oedema 2, enhancing rim 4; kits: tumour 2, cyst 3) and on which tissue the false
+positives lie.
 
 Usage: python benchmarks/bench_quality.py [--layouts brats,msd,kits] [--work DIR]
        [--folds 0] [--keep]
@@ -144,6 +147,21 @@ def final_row(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def val_chain(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The chain on one set of slices, the val part (results.json ``final``; calibration
+    data, not held out): the ensemble, the refined pseudo-labels (which use the slices'
+    labels), each self-training round's U-Net, in that order; None when the run did not
+    score them (no masks in the val part, run.final not auto)."""
+    final = results.get("final") or {}
+    scores = dict(final.get("val_lesion_dice") or {})
+    if not scores:
+        return None
+    chain = {"ensemble": scores.pop("ensemble")}
+    if final.get("val_pseudo_labels") is not None:
+        chain["pseudo_labels"] = final["val_pseudo_labels"]
+    return chain | scores
+
+
 def label_shares(cfg: Config, results: dict[str, Any], out: Path) -> dict[str, Any]:
     """Per seg label of the phantom, the share of its held-out voxels marked by the final
     method's masks and by the supervised U-Net's: ``ensemblecam score`` on their NIfTI
@@ -211,6 +229,7 @@ def run_layout(layout: str, work: Path, folds: list[int]) -> dict[str, Any]:
             json.loads((cfg.run.out / f / "search" / "best.json").read_text())["members"]
             for f in results["folds"]
         ],
+        "val_chain": val_chain(results),
         "label_shares": label_shares(cfg, results, work / f"label_shares_{layout}"),
         "refiner": [
             json.loads((cfg.run.out / f / "refine" / "refine.json").read_text())["chosen"]
@@ -251,6 +270,9 @@ def main() -> None:
             print(f"weak / supervised = {'-' if ratio is None else f'{ratio:.2f}'}; refine "
                   f"{res['refine_seconds']:.0f} s ({share:.1f}% of the stages); members "
                   f"chosen {res['chosen']}; refiner {res['refiner']}")  # fmt: skip
+            if res["val_chain"]:
+                print("the chain on the val part's slices (lesion Dice): " + " -> ".join(
+                    f"{k} {v:.3f}" for k, v in res["val_chain"].items()))  # fmt: skip
             ls = res["label_shares"]
             print("held-out voxels marked per seg label (final / supervised): " + ", ".join(
                 f"{v}{' (lesion)' if v in ls['lesion_labels'] else ''} "
@@ -272,6 +294,7 @@ def main() -> None:
                 "refine_share": res["refine_share"],
                 "seconds": res["seconds"],
                 "resumed": res["resumed"],
+                "val_chain": res["val_chain"],
                 "label_shares": res["label_shares"],
             }
             for layout, res in figures.items()

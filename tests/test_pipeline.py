@@ -176,6 +176,14 @@ def test_choose_final_hand_computed() -> None:
         "ensemble 40.0%, self-trained round 1 60.0%, self-trained (last round) 60.0%"
         in final_text({"final": got})
     )
+    # the val part's pseudo-labels are reported beside the candidates, never chosen
+    sel["fold0"]["pseudo_labels"], sel["fold1"]["pseudo_labels"] = 0.9, 0.6
+    got = choose_final(two, {f: {"select": s} for f, s in sel.items()})
+    assert (got["round"], got["val_pseudo_labels"]) == (2, pytest.approx(0.75))
+    assert "pseudo_labels" not in got["val_lesion_dice"]
+    assert "the first round learnt from score 75.0%" in final_text({"final": got})
+    del sel["fold1"]["pseudo_labels"]  # not scored in every fold: no mean
+    assert "val_pseudo_labels" not in choose_final(two, {f: {"select": s} for f, s in sel.items()})
 
 
 def test_final_self_trained_without_self_training_is_refused(phantom: Path, tmp_path: Path) -> None:
@@ -234,6 +242,21 @@ def test_second_self_training_round(finished_run: Path, phantom: Path, tmp_path:
     kinds = {"self_trained_round1": "pseudo_round1", "self_trained": "pseudo_unet"}
     assert final.get("unet", "ensemble") == kinds.get(best, best)
     assert {"fold0/select", "fold1/select"} <= set(ran)
+    # the refined pseudo-labels scored on the same val slices: lesion Dice of their lesion
+    # class (ignore as background) against the masks, by hand
+    from ensemblecam.stages.search import annotated_part
+
+    dice = []
+    for f in res["folds"]:
+        _, _, idx = annotated_part(run / "store", run / "split" / "splits.json", f, "val")
+        index, labels = read_masks(run / f / "refine" / "masks.npz")
+        pred = np.asarray(labels)[np.searchsorted(index, idx)] == 1
+        truth = np.asarray(SliceStore.open(run / "store").masks[idx]) > 0
+        dice.append(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
+        got = json.loads((run / f / "select" / "pseudo_labels" / "metrics.json").read_text())
+        assert got["part"] == "val"
+        assert got["metrics"]["lesion_dice"] == pytest.approx(dice[-1])
+    assert final["val_pseudo_labels"] == pytest.approx(np.mean(dice))
     for f in res["folds"]:
         assert (
             json.loads((run / f / "select" / "ensemble" / "metrics.json").read_text())["part"]

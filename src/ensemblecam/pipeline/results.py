@@ -10,7 +10,9 @@ files written from it (results.json, results.csv, results.md, the demo's table).
      "final": {"method": "self_trained" | "ensemble", "round": r (self_trained: the
                self-training round whose U-Net is final), "chosen_by": ...,
                "val_lesion_dice": {"ensemble" | "self_trained" | "self_trained_round<r>":
-               mean over folds} (run.final auto with masks in the val part)},
+               mean over folds} (run.final auto with masks in the val part),
+               "val_pseudo_labels": the refined pseudo-labels' mean lesion Dice on the same
+               val slices (the chain's middle step; they use the slice labels)},
      "rows": [{"name": "ensemble (best configuration)", "kind": "ensemble" | "operator" |
                "single" | "labels" | "empty" | "unet" | "pseudo_unet" | "pseudo_round",
                "slug": its folder in fold<k>/eval/ (the chosen ensemble and Empty: "ensemble"),
@@ -290,6 +292,11 @@ def final_text(results: dict[str, Any]) -> str:
     if scores:
         listed = ", ".join(f"{candidate_label(m)} {100 * v:.1f}%" for m, v in scores.items())
         text += f", the highest mean lesion Dice on the val part's masks ({listed})"
+        if final.get("val_pseudo_labels") is not None:
+            text += (
+                "; on the same slices the refined pseudo-labels the first round learnt from"
+                f" score {100 * final['val_pseudo_labels']:.1f}%"
+            )
     else:
         text += f" ({final.get('chosen_by')})"
     return text + "."

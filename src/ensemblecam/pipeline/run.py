@@ -594,6 +594,7 @@ def _run_fold(
     if rc.pseudo_unet:
         conf_file, k_conf = _fold_pseudo_search(f, k_search, list(localisers))
         targets, k_pt = _fold_pseudo_labels(f, ecfg, conf_file, k_conf)
+        k_refined = k_pt if rc.refine else None
         if rc.refine and _part_annotated(store, splits, k, "train"):
             rows.append(_pseudo_label_row(f, ecfg, k_pt))
         unets = []  # the self-trained U-Net of each round
@@ -604,7 +605,7 @@ def _run_fold(
             if r < rc.rounds:
                 targets, k_pt = _fold_next_round(f, r, k_pt)
         if rc.final == "auto" and _part_annotated(store, splits, k, "val"):
-            selection = _fold_select(f, ecfg, rows[0]["config"], k_search, unets)
+            selection = _fold_select(f, ecfg, rows[0]["config"], k_search, unets, k_refined)
     for row in rows if not scored else []:
         row["scored"] = False  # no masks to score with: masks written, metrics null
     return {
@@ -617,18 +618,27 @@ def _run_fold(
 
 
 def _fold_select(
-    f: _Fold, ecfg: EvaluateConfig, chosen: dict[str, Any], k_search: str, unets: list[_Unet]
+    f: _Fold,
+    ecfg: EvaluateConfig,
+    chosen: dict[str, Any],
+    k_search: str,
+    unets: list[_Unet],
+    k_refined: str | None,
 ) -> dict[str, float | None]:
     """Lesion Dice of the fold's final candidates, the chosen ensemble and the U-Net of each
     self-training round (``unets``, each gated and thresholded as in its evaluation), on
     the val part's annotated slices: calibration data, never the held-out part
-    (``select/<candidate>/metrics.json``, names :func:`candidate_name`)."""
+    (``select/<candidate>/metrics.json``, names :func:`candidate_name`). With refined
+    pseudo-labels (stage key ``k_refined``) that cover the val part, also theirs
+    (``select/pseudo_labels/``, key ``pseudo_labels``; not a candidate: they need the
+    slices' labels), so the chain ensemble -> pseudo-labels -> U-Nets is compared on the
+    same slices."""
     from ensemblecam.stages.evaluate import evaluate_stage, evaluate_unet
 
     vcfg = ecfg.model_copy(update={"part": "val"})
     sel = f.fold.select
     candidates = {candidate_name(u.kind): u for u in unets}
-    key_parts: list[Any] = ["select", k_search, _options(f.cfg.evaluate)]
+    key_parts: list[Any] = ["select", k_search, _options(f.cfg.evaluate), k_refined]
     for u in unets:
         key_parts.append([u.kind, u.key, ["threshold", u.threshold], u.gate and u.gate[1]])
 
@@ -637,12 +647,21 @@ def _fold_select(
         for name, u in candidates.items():
             ckpt = f.fold.unet_checkpoint(u.kind)
             evaluate_unet(vcfg, ckpt, sel / name, force=True, gate=u.gate, threshold=u.threshold)
+        if k_refined is None or not _score_pseudo_labels(f, vcfg, sel / PSEUDO_LABELS):
+            shutil.rmtree(sel / PSEUDO_LABELS, ignore_errors=True)  # an earlier run's
 
     f.runner.stage(f"{f.name}/select", sel, stable_hash(key_parts), None, run)
+    names = ["ensemble", *candidates]
+    if (sel / PSEUDO_LABELS / "metrics.json").is_file():
+        names.append(PSEUDO_LABELS)
     return {
         m: fsutil.read_json(sel / m / "metrics.json", "evaluation")["metrics"].get("lesion_dice")
-        for m in ("ensemble", *candidates)
+        for m in names
     }
+
+
+#: the refined pseudo-labels' name in select/ and results.json ``final`` (not a candidate)
+PSEUDO_LABELS = "pseudo_labels"
 
 
 def round_kind(r: int, rounds: int) -> str:
@@ -664,7 +683,8 @@ def choose_final(cfg: Config, fold_results: dict[str, dict[str, Any]]) -> dict[s
     part's masks: the chosen ensemble or the U-Net of one self-training round (``round``;
     on a tie the later round, and a U-Net before the ensemble), or the last round's U-Net
     when a fold's val part has no masks to choose with; the ensemble when no U-Net was
-    self-trained."""
+    self-trained. ``val_pseudo_labels``: the refined pseudo-labels' mean lesion Dice on the
+    same slices (every fold scored them; not a candidate)."""
     rc = cfg.run
     if not rc.pseudo_unet:
         return {"method": "ensemble", "chosen_by": "run.pseudo_unet is off"}
@@ -683,12 +703,18 @@ def choose_final(cfg: Config, fold_results: dict[str, dict[str, Any]]) -> dict[s
         for m in ["ensemble", *rounds]
     }
     best = max(reversed(means), key=means.__getitem__)  # the first of the highest
+    pseudo = [s.get(PSEUDO_LABELS) for s in per_fold.values()]
     return {
         **(
             {"method": "ensemble"} if best == "ensemble" else _self_trained(rounds[best], rc.rounds)
         ),
         "chosen_by": "mean lesion Dice on the val part's masks",
         "val_lesion_dice": means,
+        **(
+            {"val_pseudo_labels": float(np.mean(pseudo))}
+            if all(v is not None for v in pseudo)
+            else {}
+        ),
         "per_fold": per_fold,
     }
 
@@ -919,19 +945,11 @@ def _pseudo_label_row(f: _Fold, ecfg: EvaluateConfig, k_refine: str) -> dict[str
     """Score the refined pseudo-labels of the training part's annotated slices against
     their masks (ignore counted as background): how good the self-training targets are.
     Not a held-out result: the refiner was chosen on the same masks."""
-    from ensemblecam.io.masks import read_masks
-    from ensemblecam.stages.evaluate import evaluate_masks
-    from ensemblecam.stages.search import annotated_part
-
     tcfg = ecfg.model_copy(update={"part": "train"})
-    slug = "pseudo_labels"
+    slug = PSEUDO_LABELS
 
     def run(force: bool) -> None:
-        _, _, idx = annotated_part(f.store, f.splits, f.k, "train", "evaluation")
-        index, labels = read_masks(f.fold.refined_labels)
-        rows = np.searchsorted(index, idx)
-        pred = (np.asarray(labels)[rows] == 1).astype(np.uint8)
-        evaluate_masks(tcfg, pred, f.fold.eval_row(slug), force=True, source=str(index))
+        _score_pseudo_labels(f, tcfg, f.fold.eval_row(slug))
 
     key = stable_hash([slug, k_refine, _options(f.cfg.evaluate)])
     f.runner.stage(
@@ -939,6 +957,24 @@ def _pseudo_label_row(f: _Fold, ecfg: EvaluateConfig, k_refine: str) -> dict[str
     )
     name = "refined pseudo-labels (training part: not held out)"
     return {"name": name, "kind": "pseudo_labels", "slug": slug, "config": None}
+
+
+def _score_pseudo_labels(f: _Fold, ecfg: EvaluateConfig, out: Path) -> bool:
+    """Score the fold's refined pseudo-labels on the annotated slices of part ``ecfg.part``
+    (ignore counted as background) into ``out``; False, nothing written, when the refine
+    stage did not label that part."""
+    from ensemblecam.io.masks import read_masks
+    from ensemblecam.stages.evaluate import evaluate_masks
+    from ensemblecam.stages.search import annotated_part
+
+    _, _, idx = annotated_part(f.store, f.splits, f.k, ecfg.part, "evaluation")
+    index, labels = read_masks(f.fold.refined_labels)
+    rows = np.searchsorted(index, idx).clip(max=len(index) - 1)
+    if len(index) == 0 or not np.array_equal(index[rows], idx):
+        return False
+    pred = (np.asarray(labels)[rows] == 1).astype(np.uint8)
+    evaluate_masks(ecfg, pred, out, force=True, source=str(index))
+    return True
 
 
 def _fold_search(f: _Fold, k_cam: str, localisers: list[str]) -> str:
