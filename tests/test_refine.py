@@ -14,6 +14,7 @@ from ensemblecam.refine import (
     RefineOptions,
     crf_probs,
     filter_components,
+    ignore_lesion_border,
     pseudo_label,
     pseudo_labels,
     relative_scores,
@@ -216,17 +217,47 @@ def test_crf_skips_fully_seeded_images(monkeypatch):
     assert (crf == none).all() and (none == 1).any() and not (none == IGNORE).any()
 
 
-def test_band_and_boundary_ignore_make_ignore_pixels():
-    image, maps, truth = blob_case((16, 16))
-    out = pseudo_label(
-        image,
-        maps,
-        [0.5, 0.5],
-        1,
-        RefineOptions(refiner="random_walker", fg_margin=0.8, boundary_ignore=1),
-    )
-    assert (out == IGNORE).any() and (out == 1).any()
-    assert not np.any((out == 1) & ~truth)
+def test_band_makes_ignore_pixels():
+    """A refiner's lesion probability within ``band`` of 0.5 is ignore; seeds keep their
+    class whatever the probability."""
+    from ensemblecam.refine import _from_prob
+
+    prob = np.array([[0.9, 0.6, 0.5, 0.4, 0.25, 0.1, 0.5]], np.float32)
+    seeds = np.array([[IGNORE] * 5 + [1, 0]], np.uint8)
+    got = _from_prob(prob, seeds, 0.2)
+    np.testing.assert_array_equal(got, [[1, IGNORE, IGNORE, IGNORE, 0, 1, 0]])
+    np.testing.assert_array_equal(_from_prob(prob, seeds, 0.0), [[1, 1, IGNORE, 0, 0, 1, 0]])
+
+
+def test_ignore_lesion_border_hand_computed():
+    """The lesion pixels within ``width`` 4-connected steps of a non-lesion pixel or the
+    slice edge become ignore; background and ignore pixels stay as they are."""
+    lab = np.array(
+        [[1, 1, 0, 0, 0, 0],
+         [1, 1, 1, 0, 0, 0],
+         [0, 1, 1, 1, 1, 0],
+         [0, 1, 1, 1, 1, 0],
+         [0, 1, 1, 1, 1, IGNORE],
+         [0, 0, 0, 0, 0, 0]], np.uint8,
+    )  # fmt: skip
+    # kept as lesion: the pixels whose four neighbours are all lesion, (1, 1), (2, 2),
+    # (3, 2) and (3, 3); (0, 0) and (1, 0) touch the slice edge
+    want = np.where(lab == 1, IGNORE, lab)
+    for y, x in [(1, 1), (2, 2), (3, 2), (3, 3)]:
+        want[y, x] = 1
+    got = ignore_lesion_border(lab, 1)
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.uint8 and lab[0, 0] == 1  # a copy
+    # a stack of slices: each slice eroded on its own (no step across slices)
+    stack = np.stack([lab, np.ones_like(lab)])
+    got = ignore_lesion_border(stack, 1)
+    np.testing.assert_array_equal(got[0], want)
+    ring = np.ones((6, 6), bool)
+    ring[1:-1, 1:-1] = False  # the slice edge counts as outside the lesion
+    np.testing.assert_array_equal(got[1], np.where(ring, IGNORE, 1))
+    all_ignored = np.where(lab == 1, IGNORE, lab)
+    np.testing.assert_array_equal(ignore_lesion_border(stack, 2)[0], all_ignored)
+    np.testing.assert_array_equal(ignore_lesion_border(stack, 0), stack)
 
 
 def _crf_brute_force(image, prob, iterations, s, c, wb, wg, uf):
@@ -271,7 +302,7 @@ def test_crf_torch_equals_brute_force():
     {"refiner": "grabcut"}, {"band": 0.5}, {"fg_margin": 1.0}, {"agreement": 0},
     {"rw_beta": 0.0}, {"crf_spatial_sigma": float("nan")}, {"crf_iterations": 0},
     {"crf_backend": "cuda"}, {"min_component": 2.0}, {"top_fraction": 0.0},
-    {"boundary_ignore": -1}, {"smooth_sigma": -1.0}, {"colour": 1},
+    {"smooth_sigma": -1.0}, {"colour": 1},
 ])  # fmt: skip
 def test_bad_options_give_one_error_line(opts):
     with pytest.raises(InputError) as err:

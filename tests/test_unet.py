@@ -118,6 +118,35 @@ def test_pseudo_labels_are_followed_and_only_listed_slices_used(tmp_path: Path) 
     assert _dice(pred, store.masks[test]) < 0.1  # ... not the store's masks
 
 
+def test_pseudo_label_border_is_left_out_of_the_loss(tmp_path: Path) -> None:
+    """``boundary_ignore``: the targets read from a masks.npz (training and val part) lose
+    their lesion border to the ignore class, which the loss leaves out; the store's masks
+    (the supervised U-Net's) keep every pixel."""
+    from types import SimpleNamespace
+
+    from ensemblecam.refine import IGNORE, ignore_lesion_border
+
+    store_path = build_store(tmp_path / "store", n_cases=12, slices_per_case=8)
+    store = SliceStore.open(store_path)
+    assert store.masks is not None
+    fold = get_fold(store_path / "splits.json", 0)
+    idx = np.sort(store.indices_for_cases([*fold.train, *fold.val]))
+    masks = np.asarray(store.masks[idx], np.uint8)
+    np.savez(tmp_path / "masks.npz", index=idx, masks=masks)
+    fabric = SimpleNamespace(global_rank=0, world_size=1, device=torch.device("cpu"))
+    for width in (0, 1, 2):
+        plan = unet.plan_unet(_cfg(boundary_ignore=width), store_path, None, 0,
+                              tmp_path / f"w{width}", tmp_path / "masks.npz")  # fmt: skip
+        assert plan.source == plan.val_source == "npz"
+        data = unet._data(fabric, plan)
+        got = data.loader.dataset.mask_source
+        np.testing.assert_array_equal(got, ignore_lesion_border(masks, width))
+        assert (got == IGNORE).any() == (width > 0)
+    plan = unet.plan_unet(_cfg(boundary_ignore=2), store_path, None, 0, tmp_path / "s", "store")
+    got = unet._data(fabric, plan).loader.dataset.mask_source
+    assert got is store.masks or np.array_equal(got, store.masks)
+
+
 def test_mask_dataset_maps_npz_rows(tiny_store: Path) -> None:
     store = SliceStore.open(tiny_store)
     index = np.array([30, 5, 17], np.int64)

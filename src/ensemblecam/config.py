@@ -594,6 +594,13 @@ class UNetConfig(SpatialAugmentFields, DeviceConfig):
         description="least share of training samples drawn from slices whose target has "
         "lesion pixels (nnU-Net's foreground oversampling, 0.33); 0: plain shuffling",
     )
+    boundary_ignore: int = Field(
+        1,
+        ge=0,
+        description="pseudo-label targets only (never the store's masks): lesion pixels "
+        "within this many pixels (4-connected) of the label's lesion border are left out "
+        "of the loss, where the label is least certain; 0: every pixel counts",
+    )
     seed: int = Field(0, description="seed of initialisation and data order")
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
 

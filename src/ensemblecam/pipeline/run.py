@@ -87,7 +87,11 @@ _NOT_KEYED = {
 _FORMER_DEFAULTS: dict[tuple[type, str], Any] = {
     (UNetConfig, "augment"): "none",
     (MilConfig, "augment"): "none",
+    (UNetConfig, "boundary_ignore"): 0,
 }
+
+#: U-Net options that change only training on pseudo-labels: not in the supervised one's key
+_PSEUDO_ONLY = {"boundary_ignore"}
 
 #: the methods whose masks a run exports and ``predict`` applies: results-row names
 METHOD_NAMES = {
@@ -1107,8 +1111,12 @@ def _unet_row(
 
 
 def _unet_key(cfg: Config, kind: str, k: int, upstream: str) -> str:
-    """Stage key of fold ``k``'s U-Net ``kind`` trained on targets with key ``upstream``."""
-    return stable_hash([kind, _options(cfg.unet), k, upstream, *_changed_defaults(cfg.unet)])
+    """Stage key of fold ``k``'s U-Net ``kind`` trained on targets with key ``upstream``
+    (the supervised one's without :data:`_PSEUDO_ONLY`)."""
+    drop = _PSEUDO_ONLY if kind == "unet" else set()
+    opts = {k: v for k, v in _options(cfg.unet).items() if k not in drop}
+    changed = [c for c in _changed_defaults(cfg.unet) if c[0] not in drop]
+    return stable_hash([kind, opts, k, upstream, *changed])
 
 
 def _threshold(f: _Fold, kind: str, k_unet: str, ecfg: EvaluateConfig) -> float:

@@ -29,7 +29,9 @@ The chain (:func:`pseudo_label`):
 5. A lesion-labelled image never ends empty: the fallback (:func:`top_region`) labels as
    lesion the connected region of the mean map >= ``top_fraction`` x its maximum that holds
    the maximum.
-6. Optional ``boundary_ignore`` pixels around each lesion boundary become ignore.
+
+The segmenter trained on these labels leaves their lesion border out of its loss
+(:func:`ignore_lesion_border`, ``unet.boundary_ignore``).
 """
 
 from __future__ import annotations
@@ -75,7 +77,6 @@ class RefineOptions:
     min_component: float = 0.0
     keep_seeded: bool = True
     top_fraction: float = 0.8
-    boundary_ignore: int = 0
 
     def check(self, n_members: int | None = None) -> RefineOptions:
         """Return ``self`` or raise :class:`InputError` naming the first bad option."""
@@ -117,8 +118,6 @@ class RefineOptions:
             raise bad("min_component", "expected a fraction of the largest component in [0, 1]")
         if not 0.0 < self.top_fraction <= 1.0:
             raise bad("top_fraction", "expected a fraction of the maximum in (0, 1]")
-        if self.boundary_ignore < 0:
-            raise bad("boundary_ignore", "expected a pixel count >= 0")
         return self
 
     @classmethod
@@ -429,15 +428,24 @@ def filter_components(
     return out
 
 
-def boundary_band(labels: np.ndarray, width: int) -> np.ndarray:
-    """Bool mask of pixels within ``width`` (chessboard) of a lesion boundary, both sides."""
-    fg = labels == 1
-    if width <= 0 or not fg.any():
-        return np.zeros(fg.shape, bool)
-    st = ndimage.generate_binary_structure(fg.ndim, fg.ndim)
-    grown = ndimage.binary_dilation(fg, st, iterations=width)
-    shrunk = ndimage.binary_erosion(fg, st, iterations=width, border_value=1)
-    return grown & ~shrunk
+def ignore_lesion_border(labels: np.ndarray, width: int) -> np.ndarray:
+    """Labels (..., H, W) in {0, 1, IGNORE} with the lesion's border left out: a copy in
+    which every lesion pixel that ``width`` in-plane erosions with the 4-connected cross
+    remove (one within ``width`` steps, up/down/left/right, of a non-lesion pixel or the
+    slice edge) is IGNORE; width 0: unchanged.
+
+    Why: a pseudo-label's border is where it is least certain (it comes from coarse maps
+    and an intensity refiner), and it errs both ways; with the border left out the
+    segmenter still learns the lesion's core and the background around it, and places the
+    edge itself."""
+    out = np.array(labels, dtype=np.uint8, copy=True)
+    if width <= 0:
+        return out
+    fg = out == 1
+    cross = ndimage.generate_binary_structure(2, 1).reshape((1,) * (fg.ndim - 2) + (3, 3))
+    core = ndimage.binary_erosion(fg, cross, iterations=width)
+    out[fg & ~core] = IGNORE
+    return out
 
 
 # --------------------------------------------------------------------------- chain
@@ -491,13 +499,10 @@ def _crf_unary(
 
 
 def _finish(seeds: np.ndarray, prob: np.ndarray | None, opt: RefineOptions) -> np.ndarray:
-    """Steps 3 (after the refiner's probability ``prob``; None: the seeds) to 6."""
+    """Steps 3 (after the refiner's probability ``prob``; None: the seeds) to 5."""
     out = seeds if prob is None else _from_prob(prob, seeds, opt.band)
     out = filter_components(out, seeds if opt.keep_seeded else None, opt.min_component)
     if not (out == 1).any():  # never empty: the seeds' lesion (itself never empty)
-        out[seeds == 1] = 1
-    out[boundary_band(out, opt.boundary_ignore) & (out == 1)] = IGNORE
-    if not (out == 1).any():
         out[seeds == 1] = 1
     return out
 

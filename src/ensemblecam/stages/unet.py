@@ -6,7 +6,9 @@ thesis's U-Net: the upper bound); a path to a ``masks.npz`` (arrays ``index`` in
 indices, ``masks`` uint8 (n, H, W) in {0, 1, 255}) trains on those pseudo-labels (the
 refined pseudo-labels of the training part: the usual second stage of weakly supervised
 segmentation), 255 = ignore: left out of the loss (:func:`masked_dice_ce`) and of the
-validation scores; then only the training-part slices listed in the npz are used.
+validation scores, and with it the labels' lesion border (``cfg.boundary_ignore`` pixels,
+:func:`ensemblecam.refine.ignore_lesion_border`); then only the training-part slices listed
+in the npz are used.
 ``targets="labels"`` trains a localiser from the slice labels alone with the
 multiple-instance loss (:func:`ensemblecam.training.losses.mil_loss`; config
 :class:`ensemblecam.config.MilConfig`): validation is its loss on the val part, best.pt the
@@ -62,6 +64,7 @@ from ensemblecam.io.split import Fold, get_fold
 from ensemblecam.io.store import SliceStore
 from ensemblecam.metrics.conventions import score, slice_counts
 from ensemblecam.models.segmenters import UNET, build_unet, load_unet, logits_to_mask, model_args
+from ensemblecam.refine import ignore_lesion_border
 from ensemblecam.training.data import (
     DenoiseDataset,
     EpochNoise,
@@ -401,6 +404,8 @@ def _data(fabric: Any, plan: UNetPlan) -> EpochData:
     store = SliceStore.open(plan.store)
     uses_npz = "npz" in (plan.source, plan.val_source)
     pseudo = read_pseudo_masks(plan.targets, store) if uses_npz else None
+    if pseudo is not None and isinstance(cfg, UNetConfig):
+        pseudo = (pseudo[0], ignore_lesion_border(pseudo[1], cfg.boundary_ignore))
     augment = make_augment(cfg, rank)
     noise = val_noise = None
     if plan.source == "healthy":
