@@ -967,14 +967,15 @@ def _score_pseudo_labels(f: _Fold, ecfg: EvaluateConfig, out: Path) -> bool:
     """Score the fold's refined pseudo-labels on the annotated slices of part ``ecfg.part``
     (ignore counted as background) into ``out``; False, nothing written, when the refine
     stage did not label that part."""
+    from ensemblecam.io.mapstore import positions
     from ensemblecam.io.masks import read_masks
     from ensemblecam.stages.evaluate import evaluate_masks
     from ensemblecam.stages.search import annotated_part
 
     _, _, idx = annotated_part(f.store, f.splits, f.k, ecfg.part, "evaluation")
     index, labels = read_masks(f.fold.refined_labels)
-    rows = np.searchsorted(index, idx).clip(max=len(index) - 1)
-    if len(index) == 0 or not np.array_equal(index[rows], idx):
+    rows = positions(index, idx)
+    if rows is None:
         return False
     pred = (np.asarray(labels)[rows] == 1).astype(np.uint8)
     evaluate_masks(ecfg, pred, out, force=True, source=str(index))
@@ -1114,7 +1115,7 @@ def _unet_key(cfg: Config, kind: str, k: int, upstream: str) -> str:
     """Stage key of fold ``k``'s U-Net ``kind`` trained on targets with key ``upstream``
     (the supervised one's without :data:`_PSEUDO_ONLY`)."""
     drop = _PSEUDO_ONLY if kind == "unet" else set()
-    opts = {k: v for k, v in _options(cfg.unet).items() if k not in drop}
+    opts = {name: v for name, v in _options(cfg.unet).items() if name not in drop}
     changed = [c for c in _changed_defaults(cfg.unet) if c[0] not in drop]
     return stable_hash([kind, opts, k, upstream, *changed])
 
