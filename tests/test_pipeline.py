@@ -588,6 +588,58 @@ def test_kill_and_resume(phantom: Path, tmp_path: Path, monkeypatch: pytest.Monk
     assert (root / "results.json").is_file()
 
 
+def test_keys_follow_the_data_not_its_path(phantom: Path, tmp_path: Path) -> None:
+    """A scan rewritten in place prepares the store again and reruns what follows (the key
+    once held only the data folder's path, so the old results were kept); the same data
+    moved, time stamps and all, reruns nothing."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom, data)  # copy2: time stamps kept
+    cheap = dict(run__unet=False, run__pseudo_unet=False, run__mil=False, run__final="auto",
+                 run__report=False, run__export=False)  # fmt: skip
+    pipeline.run_pipeline(_config(tmp_path, data, **cheap), progress=False)
+    root = tmp_path / "run"
+    first = np.load(root / "store" / "images.npy")
+
+    def ran() -> list[str]:
+        return json.loads((root / "run.json").read_text())["ran_this_time"]
+
+    flair = sorted(data.rglob("*_flair.nii.gz"))[0]
+    img = nib.load(flair)
+    vox = np.asarray(img.dataobj, dtype=np.float32)
+    vox[: vox.shape[0] // 2] = vox.max()  # the same name, other voxels
+    nib.save(nib.Nifti1Image(vox, img.affine, img.header), flair)
+    pipeline.run_pipeline(_config(tmp_path, data, **cheap), progress=False)
+    assert {"prepare", "split", "fold0/train/simplecnn", "fold0/search"} <= set(ran())
+    assert not np.array_equal(np.load(root / "store" / "images.npy"), first)
+
+    moved = tmp_path / "moved"
+    shutil.move(data, moved)  # a rename: time stamps kept
+    with pytest.raises(InputError, match="another configuration"):  # the path is config
+        pipeline.run_pipeline(_config(tmp_path, moved, **cheap), progress=False)
+    pipeline.run_pipeline(_config(tmp_path, moved, **cheap), force=True, progress=False)
+    assert ran() == []
+
+
+def test_input_files_are_keyed_by_content(phantom: Path, tmp_path: Path) -> None:
+    from ensemblecam.config import PrepareConfig, SplitConfig
+    from ensemblecam.pipeline.run import _options
+    from ensemblecam.stages.prepare import input_fingerprint
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text('{"train": ["x"]}')
+    b.write_text('{"train": ["x"]}')
+    key = _options(SplitConfig(scheme="list", list_file=a))
+    assert key == _options(SplitConfig(scheme="list", list_file=b))  # the name is not keyed
+    b.write_text('{"train": ["y"]}')
+    assert key != _options(SplitConfig(scheme="list", list_file=b))
+    cases, metadata = input_fingerprint(PrepareConfig(data=phantom, modalities=["flair"]))
+    name, files = cases[0]
+    seg = next(phantom.rglob(f"{name}_seg.nii.gz"))
+    assert files[-1] == [seg.relative_to(phantom).as_posix(), seg.stat().st_size,
+                         seg.stat().st_mtime_ns]  # fmt: skip
+    assert len(files) == 2 and metadata == []
+
+
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"train": {"epochz": 3}}))

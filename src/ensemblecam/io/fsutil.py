@@ -18,6 +18,7 @@ JSON is written strictly (RFC 8259): NaN and +-Inf become ``null``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -95,6 +96,20 @@ def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
     """Save ``array`` as .npy atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, array)
+
+
+def file_sha256(path: str | os.PathLike[str], digest: Any = None) -> str:
+    """SHA-256 hex digest of a file's bytes, read in 1 MiB blocks; with ``digest`` (a
+    hashlib object) the bytes are added to it instead. An unreadable file is one
+    :class:`InputError` line."""
+    h = hashlib.sha256() if digest is None else digest
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    return h.hexdigest()
 
 
 def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:

@@ -97,6 +97,8 @@ class Discovery:
     cases: list[Case]
     modalities: list[str]
     allowed_labels: set[int] | None
+    #: files besides the cases' that discovery read (MSD: dataset.json)
+    metadata: list[Path] = field(default_factory=list)
 
 
 def _nii_stem(path: Path) -> str | None:
@@ -214,7 +216,7 @@ def _msd(root: Path, mods: list[str] | None, require_seg: bool) -> Discovery:
             Case(stem, {m: img for m in wanted}, lab, {m: modality_map[m] for m in wanted})
         )
     cases.sort(key=lambda c: c.name)
-    return Discovery(cases, wanted, allowed)
+    return Discovery(cases, wanted, allowed, [meta_path])
 
 
 def _kits(root: Path, mods: list[str] | None, require_seg: bool) -> Discovery:

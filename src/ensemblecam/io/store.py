@@ -186,13 +186,7 @@ def store_identity(path: str | os.PathLike[str]) -> str:
     """SHA-256 (first 16 hex digits) of the bytes of ``store.json`` then ``slices.csv``."""
     digest = hashlib.sha256()
     for name in (MANIFEST, "slices.csv"):
-        file = Path(path) / name
-        try:
-            with open(file, "rb") as fh:
-                for block in iter(lambda fh=fh: fh.read(2**20), b""):
-                    digest.update(block)
-        except OSError as exc:
-            raise InputError(f"{file}: cannot read ({exc.strerror or exc})") from exc
+        fsutil.file_sha256(Path(path) / name, digest)
         digest.update(b"\0")
     return digest.hexdigest()[:16]
 

@@ -24,6 +24,7 @@ pending record and temporary file out of the run folder.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -81,6 +82,9 @@ _NOT_KEYED = {
     "chunk",
 }
 
+#: options that name a user's input file: keyed by the file's content, not by its name
+_INPUT_FILES = {"labels_csv", "list_file", "weights"}
+
 #: options whose default changed, with their former default: a value other than that is
 #: keyed (:func:`_changed_defaults`), so results made before the change stay valid under
 #: the old value and are recomputed under the new one
@@ -109,9 +113,39 @@ def stable_hash(obj: Any) -> str:
 def _options(section: Any) -> dict[str, Any]:
     """Keyed options that differ from their defaults (a new option with a default leaves
     existing keys, and so existing results, valid; a changed default goes into
-    :data:`_FORMER_DEFAULTS`)."""
+    :data:`_FORMER_DEFAULTS`); an option of :data:`_INPUT_FILES` as its file's content."""
     opts = section.model_dump(mode="json", exclude_defaults=True)
-    return {k: v for k, v in opts.items() if k not in _NOT_KEYED}
+    return {
+        k: _file_key(v) if k in _INPUT_FILES and v is not None else v
+        for k, v in opts.items()
+        if k not in _NOT_KEYED
+    }
+
+
+def _file_key(path: str) -> str:
+    """Key of a user's input file: the SHA-256 of its bytes, whatever its name (a missing
+    file keys as its path; its stage then refuses it)."""
+    st = Path(path).stat() if Path(path).is_file() else None
+    return f"missing: {path}" if st is None else _sha256(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """:func:`fsutil.file_sha256`, once per (path, size, mtime) in a process."""
+    return fsutil.file_sha256(path)
+
+
+def _store_key(cfg: Config) -> str:
+    """Key of the prepare stage: its options, the normalisation as resolved (its default
+    depends on the layout) and the input files' fingerprint (size and time stamp of each
+    file it reads, :func:`ensemblecam.stages.prepare.input_fingerprint`), so that a scan
+    rewritten in place prepares the store again and everything after it reruns. The data
+    folder's path is not in it: a folder moved with its time stamps needs nothing redone."""
+    from ensemblecam.io.layouts import DEFAULT_NORMALISE
+    from ensemblecam.stages.prepare import input_fingerprint
+
+    norm = cfg.prepare.normalise or DEFAULT_NORMALISE[cfg.prepare.layout]
+    return stable_hash(["prepare", _options(cfg.prepare), norm, input_fingerprint(cfg.prepare)])
 
 
 def _changed_defaults(section: Any) -> list[list[Any]]:
@@ -492,11 +526,7 @@ def _run_locked(cfg: Config, root: Path, force: bool, progress: bool | None) -> 
 
     store = lay.store
     pcfg = cfg.prepare.model_copy(update={"out": store})
-    from ensemblecam.io.layouts import DEFAULT_NORMALISE
-
-    # the normalisation as resolved: its default depends on the layout
-    norm = cfg.prepare.normalise or DEFAULT_NORMALISE[cfg.prepare.layout]
-    k_store = stable_hash(["prepare", _options(cfg.prepare), str(cfg.prepare.data), norm])
+    k_store = _store_key(cfg)
     runner.stage(
         "prepare",
         store,
@@ -507,7 +537,7 @@ def _run_locked(cfg: Config, root: Path, force: bool, progress: bool | None) -> 
 
     splits = lay.splits
     scfg = cfg.split.model_copy(update={"store": store, "out": splits})
-    k_split = stable_hash(["split", _options(cfg.split), str(cfg.split.list_file), k_store])
+    k_split = stable_hash(["split", _options(cfg.split), k_store])
     runner.stage(
         "split", lay.split_dir, k_split, splits.name, lambda force: make_splits(scfg, force=force)
     )

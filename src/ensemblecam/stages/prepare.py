@@ -82,6 +82,7 @@ from ensemblecam.io.layouts import (
     DEFAULT_NORMALISE,
     KIDNEY_LABEL,
     Case,
+    Discovery,
     discover,
 )
 from ensemblecam.io.store import (
@@ -676,23 +677,49 @@ def _run_parallel(
         bar.close()
 
 
-def prepare_store(cfg: PrepareConfig, force: bool = False, checkpoint: bool = True) -> Path:
-    """Build the slice store described by ``cfg`` at ``cfg.out``; return its path.
-
-    ``checkpoint`` keeps a per-case done list in the partial folder for resuming.
-    """
+def _discover(cfg: PrepareConfig) -> Discovery:
+    """The cases ``cfg`` prepares: seg files required unless slice labels come from
+    ``labels_csv`` or masks are off, kept where they exist."""
     if cfg.data is None:
         raise InputError("no data folder given (--data)")
-    out = Path(cfg.out)
-    if (out / MANIFEST).exists() and not force:
-        raise InputError(f"{out}: already holds results ({MANIFEST}); use --force to replace them")
-    found = discover(
+    return discover(
         cfg.layout,
         Path(cfg.data),
         cfg.modalities,
         require_seg=cfg.labels_csv is None and cfg.masks,
         keep_seg=cfg.masks,
     )
+
+
+def input_fingerprint(cfg: PrepareConfig) -> list[Any]:
+    """What a store prepared with ``cfg`` reads, as [case, [[path, size, mtime_ns], ...]]
+    per case (image files, then seg) and [path, size, mtime_ns] per metadata file (MSD's
+    dataset.json), paths relative to the data folder. Files are stat'ed, not read: a file
+    rewritten in place changes it, a data folder moved with its time stamps (mv, cp -p,
+    rsync -a) does not. ``labels_csv`` is not in it (keyed by content with the options)."""
+    found = _discover(cfg)
+    root = Path(str(cfg.data))
+
+    def stat(path: Path) -> list[Any]:
+        st = path.stat()
+        return [Path(os.path.relpath(path, root)).as_posix(), st.st_size, st.st_mtime_ns]
+
+    cases = [
+        [c.name, [stat(p) for p in [*c.images.values(), *([c.seg] if c.seg else [])]]]
+        for c in found.cases
+    ]
+    return [cases, [stat(p) for p in found.metadata]]
+
+
+def prepare_store(cfg: PrepareConfig, force: bool = False, checkpoint: bool = True) -> Path:
+    """Build the slice store described by ``cfg`` at ``cfg.out``; return its path.
+
+    ``checkpoint`` keeps a per-case done list in the partial folder for resuming.
+    """
+    out = Path(cfg.out)
+    if (out / MANIFEST).exists() and not force:
+        raise InputError(f"{out}: already holds results ({MANIFEST}); use --force to replace them")
+    found = _discover(cfg)
     settings = resolve_settings(cfg, found.allowed_labels, found.modalities, found.cases)
     plans = [plan_case(c, cfg.axis, cfg.slice_range, cfg.every_nth) for c in found.cases]
     if cfg.labels_csv is not None:

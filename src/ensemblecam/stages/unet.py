@@ -43,7 +43,6 @@ Predicted lesion: argmax of 2 softmax channels, or sigmoid > 0.5 of 1 channel.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,14 +149,6 @@ class UNetPlan:
     info: dict[str, Any]
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def plan_unet(
     cfg: UNetConfig | MilConfig,
     store_path: str | Path,
@@ -218,7 +209,7 @@ def plan_unet(
         "splits": str(splits.resolve()),
         "fold": f.name,
         "targets": str(Path(targets).resolve()) if source == "npz" else source,
-        "targets_sha256": _file_digest(Path(targets)) if source == "npz" else None,
+        "targets_sha256": fsutil.file_sha256(targets) if source == "npz" else None,
         "val_targets": val_source,
         "config": cfg.model_dump(mode="json"),
         "ensemblecam_version": __version__,
