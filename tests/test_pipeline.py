@@ -284,6 +284,27 @@ def test_second_self_training_round(finished_run: Path, phantom: Path, tmp_path:
             (run / "fold0" / "threshold" / "pseudo_round1" / "threshold.json").read_text()
         )["threshold"]
     )
+    # refine.round_options reach round 2 alone: with uncertain_bg, round 2's labels are the
+    # same but for the background where round 1's map has r > -0.8 (ignore now)
+    from ensemblecam.io.mapstore import MapSet, dequantise
+    from ensemblecam.refine import IGNORE, relative_scores
+
+    before = {f: read_masks(run / f / "refine_round2" / "masks.npz") for f in res["folds"]}
+    cfg.refine.round_options = {"uncertain_bg": 0.8}
+    pipeline.run_pipeline(cfg, force=True, progress=False)
+    ran = json.loads((run / "run.json").read_text())["ran_this_time"]
+    assert {"fold0/refine_round2", "fold0/pseudo_unet"} <= set(ran)
+    assert not any(r.endswith(("/refine", "/pseudo_round1", "/pseudo_round1/maps")) for r in ran)
+    for f, (index, old) in before.items():
+        ms = MapSet.open(run / f / "maps" / "selftrain__round1")
+        maps = np.stack([dequantise(np.asarray(ms.maps[i])) for i in ms.rows_for(index)])
+        uncertain = relative_scores(maps[None], [0.5])[0] > -0.8
+        lesion_slice = SliceStore.open(run / "store").labels[index][:, None, None] == 1
+        want = np.where((np.asarray(old) == 0) & uncertain & lesion_slice, IGNORE, old)
+        got_index, got = read_masks(run / f / "refine_round2" / "masks.npz")
+        np.testing.assert_array_equal(got_index, index)
+        np.testing.assert_array_equal(got, want)
+        assert (want == IGNORE).sum() > (np.asarray(old) == IGNORE).sum()
 
 
 def test_predict_on_scans_without_seg(

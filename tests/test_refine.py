@@ -229,6 +229,41 @@ def test_band_makes_ignore_pixels():
     np.testing.assert_array_equal(_from_prob(prob, seeds, 0.0), [[1, 1, IGNORE, 0, 0, 1, 0]])
 
 
+@pytest.mark.parametrize("refiner", REFINERS)
+def test_uncertain_background_becomes_ignore(refiner):
+    """Step 6 by hand: one member at threshold 0.5, ``uncertain_bg`` 0.8, so background
+    stays only where the map is <= 0.1 (r = (m - 0.5) / 0.5 <= -0.8), whatever the refiner
+    made of the rest; lesion is untouched, and a lesion-free image stays all background."""
+    m = np.array([[0.05, 0.1, 0.3, 0.45, 0.9, 0.95]] * 3, np.float32)
+    image = (m > 0.5).astype(np.float32)[None]
+    opt = RefineOptions(refiner=refiner, uncertain_bg=0.8)
+    got = pseudo_label(image, m[None], [0.5], 1, opt)
+    plain = pseudo_label(image, m[None], [0.5], 1, RefineOptions(refiner=refiner))
+    # the seeds say background for 0.05-0.45, lesion for 0.9 and 0.95; every refiner keeps
+    # that on this image (the CRF and the random walker see no unseeded pixel)
+    np.testing.assert_array_equal(plain, [[0, 0, 0, 0, 1, 1]] * 3)
+    np.testing.assert_array_equal(got, [[0, 0, IGNORE, IGNORE, 1, 1]] * 3)
+    assert (pseudo_label(image, m[None], [0.5], 0, opt) == 0).all()
+    # two members: background needs both below -0.8
+    two = np.stack([m, np.full_like(m, 0.02)])
+    got2 = pseudo_label(image, two, [0.5, 0.5], 1, RefineOptions(refiner="none", agreement=1,
+                                                                  uncertain_bg=0.8))  # fmt: skip
+    np.testing.assert_array_equal(got2, [[0, 0, IGNORE, IGNORE, 1, 1]] * 3)
+
+
+def test_later_rounds_add_their_refine_options():
+    from ensemblecam.config import RefineConfig
+
+    cfg = RefineConfig(
+        options={"band": 0.1, "uncertain_bg": 0.5}, round_options={"uncertain_bg": 0.8}
+    )
+    assert cfg.for_round(1) is cfg
+    assert cfg.for_round(2).options == {"band": 0.1, "uncertain_bg": 0.8}
+    assert cfg.for_round(3).options == cfg.for_round(2).options
+    off = RefineConfig()  # the default: no option of its own in later rounds
+    assert off.for_round(2) is off
+
+
 def test_ignore_lesion_border_hand_computed():
     """The lesion pixels within ``width`` 4-connected steps of a non-lesion pixel or the
     slice edge become ignore; background and ignore pixels stay as they are."""
@@ -302,7 +337,7 @@ def test_crf_torch_equals_brute_force():
     {"refiner": "grabcut"}, {"band": 0.5}, {"fg_margin": 1.0}, {"agreement": 0},
     {"rw_beta": 0.0}, {"crf_spatial_sigma": float("nan")}, {"crf_iterations": 0},
     {"crf_backend": "cuda"}, {"min_component": 2.0}, {"top_fraction": 0.0},
-    {"smooth_sigma": -1.0}, {"colour": 1},
+    {"smooth_sigma": -1.0}, {"colour": 1}, {"uncertain_bg": 1.0},
 ])  # fmt: skip
 def test_bad_options_give_one_error_line(opts):
     with pytest.raises(InputError) as err:

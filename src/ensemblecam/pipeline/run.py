@@ -426,7 +426,8 @@ def check_run_config(cfg: Config) -> None:
     if rc.pseudo_unet and rc.refine:
         from ensemblecam.stages.refine import check_refine_options
 
-        check_refine_options(cfg.refine, 1)
+        for r in range(1, min(rc.rounds, 2) + 1):
+            check_refine_options(cfg.refine.for_round(r), 1)
 
 
 def expected_masks(cfg: Config) -> str:
@@ -927,16 +928,21 @@ def _fold_pseudo_labels(
     return f.fold.pseudo_masks, key
 
 
-def _fold_refine(f: _Fold, name: str, config_file: Path, out: Path, upstream: str) -> str:
-    """Run the refine stage ``name`` of the fold on the member maps of ``config_file`` into
-    ``out``; its key holds the refine options and the resolved candidates (a changed
-    default margin list changes it) on maps and configuration with key ``upstream``."""
+def _fold_refine(
+    f: _Fold, name: str, config_file: Path, out: Path, upstream: str, r: int = 1
+) -> str:
+    """Run the refine stage ``name`` (of self-training round ``r``) of the fold on the
+    member maps of ``config_file`` into ``out``; its key holds the round's refine options
+    and the resolved candidates (a changed default margin list changes it) on maps and
+    configuration with key ``upstream``."""
     from ensemblecam.stages.refine import candidates, refine_stage
 
-    rcfg = f.cfg.refine.model_copy(
+    section = f.cfg.refine.for_round(r)
+    rcfg = section.model_copy(
         update=f.update(fold=str(f.k), maps=f.fold.maps, config_file=config_file, out=out)
     )
-    key = stable_hash(["refine", _options(f.cfg.refine), candidates(f.cfg.refine), upstream])
+    opts = {k: v for k, v in _options(section).items() if k != "round_options"}
+    key = stable_hash(["refine", opts, candidates(section), upstream])
     f.runner.stage(
         f"{f.name}/{name}", out, key, REFINE_FILE, lambda force: refine_stage(rcfg, force=force)
     )
@@ -972,7 +978,7 @@ def _fold_next_round(f: _Fold, r: int, k_prev: str) -> tuple[Path, str]:
     k_maps = stable_hash(["round maps", _unet_key(f.cfg, kind, f.k, k_prev), parts])
     f.runner.stage(f"{f.name}/{kind}/maps", f.fold.map_set(member), k_maps, "meta.json", write_maps)
     out = f.fold.round_refine(r + 1)
-    return out / "masks.npz", _fold_refine(f, f"refine_round{r + 1}", conf, out, k_maps)
+    return out / "masks.npz", _fold_refine(f, f"refine_round{r + 1}", conf, out, k_maps, r + 1)
 
 
 def _pseudo_label_row(f: _Fold, ecfg: EvaluateConfig, k_refine: str) -> dict[str, Any]:

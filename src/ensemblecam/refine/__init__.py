@@ -29,6 +29,12 @@ The chain (:func:`pseudo_label`):
 5. A lesion-labelled image never ends empty: the fallback (:func:`top_region`) labels as
    lesion the connected region of the mean map >= ``top_fraction`` x its maximum that holds
    the maximum.
+6. Optional (``uncertain_bg`` > 0): a background pixel stays background only where every
+   member is confidently below its threshold, ``r_k <= -uncertain_bg``; the others become
+   ignore. Meant for self-training rounds 2+ (``refine.round_options``): their one member
+   is the previous round's U-Net, whose softmax is seldom confidently "background" where its
+   own labels had left pixels out, so without it the next round learns those pixels as
+   certain background.
 
 The segmenter trained on these labels leaves their lesion border out of its loss
 (:func:`ignore_lesion_border`, ``unet.boundary_ignore``).
@@ -77,6 +83,7 @@ class RefineOptions:
     min_component: float = 0.0
     keep_seeded: bool = True
     top_fraction: float = 0.8
+    uncertain_bg: float = 0.0  # step 6: background needs every r_k <= -uncertain_bg; 0 = off
 
     def check(self, n_members: int | None = None) -> RefineOptions:
         """Return ``self`` or raise :class:`InputError` naming the first bad option."""
@@ -116,6 +123,8 @@ class RefineOptions:
             raise bad("crf_backend", f"expected one of {', '.join(CRF_BACKENDS)}")
         if not 0.0 <= self.min_component <= 1.0:
             raise bad("min_component", "expected a fraction of the largest component in [0, 1]")
+        if not 0.0 <= self.uncertain_bg < 1.0:
+            raise bad("uncertain_bg", "expected a relative margin in [0, 1)")
         if not 0.0 < self.top_fraction <= 1.0:
             raise bad("top_fraction", "expected a fraction of the maximum in (0, 1]")
         return self
@@ -477,14 +486,20 @@ def _check_inputs(
     return image, maps, thr, opt
 
 
-def _seeds(maps: np.ndarray, thr: np.ndarray, opt: RefineOptions) -> np.ndarray:
-    """Steps 1-2 and the never-empty fallback of a lesion image: its seeds."""
+def _seeds(
+    maps: np.ndarray, thr: np.ndarray, opt: RefineOptions
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Steps 1-2 and the never-empty fallback of a lesion image: its seeds; and step 6's
+    mask of pixels that may not be background (None: step 6 off)."""
     if opt.smooth_sigma > 0:
         maps = ndimage.gaussian_filter(maps, (0,) + (opt.smooth_sigma,) * (maps.ndim - 1))
     seeds = seed_labels(maps, thr, 1, opt.fg_margin, opt.bg_margin, opt.agreement)
     if not (seeds == 1).any():
         seeds[top_region(maps.mean(axis=0), opt.top_fraction)] = 1
-    return seeds
+    uncertain = None
+    if opt.uncertain_bg > 0:
+        uncertain = ~np.all(relative_scores(maps, thr) <= -opt.uncertain_bg, axis=0)
+    return seeds, uncertain
 
 
 def _crf_unary(
@@ -498,12 +513,16 @@ def _crf_unary(
     return unary
 
 
-def _finish(seeds: np.ndarray, prob: np.ndarray | None, opt: RefineOptions) -> np.ndarray:
-    """Steps 3 (after the refiner's probability ``prob``; None: the seeds) to 5."""
+def _finish(
+    seeds: np.ndarray, prob: np.ndarray | None, opt: RefineOptions, uncertain: np.ndarray | None
+) -> np.ndarray:
+    """Steps 3 (after the refiner's probability ``prob``; None: the seeds) to 6."""
     out = seeds if prob is None else _from_prob(prob, seeds, opt.band)
     out = filter_components(out, seeds if opt.keep_seeded else None, opt.min_component)
     if not (out == 1).any():  # never empty: the seeds' lesion (itself never empty)
         out[seeds == 1] = 1
+    if uncertain is not None:
+        out[(out == 0) & uncertain] = IGNORE
     return out
 
 
@@ -539,32 +558,33 @@ def pseudo_label_batch(
     and options; CRF refinement runs ``crf_batch`` images at a time (same options and
     shape in a batch), which is what makes it fast."""
     out: list[np.ndarray | None] = [None] * len(images)
-    #: CRF work grouped by (CRF options, shape): (position, image, seeds, unary, options)
-    pending: dict[tuple[Any, ...], list[tuple[int, np.ndarray, np.ndarray, np.ndarray, Any]]] = {}
+    #: CRF work grouped by (CRF options, shape): (position, image, seeds, unary, options,
+    #: step 6's mask)
+    pending: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
     for n, args in enumerate(zip(images, maps, thresholds, labels, options, strict=True)):
         image, m, thr, opt = _check_inputs(*args)
         if int(args[3]) == 0:
             out[n] = np.zeros(m.shape[1:], np.uint8)
             continue
-        seeds = _seeds(m, thr, opt)
+        seeds, uncertain = _seeds(m, thr, opt)
         if opt.refiner == "crf" and (seeds == IGNORE).any():
             key = (_crf_options(opt), image.shape)
             unary = _crf_unary(m, thr, seeds, opt)
-            pending.setdefault(key, []).append((n, image, seeds, unary, opt))
+            pending.setdefault(key, []).append((n, image, seeds, unary, opt, uncertain))
             continue
         # no refiner, or a CRF on an image whose every pixel is seeded: the seeds decide
         prob = None
         if opt.refiner == "random_walker":
             prob = random_walker_probs(image, seeds, opt.rw_beta)
-        out[n] = _finish(seeds, prob, opt)
+        out[n] = _finish(seeds, prob, opt, uncertain)
     for (crf_opts, _), items in pending.items():
         for s in range(0, len(items), crf_batch):
             chunk = items[s : s + crf_batch]
             probs = crf_probs_batch(
                 np.stack([c[1] for c in chunk]), np.stack([c[3] for c in chunk]), *crf_opts
             )
-            for (n, _, seeds, _, opt), prob in zip(chunk, probs, strict=True):
-                out[n] = _finish(seeds, prob, opt)
+            for (n, _, seeds, _, opt, uncertain), prob in zip(chunk, probs, strict=True):
+                out[n] = _finish(seeds, prob, opt, uncertain)
     return [o for o in out if o is not None]
 
 
